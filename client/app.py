@@ -1,0 +1,142 @@
+"""The Kumiki ClientApp: one per site (SuperNode).
+
+Every handler rebuilds the same pieces from the message and the site's disk:
+job knobs (ConfigRecord) -> model + ParamSplit -> personal state (site store)
+-> received shared tensors. Training replies carry ``split.outgoing(...)``
+only, so no personal tensor can leave; a failure becomes an error reply that
+the server logs and drops, never a half-written state.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client import site as sites
+from client.loop import Trainer, evaluate, resolve_device
+from client.methods.base import SiteJob
+from client.state import SiteStore
+from kumiki import contract as C
+from kumiki.registry import entry
+from kumiki.split import ParamSplit
+from models import build_model
+
+log = logging.getLogger("kumiki.client")
+app = ClientApp()
+
+ERR_SITE = 4100  # the site cannot run the job (data, state or config problem)
+ERR_TRAIN = 4200  # local training failed (non-finite loss, ...)
+
+
+class BadArrays(ValueError):
+    """The server sent tensors this site must not accept."""
+
+
+def _fingerprint(split: ParamSplit, job: C.Job, model: torch.nn.Module) -> str:
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    return split.fingerprint({"method": job.method.name, "variant": job.method.variant, "shapes": shapes})
+
+
+def check_incoming(received: dict[str, torch.Tensor], model: torch.nn.Module, allowed: tuple[str, ...]) -> None:
+    own = model.state_dict()
+    extra = sorted(set(received) - set(allowed))
+    if extra:
+        raise BadArrays(f"server sent tensors this site keeps private or does not know: {extra[:5]}")
+    for k, v in received.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise BadArrays(f"tensor {k}: shape {tuple(v.shape)} != model's {tuple(own[k].shape)}")
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise BadArrays(f"tensor {k}: contains NaN or inf")
+
+
+def prepare(msg: Message, context: Context, for_training: bool) -> tuple[SiteJob, object, SiteStore, sites.SiteInfo]:
+    job = C.Job.from_config(msg.content[C.CONFIG])
+    info, data = sites.resolve(dict(context.node_config), job.sim)
+    if for_training and info.role != "train":
+        raise ValueError(f"site {info.name} is an unseen site: it evaluates only and never trains")
+    method = entry(job.method.name)
+    objective = method.load_objective()(job.method)
+    model = build_model(job.model, job.method.variant)
+    split = ParamSplit.build(model, job.method.split_rules())
+    store = SiteStore(info.state_dir)
+    state = store.load(_fingerprint(split, job, model))
+    received = msg.content[C.ARRAYS].to_torch_state_dict() if C.ARRAYS in msg.content else {}
+    check_incoming(received, model, split.travelling(info.group or None))
+    model.load_state_dict({**state.personal, **received}, strict=False)
+    device = resolve_device(job.train.device)
+    model.to(device)
+    seed = f"{job.model.seed}:{info.name}:{job.round}"  # deterministic across processes (unlike hash())
+    trainer = Trainer(data.x_train, data.y_train, job.train, seed=seed, device=device)
+    sj = SiteJob(model, split, trainer, data, state, job, received)
+    return sj, objective, store, info
+
+
+def _error(msg: Message, code: int, exc: BaseException) -> Message:
+    log.error("site job failed: %s: %s", type(exc).__name__, exc)
+    log.debug("%s", traceback.format_exc())
+    return Message(Error(code=code, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    t0 = time.perf_counter()
+    try:
+        sj, objective, store, info = prepare(msg, context, for_training=True)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a logged error reply
+        return _error(msg, ERR_SITE, exc)
+    try:
+        metrics = objective.fit(sj)
+        state = {k: v.detach().cpu() for k, v in sj.model.state_dict().items()}
+        out = sj.split.outgoing(state, info.group or None)
+        for k, v in out.items():
+            if v.is_floating_point() and not torch.isfinite(v).all():
+                raise FloatingPointError(f"local update of {k} is not finite")
+        sj.state.personal = {k: state[k].clone() for k in sj.split.personal}
+        sj.state.last_round = sj.job.round
+        store.save(sj.state)
+    except Exception as exc:  # noqa: BLE001
+        return _error(msg, ERR_TRAIN, exc)
+    m = {
+        C.NUM_EXAMPLES: sj.data.num_train,
+        "train-loss": float(metrics.get("loss", 0.0)),
+        "fit-time-s": time.perf_counter() - t0,
+    }
+    m.update({f"train-{k}": float(v) for k, v in metrics.items() if k not in ("loss", "examples")})
+    return Message(RecordDict({C.ARRAYS: C.to_record(out), C.METRICS: MetricRecord(m)}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_(msg: Message, context: Context) -> Message:
+    try:
+        sj, objective, _, info = prepare(msg, context, for_training=False)
+        d = sj.data
+        m: dict[str, float | int] = {C.NUM_EXAMPLES: len(d.y_test), "unseen": int(info.role == "unseen")}
+        if info.role == "train":
+            pers = evaluate(objective.personalized_model(sj), d.x_test, d.y_test, objective.predict_personal)
+            m.update({"personalized-accuracy": pers["accuracy"], "personalized-loss": pers["loss"]})
+        if objective.has_global:
+            glob = evaluate(objective.global_model(sj), d.x_test, d.y_test, objective.predict_global)
+            m.update({"global-accuracy": glob["accuracy"], "global-loss": glob["loss"]})
+    except Exception as exc:  # noqa: BLE001
+        return _error(msg, ERR_SITE, exc)
+    return Message(RecordDict({C.METRICS: MetricRecord(m)}), reply_to=msg)
+
+
+@app.query(C.QUERY_PROFILE)
+def profile(msg: Message, context: Context) -> Message:
+    """Who am I: the server maps node ids to site names, roles and groups with this."""
+    try:
+        job = C.Job.from_config(msg.content[C.CONFIG])
+        info, data = sites.resolve(dict(context.node_config), job.sim)
+    except Exception as exc:  # noqa: BLE001
+        return _error(msg, ERR_SITE, exc)
+    rec = ConfigRecord({
+        "site": info.name, "role": info.role, "group": info.group,
+        "num-train": data.num_train, "num-test": len(data.y_test),
+    })
+    return Message(RecordDict({C.PROFILE: rec}), reply_to=msg)

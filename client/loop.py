@@ -1,0 +1,123 @@
+"""The one local training loop. Methods plug in a loss and the parameters to train.
+
+The loop owns batching, seeding, device placement, freezing, optimizer creation
+(a fresh SGD per call, so momentum never leaks between a method's stages),
+the non-finite-loss guard and metrics. A method stage is one ``Trainer.fit``
+call; DualFed's two stages or FedRep's head-then-body are two calls.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+PredictFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+StepHook = Callable[[nn.Module], None]
+
+
+class NonFiniteLoss(FloatingPointError):
+    """Local training diverged; the site refuses to upload the result."""
+
+
+def cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model(x), y)
+
+
+def forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model(x)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+class Trainer:
+    """Binds one site's train split, optimizer knobs and seeds for one message."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, train_cfg, seed: int | str, device: torch.device | None = None):
+        self.device = device or resolve_device(train_cfg.device)
+        self.x = torch.from_numpy(x).to(self.device)
+        self.y = torch.from_numpy(y).to(self.device)
+        self.cfg = train_cfg
+        self.seed = seed
+        self.steps = 0
+
+    def _generator(self, tag: str) -> torch.Generator:
+        digest = hashlib.sha256(f"{self.seed}:{tag}".encode()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+    def batches(self, tag: str, x: torch.Tensor | None = None, y: torch.Tensor | None = None):
+        x = self.x if x is None else x
+        y = self.y if y is None else y
+        order = torch.randperm(len(y), generator=self._generator(tag)).to(self.device)
+        bs = self.cfg.batch_size
+        for i in range(0, len(y), bs):
+            idx = order[i : i + bs]
+            if len(idx) < 2 and len(y) >= 2:  # BatchNorm cannot train on a single example
+                continue
+            yield x[idx], y[idx]
+
+    def fit(
+        self,
+        model: nn.Module,
+        params: Iterable[nn.Parameter],
+        loss_fn: LossFn = cross_entropy,
+        epochs: int | None = None,
+        lr: float | None = None,
+        tag: str = "main",
+        after_step: StepHook | None = None,
+    ) -> dict[str, float]:
+        """Train only ``params`` (everything else frozen) with a fresh SGD; return mean loss."""
+        params = list(params)
+        ids = {id(p) for p in params}
+        flags = {n: p.requires_grad for n, p in model.named_parameters()}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in ids)
+        model.to(self.device).train()
+        opt = torch.optim.SGD(
+            params, lr=lr or self.cfg.lr, momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay
+        ) if params else None
+        total, count = 0.0, 0
+        try:
+            for epoch in range(epochs or self.cfg.local_epochs):
+                for xb, yb in self.batches(f"{tag}:{epoch}"):
+                    loss = loss_fn(model, xb, yb)
+                    if not torch.isfinite(loss):
+                        raise NonFiniteLoss(f"non-finite loss in stage {tag!r}, epoch {epoch}")
+                    if opt is not None:
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        opt.step()
+                    if after_step is not None:
+                        after_step(model)
+                    total += float(loss.detach()) * len(yb)
+                    count += len(yb)
+                    self.steps += 1
+        finally:
+            for n, p in model.named_parameters():
+                p.requires_grad_(flags[n])
+        return {"loss": total / max(count, 1), "examples": float(count)}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, predict: PredictFn = forward,
+             device: torch.device | None = None, batch_size: int = 512) -> dict[str, float]:
+    """Accuracy and mean CE of ``predict`` (a method's personalized or global path)."""
+    device = device or next(model.parameters()).device
+    model.to(device).eval()
+    correct, loss, n = 0, 0.0, len(y)
+    for i in range(0, n, batch_size):
+        xb = torch.from_numpy(x[i : i + batch_size]).to(device)
+        yb = torch.from_numpy(y[i : i + batch_size]).to(device)
+        logits = predict(model, xb)
+        loss += float(F.cross_entropy(logits, yb, reduction="sum"))
+        correct += int((logits.argmax(1) == yb).sum())
+    return {"accuracy": correct / max(n, 1), "loss": loss / max(n, 1), "examples": float(n)}

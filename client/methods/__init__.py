@@ -1,0 +1,1 @@
+"""Site objectives, one module per method; all run on ``client.loop.Trainer``."""

@@ -1,0 +1,61 @@
+"""Who this site is and where its data and state live.
+
+Deployment: the SuperNode's node config names everything::
+
+    --node-config "site='factory-a' data-dir='/data' state-dir='/state' group='eu'"
+
+(``state-dir`` defaults to ``<data-dir>/state``; ``site``, ``role`` default to
+``site.json``). Simulation: Flower injects only ``partition-id``; the job's
+``sim`` block says where the run materialized the site folders.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from kumiki.data.sites import SiteData, load_site, site_name
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    name: str
+    role: str  # "train" | "unseen"
+    group: str
+    data_dir: Path
+    state_dir: Path
+
+
+_CACHE: dict[tuple[str, float], SiteData] = {}
+
+
+def resolve(node_config: dict, sim: dict | None) -> tuple[SiteInfo, SiteData]:
+    if "data-dir" in node_config:
+        data_dir = Path(str(node_config["data-dir"]))
+        state_dir = Path(str(node_config.get("state-dir", data_dir / "state")))
+    elif sim is not None and "partition-id" in node_config:
+        name = site_name(int(node_config["partition-id"]))
+        data_dir = Path(sim["sites_root"]) / name
+        state_dir = Path(sim["state_root"]) / name
+    else:
+        raise ValueError("this SuperNode has no data: start it with --node-config \"data-dir='/path/to/site'\"")
+    data = load_cached(data_dir)
+    info = SiteInfo(
+        name=str(node_config.get("site", data.name)),
+        role=str(node_config.get("role", data.role)),
+        group=str(node_config.get("group", data.meta.get("group", ""))),
+        data_dir=data_dir,
+        state_dir=state_dir,
+    )
+    if info.role not in ("train", "unseen"):
+        raise ValueError(f"site {info.name}: role must be 'train' or 'unseen', not {info.role!r}")
+    return info, data
+
+
+def load_cached(data_dir: Path) -> SiteData:
+    """Site data is read-only; a process that serves many messages reads it once."""
+    meta = data_dir / "train.npz"
+    key = (str(data_dir.resolve()), meta.stat().st_mtime if meta.exists() else 0.0)
+    if key not in _CACHE:
+        _CACHE[key] = load_site(data_dir)
+    return _CACHE[key]

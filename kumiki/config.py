@@ -1,0 +1,230 @@
+"""The operator's config: one TOML file per run, validated before any process starts.
+
+Every section forbids unknown keys; every error names its key (``data.partition.alpha``)
+and what would fix it. ``load_config(path, overrides)`` is the only entry point the
+CLI, the ServerApp and the tests use, so a config that validates here runs the same
+on every engine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from kumiki.registry import METHODS
+
+FMNIST_DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RunSection(_Section):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="run name; outputs go to output_dir/name")
+    rounds: int = Field(..., ge=1, le=100_000, description="federated rounds")
+    seed: int = Field(0, ge=0, description="seeds the model init, the partition and the site loaders")
+    output_dir: str = Field("runs", description="parent directory of run outputs")
+
+
+class IidPartition(_Section):
+    kind: Literal["iid"] = "iid"
+
+
+class DirichletPartition(_Section):
+    kind: Literal["dirichlet"] = "dirichlet"
+    alpha: float = Field(0.3, gt=0.0, description="Dirichlet concentration; smaller = more label skew")
+
+
+class ShardsPartition(_Section):
+    kind: Literal["shards"] = "shards"
+    classes_per_site: int = Field(2, ge=1, description="pathological split: labels per site")
+
+
+Partition = Annotated[Union[IidPartition, DirichletPartition, ShardsPartition], Field(discriminator="kind")]
+
+#: Per-site camera/domain shifts (derived from the real images in code).
+DOMAIN_RE = re.compile(r"^(identity|invert|blur|rot90|rot180|rot270|rotate:-?\d+(\.\d+)?|contrast:\d+(\.\d+)?|noise:\d+(\.\d+)?)$")
+
+
+class DataSection(_Section):
+    dataset: Literal["digits", "fashion-mnist", "site-folders"] = Field(
+        "digits", description="digits (scikit-learn, always present), fashion-mnist (Debian dataset-fashion-mnist) or site-folders"
+    )
+    path: str | None = Field(None, description="fashion-mnist: folder of the idx .gz files; site-folders: the folder holding site-*/")
+    sites: int = Field(..., ge=1, le=1000, description="training sites")
+    unseen_sites: int = Field(0, ge=0, le=1000, description="sites held out of training, evaluated only")
+    partition: Partition = Field(default_factory=IidPartition)
+    samples_per_site: int | None = Field(None, ge=10, description="cap on a site's examples (train + test)")
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="share of each site's data kept for its test split")
+    domains: list[str] = Field(
+        default_factory=list,
+        description="per-site image shift, cycled over sites (identity, invert, blur, rot90, rotate:30, contrast:0.4, noise:0.2)",
+    )
+    input_shape: list[int] | None = Field(None, description="site-folders only: [C, H, W]")
+    num_classes: int | None = Field(None, ge=2, description="site-folders only")
+
+    @model_validator(mode="after")
+    def _check(self) -> DataSection:
+        bad = [d for d in self.domains if not DOMAIN_RE.match(d)]
+        if bad:
+            raise ValueError(f"data.domains: unknown shift(s) {bad}; use identity, invert, blur, rot90/180/270, rotate:DEG, contrast:F, noise:STD")
+        if self.dataset == "site-folders" and (self.input_shape is None or self.num_classes is None or not self.path):
+            raise ValueError("data.dataset = 'site-folders' needs data.path, data.input_shape = [C, H, W] and data.num_classes")
+        if self.input_shape is not None and len(self.input_shape) != 3:
+            raise ValueError("data.input_shape must be [C, H, W]")
+        return self
+
+    def dataset_dir(self) -> str:
+        return self.path or os.environ.get("FMNIST_DIR", FMNIST_DEFAULT_DIR)
+
+
+class ModelSection(_Section):
+    arch: Literal["cnn", "mlp"] = Field("cnn", description="cnn (CNN-S) or mlp")
+    hidden: int = Field(128, ge=8, le=4096, description="feature dimension d of the encoder output")
+    norm: Literal["batch", "group", "none"] = Field("batch", description="normalization layers in the encoder")
+
+
+class TrainSection(_Section):
+    local_epochs: int = Field(1, ge=1, le=1000)
+    batch_size: int = Field(32, ge=1, le=65536)
+    lr: float = Field(0.05, gt=0.0, le=10.0)
+    momentum: float = Field(0.0, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda where the site has one")
+
+
+class PrivacySection(_Section):
+    enabled: bool = False
+    target_epsilon: float = Field(8.0, gt=0.0)
+    delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+
+
+class ServerSection(_Section):
+    fraction_train: float = Field(1.0, gt=0.0, le=1.0, description="share of training sites sampled each round")
+    min_reply_fraction: float = Field(
+        0.5, gt=0.0, le=1.0, description="a round aggregates only when at least this share of sampled sites replied validly"
+    )
+    round_timeout_s: float = Field(600.0, gt=0.0, description="how long a round waits for replies")
+    discovery_timeout_s: float = Field(180.0, gt=0.0, description="how long the server waits for all sites to connect")
+
+
+MethodUnion = Annotated[Union[tuple(e.config for e in METHODS.values())], Field(discriminator="name")]  # type: ignore[valid-type]
+
+
+class KumikiConfig(_Section):
+    run: RunSection
+    method: MethodUnion
+    data: DataSection
+    model: ModelSection = Field(default_factory=ModelSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    privacy: PrivacySection = Field(default_factory=PrivacySection)
+    server: ServerSection = Field(default_factory=ServerSection)
+
+    @model_validator(mode="after")
+    def _combinations(self) -> KumikiConfig:
+        if self.privacy.enabled:
+            raise ValueError(
+                "privacy.enabled: DP-SGD (Opacus) is not wired into this release yet; set privacy.enabled = false"
+            )
+        part = self.data.partition
+        if isinstance(part, ShardsPartition) and self.data.num_classes and part.classes_per_site > self.data.num_classes:
+            raise ValueError("data.partition.classes_per_site exceeds data.num_classes")
+        return self
+
+    @property
+    def total_sites(self) -> int:
+        return self.data.sites + self.data.unseen_sites
+
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+
+class ConfigError(ValueError):
+    """A config that does not validate; ``str()`` names every offending key."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid config:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def _format(err: ValidationError, method_name: str | None) -> list[str]:
+    out = []
+    for e in err.errors():
+        loc = [str(x) for x in e["loc"]]
+        # Drop the union tag pydantic inserts (method.fedprox.mu -> method.mu; data.partition.dirichlet.alpha).
+        if len(loc) >= 2 and loc[0] == "method" and loc[1] in METHODS:
+            loc.pop(1)
+        if len(loc) >= 3 and loc[:2] == ["data", "partition"] and loc[2] in ("iid", "dirichlet", "shards"):
+            loc.pop(2)
+        key = ".".join(loc)
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; `kumiki config-schema` lists every key)"
+        elif e["type"] == "union_tag_invalid":
+            msg = f"{msg}; known methods: {', '.join(sorted(METHODS))}"
+        if not key or msg.startswith(key.split(".")[0] + "."):
+            out.append(msg)
+        else:
+            out.append(f"{key}: {msg}")
+    return out
+
+
+def parse_value(text: str) -> Any:
+    """A --set value in TOML syntax (1, 0.5, true, [1,2], "x"); a bare word is a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError([f"--set {item!r}: expected key=value, e.g. run.rounds=5"])
+        node = raw
+        parts = key.split(".")
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError([f"--set {key}: {p} is not a section"])
+            node = nxt
+        node[parts[-1]] = parse_value(value.strip())
+    return raw
+
+
+def validate(raw: dict[str, Any]) -> KumikiConfig:
+    try:
+        return KumikiConfig.model_validate(raw)
+    except ValidationError as err:
+        method = raw.get("method", {}).get("name") if isinstance(raw.get("method"), dict) else None
+        raise ConfigError(_format(err, method)) from None
+
+
+def load_config(source: str | Path, overrides: list[str] | None = None) -> KumikiConfig:
+    """Load a TOML path (or TOML / JSON text), apply ``key=value`` overrides, validate."""
+    text = str(source)
+    if "\n" in text or text.lstrip().startswith(("{", "[")):
+        raw = json.loads(text) if text.lstrip().startswith("{") else tomllib.loads(text)
+    else:
+        path = Path(text)
+        if not path.is_file():
+            raise ConfigError([f"config file not found: {path}"])
+        try:
+            raw = json.loads(path.read_text()) if path.suffix == ".json" else tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError([f"{path}: not valid TOML ({e})"]) from None
+    return validate(apply_overrides(raw, overrides))
+
+
+def to_json(cfg: KumikiConfig) -> str:
+    return cfg.model_dump_json(indent=2)

@@ -1,0 +1,88 @@
+"""The message contract between strategies and sites.
+
+A train or evaluate message holds:
+  ``arrays``  ArrayRecord: the shared tensors (+ the site's group tensors), nothing else
+  ``config``  ConfigRecord: ``server-round`` and the job knobs below, as JSON strings
+A site replies with ``arrays`` (train only: the same names it received) and
+``metrics`` (MetricRecord with ``num-examples``). ``query.profile`` asks a site
+who it is (name, role, group, example counts) without sending any tensor.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord
+
+from kumiki.config import PrivacySection, TrainSection
+from kumiki.methods import MethodConfig
+from kumiki.registry import entry
+from models.spec import ModelSpec
+
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+PROFILE = "profile"
+NUM_EXAMPLES = "num-examples"
+ROUND = "server-round"
+QUERY_PROFILE = "profile"  # message type "query.profile"
+
+_METHOD, _TRAIN, _MODEL, _PRIVACY, _SIM = "kumiki.method", "kumiki.train", "kumiki.model", "kumiki.privacy", "kumiki.sim"
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything a site needs for one message, decoded and validated."""
+
+    round: int
+    method: MethodConfig
+    train: TrainSection
+    model: ModelSpec
+    privacy: PrivacySection
+    sim: dict[str, Any] | None = None  # simulation only: where the materialized site folders live
+
+    def to_config(self) -> ConfigRecord:
+        rec: dict[str, Any] = {
+            ROUND: self.round,
+            _METHOD: self.method.model_dump_json(),
+            _TRAIN: self.train.model_dump_json(),
+            _MODEL: self.model.to_json(),
+            _PRIVACY: self.privacy.model_dump_json(),
+        }
+        if self.sim is not None:
+            rec[_SIM] = json.dumps(self.sim)
+        return ConfigRecord(rec)
+
+    @classmethod
+    def from_config(cls, rec: ConfigRecord) -> Job:
+        try:
+            method_raw = json.loads(str(rec[_METHOD]))
+            method = entry(method_raw["name"]).config.model_validate(method_raw)
+            return cls(
+                round=int(rec[ROUND]),
+                method=method,
+                train=TrainSection.model_validate_json(str(rec[_TRAIN])),
+                model=ModelSpec.from_json(str(rec[_MODEL])),
+                privacy=PrivacySection.model_validate_json(str(rec[_PRIVACY])),
+                sim=json.loads(str(rec[_SIM])) if _SIM in rec else None,
+            )
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"malformed job config in message: {e}") from None
+
+
+def to_record(arrays: dict[str, Any]) -> ArrayRecord:
+    """Named numpy arrays or torch tensors -> ArrayRecord (empty allowed: local-only sends nothing)."""
+    rec = ArrayRecord()
+    for k, v in arrays.items():
+        if hasattr(v, "detach"):
+            v = v.detach().cpu().numpy()
+        v = np.asarray(v)
+        rec[k] = Array(v if v.flags.c_contiguous else v.copy(order="C"))  # ascontiguousarray would make 0-d arrays 1-d
+    return rec
+
+
+def from_record(rec: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in rec.items()}

@@ -1,0 +1,1 @@
+"""Offline datasets, partitioners and the per-site folder format."""

@@ -1,0 +1,140 @@
+"""The per-site folder: the only data a site (SuperNode) ever reads.
+
+Layout of one site folder (the format a real factory exports its data to)::
+
+    <data-dir>/
+      site.json   {"name": "site-0", "role": "train" | "unseen", "domain": "rot90",
+                   "derived": true, "num_classes": 10, "input_shape": [1, 28, 28]}
+      train.npz   x: float32 (N, C, H, W) in [0, 1]; y: int64 (N,) in [0, num_classes)
+      test.npz    same keys; the site's own held-out split
+
+Pilots and simulations build these folders from one pooled dataset
+(``materialize``); a deployment points each SuperNode at its own folder with
+``--node-config "data-dir='...'"``; nothing is partitioned centrally there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from kumiki.data import domains, partition, sources
+
+
+class SiteDataError(ValueError):
+    """A site folder that is missing or malformed; the message says what and where."""
+
+
+@dataclass
+class SiteData:
+    name: str
+    role: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    meta: dict
+
+    @property
+    def num_train(self) -> int:
+        return len(self.y_train)
+
+
+def site_name(i: int) -> str:
+    return f"site-{i}"
+
+
+def pool(data_cfg) -> tuple[np.ndarray, np.ndarray]:
+    if data_cfg.dataset == "digits":
+        return sources.load_digits()
+    if data_cfg.dataset == "fashion-mnist":
+        return sources.load_fashion_mnist(data_cfg.dataset_dir(), "train")
+    raise SiteDataError("site-folders data is already split per site; nothing to materialize")
+
+
+def materialize(cfg, root: str | Path) -> list[Path]:
+    """Partition the pooled dataset into ``sites + unseen_sites`` folders under ``root``."""
+    data = cfg.data
+    root = Path(root)
+    x, y = pool(data)
+    rng = np.random.default_rng(cfg.run.seed)
+    n_total = data.sites + data.unseen_sites
+    parts = partition.partition(y, n_total, data.partition, rng)
+    shape, num_classes = list(x.shape[1:]), int(y.max()) + 1
+    out = []
+    for i, idx in enumerate(parts):
+        idx = rng.permutation(idx)
+        if data.samples_per_site is not None:
+            idx = idx[: data.samples_per_site]
+        domain = data.domains[i % len(data.domains)] if data.domains else "identity"
+        xs = domains.apply(x[idx], domain, rng)
+        ys = y[idx]
+        n_test = max(1, int(round(len(idx) * data.test_fraction)))
+        role = "train" if i < data.sites else "unseen"
+        meta = {
+            "name": site_name(i), "role": role, "domain": domain, "derived": domain != "identity",
+            "num_classes": num_classes, "input_shape": shape, "source": data.dataset,
+        }
+        out.append(write_site(root / site_name(i), meta, xs[n_test:], ys[n_test:], xs[:n_test], ys[:n_test]))
+    return out
+
+
+def _atomic_npz(path: Path, **arrays: np.ndarray) -> None:
+    tmp = path.with_suffix(".tmp.npz")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_site(folder: Path, meta: dict, x_train, y_train, x_test, y_test) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    _atomic_npz(folder / "train.npz", x=x_train.astype(np.float32), y=y_train.astype(np.int64))
+    _atomic_npz(folder / "test.npz", x=x_test.astype(np.float32), y=y_test.astype(np.int64))
+    (folder / "site.json").write_text(json.dumps(meta, indent=2))
+    return folder
+
+
+def _read_split(folder: Path, split: str, meta: dict) -> tuple[np.ndarray, np.ndarray]:
+    path = folder / f"{split}.npz"
+    if not path.is_file():
+        raise SiteDataError(f"site folder {folder}: missing {split}.npz (see README, 'Site data folder')")
+    try:
+        with np.load(path) as z:
+            x, y = z["x"].astype(np.float32), z["y"].astype(np.int64)
+    except (KeyError, ValueError, OSError) as e:
+        raise SiteDataError(f"{path}: unreadable or missing arrays 'x' and 'y' ({e})") from None
+    shape = tuple(meta.get("input_shape", x.shape[1:]))
+    if x.ndim != 4 or tuple(x.shape[1:]) != shape:
+        raise SiteDataError(f"{path}: x has shape {x.shape}, expected (N, {', '.join(map(str, shape))})")
+    if len(x) != len(y):
+        raise SiteDataError(f"{path}: {len(x)} images but {len(y)} labels")
+    if not np.isfinite(x).all():
+        raise SiteDataError(f"{path}: x contains NaN or infinite values")
+    k = int(meta.get("num_classes", 0)) or None
+    if len(y) and (y.min() < 0 or (k is not None and y.max() >= k)):
+        raise SiteDataError(f"{path}: labels outside [0, {k})")
+    return x, y
+
+
+def load_site(folder: str | Path) -> SiteData:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SiteDataError(f"site data folder not found: {folder}")
+    meta_path = folder / "site.json"
+    if not meta_path.is_file():
+        raise SiteDataError(f"site folder {folder}: missing site.json")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise SiteDataError(f"{meta_path}: not valid JSON ({e})") from None
+    xtr, ytr = _read_split(folder, "train", meta)
+    xte, yte = _read_split(folder, "test", meta)
+    if len(ytr) == 0:
+        raise SiteDataError(f"site folder {folder}: train.npz holds no examples")
+    return SiteData(meta.get("name", folder.name), meta.get("role", "train"), xtr, ytr, xte, yte, meta)

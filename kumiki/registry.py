@@ -1,0 +1,46 @@
+"""Method registry: one line per method joins its config, strategy and site objective.
+
+Strategies and objectives are named by import path, so the server never
+imports ``client/`` and the site never imports ``strategies/``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+from kumiki import methods as m
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    config: type[m.MethodConfig]
+    strategy: str  # "module:Class" under strategies/
+    objective: str  # "module:Class" under client/methods/
+
+    def load_strategy(self) -> type:
+        return _load(self.strategy)
+
+    def load_objective(self) -> type:
+        return _load(self.objective)
+
+
+def _load(path: str) -> Any:
+    module, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+METHODS: dict[str, MethodEntry] = {
+    "fedavg": MethodEntry(m.FedAvgConfig, "strategies.fedavg:FedAvg", "client.methods.fedavg:FedAvgObjective"),
+    "fedprox": MethodEntry(m.FedProxConfig, "strategies.fedprox:FedProx", "client.methods.fedprox:FedProxObjective"),
+    "fedavg_ft": MethodEntry(m.FedAvgFTConfig, "strategies.fedavg_ft:FedAvgFT", "client.methods.fedavg_ft:FedAvgFTObjective"),
+    "local": MethodEntry(m.LocalConfig, "strategies.local:LocalOnly", "client.methods.local:LocalObjective"),
+}
+
+
+def entry(name: str) -> MethodEntry:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise KeyError(f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}") from None

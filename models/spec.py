@@ -1,0 +1,53 @@
+"""ModelSpec and the seeded builder shared by server and sites."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from models.classifier import Classifier
+from models.encoders import ENCODERS
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    arch: str
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    hidden: int = 128
+    norm: str = "batch"
+    seed: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelSpec:
+        d = json.loads(text)
+        d["input_shape"] = tuple(d["input_shape"])
+        return cls(**d)
+
+
+def _plain(spec: ModelSpec) -> nn.Module:
+    enc = ENCODERS[spec.arch](spec.input_shape, spec.hidden, spec.norm)
+    return Classifier(enc, spec.num_classes)
+
+
+#: Model layouts a method can ask for (``MethodConfig.variant``).
+VARIANTS: dict[str, Callable[[ModelSpec], nn.Module]] = {"plain": _plain}
+
+
+def build_model(spec: ModelSpec, variant: str = "plain") -> nn.Module:
+    """Same spec and seed -> bit-identical initial tensors on every machine."""
+    if variant not in VARIANTS:
+        raise KeyError(f"unknown model variant {variant!r}; known: {sorted(VARIANTS)}")
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(spec.seed)
+    try:
+        return VARIANTS[variant](spec)
+    finally:
+        torch.random.set_rng_state(gen_state)

@@ -1,0 +1,1 @@
+"""Server side: the ServerApp, the round driver, run outputs and the report."""

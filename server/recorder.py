@@ -1,0 +1,134 @@
+"""Run outputs (ARCHITECTURE section 8): config.json, metrics.jsonl, summary.json.
+
+``metrics.jsonl`` holds one ``{"kind": "round"}`` object per round, one
+``{"kind": "site"}`` object per site per round and a closing ``{"kind": "final"}``
+object (last-round and mean-of-last-5 values). ``summary.json`` has exactly the
+contract's keys, with last-round values.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+
+from strategies.base import KumikiStrategy, RoundStats
+
+console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def describe(per_site: dict[str, float]) -> dict[str, Any] | None:
+    """mean, population std, bottom10 (mean of the worst ceil(10%) sites) and per-site values."""
+    if not per_site:
+        return None
+    vals = np.array(sorted(per_site.values()))
+    k = max(1, math.ceil(0.1 * len(vals)))
+    return {
+        "mean": float(vals.mean()),
+        "std": float(vals.std()),
+        "bottom10": float(vals[:k].mean()),
+        "per_site": {s: float(v) for s, v in sorted(per_site.items())},
+    }
+
+
+def write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False))
+    os.replace(tmp, path)
+
+
+class Recorder:
+    def __init__(self, run_dir: Path, cfg, engine: str, quiet: bool = False):
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.cfg = cfg
+        self.engine = engine
+        self.quiet = quiet
+        resolved = json.loads(cfg.model_dump_json())
+        resolved["engine"] = engine
+        write_json(self.dir / "config.json", resolved)
+        self.metrics_path = self.dir / "metrics.jsonl"
+        self.metrics_path.write_text("")
+        self.t0 = time.perf_counter()
+        self.history: list[dict[str, Any]] = []
+
+    def _append(self, obj: dict[str, Any]) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(obj) + "\n")
+
+    def round(self, rnd: int, strategy: KumikiStrategy, round_s: float) -> dict[str, Any]:
+        st: RoundStats = strategy.rounds.get(rnd, RoundStats())
+        roles = {p.site: p.role for p in strategy.profiles.values()}
+        ev = st.eval_metrics
+        pers = {s: m["personalized-accuracy"] for s, m in ev.items() if "personalized-accuracy" in m}
+        glob = {s: m["global-accuracy"] for s, m in ev.items() if roles.get(s) == "train" and "global-accuracy" in m}
+        unseen = {s: m["global-accuracy"] for s, m in ev.items() if roles.get(s) == "unseen" and "global-accuracy" in m}
+        losses = [m["train-loss"] for m in st.train_metrics.values() if "train-loss" in m]
+        row = {
+            "kind": "round", "round": rnd,
+            "personalized": describe(pers), "global": describe(glob), "unseen": describe(unseen),
+            "bytes": {"up": st.bytes_up, "down": st.bytes_down},
+            "time": {"round_s": round_s, "wall_s": time.perf_counter() - self.t0},
+            "sites": {"sampled": len(st.sent), "accepted": st.accepted, "aggregated": st.aggregated,
+                      "rejected": st.rejected},
+            "train_loss": float(np.mean(losses)) if losses else None,
+        }
+        self._append(row)
+        for site, m in sorted(ev.items()):
+            self._append({"kind": "site", "round": rnd, "site": site, "role": roles.get(site),
+                          "personalized": m.get("personalized-accuracy"), "global": m.get("global-accuracy"),
+                          "train_loss": st.train_metrics.get(site, {}).get("train-loss"),
+                          "num_examples": st.train_metrics.get(site, {}).get("num-examples")})
+        self.history.append(row)
+        if not self.quiet:
+            def fmt(d):
+                return f"{d['mean']:.3f}" if d else "  -  "
+            console.print(
+                f"[bold]round {rnd:>3}/{self.cfg.run.rounds}[/] sites {st.accepted}/{len(st.sent)}"
+                f"{' [red](' + str(len(st.rejected)) + ' rejected)[/]' if st.rejected else ''}"
+                f" | personalized {fmt(row['personalized'])} | global {fmt(row['global'])}"
+                f" | unseen {fmt(row['unseen'])} | loss {row['train_loss'] or 0:.3f} | {round_s:.1f}s"
+            )
+        return row
+
+    def finish(self, strategy: KumikiStrategy) -> dict[str, Any]:
+        wall = time.perf_counter() - self.t0
+        last = self.history[-1] if self.history else {}
+        n = max(len(self.history), 1)
+        up = [h["bytes"]["up"] for h in self.history]
+        down = [h["bytes"]["down"] for h in self.history]
+
+        def last5(key):
+            vals = [h[key]["mean"] for h in self.history[-5:] if h.get(key)]
+            return float(np.mean(vals)) if vals else None
+
+        pers = last.get("personalized")
+        glob = last.get("global")
+        uns = last.get("unseen")
+        summary = {
+            "method": self.cfg.method.name,
+            "dataset": self.cfg.data.dataset,
+            "metric": "accuracy",
+            "rounds": len(self.history),
+            "sites": self.cfg.data.sites,
+            "personalized": pers or {"mean": None, "std": None, "bottom10": None, "per_site": {}},
+            "global": {"mean": glob["mean"], "per_site": glob["per_site"]} if glob else {"mean": None, "per_site": {}},
+            "unseen": {"mean": uns["mean"], "per_site": uns["per_site"]} if uns else None,
+            "bytes": {"up_per_round": int(sum(up) / n), "down_per_round": int(sum(down) / n),
+                      "up_total": int(sum(up)), "down_total": int(sum(down))},
+            "time": {"wall_s": wall, "per_round_s": sum(h["time"]["round_s"] for h in self.history) / n},
+            "privacy": None,
+        }
+        self._append({"kind": "final", "last_round": {"personalized": pers and pers["mean"],
+                                                        "global": glob and glob["mean"], "unseen": uns and uns["mean"]},
+                      "last5_mean": {"personalized": last5("personalized"), "global": last5("global"),
+                                     "unseen": last5("unseen")},
+                      "rejections": sum(len(h["sites"]["rejected"]) for h in self.history)})
+        write_json(self.dir / "summary.json", summary)
+        return summary

@@ -1,0 +1,1 @@
+"""Server side of each method: one Flower Message-API strategy per file."""
