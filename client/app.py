@@ -72,7 +72,8 @@ def prepare(msg: Message, context: Context, for_training: bool) -> tuple[SiteJob
     model.to(device)
     seed = f"{job.model.seed}:{info.name}:{job.round}"  # deterministic across processes (unlike hash())
     trainer = Trainer(data.x_train, data.y_train, job.train, seed=seed, device=device)
-    sj = SiteJob(model, split, trainer, data, state, job, received)
+    extra = msg.content[C.EXTRA].to_torch_state_dict() if C.EXTRA in msg.content else {}
+    sj = SiteJob(model, split, trainer, data, state, job, received, role=info.role, extra=extra)
     return sj, objective, store, info
 
 

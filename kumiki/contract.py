@@ -3,6 +3,7 @@
 A train or evaluate message holds:
   ``arrays``  ArrayRecord: the shared tensors (+ the site's group tensors), nothing else
   ``config``  ConfigRecord: ``server-round`` and the job knobs below, as JSON strings
+  ``extra``   optional ArrayRecord: server-side method state a site needs (FedHB's precision)
 A site replies with ``arrays`` (train only: the same names it received) and
 ``metrics`` (MetricRecord with ``num-examples``). ``query.profile`` asks a site
 who it is (name, role, group, example counts) without sending any tensor.
@@ -23,6 +24,7 @@ from kumiki.registry import entry
 from models.spec import ModelSpec
 
 ARRAYS = "arrays"
+EXTRA = "extra"  # optional ArrayRecord of method-specific non-model arrays (never model tensors)
 CONFIG = "config"
 METRICS = "metrics"
 PROFILE = "profile"

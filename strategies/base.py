@@ -130,15 +130,24 @@ class KumikiStrategy(Strategy):
         """Per-site config entries a method adds (none by default)."""
         return {}
 
+    def extra_arrays(self, node_id: int, server_round: int) -> dict[str, np.ndarray]:
+        """Non-model arrays a method sends under ``extra`` (none by default; FedHB sends its precision)."""
+        return {}
+
     def _message(self, node_id: int, mtype: str, server_round: int, stats: RoundStats) -> Message:
         arrays = C.to_record(self.payload(node_id))
         config = replace(self.job, round=server_round).to_config()
         for k, v in self.extra_config(node_id, server_round).items():
             config[k] = v
+        content = RecordDict({C.ARRAYS: arrays, C.CONFIG: config})
         stats.bytes_down += arrays.count_bytes()
+        extra = self.extra_arrays(node_id, server_round)
+        if extra:
+            content[C.EXTRA] = C.to_record(extra)
+            stats.bytes_down += content[C.EXTRA].count_bytes()
         if mtype == MessageType.TRAIN:
             stats.sent[node_id] = tuple(arrays.keys())
-        return Message(RecordDict({C.ARRAYS: arrays, C.CONFIG: config}), dst_node_id=node_id, message_type=mtype)
+        return Message(content, dst_node_id=node_id, message_type=mtype)
 
     def sample(self, nodes: list[int]) -> list[int]:
         k = max(1, math.ceil(self.cfg.server.fraction_train * len(nodes)))

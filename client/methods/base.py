@@ -32,6 +32,10 @@ class SiteJob:
     job: Job
     #: The tensors the server sent this round (w_t for the shared and group parts).
     received: dict[str, torch.Tensor]
+    #: "train" or "unseen" (unseen sites only ever evaluate).
+    role: str = "train"
+    #: Method-specific non-model arrays from the server (message key ``extra``), e.g. FedHB's precision.
+    extra: dict[str, torch.Tensor] | None = None
 
 
 class SiteObjective:
