@@ -186,11 +186,23 @@ def parse_value(text: str) -> Any:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Apply ``key=value`` overrides. Switching ``method.name`` starts that method from its
+    own defaults (the old method's knobs would be unknown keys); it is applied first, so
+    ``--set method.mu=0.1 --set method.name=fedprox`` works in either order."""
+    parsed = []
     for item in overrides or []:
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep or not key:
             raise ConfigError([f"--set {item!r}: expected key=value, e.g. run.rounds=5"])
+        parsed.append((key, value))
+    parsed.sort(key=lambda kv: kv[0] != "method.name")
+    for key, value in parsed:
+        if key == "method.name":
+            old = raw.get("method") if isinstance(raw.get("method"), dict) else {}
+            new = parse_value(value.strip())
+            raw["method"] = old if old.get("name") == new else {"name": new}
+            continue
         node = raw
         parts = key.split(".")
         for p in parts[:-1]:

@@ -1,0 +1,42 @@
+# Kumiki: the two commands. Each sets up everything it needs on a fresh machine.
+#   make pilot   - the multi-factory pilot on real SuperLink/SuperNode processes (writes runs/pilot/)
+#   make test    - the test suite (what CI runs, via .ci/run)
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.kumiki-installed
+PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
+
+.PHONY: setup data pilot test bench clean
+
+setup: $(STAMP) data
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install "flwr[simulation]==1.41.0" "torch==2.13.0" "opacus==1.6.0"
+	$(PIP) install -e ".[test]"
+	touch $(STAMP)
+
+# Fashion-MNIST comes from Debian (dataset-fashion-mnist). Installed when run as root;
+# otherwise the pilot falls back to scikit-learn digits and the Fashion-MNIST tests skip.
+data:
+	@if [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then :; \
+	elif [ "$$(id -u)" = "0" ]; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) \
+	  || echo "warning: could not install dataset-fashion-mnist; digits will be used"; \
+	else echo "note: not root, dataset-fashion-mnist not installed; the pilot uses digits"; fi
+
+pilot: setup
+	$(BIN)/kumiki pilot
+
+# pytest exits 5 when it collected no test: that is a failure here, not a pass.
+test: setup
+	@$(BIN)/python -m pytest -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "error: no tests were collected"; exit 1; fi; exit $$rc
+
+bench: setup
+	$(BIN)/python bench/overhead.py
+
+clean:
+	rm -rf runs .pytest_cache

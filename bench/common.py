@@ -1,0 +1,56 @@
+"""Shared helpers for benchmarks: run a config grid in-process and tabulate summaries."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from kumiki.config import KumikiConfig, load_config
+from kumiki.engines import run
+
+
+def run_grid(config: str | Path, methods: list[str], seeds: list[int], out: Path, overrides: list[str] | None = None,
+             engine: str = "inprocess", knobs: dict[str, list[str]] | None = None) -> dict[str, list[dict]]:
+    """Run every (method, seed); return method -> list of (summary + last-5 means)."""
+    results: dict[str, list[dict]] = {}
+    for method in methods:
+        for seed in seeds:
+            sets = [f'method.name="{method}"', f"run.seed={seed}", f'run.name="{method}-s{seed}"',
+                    f'run.output_dir="{out}"', *(overrides or []), *((knobs or {}).get(method, []))]
+            cfg: KumikiConfig = load_config(str(config), sets)
+            summary = run(cfg, engine, quiet=True)
+            final = json.loads((cfg.run_dir() / "metrics.jsonl").read_text().splitlines()[-1])
+            summary["last5_mean"] = final["last5_mean"]
+            results.setdefault(method, []).append(summary)
+            p = summary["personalized"]["mean"]
+            print(f"{method:>10} seed {seed}: personalized {p:.4f} ({summary['time']['wall_s']:.0f}s)", flush=True)
+    return results
+
+
+def mean(vals):
+    vals = [v for v in vals if v is not None]
+    return statistics.mean(vals) if vals else None
+
+
+def fmt(v, pct=True):
+    if v is None:
+        return "-"
+    return f"{100 * v:.1f}" if pct else f"{v:,.0f}"
+
+
+def table(results: dict[str, list[dict]]) -> str:
+    head = ("| method | personalized (last) | bottom10 | personalized (last-5 mean) | global | unseen | "
+            "up KiB/round | down KiB/round |\n|---|---|---|---|---|---|---|---|\n")
+    rows = []
+    for method, runs in results.items():
+        def m(get):
+            return mean([get(r) for r in runs])
+
+        rows.append(
+            f"| {method} | {fmt(m(lambda r: r['personalized']['mean']))} | {fmt(m(lambda r: r['personalized']['bottom10']))} "
+            f"| {fmt(m(lambda r: r['last5_mean']['personalized']))} | {fmt(m(lambda r: r['global']['mean']))} "
+            f"| {fmt(m(lambda r: (r['unseen'] or {}).get('mean')))} "
+            f"| {fmt(m(lambda r: r['bytes']['up_per_round'] / 1024), False)} | {fmt(m(lambda r: r['bytes']['down_per_round'] / 1024), False)} |"
+        )
+    return head + "\n".join(rows) + "\n"

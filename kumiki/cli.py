@@ -1,0 +1,137 @@
+"""The ``kumiki`` command: validate, run, report, pilot, config-schema."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from kumiki.config import ConfigError, KumikiConfig, load_config, to_json
+
+cli = typer.Typer(add_completion=False, no_args_is_help=True, help="Kumiki: personalized federated learning on Flower.")
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="override a key: --set run.rounds=5 (TOML value)")]
+PILOT_CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "pilot.toml"
+
+
+def _load(config: str, overrides: list[str] | None) -> KumikiConfig:
+    try:
+        return load_config(config, overrides)
+    except ConfigError as e:
+        err.print(f"[red]{e}[/]")
+        raise typer.Exit(2) from None
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("flwr", "ray"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _execute(cfg: KumikiConfig, engine: str, verbose: bool) -> dict:
+    from kumiki.data.sites import SiteDataError
+    from kumiki.data.sources import DataUnavailable
+    from kumiki.engines import run
+
+    _logging(verbose)
+    err.print(f"[bold]kumiki[/] {cfg.method.name} on {cfg.data.dataset}: {cfg.data.sites} sites"
+              f" (+{cfg.data.unseen_sites} unseen), {cfg.run.rounds} rounds, engine {engine} -> {cfg.run_dir()}")
+    try:
+        summary = run(cfg, engine)
+    except (SiteDataError, DataUnavailable) as e:
+        err.print(f"[red]data error:[/] {e}")
+        raise typer.Exit(2) from None
+    try:
+        from server.report import render_report
+
+        report = render_report(cfg.run_dir())
+        err.print(f"report: {report}")
+    except Exception as e:  # noqa: BLE001 - a report failure must not hide a finished run
+        err.print(f"[yellow]report not written: {e}[/]")
+    p = summary.get("personalized") or {}
+    g = summary.get("global") or {}
+    u = summary.get("unseen") or {}
+
+    def f(v):
+        return "-" if v is None else f"{v:.4f}"
+
+    err.print(f"[green]done[/]: personalized {f(p.get('mean'))} (bottom10 {f(p.get('bottom10'))}), "
+              f"global {f(g.get('mean'))}, unseen {f(u.get('mean'))}; summary: {cfg.run_dir() / 'summary.json'}")
+    return summary
+
+
+@cli.command()
+def validate(config: str, set_: SetOpt = None) -> None:
+    """Validate CONFIG (with overrides) and print the resolved config."""
+    cfg = _load(config, set_)
+    typer.echo(to_json(cfg))
+
+
+@cli.command("config-schema")
+def config_schema() -> None:
+    """Print the JSON schema of the config file."""
+    typer.echo(json.dumps(KumikiConfig.model_json_schema(), indent=2))
+
+
+@cli.command("run")
+def run_cmd(
+    config: str,
+    set_: SetOpt = None,
+    engine: Annotated[str, typer.Option(help="simulation (Flower/Ray), local (real SuperLink + SuperNodes on 127.0.0.1), inprocess (no Ray)")] = "simulation",
+    verbose: bool = False,
+) -> None:
+    """Run one federated experiment described by CONFIG."""
+    from kumiki.engines import ENGINES
+
+    if engine not in ENGINES:
+        err.print(f"[red]--engine must be one of {', '.join(ENGINES)}[/]")
+        raise typer.Exit(2)
+    _execute(_load(config, set_), engine, verbose)
+
+
+@cli.command()
+def report(run_dir: str) -> None:
+    """Write RUN_DIR/report.html (curves, per-site bars, global vs personalized)."""
+    from server.report import render_report
+
+    if not (Path(run_dir) / "summary.json").is_file():
+        err.print(f"[red]{run_dir} has no summary.json: not a finished Kumiki run[/]")
+        raise typer.Exit(2)
+    typer.echo(str(render_report(run_dir)))
+
+
+@cli.command()
+def pilot(
+    set_: SetOpt = None,
+    engine: Annotated[str, typer.Option(help="local (default: real processes) or simulation / inprocess")] = "local",
+    verbose: bool = False,
+) -> None:
+    """The multi-factory pilot: deploy/pilot.toml on real SuperLink/SuperNode processes, then the report."""
+    from kumiki.data.sources import fashion_mnist_available
+
+    overrides = list(set_ or [])
+    cfg = _load(str(PILOT_CONFIG), overrides)
+    if cfg.data.dataset == "fashion-mnist" and not fashion_mnist_available(cfg.data.dataset_dir()):
+        err.print(f"[yellow]Fashion-MNIST not found in {cfg.data.dataset_dir()}; the pilot falls back to scikit-learn digits[/]")
+        cfg = _load(str(PILOT_CONFIG), ['data.dataset="digits"', "data.samples_per_site=300", *overrides])
+    _execute(cfg, engine, verbose)
+
+
+def main() -> None:
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    try:
+        cli()
+    except KeyboardInterrupt:
+        err.print("[red]interrupted[/]")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""Flower's simulation engine (Ray): the same ServerApp logic and ClientApp, virtual SuperNodes.
+
+Flower injects only ``partition-id`` into a virtual node's config, so each
+message's job carries the ``sim`` block (where the run's site folders are);
+site ``partition-id = i`` reads ``site-i``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from kumiki.engines import prepare_sites
+
+log = logging.getLogger("kumiki")
+
+
+def run_sim(cfg, quiet: bool = False) -> dict:
+    from flwr.simulation import run_simulation
+
+    from client.app import app as client_app
+    from server.federation import run_federation
+
+    sim = prepare_sites(cfg)
+    # Ray's AF_UNIX sockets live under RAY_TMPDIR and must stay under 107 bytes: keep it short.
+    if "RAY_TMPDIR" not in os.environ:
+        os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="kray-", dir="/tmp")
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    server_app = ServerApp()
+    result: dict = {}
+
+    @server_app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        result.update(run_federation(grid, cfg, sim=sim, engine="simulation", quiet=quiet))
+
+    run_simulation(
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=cfg.total_sites,
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": os.cpu_count() or 2, "logging_level": "ERROR", "log_to_driver": False},
+        },
+    )
+    if not result:
+        summary = cfg.run_dir() / "summary.json"
+        if not summary.is_file():
+            raise RuntimeError("the simulation ended without writing summary.json; see the log above")
+        result = json.loads(summary.read_text())
+    return result

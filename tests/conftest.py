@@ -1,0 +1,37 @@
+"""Shared test helpers: small seeded configs on digits (always installed)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+from kumiki.config import KumikiConfig, validate  # noqa: E402
+
+
+def make_config(tmp_path: Path, method: str = "fedavg", rounds: int = 2, sites: int = 3, unseen: int = 0,
+                arch: str = "mlp", alpha: float | None = 0.3, name: str = "t", knobs: dict | None = None,
+                **sections) -> KumikiConfig:
+    """A small digits config; ``knobs`` are method knobs, ``sections`` merge into sections (train={...})."""
+    raw = {
+        "run": {"name": name, "rounds": rounds, "seed": 0, "output_dir": str(tmp_path / "runs")},
+        "method": {"name": method, **(knobs or {})},
+        "data": {"dataset": "digits", "sites": sites, "unseen_sites": unseen,
+                 "partition": {"kind": "dirichlet", "alpha": alpha} if alpha else {"kind": "iid"}},
+        "model": {"arch": arch, "hidden": 64},
+        "train": {"batch_size": 32, "lr": 0.05},
+    }
+    for sec, vals in sections.items():
+        raw.setdefault(sec, {}).update(vals)
+    return validate(raw)
+
+
+@pytest.fixture
+def cfg_factory(tmp_path):
+    def factory(**kw):
+        return make_config(tmp_path, **kw)
+
+    return factory

@@ -1,0 +1,44 @@
+"""For every registered method: only shared (+ own group) tensors ever appear in a message."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kumiki import contract as C
+from kumiki.engines.inprocess import run_inprocess
+from kumiki.registry import METHODS
+from kumiki.split import ParamSplit
+from models import build_model
+from server.federation import model_spec
+from tests.conftest import make_config
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_no_personal_tensor_in_any_message(tmp_path, method):
+    cfg = make_config(tmp_path, method=method, rounds=2, sites=2, unseen=1)
+    grids = []
+    summary = run_inprocess(cfg, quiet=True, grid_hook=grids.append)
+    grid = grids[0]
+    split = ParamSplit.build(build_model(model_spec(cfg), cfg.method.variant), cfg.method.split_rules())
+    travelling = set(split.travelling(None))
+    model_names = set(split.names)
+    trains = [m for m in grid.sent if m.metadata.message_type == "train"]
+    assert len(trains) == 2 * 2, "two sites x two rounds of training"
+    replies = [r for r in grid.replies if not r.has_error()]
+    assert len(replies) == len(grid.sent), [r.error.reason for r in grid.replies if r.has_error()]
+    for msg in list(grid.sent) + replies:
+        content = msg.content
+        names = set(content[C.ARRAYS].keys()) if C.ARRAYS in content.array_records else set()
+        assert names <= travelling, f"{method}: {sorted(names - travelling)} left a site or the server"
+        assert not names & set(split.personal)
+        if C.EXTRA in content.array_records:  # method state, never a model tensor
+            assert not set(content[C.EXTRA].keys()) & model_names
+    final = json.loads((cfg.run_dir() / "metrics.jsonl").read_text().splitlines()[-1])
+    assert final["kind"] == "final" and final["rejections"] == 0
+    if split.personal:
+        assert summary["personalized"]["mean"] is not None
+    if not cfg.method.federated:
+        assert all(len(m.content[C.ARRAYS]) == 0 for m in grid.sent if m.metadata.message_type in ("train", "evaluate"))
+        assert summary["bytes"]["up_total"] == 0

@@ -1,0 +1,104 @@
+"""Bad input loses nothing: NaN updates, vanished sites and bad tensors are logged rejections."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from client.app import BadArrays, check_incoming
+from kumiki import contract as C
+from kumiki.engines.inprocess import run_inprocess
+from tests.conftest import make_config
+
+
+def _rounds(cfg):
+    rows = [json.loads(line) for line in (cfg.run_dir() / "metrics.jsonl").read_text().splitlines()]
+    return {r["round"]: r for r in rows if r["kind"] == "round"}
+
+
+def _train_round(msg):
+    return int(msg.content[C.CONFIG][C.ROUND])
+
+
+def _poison(grid, nodes, rounds):
+    """Replace the named nodes' training replies in the given rounds by NaN tensors."""
+    send = grid.send_and_receive
+
+    def wrapped(messages, *, timeout=None):
+        messages = list(messages)
+        replies = send(messages, timeout=timeout)
+        for msg, rep in zip(messages, replies):
+            if msg.metadata.message_type == "train" and msg.metadata.dst_node_id in nodes and _train_round(msg) in rounds:
+                arrays = {k: np.full_like(v.numpy(), np.nan) if v.numpy().dtype.kind == "f" else v.numpy()
+                          for k, v in rep.content[C.ARRAYS].items()}
+                rep.content[C.ARRAYS] = C.to_record(arrays)
+        return replies
+
+    grid.send_and_receive = wrapped
+
+
+def test_nan_update_is_rejected_and_the_round_goes_on(tmp_path):
+    cfg = make_config(tmp_path, rounds=2, sites=3)
+    summary = run_inprocess(cfg, quiet=True, grid_hook=lambda g: _poison(g, {1}, {1, 2}))
+    r = _rounds(cfg)
+    assert r[1]["sites"]["accepted"] == 2 and r[1]["sites"]["aggregated"]
+    assert r[1]["sites"]["rejected"] == [{"site": "site-0", "reason": r[1]["sites"]["rejected"][0]["reason"]}]
+    assert "NaN" in r[1]["sites"]["rejected"][0]["reason"]
+    with np.load(cfg.run_dir() / "checkpoints" / "global.npz") as z:
+        assert all(np.isfinite(z[k]).all() for k in z.files if z[k].dtype.kind == "f")
+    assert summary["personalized"]["mean"] > 0.2
+
+
+def test_round_with_too_few_valid_updates_keeps_the_previous_model(tmp_path):
+    cfg = make_config(tmp_path, rounds=3, sites=2)
+    grids = []
+
+    def hook(g):
+        grids.append(g)
+        _poison(g, {1, 2}, {2})
+
+    run_inprocess(cfg, quiet=True, grid_hook=hook)
+    assert not _rounds(cfg)[2]["sites"]["aggregated"]
+    sent = {(_train_round(m), m.metadata.dst_node_id): m.content[C.ARRAYS] for m in grids[0].sent
+            if m.metadata.message_type == "train"}
+    for k in sent[(2, 1)].keys():  # round 3 starts from exactly the round-2 model
+        assert np.array_equal(sent[(2, 1)][k].numpy(), sent[(3, 1)][k].numpy())
+    assert any(not np.array_equal(sent[(1, 1)][k].numpy(), sent[(2, 1)][k].numpy()) for k in sent[(1, 1)].keys())
+
+
+def test_site_that_disappears_is_logged_and_the_others_go_on(tmp_path):
+    cfg = make_config(tmp_path, rounds=3, sites=3)
+
+    def hook(g):
+        send = g.send_and_receive
+
+        def wrapped(messages, *, timeout=None):
+            messages = list(messages)
+            gone = [m for m in messages if m.metadata.dst_node_id == 2 and m.metadata.message_type != "query.profile"
+                    and _train_round(m) >= 2]
+            for m in gone:  # site-1 goes offline from round 2 on
+                messages.remove(m)
+            return send(messages, timeout=timeout)
+
+        g.send_and_receive = wrapped
+
+    summary = run_inprocess(cfg, quiet=True, grid_hook=hook)
+    r = _rounds(cfg)
+    assert r[2]["sites"]["accepted"] == 2 and r[2]["sites"]["aggregated"]
+    assert {"site": "site-1", "reason": "no reply"} in r[2]["sites"]["rejected"]
+    assert set(summary["personalized"]["per_site"]) == {"site-0", "site-2"}
+
+
+def test_site_refuses_private_unknown_or_malformed_tensors():
+    model = torch.nn.Linear(2, 2)
+    allowed = ("weight",)
+    with pytest.raises(BadArrays, match="keeps private"):
+        check_incoming({"bias": torch.zeros(2)}, model, allowed)
+    with pytest.raises(BadArrays, match="shape"):
+        check_incoming({"weight": torch.zeros(3, 3)}, model, allowed)
+    with pytest.raises(BadArrays, match="NaN"):
+        check_incoming({"weight": torch.full((2, 2), float("nan"))}, model, allowed)
+    check_incoming({"weight": torch.zeros(2, 2)}, model, allowed)

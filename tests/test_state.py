@@ -1,0 +1,115 @@
+"""Durable site state: a site killed mid-round restarts bit-identical to its last completed round."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from client import app as client_app
+from client.state import FILE, SiteState, SiteStore, StateMismatch
+from kumiki import contract as C
+from kumiki.contract import Job
+from kumiki.engines import node_configs, prepare_sites
+from server.federation import model_spec
+from tests.conftest import make_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+WORKER = r"""
+import json, sys
+from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from client.app import app
+from kumiki.config import validate
+from kumiki.contract import Job, CONFIG, ARRAYS, to_record
+from server.federation import model_spec
+TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+spec = json.loads(sys.argv[1]); cfg = validate(spec["cfg"])
+job = Job(2, cfg.method, cfg.train, model_spec(cfg), cfg.privacy)
+msg = Message(RecordDict({ARRAYS: to_record({}), CONFIG: job.to_config()}), dst_node_id=1, message_type=MessageType.TRAIN)
+ctx = Context(run_id=1, node_id=1, node_config=spec["node"], state=RecordDict(), run_config={})
+print("training", flush=True)
+app(msg, ctx)
+print("finished", flush=True)
+"""
+
+
+def _train_msg(cfg, rnd):
+    job = Job(rnd, cfg.method, cfg.train, model_spec(cfg), cfg.privacy)
+    return Message(RecordDict({C.ARRAYS: C.to_record({}), C.CONFIG: job.to_config()}), dst_node_id=1,
+                   message_type=MessageType.TRAIN)
+
+
+def _predict(cfg, node):
+    """Personalized logits of the site after reloading its state in a fresh model."""
+    from client.app import prepare
+
+    job = Job(3, cfg.method, cfg.train, model_spec(cfg), cfg.privacy)
+    msg = Message(RecordDict({C.ARRAYS: C.to_record({}), C.CONFIG: job.to_config()}), dst_node_id=1,
+                  message_type=MessageType.EVALUATE)
+    ctx = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
+    sj, objective, _, _ = prepare(msg, ctx, for_training=False)
+    sj.model.eval()
+    with torch.no_grad():
+        return objective.predict_personal(sj.model, torch.from_numpy(sj.data.x_test))
+
+
+def test_site_killed_mid_round_resumes_bit_identical(tmp_path):
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    cfg = make_config(tmp_path, method="local", sites=2)
+    node = node_configs(cfg, prepare_sites(cfg))[0]
+    ctx = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
+    reply = client_app.app(_train_msg(cfg, 1), ctx)
+    assert not reply.has_error(), reply.error
+    path = Path(node["state-dir"]) / FILE
+    before_bytes = path.read_bytes()
+    before_logits = _predict(cfg, node)
+
+    # Round 2 in a separate ClientApp process with a long local job; kill -9 it mid-training.
+    long_cfg = make_config(tmp_path, method="local", sites=2, train={"local_epochs": 1000})
+    proc = subprocess.Popen([sys.executable, "-c", WORKER, json.dumps({"cfg": json.loads(long_cfg.model_dump_json()), "node": node})],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == "training"
+        time.sleep(2.0)  # well inside the 1,000 epochs
+        assert proc.poll() is None, "the worker finished before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
+    assert path.read_bytes() == before_bytes  # nothing half-written
+    state = SiteStore(path.parent).load(torch.load(path, weights_only=True)["fingerprint"])
+    assert state.last_round == 1
+    assert torch.equal(_predict(cfg, node), before_logits)  # a fresh process predicts exactly as before
+
+    # A normal round 2 then advances the state.
+    reply = client_app.app(_train_msg(cfg, 2), ctx)
+    assert not reply.has_error()
+    assert SiteStore(path.parent).load(state.fingerprint).last_round == 2
+    assert path.read_bytes() != before_bytes
+
+
+def test_store_roundtrip_and_fingerprint_guard(tmp_path):
+    store = SiteStore(tmp_path / "s")
+    st = SiteState("abc", 4, {"head.weight": torch.randn(3, 2)}, {"v": {"w": torch.ones(2)}, "eps": 1.5, "note": "x"})
+    store.save(st)
+    back = store.load("abc")
+    assert back.last_round == 4 and torch.equal(back.personal["head.weight"], st.personal["head.weight"])
+    assert back.extra["eps"] == 1.5 and torch.equal(back.extra["v"]["w"], torch.ones(2))
+    try:
+        store.load("other")
+    except StateMismatch as e:
+        assert "another model" in str(e)
+    else:
+        raise AssertionError("a state written for another split must be refused")
