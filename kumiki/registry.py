@@ -36,6 +36,11 @@ METHODS: dict[str, MethodEntry] = {
     "fedprox": MethodEntry(m.FedProxConfig, "strategies.fedprox:FedProx", "client.methods.fedprox:FedProxObjective"),
     "fedavg_ft": MethodEntry(m.FedAvgFTConfig, "strategies.fedavg_ft:FedAvgFT", "client.methods.fedavg_ft:FedAvgFTObjective"),
     "local": MethodEntry(m.LocalConfig, "strategies.local:LocalOnly", "client.methods.local:LocalObjective"),
+    "dualfed": MethodEntry(m.DualFedConfig, "strategies.dualfed:DualFed", "client.methods.dualfed:DualFedObjective"),
+    "fedhb": MethodEntry(m.FedHBConfig, "strategies.fedhb:FedHB", "client.methods.fedhb:FedHBObjective"),
+    "fedper": MethodEntry(m.FedPerConfig, "strategies.fedper:FedPer", "client.methods.fedper:FedPerObjective"),
+    "fedrep": MethodEntry(m.FedRepConfig, "strategies.fedrep:FedRep", "client.methods.fedrep:FedRepObjective"),
+    "ditto": MethodEntry(m.DittoConfig, "strategies.ditto:Ditto", "client.methods.ditto:DittoObjective"),
 }
 
 

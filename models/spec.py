@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from models.classifier import Classifier
+from models.dual import DualClassifier
 from models.encoders import ENCODERS
 
 
@@ -39,6 +40,13 @@ def _plain(spec: ModelSpec) -> nn.Module:
 
 #: Model layouts a method can ask for (``MethodConfig.variant``).
 VARIANTS: dict[str, Callable[[ModelSpec], nn.Module]] = {"plain": _plain}
+
+
+def _dual(spec: ModelSpec) -> nn.Module:
+    return DualClassifier(ENCODERS[spec.arch](spec.input_shape, spec.hidden, spec.norm), spec.num_classes)
+
+
+VARIANTS["dual"] = _dual  # DualFed: encoder + shared_head + projector + personal_head
 
 
 def build_model(spec: ModelSpec, variant: str = "plain") -> nn.Module:

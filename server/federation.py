@@ -51,6 +51,7 @@ def checkpoint(strategy, run_dir: Path, rnd: int) -> None:
     arrays = dict(strategy.shared)
     for g, arrs in strategy.group_arrays.items():
         arrays.update(arrs)
+    arrays.update(strategy.server_state())
     tmp = ck / "global.tmp.npz"
     with open(tmp, "wb") as f:
         np.savez(f, __round__=np.array(rnd), **arrays)

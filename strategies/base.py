@@ -149,6 +149,10 @@ class KumikiStrategy(Strategy):
             stats.sent[node_id] = tuple(arrays.keys())
         return Message(content, dst_node_id=node_id, message_type=mtype)
 
+    def server_state(self) -> dict[str, np.ndarray]:
+        """Server-side method state a checkpoint keeps besides the model tensors (FedHB: its precision)."""
+        return {}
+
     def sample(self, nodes: list[int]) -> list[int]:
         k = max(1, math.ceil(self.cfg.server.fraction_train * len(nodes)))
         return sorted(self._rng.sample(nodes, k)) if k < len(nodes) else nodes

@@ -29,9 +29,20 @@ def make_config(tmp_path: Path, method: str = "fedavg", rounds: int = 2, sites: 
     return validate(raw)
 
 
-@pytest.fixture
-def cfg_factory(tmp_path):
-    def factory(**kw):
-        return make_config(tmp_path, **kw)
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tiny models on a shared 2-core box: one intra-op thread is several times faster."""
+    import torch
 
-    return factory
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def personalized_means(tmp_path: Path, methods: tuple[str, ...], **kw) -> dict[str, float]:
+    """Last-round personalized mean accuracy of each method on the same small config."""
+    from kumiki.engines.inprocess import run_inprocess
+
+    return {m: run_inprocess(make_config(tmp_path, method=m, name=m, **kw), quiet=True)["personalized"]["mean"]
+            for m in methods}

@@ -1,0 +1,46 @@
+"""Ditto site update (Li et al., ICML 2021, arXiv 2012.04221).
+
+Receiving w_t, the site runs two tracks:
+
+(a) global: E epochs of SGD on F_k from w_t (FedAvg's update, same data order); w_k is uploaded;
+(b) personal: s epochs of SGD on  F_k(v_k) + (lambda/2) ||v_k - w_t||^2  from the persisted
+    v_k (the first received w_t the first time).
+
+v_k (all its tensors, BN buffers included) lives only in the site state
+(``extra['v']``), never in a message. Personalized evaluation uses v_k; the
+global path is w.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+
+from client.loop import cross_entropy
+from client.methods.base import SiteJob, SiteObjective
+from client.methods.fedprox import proximal_term
+
+
+class DittoObjective(SiteObjective):
+    def _personal(self, sj: SiteJob) -> nn.Module:
+        v = copy.deepcopy(sj.model)  # holds w_t until v_k exists
+        if "v" in sj.state.extra:
+            v.load_state_dict(sj.state.extra["v"])
+        return v
+
+    def fit(self, sj: SiteJob) -> dict[str, float]:
+        v = self._personal(sj)
+        anchor = {k: t.detach().clone() for k, t in sj.received.items() if t.is_floating_point()}
+        lam = self.cfg.lam
+
+        def personal_loss(m, x, y):
+            return cross_entropy(m, x, y) + proximal_term(m, anchor, lam)
+
+        pers = sj.trainer.fit(v, v.parameters(), personal_loss, epochs=self.cfg.personal_epochs, tag=f"v{sj.job.round}")
+        sj.state.extra["v"] = {k: t.detach().cpu().clone() for k, t in v.state_dict().items()}
+        metrics = super().fit(sj)  # (a) the global track, exactly FedAvg's
+        return {**metrics, "personal-loss": pers["loss"]}
+
+    def personalized_model(self, sj: SiteJob) -> nn.Module:
+        return self._personal(sj)

@@ -1,0 +1,28 @@
+"""FedRep site update (Collins et al., ICML 2021, arXiv 2102.07078).
+
+Receive the representation phi (``encoder.*``); keep the personal head h_k (``head.*``).
+
+1. phi frozen: ``head_epochs`` (tau_h) epochs of SGD on the head;
+2. the new head frozen: ``body_epochs`` (tau_phi) epochs of SGD on phi;
+
+each a ``Trainer.fit`` call (fresh optimizer, same lr), then upload phi.
+Global / unseen path: a fresh head on the frozen phi, as FedPer's.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from client.methods.base import SiteJob, SiteObjective
+from client.methods.fedper import fresh_head_on_frozen_body
+
+
+class FedRepObjective(SiteObjective):
+    def fit(self, sj: SiteJob) -> dict[str, float]:
+        model, tag = sj.model, f"r{sj.job.round}"
+        head = sj.trainer.fit(model, model.head.parameters(), epochs=self.cfg.head_epochs, tag=f"{tag}:head")
+        body = sj.trainer.fit(model, model.encoder.parameters(), epochs=self.cfg.body_epochs, tag=f"{tag}:body")
+        return {"loss": body["loss"], "examples": body["examples"], "head-loss": head["loss"]}
+
+    def global_model(self, sj: SiteJob) -> nn.Module:
+        return fresh_head_on_frozen_body(sj, self.cfg.new_head_epochs)
