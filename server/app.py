@@ -7,13 +7,66 @@ duplicated into run_config.
 
 from __future__ import annotations
 
-from flwr.app import Context
+import os
+import time
+from collections.abc import Iterable
+
+from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from kumiki.config import load_config
 from server.federation import run_federation
 
 app = ServerApp()
+
+
+class ReplyPollingGrid(Grid):
+    """Delegates to Flower's grid, but polls for replies every 50 ms (backing off to ``max_poll_s``).
+
+    Flower 1.41's ``HttpGrid.send_and_receive`` pulls right after pushing (never any
+    replies yet) and then sleeps 3 s between pulls, so every round trip costs 3 s or more.
+    ``KUMIKI_REPLY_POLL_MAX_S`` sets ``max_poll_s``; ``0`` keeps Flower's own loop.
+    """
+
+    def __init__(self, inner: Grid, max_poll_s: float = 0.5):
+        self.inner, self.max_poll_s = inner, max_poll_s
+
+    def set_run(self, run):  # type: ignore[no-untyped-def]
+        self.inner.set_run(run)
+
+    @property
+    def run(self):  # type: ignore[no-untyped-def]
+        return self.inner.run
+
+    def create_message(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        return self.inner.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.inner.get_node_ids()
+
+    def get_nodes(self):  # type: ignore[no-untyped-def]
+        return self.inner.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.inner.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        pending = set(self.inner.push_messages(messages))
+        end = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        delay = 0.05
+        while pending:
+            got = list(self.inner.pull_messages(pending))
+            replies.extend(got)
+            pending.difference_update(m.metadata.reply_to_message_id for m in got)
+            if not pending or (end is not None and time.monotonic() >= end):
+                break
+            time.sleep(delay if end is None else max(0.0, min(delay, end - time.monotonic())))
+            delay = min(delay * 1.5, self.max_poll_s)
+        return replies
 
 
 @app.main()
@@ -27,4 +80,7 @@ def main(grid: Grid, context: Context) -> None:
         import json
 
         sim = json.loads(str(context.run_config["sim"]))
+    max_poll_s = float(os.environ.get("KUMIKI_REPLY_POLL_MAX_S", "0.5"))
+    if max_poll_s > 0:
+        grid = ReplyPollingGrid(grid, max_poll_s)
     run_federation(grid, cfg, sim=sim, engine="deployment")
