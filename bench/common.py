@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 
 from kumiki.config import KumikiConfig, load_config
 from kumiki.engines import run
+from server.recorder import read_final
 
 
 def run_grid(config: str | Path, methods: list[str], seeds: list[int], out: Path, overrides: list[str] | None = None,
@@ -20,8 +20,7 @@ def run_grid(config: str | Path, methods: list[str], seeds: list[int], out: Path
                     f'run.output_dir="{out}"', *(overrides or []), *((knobs or {}).get(method, []))]
             cfg: KumikiConfig = load_config(str(config), sets)
             summary = run(cfg, engine, quiet=True)
-            final = json.loads((cfg.run_dir() / "metrics.jsonl").read_text().splitlines()[-1])
-            summary["last5_mean"] = final["last5_mean"]
+            summary["last5_mean"] = read_final(cfg.run_dir())["last5_mean"]
             results.setdefault(method, []).append(summary)
             p = summary["personalized"]["mean"]
             print(f"{method:>10} seed {seed}: personalized {p:.4f} ({summary['time']['wall_s']:.0f}s)", flush=True)

@@ -62,11 +62,12 @@ def config(method: str, seed: int, args) -> dict:
 def run_one(method: str, seed: int, args) -> dict:
     from kumiki.config import validate
     from kumiki.engines.inprocess import run_inprocess
+    from server.recorder import read_final
 
     cfg = validate(config(method, seed, args))
     t0 = time.perf_counter()
     summary = run_inprocess(cfg, quiet=True)
-    final = json.loads((cfg.run_dir() / "metrics.jsonl").read_text().splitlines()[-1])
+    final = read_final(cfg.run_dir())
     return {"method": method, "seed": seed, "rounds": args.rounds, "wall_s": time.perf_counter() - t0,
             "personalized": summary["personalized"]["mean"], "bottom10": summary["personalized"]["bottom10"],
             "global": summary["global"]["mean"], "unseen": (summary["unseen"] or {}).get("mean"),

@@ -37,6 +37,14 @@ def describe(per_site: dict[str, float]) -> dict[str, Any] | None:
     }
 
 
+def read_final(run_dir: str | Path) -> dict[str, Any]:
+    """The closing ``{"kind": "final"}`` record of a finished run's metrics.jsonl."""
+    last = json.loads((Path(run_dir) / "metrics.jsonl").read_text().splitlines()[-1])
+    if last.get("kind") != "final":
+        raise ValueError(f"{run_dir}: metrics.jsonl has no final record (the run did not finish)")
+    return last
+
+
 def write_json(path: Path, obj: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=False))

@@ -7,18 +7,17 @@ fedavg_ft 0.88/0.85/0.89; margins >= 0.048, asserted with 0.03.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from kumiki.engines.inprocess import run_inprocess
+from server.recorder import read_final
 from tests.conftest import make_config
 
 
 def _run(tmp_path, method, seed):
     cfg = make_config(tmp_path, method=method, rounds=10, sites=6, arch="mlp", name=f"{method}-{seed}", run={"seed": seed})
     summary = run_inprocess(cfg, quiet=True)
-    final = json.loads((cfg.run_dir() / "metrics.jsonl").read_text().splitlines()[-1])
+    final = read_final(cfg.run_dir())
     return summary["personalized"]["mean"], final["last5_mean"]["personalized"]
 
 

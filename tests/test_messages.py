@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from kumiki import contract as C
@@ -12,6 +10,7 @@ from kumiki.registry import METHODS
 from kumiki.split import ParamSplit
 from models import build_model
 from server.federation import model_spec
+from server.recorder import read_final
 from tests.conftest import make_config
 
 
@@ -35,8 +34,7 @@ def test_no_personal_tensor_in_any_message(tmp_path, method):
         assert not names & set(split.personal)
         if C.EXTRA in content.array_records:  # method state, never a model tensor
             assert not set(content[C.EXTRA].keys()) & model_names
-    final = json.loads((cfg.run_dir() / "metrics.jsonl").read_text().splitlines()[-1])
-    assert final["kind"] == "final" and final["rejections"] == 0
+    assert read_final(cfg.run_dir())["rejections"] == 0
     if split.personal:
         assert summary["personalized"]["mean"] is not None
     if not cfg.method.federated:
