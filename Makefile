@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.kumiki-installed
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: setup data pilot test bench clean
+.PHONY: setup data pilot test bench conformance mutation clean
 
 setup: $(STAMP) data
 
@@ -38,5 +38,13 @@ test: setup
 bench: setup
 	$(BIN)/python bench/overhead.py
 
+# Every method x model x data against the rules users expect (bench/conformance.py; not CI).
+conformance: setup
+	$(BIN)/python bench/conformance.py --mode full --jobs 2
+
+# Mutation testing of the split, strategies, site state and site objectives (not CI; ~1 h on 2 cores).
+mutation: setup
+	$(BIN)/mutmut run --max-children 2; $(BIN)/mutmut results
+
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache mutants

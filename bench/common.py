@@ -6,7 +6,7 @@ import statistics
 from pathlib import Path
 
 from kumiki.config import KumikiConfig, load_config
-from kumiki.engines import run
+from launch.engines import run
 from server.recorder import read_final
 
 

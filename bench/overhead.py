@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from kumiki.config import validate  # noqa: E402
-from kumiki.engines import run  # noqa: E402
+from launch.engines import run  # noqa: E402
 
 
 def main() -> None:

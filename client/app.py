@@ -123,6 +123,12 @@ def evaluate_(msg: Message, context: Context) -> Message:
         if objective.has_global:
             glob = evaluate(objective.global_model(sj), d.x_test, d.y_test, objective.predict_global)
             m.update({"global-accuracy": glob["accuracy"], "global-loss": glob["loss"]})
+        epochs = sj.job.eval.unseen_adapt_epochs
+        if info.role == "unseen" and epochs > 0:
+            adapted = objective.adapt_unseen(sj, epochs)
+            if adapted is not None:
+                ad = evaluate(adapted, d.x_test, d.y_test, objective.predict_adapted)
+                m.update({"adapted-accuracy": ad["accuracy"], "adapted-loss": ad["loss"]})
     except Exception as exc:  # noqa: BLE001
         return _error(msg, ERR_SITE, exc)
     return Message(RecordDict({C.METRICS: MetricRecord(m)}), reply_to=msg)

@@ -74,21 +74,31 @@ class Trainer:
         lr: float | None = None,
         tag: str = "main",
         after_step: StepHook | None = None,
+        eval_modules: Iterable[nn.Module] = (),
+        data: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> dict[str, float]:
-        """Train only ``params`` (everything else frozen) with a fresh SGD; return mean loss."""
+        """Train only ``params`` (everything else frozen) with a fresh SGD; return mean loss.
+
+        ``eval_modules`` stay in eval mode, so a frozen part's BatchNorm layers normalize
+        with their running statistics and do not update them (FedRep's head stage, a head
+        fitted on a frozen body): frozen then means bit-identical, buffers included.
+        ``data`` replaces the site's (x, y), e.g. by features a frozen encoder computed once.
+        """
         params = list(params)
         ids = {id(p) for p in params}
         flags = {n: p.requires_grad for n, p in model.named_parameters()}
         for p in model.parameters():
             p.requires_grad_(id(p) in ids)
         model.to(self.device).train()
+        for m in eval_modules:
+            m.eval()
         opt = torch.optim.SGD(
             params, lr=lr or self.cfg.lr, momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay
         ) if params else None
         total, count = 0.0, 0
         try:
             for epoch in range(epochs or self.cfg.local_epochs):
-                for xb, yb in self.batches(f"{tag}:{epoch}"):
+                for xb, yb in self.batches(f"{tag}:{epoch}", *(data or (None, None))):
                     loss = loss_fn(model, xb, yb)
                     if not torch.isfinite(loss):
                         raise NonFiniteLoss(f"non-finite loss in stage {tag!r}, epoch {epoch}")

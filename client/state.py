@@ -56,11 +56,15 @@ class SiteStore:
     def save(self, state: SiteState) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{FILE}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            torch.save(state.state_dict(), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(state.state_dict(), f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # the live file is untouched; leave no debris beside it
+            raise
         dfd = os.open(self.root, os.O_RDONLY)
         try:
             os.fsync(dfd)

@@ -15,7 +15,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from kumiki.registry import METHODS
 
@@ -100,6 +100,14 @@ class TrainSection(_Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda where the site has one")
 
 
+class EvalSection(_Section):
+    unseen_adapt_epochs: int = Field(
+        5, ge=0, le=1000,
+        description="epochs of each method's new-site protocol on unseen sites before the adapted evaluation "
+                    "(0 = zero-shot only; unseen_adapted is then null)",
+    )
+
+
 class PrivacySection(_Section):
     enabled: bool = False
     target_epsilon: float = Field(8.0, gt=0.0)
@@ -125,8 +133,24 @@ class KumikiConfig(_Section):
     data: DataSection
     model: ModelSection = Field(default_factory=ModelSection)
     train: TrainSection = Field(default_factory=TrainSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
     privacy: PrivacySection = Field(default_factory=PrivacySection)
     server: ServerSection = Field(default_factory=ServerSection)
+    #: ``[train]`` keys filled from the method's paper defaults (not set by the operator).
+    _train_from_method: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _method_train_defaults(self) -> KumikiConfig:
+        """A method's paper optimizer (``train_defaults``) fills the ``[train]`` keys the operator left unset."""
+        fill = {k: v for k, v in self.method.train_defaults.items() if k not in self.train.model_fields_set}
+        if fill:
+            self.train = self.train.model_copy(update=fill)
+        self._train_from_method = fill
+        return self
+
+    @property
+    def train_from_method(self) -> dict[str, Any]:
+        return dict(self._train_from_method)
 
     @model_validator(mode="after")
     def _combinations(self) -> KumikiConfig:

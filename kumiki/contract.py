@@ -12,13 +12,13 @@ who it is (name, role, group, example counts) without sending any tensor.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
-from kumiki.config import PrivacySection, TrainSection
+from kumiki.config import EvalSection, PrivacySection, TrainSection
 from kumiki.methods import MethodConfig
 from kumiki.registry import entry
 from models.spec import ModelSpec
@@ -33,6 +33,7 @@ ROUND = "server-round"
 QUERY_PROFILE = "profile"  # message type "query.profile"
 
 _METHOD, _TRAIN, _MODEL, _PRIVACY, _SIM = "kumiki.method", "kumiki.train", "kumiki.model", "kumiki.privacy", "kumiki.sim"
+_EVAL = "kumiki.eval"
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class Job:
     model: ModelSpec
     privacy: PrivacySection
     sim: dict[str, Any] | None = None  # simulation only: where the materialized site folders live
+    eval: EvalSection = field(default_factory=EvalSection)
 
     def to_config(self) -> ConfigRecord:
         rec: dict[str, Any] = {
@@ -53,6 +55,7 @@ class Job:
             _TRAIN: self.train.model_dump_json(),
             _MODEL: self.model.to_json(),
             _PRIVACY: self.privacy.model_dump_json(),
+            _EVAL: self.eval.model_dump_json(),
         }
         if self.sim is not None:
             rec[_SIM] = json.dumps(self.sim)
@@ -70,6 +73,7 @@ class Job:
                 model=ModelSpec.from_json(str(rec[_MODEL])),
                 privacy=PrivacySection.model_validate_json(str(rec[_PRIVACY])),
                 sim=json.loads(str(rec[_SIM])) if _SIM in rec else None,
+                eval=EvalSection.model_validate_json(str(rec[_EVAL])) if _EVAL in rec else EvalSection(),
             )
         except (KeyError, ValueError) as e:
             raise ValueError(f"malformed job config in message: {e}") from None

@@ -44,6 +44,18 @@ METHODS: dict[str, MethodEntry] = {
 }
 
 
+def catalog() -> list[dict[str, Any]]:
+    """Every method with its one-line meaning, knobs (default, meaning) and paper optimizer: ``kumiki methods``."""
+    out = []
+    for name, e in METHODS.items():
+        cfg = e.config
+        knobs = [{"key": f"method.{k}", "default": f.default, "meaning": f.description or ""}
+                 for k, f in cfg.model_fields.items() if k != "name"]
+        out.append({"name": name, "summary": (cfg.__doc__ or "").strip().splitlines()[0],
+                    "knobs": knobs, "train_defaults": dict(cfg.train_defaults)})
+    return out
+
+
 def entry(name: str) -> MethodEntry:
     try:
         return METHODS[name]

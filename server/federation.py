@@ -41,7 +41,7 @@ def build_strategy(cfg: KumikiConfig, sim: dict | None = None):
     model = build_model(spec, cfg.method.variant)
     split = ParamSplit.build(model, cfg.method.split_rules())
     initial = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
-    job = Job(0, cfg.method, cfg.train, spec, cfg.privacy, sim)
+    job = Job(0, cfg.method, cfg.train, spec, cfg.privacy, sim, cfg.eval)
     return entry(cfg.method.name).load_strategy()(cfg, job, split, initial)
 
 

@@ -77,10 +77,13 @@ class Recorder:
         pers = {s: m["personalized-accuracy"] for s, m in ev.items() if "personalized-accuracy" in m}
         glob = {s: m["global-accuracy"] for s, m in ev.items() if roles.get(s) == "train" and "global-accuracy" in m}
         unseen = {s: m["global-accuracy"] for s, m in ev.items() if roles.get(s) == "unseen" and "global-accuracy" in m}
+        adapted = {s: m["adapted-accuracy"] for s, m in ev.items()
+                   if roles.get(s) == "unseen" and "adapted-accuracy" in m}
         losses = [m["train-loss"] for m in st.train_metrics.values() if "train-loss" in m]
         row = {
             "kind": "round", "round": rnd,
             "personalized": describe(pers), "global": describe(glob), "unseen": describe(unseen),
+            "unseen_adapted": describe(adapted),
             "bytes": {"up": st.bytes_up, "down": st.bytes_down},
             "time": {"round_s": round_s, "wall_s": time.perf_counter() - self.t0},
             "sites": {"sampled": len(st.sent), "accepted": st.accepted, "aggregated": st.aggregated,
@@ -91,6 +94,7 @@ class Recorder:
         for site, m in sorted(ev.items()):
             self._append({"kind": "site", "round": rnd, "site": site, "role": roles.get(site),
                           "personalized": m.get("personalized-accuracy"), "global": m.get("global-accuracy"),
+                          "adapted": m.get("adapted-accuracy"),
                           "train_loss": st.train_metrics.get(site, {}).get("train-loss"),
                           "num_examples": st.train_metrics.get(site, {}).get("num-examples")})
         self.history.append(row)
@@ -101,7 +105,9 @@ class Recorder:
                 f"[bold]round {rnd:>3}/{self.cfg.run.rounds}[/] sites {st.accepted}/{len(st.sent)}"
                 f"{' [red](' + str(len(st.rejected)) + ' rejected)[/]' if st.rejected else ''}"
                 f" | personalized {fmt(row['personalized'])} | global {fmt(row['global'])}"
-                f" | unseen {fmt(row['unseen'])} | loss {row['train_loss'] or 0:.3f} | {round_s:.1f}s"
+                f" | unseen {fmt(row['unseen'])}"
+                + (f" (adapted {fmt(row['unseen_adapted'])})" if row["unseen_adapted"] else "")
+                + f" | loss {row['train_loss'] or 0:.3f} | {round_s:.1f}s"
             )
         return row
 
@@ -119,6 +125,7 @@ class Recorder:
         pers = last.get("personalized")
         glob = last.get("global")
         uns = last.get("unseen")
+        ada = last.get("unseen_adapted")
         summary = {
             "method": self.cfg.method.name,
             "dataset": self.cfg.data.dataset,
@@ -127,16 +134,18 @@ class Recorder:
             "sites": self.cfg.data.sites,
             "personalized": pers or {"mean": None, "std": None, "bottom10": None, "per_site": {}},
             "global": {"mean": glob["mean"], "per_site": glob["per_site"]} if glob else {"mean": None, "per_site": {}},
-            "unseen": {"mean": uns["mean"], "per_site": uns["per_site"]} if uns else None,
+            "unseen": uns or None,
+            "unseen_adapted": ada or None,
             "bytes": {"up_per_round": int(sum(up) / n), "down_per_round": int(sum(down) / n),
                       "up_total": int(sum(up)), "down_total": int(sum(down))},
             "time": {"wall_s": wall, "per_round_s": sum(h["time"]["round_s"] for h in self.history) / n},
             "privacy": None,
         }
         self._append({"kind": "final", "last_round": {"personalized": pers and pers["mean"],
-                                                        "global": glob and glob["mean"], "unseen": uns and uns["mean"]},
+                                                        "global": glob and glob["mean"], "unseen": uns and uns["mean"],
+                                                        "unseen_adapted": ada and ada["mean"]},
                       "last5_mean": {"personalized": last5("personalized"), "global": last5("global"),
-                                     "unseen": last5("unseen")},
+                                     "unseen": last5("unseen"), "unseen_adapted": last5("unseen_adapted")},
                       "rejections": sum(len(h["sites"]["rejected"]) for h in self.history)})
         write_json(self.dir / "summary.json", summary)
         return summary

@@ -173,8 +173,8 @@ def plot_accuracy(rows: list[dict], metric: str) -> str | None:
         return [math.nan if v is None else v for v in out]
 
     pm, ps, pb = series("personalized"), series("personalized", "std"), series("personalized", "bottom10")
-    gm, um = series("global"), series("unseen")
-    if all(math.isnan(v) for v in pm + gm + um):
+    gm, um, am = series("global"), series("unseen"), series("unseen_adapted")
+    if all(math.isnan(v) for v in pm + gm + um + am):
         return None
     fig = Figure(figsize=(8, 4.2), dpi=DPI, layout="constrained")
     ax = fig.add_subplot()
@@ -193,7 +193,9 @@ def plot_accuracy(rows: list[dict], metric: str) -> str | None:
     if not all(math.isnan(v) for v in gm):
         ax.plot(rounds, gm, "-s", ms=4, lw=1.5, color=C_GLOB, label="global mean (training sites)", zorder=4)
     if not all(math.isnan(v) for v in um):
-        ax.plot(rounds, um, "-^", ms=4, color=C_UNSEEN, label="unseen sites mean")
+        ax.plot(rounds, um, "-^", ms=4, color=C_UNSEEN, label="unseen sites mean (zero-shot)")
+    if not all(math.isnan(v) for v in am):
+        ax.plot(rounds, am, "--v", ms=4, color=C_UNSEEN, label="unseen sites mean (adapted)")
     _round_axis(ax, rounds)
     ax.set_ylim(bottom=min(0.0, ax.get_ylim()[0]), top=max(1.02, ax.get_ylim()[1]))
     ax.set_ylabel(metric)
@@ -465,7 +467,8 @@ def build_html(run_dir: Path) -> str:
         ("personalized bottom 10%", num((p_last or {}).get("bottom10")) if isinstance(p_last, dict) else None,
          _last5(rows, "personalized", "bottom10")),
         ("global mean", lr("global"), l5("global")),
-        ("unseen mean", lr("unseen"), l5("unseen")),
+        ("unseen mean (zero-shot)", lr("unseen"), l5("unseen")),
+        ("unseen mean (adapted)", lr("unseen_adapted"), l5("unseen_adapted")),
     ]
     rejections = [(r.get("round"), j) for r in rows
                   for j in ((r.get("sites") or {}).get("rejected") or []) if isinstance(r.get("sites"), dict)]

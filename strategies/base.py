@@ -210,6 +210,9 @@ class KumikiStrategy(Strategy):
         for n in sorted(set(stats.sent) - seen):
             log.warning("round %d: no reply from %s (timed out or disconnected)", server_round, self.profiles[n].site)
             stats.rejected.append({"site": self.profiles[n].site, "reason": "no reply"})
+        # Replies arrive in any order; aggregate in site order so the model never depends on it
+        # (float sums are order-sensitive in the last bits, integer buffers come from the first update).
+        updates.sort(key=lambda u: u.profile.site)
         stats.accepted = len(updates)
         needed = math.ceil(self.cfg.server.min_reply_fraction * max(len(stats.sent), 1))
         if len(updates) < needed:

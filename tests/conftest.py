@@ -42,7 +42,7 @@ def _one_thread():
 
 def personalized_means(tmp_path: Path, methods: tuple[str, ...], **kw) -> dict[str, float]:
     """Last-round personalized mean accuracy of each method on the same small config."""
-    from kumiki.engines.inprocess import run_inprocess
+    from launch.engines.inprocess import run_inprocess
 
     return {m: run_inprocess(make_config(tmp_path, method=m, name=m, **kw), quiet=True)["personalized"]["mean"]
             for m in methods}

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from client.methods.fedprox import proximal_term
-from kumiki.engines.inprocess import run_inprocess
+from launch.engines.inprocess import run_inprocess
 from strategies.aggregate import uniform_mean, weighted_mean
 from tests.conftest import make_config
 

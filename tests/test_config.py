@@ -94,8 +94,52 @@ def test_pilot_config_is_valid_and_schema_names_the_contract_keys():
 def test_cli_validate_reports_key_and_exit_code(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text(GOOD.replace("rounds = 2", "rounds = -3"))
-    r = subprocess.run([sys.executable, "-m", "kumiki.cli", "validate", str(bad)], capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run([sys.executable, "-m", "launch.cli", "validate", str(bad)], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "run.rounds" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "kumiki.cli", "validate", str(PILOT), "--set", "run.rounds=4"],
+    r = subprocess.run([sys.executable, "-m", "launch.cli", "validate", str(PILOT), "--set", "run.rounds=4"],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0 and json.loads(r.stdout)["run"]["rounds"] == 4
+
+
+DUALFED = GOOD.replace('name = "fedprox"\nmu = 0.1', 'name = "dualfed"')
+
+
+def test_method_paper_optimizer_fills_only_the_train_keys_left_unset():
+    cfg = load_config(DUALFED)
+    assert (cfg.train.lr, cfg.train.momentum, cfg.train.batch_size) == (0.01, 0.5, 64)
+    assert cfg.train_from_method == {"lr": 0.01, "momentum": 0.5, "batch_size": 64}
+    explicit = load_config(DUALFED + "\n[train]\nlr = 0.05\n", ["train.batch_size=16"])
+    assert (explicit.train.lr, explicit.train.momentum, explicit.train.batch_size) == (0.05, 0.5, 16)
+    assert explicit.train_from_method == {"momentum": 0.5}
+    assert load_config(GOOD).train.lr == 0.05 and load_config(GOOD).train_from_method == {}
+    hb = load_config(GOOD, ['method.name="fedhb"'])
+    assert hb.train.local_epochs == 2 and hb.train.lr == 0.05
+    # the resolved config (config.json) reloads to the same optimizer
+    again = KumikiConfig.model_validate(json.loads(cfg.model_dump_json()))
+    assert again.train == cfg.train
+
+
+def test_kumiki_methods_lists_every_method_with_its_knobs_and_paper_optimizer():
+    from kumiki.registry import METHODS
+
+    r = subprocess.run([sys.executable, "-m", "launch.cli", "methods"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    for name, e in METHODS.items():
+        assert f"\n{name}: " in "\n" + r.stdout, name
+        for knob in e.config.model_fields:
+            if knob != "name":
+                assert f"method.{knob} " in r.stdout, (name, knob)
+    assert "train.lr = 0.01, train.momentum = 0.5, train.batch_size = 64" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "launch.cli", "methods", "--json"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    cat = {m["name"]: m for m in json.loads(r.stdout)}
+    assert set(cat) == set(METHODS) and cat["fedhb"]["train_defaults"] == {"local_epochs": 2}
+    assert all(k["meaning"] for m in cat.values() for k in m["knobs"]), "every knob says what it means"
+
+
+def test_eval_section_defaults_and_errors():
+    assert load_config(GOOD).eval.unseen_adapt_epochs == 5
+    assert load_config(GOOD, ["eval.unseen_adapt_epochs=0"]).eval.unseen_adapt_epochs == 0
+    with pytest.raises(ConfigError, match="eval.unseen_adapt_epochs"):
+        load_config(GOOD, ["eval.unseen_adapt_epochs=-1"])

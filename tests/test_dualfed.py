@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
 import pytest
 import torch
+from torch.nn import functional as F
 
 from client.loop import Trainer
 from client.methods.base import SiteJob
@@ -16,7 +18,7 @@ from kumiki import contract as C
 from kumiki.config import PrivacySection, TrainSection
 from kumiki.data.sites import SiteData
 from kumiki.data.sources import load_digits
-from kumiki.engines.inprocess import run_inprocess
+from launch.engines.inprocess import run_inprocess
 from kumiki.methods import DualFedConfig
 from kumiki.split import ParamSplit
 from models import ModelSpec, build_model
@@ -44,14 +46,14 @@ def snapshot(model) -> dict[str, torch.Tensor]:
 
 
 def record_stages(sj: SiteJob) -> list[tuple[dict, dict, dict]]:
-    """Wrap Trainer.fit: (before, after, grads) per stage."""
+    """Wrap Trainer.fit: (before, after, grads) of the whole site model per stage."""
     stages, fit = [], sj.trainer.fit
 
     def recording(model, params, *a, **kw):
-        before = snapshot(model)
+        before = snapshot(sj.model)
         out = fit(model, params, *a, **kw)
-        grads = {n: p.grad for n, p in model.named_parameters()}
-        stages.append((before, snapshot(model), grads))
+        grads = {n: p.grad for n, p in sj.model.named_parameters()}
+        stages.append((before, snapshot(sj.model), grads))
         return out
 
     sj.trainer.fit = recording
@@ -118,6 +120,64 @@ def test_stage_b_in_eval_bn_mode_leaves_every_encoder_tensor_bit_identical():
     b0, b1, _ = stages[1]
     assert not changed(b0, b1, "encoder.") and not changed(b0, b1, "projector.")
     assert changed(b0, b1, "shared_head.")
+
+
+@pytest.mark.parametrize("con_lambda", [0.0, 10.0])
+def test_stage_a_encoder_gradient_comes_from_the_personal_branch_only(con_lambda):
+    """Spec 11.4: the encoder's stage-A gradient equals that of CE(h_psi(g_phi(f_theta(x)))) + lambda * SupCon,
+    computed independently on a copy; the shared head is not in the graph even where it could take a gradient."""
+    cfg = DualFedConfig(con_lambda=con_lambda)
+    sj = site_job(cfg)
+    model = sj.model.train()
+    ref = copy.deepcopy(model)
+    x, y = torch.from_numpy(sj.data.x_train[:32]), torch.from_numpy(sj.data.y_train[:32])
+    DualFedObjective(cfg).stage_a_loss(sj)(model, x, y).backward()
+    z_tilde = ref.projector(ref.encoder(x))
+    (F.cross_entropy(ref.personal_head(z_tilde), y) + con_lambda * supcon_loss(z_tilde, y, cfg.con_temp)).backward()
+    for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        if name.startswith("shared_head."):
+            assert p.grad is None, "the shared head's loss must not reach stage A"
+        else:
+            assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-5), name
+    if con_lambda:  # SupCon is part of stage A: dropping it changes the encoder's gradient
+        plain = copy.deepcopy(ref)
+        plain.zero_grad()
+        F.cross_entropy(plain.personal_head(plain.projector(plain.encoder(x))), y).backward()
+        enc = [n for n, _ in model.named_parameters() if n.startswith("encoder.")]
+        grads = dict(model.named_parameters())
+        assert any(not torch.allclose(grads[n].grad, dict(plain.named_parameters())[n].grad, atol=1e-4) for n in enc)
+
+
+def test_new_client_trains_fresh_personal_parts_on_the_frozen_shared_path():
+    """Spec section 8, new-client personalization: theta and omega frozen (BN statistics re-estimated on the
+    site, then fixed), a fresh seeded projector and personal head trained with the stage-A loss."""
+    cfg = DualFedConfig()
+    sj = site_job(cfg)
+    sj.role = "unseen"
+    stale = {k: v.clone() for k, v in sj.model.state_dict().items()}
+    for name in ("projector.0.weight", "personal_head.weight"):  # stale personal parts must not be reused
+        sj.model.state_dict()[name].add_(1.0)
+    before = snapshot(sj.model)
+    reestimated = DualFedObjective(cfg).global_model(sj).state_dict()
+    losses = []
+    fit = sj.trainer.fit
+
+    def spy(model, params, loss_fn, **kw):
+        losses.append(loss_fn)
+        return fit(model, params, loss_fn, **kw)
+
+    sj.trainer.fit = spy
+    adapted = DualFedObjective(cfg).adapt_unseen(sj, epochs=3)
+    assert adapted is not sj.model and all(torch.equal(v, before[k]) for k, v in sj.model.state_dict().items())
+    after = adapted.state_dict()
+    for k, v in after.items():
+        if k.startswith(("encoder.", "shared_head.")):
+            assert torch.equal(v, reestimated[k]), f"{k} must stay frozen (statistics: re-estimated, then fixed)"
+    fresh = build_model(sj.job.model, cfg.variant).state_dict()
+    assert not torch.equal(after["personal_head.weight"], fresh["personal_head.weight"]), "the head trained"
+    assert not torch.equal(after["personal_head.weight"], before["personal_head.weight"])
+    assert torch.equal(stale["personal_head.weight"], fresh["personal_head.weight"])  # site_job starts fresh
+    assert len(losses) == 1 and "stage_a_loss" in losses[0].__qualname__
 
 
 def test_fresh_optimizer_per_stage_with_momentum(monkeypatch):
@@ -242,3 +302,11 @@ def test_beats_fedavg_on_personalized_accuracy(tmp_path):
     """
     acc = personalized_means(tmp_path, ("fedavg", "dualfed"), rounds=15, sites=6, model={"hidden": 128})
     assert acc["dualfed"] >= acc["fedavg"] + 0.02, acc
+
+
+def test_auto_supcon_weight_follows_the_encoder_normalization():
+    assert DualFedConfig().supcon_weight("batch") == 10.0 and DualFedConfig().supcon_weight("none") == 10.0
+    assert DualFedConfig().supcon_weight("group") == 1.0
+    assert DualFedConfig(con_lambda=40).supcon_weight("group") == 40.0
+    with pytest.raises(ValueError, match="con_lambda"):
+        DualFedConfig(con_lambda=-1)

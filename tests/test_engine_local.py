@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kumiki.engines import local
+from launch.engines import local
 from tests.conftest import make_config
 
 pytestmark = pytest.mark.deploy

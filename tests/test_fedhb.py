@@ -14,7 +14,7 @@ from kumiki import contract as C
 from kumiki.config import PrivacySection, TrainSection
 from kumiki.data.sites import SiteData
 from kumiki.data.sources import load_digits
-from kumiki.engines.inprocess import run_inprocess
+from launch.engines.inprocess import run_inprocess
 from kumiki.methods import FedHBConfig
 from kumiki.split import ParamSplit
 from models import ModelSpec, build_model
@@ -135,7 +135,7 @@ def test_personalization_runs_on_a_private_copy_from_the_global_mean():
 def _final_global(tmp_path, method, knobs, name):
     # IID with 200 examples per site: equal n_i = 160 training examples
     cfg = make_config(tmp_path, method=method, name=name, rounds=3, sites=3, alpha=None, knobs=knobs,
-                      data={"samples_per_site": 200})
+                      data={"samples_per_site": 200}, train={"local_epochs": 2})  # FedHB's E, set for all
     run_inprocess(cfg, quiet=True)
     with np.load(cfg.run_dir() / "checkpoints" / "global.npz") as z:
         return {k: z[k] for k in z.files if k != "__round__" and not k.startswith(PREFIX)}
@@ -219,3 +219,47 @@ def test_beats_fedavg_on_personalized_accuracy(tmp_path):
     """
     acc = personalized_means(tmp_path, ("fedavg", "fedhb"), rounds=15, sites=6, model={"hidden": 128})
     assert acc["fedhb"] >= acc["fedavg"] + 0.015, acc
+
+
+def test_precision_is_re_estimated_every_round_and_used_by_the_sites(tmp_path):
+    """The server re-estimates w from dispersion every round and sends it; the sites' update depends on it."""
+    cfg = make_config(tmp_path, method="fedhb", name="hb", rounds=3, sites=3, unseen=1,
+                      knobs={"personalize_epochs": 1}, eval={"unseen_adapt_epochs": 1})
+    grids = []
+    hb = run_inprocess(cfg, quiet=True, grid_hook=grids.append)
+    trains = [m for m in grids[0].sent if m.metadata.message_type == "train"]
+    w = {int(m.content[C.CONFIG][C.ROUND]): m.content[C.EXTRA] for m in trains}
+    k = PREFIX + "head.weight"
+    assert np.all(w[1][k].numpy() == 0.0), "round 1: init_precision 0"
+    assert np.all(w[2][k].numpy() > 0.0) and not np.array_equal(w[2][k].numpy(), w[3][k].numpy())
+    # the same run with the precision frozen at 0 (FedAvg-like pull) differs at the sites, not only at the server
+    fixed = make_config(tmp_path, method="fedhb", name="hb0", rounds=3, sites=3, unseen=1,
+                        knobs={"personalize_epochs": 1, "fixed_precision": 0.0}, eval={"unseen_adapt_epochs": 1})
+    hb0 = run_inprocess(fixed, quiet=True)
+    assert hb["personalized"]["per_site"] != hb0["personalized"]["per_site"]
+    with np.load(cfg.run_dir() / "checkpoints" / "global.npz") as a, np.load(fixed.run_dir() / "checkpoints" / "global.npz") as b:
+        assert not np.allclose(a["head.weight"], b["head.weight"], atol=1e-5)
+
+
+def test_site_update_follows_the_received_precision():
+    """J_i with w > 0 stays closer to m than plain local SGD (w = 0), by the implicit step's amount."""
+    free, pulled = site_job(FedHBConfig(), precision=0.0), site_job(FedHBConfig(), precision=1000.0)
+    for sj in (free, pulled):
+        FedHBObjective(sj.job.method).fit(sj)
+    m = free.received
+
+    def dist(sj):
+        return sum(float((p.detach() - m[k]).pow(2).sum()) for k, p in sj.model.named_parameters())
+
+    assert dist(pulled) < 0.5 * dist(free), (dist(pulled), dist(free))
+
+
+def test_unseen_site_adapts_by_held_out_personalization_from_l0():
+    sj = site_job(FedHBConfig(), precision=20.0)
+    sj.role = "unseen"
+    obj = FedHBObjective(sj.job.method)
+    adapted = obj.adapt_unseen(sj, 2)
+    again = obj.personalize(site_job(FedHBConfig(), precision=20.0), 2)  # the same J_i from the same L_0
+    for (k, a), (_, b) in zip(adapted.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert not torch.equal(adapted.head.weight, sj.model.head.weight) and sj.state.extra == {}

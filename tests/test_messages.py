@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kumiki import contract as C
-from kumiki.engines.inprocess import run_inprocess
+from launch.engines.inprocess import run_inprocess
 from kumiki.registry import METHODS
 from kumiki.split import ParamSplit
 from models import build_model

@@ -14,7 +14,7 @@ from kumiki import contract as C
 from kumiki.config import PrivacySection, TrainSection
 from kumiki.data.sites import SiteData
 from kumiki.data.sources import load_digits
-from kumiki.engines.inprocess import run_inprocess
+from launch.engines.inprocess import run_inprocess
 from kumiki.methods import FedRepConfig
 from kumiki.split import ParamSplit
 from models import ModelSpec, build_model
@@ -57,7 +57,7 @@ def test_heads_never_travel_and_survive_a_restart(tmp_path, method):
     assert set(saved["personal"]) == {"head.weight", "head.bias"}
     initial = build_model(ModelSpec("mlp", (1, 8, 8), 10, hidden=64), "plain").head.weight
     assert not torch.equal(saved["personal"]["head.weight"], initial)
-    assert summary["unseen"]["mean"] is not None, "unseen sites: a fresh head on the frozen body"
+    assert summary["unseen_adapted"]["mean"] is not None, "unseen sites: a fresh head on the frozen body"
     replay_last_evaluation(cfg, grid)
 
 
@@ -72,10 +72,10 @@ def test_fedrep_head_stage_then_body_stage():
                  C.Job(1, cfg, tcfg, spec, PrivacySection()), {})
     stages, fit = [], sj.trainer.fit
 
-    def spy(m, params, *a, **kw):
-        before = {k: p.detach().clone() for k, p in m.named_parameters()}
+    def spy(m, params, *a, **kw):  # whole state dicts: BN running statistics are part of phi
+        before = {k: p.detach().clone() for k, p in m.state_dict().items()}
         out = fit(m, params, *a, **kw)
-        stages.append((before, {k: p.detach().clone() for k, p in m.named_parameters()}, kw.get("epochs")))
+        stages.append((before, {k: p.detach().clone() for k, p in m.state_dict().items()}, kw.get("epochs")))
         return out
 
     sj.trainer.fit = spy
@@ -83,7 +83,9 @@ def test_fedrep_head_stage_then_body_stage():
     (h0, h1, h_epochs), (b0, b1, b_epochs) = stages
     assert (h_epochs, b_epochs) == (2, 1)
     moved = lambda a, b, part: {k for k in a if k.startswith(part) and not torch.equal(a[k], b[k])}  # noqa: E731
-    assert not moved(h0, h1, "encoder.") and moved(h0, h1, "head.") == {"head.weight", "head.bias"}
+    assert any("running_mean" in k for k in h0), "the body has BatchNorm statistics to protect"
+    assert not moved(h0, h1, "encoder."), "stage 1 leaves phi bit-identical, BN statistics included"
+    assert moved(h0, h1, "head.") == {"head.weight", "head.bias"}
     assert not moved(b0, b1, "head.") and moved(b0, b1, "encoder.")
 
 
@@ -119,3 +121,27 @@ def test_ditto_lambda_pulls_v_toward_the_global_model(tmp_path):
 
     free, pinned = distance(0.0, "zero"), distance(30.0, "big")
     assert pinned < 0.2 * free, (pinned, free)
+
+
+def test_unseen_sites_adapt_by_each_methods_protocol(tmp_path):
+    """FedPer/FedRep fit a fresh head on the frozen body (no zero-shot path); Ditto trains v from the global w."""
+    for method in ("fedper", "fedrep"):
+        _, _, summary = run(tmp_path / method, method)
+        assert summary["unseen"] is None and summary["global"]["mean"] is None, "no shared head: no zero-shot path"
+        assert summary["unseen_adapted"]["mean"] > 0.2
+    cfg, grid, summary = run(tmp_path / "ditto", "ditto", eval={"unseen_adapt_epochs": 3})
+    assert summary["unseen"]["mean"] is not None and summary["unseen_adapted"]["mean"] is not None
+    # the unseen site's adapted model is the personal track from w_t, replayed by hand
+    from client.app import prepare
+    from client.methods.ditto import DittoObjective
+    from client.loop import evaluate
+
+    msg = [m for m in grid.sent if m.metadata.message_type == "evaluate" and m.metadata.dst_node_id == 4][-1]
+    sj, obj, _, _ = prepare(msg, grid.contexts[4], for_training=False)
+    assert sj.role == "unseen" and isinstance(obj, DittoObjective)
+    w = {k: v.clone() for k, v in sj.model.state_dict().items()}
+    v = obj.adapt_unseen(sj, 3)
+    assert all(torch.equal(t, w[k]) for k, t in sj.model.state_dict().items()), "w itself is not touched"
+    assert any(not torch.equal(t, w[k]) for k, t in v.state_dict().items() if t.is_floating_point())
+    acc = evaluate(v, sj.data.x_test, sj.data.y_test)["accuracy"]
+    assert acc == summary["unseen_adapted"]["per_site"]["site-3"]

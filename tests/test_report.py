@@ -196,3 +196,21 @@ def test_missing_and_broken_inputs(tmp_path):
     assert len(pngs(text)) == 4
     with pytest.raises(FileNotFoundError):
         render_report(tmp_path / "nope")
+
+
+def test_summary_table_puts_last_round_and_last_five_in_their_columns(tmp_path):
+    """Values, not just headers: the 'last round' cell is the last round's mean, the next one the last-5 mean."""
+    from server.report import fmt_acc
+
+    run = make_run(tmp_path, method="fedavg", rounds=7)
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    rounds = [r for r in rows if r["kind"] == "round"]
+    text = render_report(run).read_text()
+    for label, key in (("personalized mean", "personalized"), ("global mean", "global"),
+                       ("unseen mean (zero-shot)", "unseen")):
+        last = rounds[-1][key]["mean"]
+        last5 = sum(r[key]["mean"] for r in rounds[-5:]) / 5
+        assert fmt_acc(last) != fmt_acc(last5), "the fixture must tell the two columns apart"
+        m = re.search(rf"<tr><td>{re.escape(label)}</td><td class=\"n\">([^<]*)</td><td class=\"n\">([^<]*)</td>", text)
+        assert m, label
+        assert m.groups() == (fmt_acc(last), fmt_acc(last5)), label

@@ -10,7 +10,7 @@ import torch
 
 from client.app import BadArrays, check_incoming
 from kumiki import contract as C
-from kumiki.engines.inprocess import run_inprocess
+from launch.engines.inprocess import run_inprocess
 from tests.conftest import make_config
 
 
@@ -102,3 +102,53 @@ def test_site_refuses_private_unknown_or_malformed_tensors():
     with pytest.raises(BadArrays, match="NaN"):
         check_incoming({"weight": torch.full((2, 2), float("nan"))}, model, allowed)
     check_incoming({"weight": torch.zeros(2, 2)}, model, allowed)
+
+
+@pytest.mark.parametrize("fraction, aggregated", [(1.0, False), (0.5, True)])
+def test_min_reply_fraction_decides_whether_a_round_aggregates(tmp_path, fraction, aggregated):
+    """2 valid replies of 3 sampled: enough at min_reply_fraction 0.5, not at 1.0 (then the model is kept)."""
+    cfg = make_config(tmp_path, rounds=2, sites=3, server={"min_reply_fraction": fraction})
+    grids = []
+
+    def hook(g):
+        grids.append(g)
+        _poison(g, {1}, {1})
+
+    run_inprocess(cfg, quiet=True, grid_hook=hook)
+    r = _rounds(cfg)
+    assert r[1]["sites"]["accepted"] == 2 and r[1]["sites"]["aggregated"] is aggregated
+    assert r[2]["sites"]["aggregated"]
+    sent = {(_train_round(m), m.metadata.dst_node_id): m.content[C.ARRAYS] for m in grids[0].sent
+            if m.metadata.message_type == "train"}
+    same = all(np.array_equal(sent[(1, 2)][k].numpy(), sent[(2, 2)][k].numpy()) for k in sent[(1, 2)].keys())
+    assert same is not aggregated  # kept model <=> round 2 starts from exactly the round-1 model
+
+
+def _tamper(grid, node, change):
+    """Apply ``change(arrays) -> arrays`` to one node's round-1 training reply."""
+    send = grid.send_and_receive
+
+    def wrapped(messages, *, timeout=None):
+        messages = list(messages)
+        replies = send(messages, timeout=timeout)
+        for msg, rep in zip(messages, replies):
+            if msg.metadata.message_type == "train" and msg.metadata.dst_node_id == node and _train_round(msg) == 1:
+                rep.content[C.ARRAYS] = C.to_record(change({k: v.numpy() for k, v in rep.content[C.ARRAYS].items()}))
+        return replies
+
+    grid.send_and_receive = wrapped
+
+
+@pytest.mark.parametrize("change, needle", [
+    (lambda a: {**a, "evil.weight": np.zeros(3, np.float32)}, "evil.weight"),
+    (lambda a: {k: v for k, v in a.items() if k != "head.bias"}, "head.bias"),
+    (lambda a: {**a, "head.bias": np.zeros(3, np.float32)}, "shape"),
+])
+def test_reply_with_other_tensors_is_rejected_not_a_crash(tmp_path, change, needle):
+    cfg = make_config(tmp_path, rounds=2, sites=3)
+    summary = run_inprocess(cfg, quiet=True, grid_hook=lambda g: _tamper(g, 2, change))
+    r = _rounds(cfg)
+    assert r[1]["sites"]["accepted"] == 2 and r[1]["sites"]["aggregated"]
+    [rej] = r[1]["sites"]["rejected"]
+    assert rej["site"] == "site-1" and needle in rej["reason"]
+    assert summary["personalized"]["mean"] > 0.2

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
@@ -19,7 +20,7 @@ from client import app as client_app
 from client.state import FILE, SiteState, SiteStore, StateMismatch
 from kumiki import contract as C
 from kumiki.contract import Job
-from kumiki.engines import node_configs, prepare_sites
+from launch.engines import node_configs, prepare_sites
 from server.federation import model_spec
 from tests.conftest import make_config
 
@@ -113,3 +114,54 @@ def test_store_roundtrip_and_fingerprint_guard(tmp_path):
         assert "another model" in str(e)
     else:
         raise AssertionError("a state written for another split must be refused")
+
+
+def test_a_crash_while_saving_leaves_the_previous_state_intact(tmp_path, monkeypatch):
+    """Temp file + rename: a writer that dies half-way never truncates or half-writes the live file."""
+    import client.state as state_mod
+
+    store = SiteStore(tmp_path / "s")
+    store.save(SiteState("fp", 1, {"head.weight": torch.ones(4, 4)}))
+    good = store.path.read_bytes()
+
+    def dying_save(obj, f, *a, **kw):
+        f.write(b"\x80partial")  # the process dies half-way through the write
+        raise OSError("disk full")
+
+    monkeypatch.setattr(state_mod.torch, "save", dying_save)
+    with pytest.raises(OSError, match="disk full"):
+        store.save(SiteState("fp", 2, {"head.weight": torch.zeros(4, 4)}))
+    assert store.path.read_bytes() == good
+    back = store.load("fp")
+    assert back.last_round == 1 and torch.equal(back.personal["head.weight"], torch.ones(4, 4))
+    assert [p.name for p in store.root.iterdir()] == [FILE], "no temp file is left behind"
+
+
+@pytest.mark.parametrize("method, knobs", [("fedper", {}), ("fedrep", {}), ("dualfed", {}), ("local", {}),
+                                           ("fedhb", {"bn_stats": "personal"})])
+def test_every_message_reloads_the_personal_tensors_from_the_state_file(tmp_path, method, knobs):
+    """Whatever the site's memory holds, the model a message builds carries exactly the saved personal tensors."""
+    from client.app import _fingerprint, prepare
+    from kumiki.split import ParamSplit
+    from models import build_model
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    cfg = make_config(tmp_path, method=method, sites=2, knobs=knobs, model={"arch": "cnn"})
+    node = node_configs(cfg, prepare_sites(cfg))[0]
+    job = Job(4, cfg.method, cfg.train, model_spec(cfg), cfg.privacy)
+    model = build_model(job.model, cfg.method.variant)
+    split = ParamSplit.build(model, cfg.method.split_rules())
+    assert split.personal
+    g = torch.Generator().manual_seed(1)
+    saved = {k: (torch.rand(v.shape, generator=g) + 0.5).to(v.dtype) if v.is_floating_point() else v + 7
+             for k, v in model.state_dict().items() if k in split.personal}
+    SiteStore(node["state-dir"]).save(SiteState(_fingerprint(split, job, model), 3, saved))
+    shared = {k: v for k, v in model.state_dict().items() if k in split.travelling(None)}
+    msg = Message(RecordDict({C.ARRAYS: C.to_record(shared), C.CONFIG: job.to_config()}), dst_node_id=1,
+                  message_type=MessageType.EVALUATE)
+    ctx = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
+    sj, _, _, _ = prepare(msg, ctx, for_training=False)
+    got = sj.model.state_dict()
+    for k, v in saved.items():
+        assert torch.equal(got[k].cpu(), v), f"{method}: personal tensor {k} was not reloaded from the state file"
+    assert sj.state.last_round == 3

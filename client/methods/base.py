@@ -2,17 +2,27 @@
 
 Defaults are FedAvg's: train every parameter on cross-entropy, predict with the
 whole model. A method overrides only what differs (its loss, its stages, its
-personalized or global prediction path).
+personalized or global prediction path, its new-site protocol).
+
+Three evaluation paths (ARCHITECTURE section 7):
+
+* ``personalized_model``: what a training site deploys, on its own test split;
+* ``global_model``: the shared model alone (zero-shot), on training and unseen sites;
+* ``adapt_unseen``: the method's own protocol for a site that never trained
+  (``eval.unseen_adapt_epochs`` epochs on its train split), or None where the
+  method has none (FedAvg, FedProx).
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from client.bn import has_personal_bn, reestimate_bn
 from client.loop import LossFn, Trainer, cross_entropy, forward
 from client.state import SiteState
 from kumiki.contract import Job
@@ -61,7 +71,20 @@ class SiteObjective:
         return forward(model, x)
 
     def global_model(self, sj: SiteJob) -> nn.Module:
-        return sj.model
+        """The shared path. An unseen site re-estimates BN statistics its method keeps personal (``client.bn``)."""
+        if sj.role != "unseen" or not has_personal_bn(sj.split):
+            return sj.model  # a training site: its own statistics (or the shared ones)
+        model = copy.deepcopy(sj.model)
+        reestimate_bn(model, sj.trainer.batches("bn"))
+        return model
 
     def predict_global(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return forward(model, x)
+
+    # -- new sites ----------------------------------------------------------
+    def adapt_unseen(self, sj: SiteJob, epochs: int) -> nn.Module | None:
+        """A private model adapted to an unseen site by the method's protocol; None if it has none."""
+        return None
+
+    def predict_adapted(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return self.predict_personal(model, x)

@@ -8,7 +8,8 @@ Receiving w_t, the site runs two tracks:
 
 v_k (all its tensors, BN buffers included) lives only in the site state
 (``extra['v']``), never in a message. Personalized evaluation uses v_k; the
-global path is w.
+global path is w. An unseen site starts v at the global w_t and runs the personal
+track for ``eval.unseen_adapt_epochs`` (baselines spec, Ditto).
 """
 
 from __future__ import annotations
@@ -29,18 +30,27 @@ class DittoObjective(SiteObjective):
             v.load_state_dict(sj.state.extra["v"])
         return v
 
-    def fit(self, sj: SiteJob) -> dict[str, float]:
-        v = self._personal(sj)
+    def personal_track(self, sj: SiteJob, v: nn.Module, epochs: int | None, tag: str) -> dict[str, float]:
+        """(b): SGD on F_k(v) + (lambda/2)||v - w_t||^2 from v's current weights."""
         anchor = {k: t.detach().clone() for k, t in sj.received.items() if t.is_floating_point()}
         lam = self.cfg.lam
 
         def personal_loss(m, x, y):
             return cross_entropy(m, x, y) + proximal_term(m, anchor, lam)
 
-        pers = sj.trainer.fit(v, v.parameters(), personal_loss, epochs=self.cfg.personal_epochs, tag=f"v{sj.job.round}")
+        return sj.trainer.fit(v, v.parameters(), personal_loss, epochs=epochs, tag=tag)
+
+    def fit(self, sj: SiteJob) -> dict[str, float]:
+        v = self._personal(sj)
+        pers = self.personal_track(sj, v, self.cfg.personal_epochs, f"v{sj.job.round}")
         sj.state.extra["v"] = {k: t.detach().cpu().clone() for k, t in v.state_dict().items()}
         metrics = super().fit(sj)  # (a) the global track, exactly FedAvg's
         return {**metrics, "personal-loss": pers["loss"]}
 
     def personalized_model(self, sj: SiteJob) -> nn.Module:
         return self._personal(sj)
+
+    def adapt_unseen(self, sj: SiteJob, epochs: int) -> nn.Module:
+        v = copy.deepcopy(sj.model)  # v starts at the global w_t
+        self.personal_track(sj, v, epochs, f"v{sj.job.round}")
+        return v

@@ -8,7 +8,7 @@ not even in the graph)::
 
     z = f_theta(x),  z~ = g_phi(z),  L_A = CE(h_psi(z~), y) + lambda * L_con(z~, y)
 
-Stage B, ``stage_epochs``; trains omega only, on the frozen encoder's features::
+Stage B, ``stage_b_epochs``; trains omega only, on the frozen encoder's features::
 
     L_B = CE(h_omega(f_theta(x)), y)
 
@@ -21,7 +21,8 @@ u_a = z~_a / ||z~_a||, with P(a) = {p != a : y_p = y_a} (code ``utils/Loss.py``)
 
 Prediction: personalized = h_psi(z~) + h_omega(z) (raw logits); global = h_omega(z).
 On an unseen site the global path's BN statistics are re-estimated from its
-unlabelled train split (``unseen_bn = target_reestimate``); nothing personal travels.
+unlabelled train split (``unseen_bn = target_reestimate``, ``client.bn``); nothing
+personal travels. Its adapted model is the spec's new-client procedure (``adapt_unseen``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from client.methods.base import SiteJob, SiteObjective
+from models import build_model
 
 
 def supcon_loss(features: torch.Tensor, labels: torch.Tensor, tau: float) -> torch.Tensor:
@@ -47,55 +49,65 @@ def supcon_loss(features: torch.Tensor, labels: torch.Tensor, tau: float) -> tor
     return -per_anchor.mean()
 
 
-@torch.no_grad()
-def reestimate_bn(module: nn.Module, batches) -> None:
-    """Recompute every BN layer's running statistics in ``module`` as the average over ``batches``."""
-    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns:
-        return
-    momenta = [bn.momentum for bn in bns]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative average
-    module.train()
-    for xb, _ in batches:
-        module(xb)
-    for bn, mom in zip(bns, momenta):
-        bn.momentum = mom
-
-
 class DualFedObjective(SiteObjective):
-    def fit(self, sj: SiteJob) -> dict[str, float]:
-        model, cfg, tag = sj.model, self.cfg, f"r{sj.job.round}"
-        supcon_sum = [0.0, 0]
+    def stage_a_loss(self, sj: SiteJob, supcon_log: list[float] | None = None):
+        """L_A = CE(h_psi(z~), y) + lambda * L_con(z~, y) with z~ = g_phi(f_theta(x)); omega is not in the graph."""
+        cfg, lam = self.cfg, self.cfg.supcon_weight(sj.job.model.norm)
 
-        def stage_a(m, x, y):
+        def loss(m, x, y):
             z_tilde = m.projector(m.encoder(x))
             con = supcon_loss(z_tilde, y, cfg.con_temp)
-            supcon_sum[0] += float(con.detach()) * len(y)
-            supcon_sum[1] += len(y)
-            return F.cross_entropy(m.personal_head(z_tilde), y) + cfg.con_lambda * con
+            if supcon_log is not None:
+                supcon_log[0] += float(con.detach()) * len(y)
+                supcon_log[1] += len(y)
+            return F.cross_entropy(m.personal_head(z_tilde), y) + lam * con
 
-        def stage_b(m, x, y):
-            if cfg.stage_b_bn_mode == "eval":
-                m.encoder.eval()
-            return F.cross_entropy(m.shared_logits(x), y)
+        return loss
 
+    @staticmethod
+    def stage_b_loss(m, x, y):
+        """L_B = CE(h_omega(f_theta(x)), y): the shared head on the (frozen) encoder's features."""
+        return F.cross_entropy(m.shared_logits(x), y)
+
+    def fit(self, sj: SiteJob) -> dict[str, float]:
+        model, cfg, tag = sj.model, self.cfg, f"r{sj.job.round}"
+        supcon = [0.0, 0]
         main = [*model.encoder.parameters(), *model.projector.parameters(), *model.personal_head.parameters()]
-        a = sj.trainer.fit(model, main, stage_a, epochs=cfg.stage_epochs, tag=f"{tag}:A")
-        b = sj.trainer.fit(model, model.shared_head.parameters(), stage_b, epochs=cfg.stage_epochs, tag=f"{tag}:B")
+        a = sj.trainer.fit(model, main, self.stage_a_loss(sj, supcon), epochs=cfg.stage_epochs, tag=f"{tag}:A")
+        b = self.fit_shared_head(sj, model, f"{tag}:B")
         return {"loss": a["loss"], "examples": a["examples"],
-                "supcon": supcon_sum[0] / max(supcon_sum[1], 1), "stage-b-loss": b["loss"]}
+                "supcon": supcon[0] / max(supcon[1], 1), "stage-b-loss": b["loss"]}
+
+    def fit_shared_head(self, sj: SiteJob, model: nn.Module, tag: str) -> dict[str, float]:
+        """Stage B. In ``eval`` BN mode the frozen encoder is a fixed function, so its features are
+        computed once and the head trains on them (the same SGD, one encoder pass for all epochs)."""
+        cfg, epochs = self.cfg, self.cfg.stage_b_epochs
+        if cfg.stage_b_bn_mode == "train":
+            return sj.trainer.fit(model, model.shared_head.parameters(), self.stage_b_loss, epochs=epochs, tag=tag)
+        model.encoder.eval()
+        with torch.no_grad():
+            z = torch.cat([model.encoder(x) for x in sj.trainer.x.split(1024)])
+        head_loss = lambda m, x, y: F.cross_entropy(m(x), y)  # noqa: E731 - m is the shared head here
+        return sj.trainer.fit(model.shared_head, model.shared_head.parameters(), head_loss, epochs=epochs,
+                              tag=tag, data=(z, sj.trainer.y))
 
     def predict_personal(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model(x)  # h_psi(g_phi(z)) + h_omega(z)
 
-    def global_model(self, sj: SiteJob) -> nn.Module:
-        if sj.role != "unseen":
-            return sj.model  # the shared path with this site's own BN statistics
-        model = copy.deepcopy(sj.model)
-        reestimate_bn(model.encoder, sj.trainer.batches("bn"))
-        return model
-
     def predict_global(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model.shared_logits(x)
+
+    def adapt_unseen(self, sj: SiteJob, epochs: int) -> nn.Module:
+        """New-client personalization (spec section 8): theta and omega frozen (BN statistics
+        re-estimated on the site's data, then fixed), a fresh seeded projector and personal head
+        trained with the stage-A loss; evaluated as the ensemble."""
+        model = self.global_model(sj)
+        model = copy.deepcopy(model) if model is sj.model else model
+        fresh = build_model(sj.job.model, sj.job.method.variant)
+        model.projector.load_state_dict(fresh.projector.state_dict())
+        model.personal_head.load_state_dict(fresh.personal_head.state_dict())
+        model.to(sj.trainer.device)
+        params = [*model.projector.parameters(), *model.personal_head.parameters()]
+        sj.trainer.fit(model, params, self.stage_a_loss(sj), epochs=epochs, tag=f"new{sj.job.round}",
+                       eval_modules=[model.encoder])
+        return model

@@ -20,7 +20,9 @@ the exact proximal step of the prior term (unconditionally stable)::
 The uploaded m_i is also kept in the site state (``extra['m_i']``, used by ``warm``).
 Personalization (spec section 10): before personalized evaluation the site solves
 J_i from L_0 for ``personalize_epochs`` on a private copy and evaluates that copy; it
-never reaches the server. Global prediction: the posterior mean m itself.
+never reaches the server. Global prediction: the posterior mean m itself. An unseen
+site runs the same held-out personalization (spec section 10, the method's main claim)
+for ``eval.unseen_adapt_epochs``.
 """
 
 from __future__ import annotations
@@ -75,8 +77,15 @@ class FedHBObjective(SiteObjective):
         sj.state.extra["m_i"] = {k: p.detach().cpu().clone() for k, p in sj.model.named_parameters()}
         return metrics
 
-    def personalized_model(self, sj: SiteJob) -> nn.Module:
+    def personalize(self, sj: SiteJob, epochs: int) -> nn.Module:
+        """J_i solved from L_0 on a private copy (spec section 10); never reaches the server."""
         model = copy.deepcopy(sj.model)  # starts from L_0's mean m
-        if self.cfg.personalize_epochs > 0:
-            self.solve(sj, model, self.cfg.personalize_epochs, f"p{sj.job.round}")
+        if epochs > 0:
+            self.solve(sj, model, epochs, f"p{sj.job.round}")
         return model
+
+    def personalized_model(self, sj: SiteJob) -> nn.Module:
+        return self.personalize(sj, self.cfg.personalize_epochs)
+
+    def adapt_unseen(self, sj: SiteJob, epochs: int) -> nn.Module:
+        return self.personalize(sj, epochs)

@@ -2,9 +2,11 @@
 
 Load the received base (``encoder.*``), keep the site's own head (``head.*``,
 personal by the split), train all layers jointly for E epochs, upload the base.
-Global / unseen path (no shared head exists): a fresh seeded head fitted for
-``new_head_epochs`` on the frozen base, BN statistics frozen, on the site's own train
-split (the baselines spec's new-client protocol, also FedRep's).
+
+There is no shared head, hence no zero-shot global path (``has_global = False``).
+An unseen site gets the baselines spec's new-client protocol, also FedRep's: a
+fresh seeded head fitted for ``eval.unseen_adapt_epochs`` on the frozen base (BN
+statistics frozen too) on the site's own train split.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from __future__ import annotations
 import copy
 
 from torch import nn
-from torch.nn import functional as F
 
 from client.methods.base import SiteJob, SiteObjective
 from models import build_model
@@ -23,18 +24,16 @@ def fresh_head_on_frozen_body(sj: SiteJob, epochs: int) -> nn.Module:
     model = copy.deepcopy(sj.model)
     model.head.load_state_dict(build_model(sj.job.model, sj.job.method.variant).head.state_dict())
     model.to(sj.trainer.device)
-
-    def loss(m, x, y):
-        m.encoder.eval()  # the body is frozen, its BN statistics too
-        return F.cross_entropy(m(x), y)
-
     if epochs > 0:
-        sj.trainer.fit(model, model.head.parameters(), loss, epochs=epochs, tag=f"newhead{sj.job.round}")
+        sj.trainer.fit(model, model.head.parameters(), epochs=epochs, tag=f"newhead{sj.job.round}",
+                       eval_modules=[model.encoder])
     return model
 
 
 class FedPerObjective(SiteObjective):
     """Training is the base objective's (all layers, CE); only the split differs from FedAvg."""
 
-    def global_model(self, sj: SiteJob) -> nn.Module:
-        return fresh_head_on_frozen_body(sj, self.cfg.new_head_epochs)
+    has_global = False
+
+    def adapt_unseen(self, sj: SiteJob, epochs: int) -> nn.Module:
+        return fresh_head_on_frozen_body(sj, epochs)

@@ -2,11 +2,12 @@
 
 Receive the representation phi (``encoder.*``); keep the personal head h_k (``head.*``).
 
-1. phi frozen: ``head_epochs`` (tau_h) epochs of SGD on the head;
+1. phi frozen: ``head_epochs`` (tau_h) epochs of SGD on the head; the body runs in
+   eval mode, so phi (BN running statistics included) is bit-identical afterwards;
 2. the new head frozen: ``body_epochs`` (tau_phi) epochs of SGD on phi;
 
 each a ``Trainer.fit`` call (fresh optimizer, same lr), then upload phi.
-Global / unseen path: a fresh head on the frozen phi, as FedPer's.
+No zero-shot global path; unseen sites fit a fresh head on the frozen phi, as FedPer's.
 """
 
 from __future__ import annotations
@@ -18,11 +19,14 @@ from client.methods.fedper import fresh_head_on_frozen_body
 
 
 class FedRepObjective(SiteObjective):
+    has_global = False
+
     def fit(self, sj: SiteJob) -> dict[str, float]:
         model, tag = sj.model, f"r{sj.job.round}"
-        head = sj.trainer.fit(model, model.head.parameters(), epochs=self.cfg.head_epochs, tag=f"{tag}:head")
+        head = sj.trainer.fit(model, model.head.parameters(), epochs=self.cfg.head_epochs, tag=f"{tag}:head",
+                              eval_modules=[model.encoder])
         body = sj.trainer.fit(model, model.encoder.parameters(), epochs=self.cfg.body_epochs, tag=f"{tag}:body")
         return {"loss": body["loss"], "examples": body["examples"], "head-loss": head["loss"]}
 
-    def global_model(self, sj: SiteJob) -> nn.Module:
-        return fresh_head_on_frozen_body(sj, self.cfg.new_head_epochs)
+    def adapt_unseen(self, sj: SiteJob, epochs: int) -> nn.Module:
+        return fresh_head_on_frozen_body(sj, epochs)

@@ -29,6 +29,12 @@ def _load(config: str, overrides: list[str] | None) -> KumikiConfig:
         raise typer.Exit(2) from None
 
 
+def _note_method_defaults(cfg: KumikiConfig) -> None:
+    if cfg.train_from_method:
+        keys = ", ".join(f"train.{k} = {v}" for k, v in cfg.train_from_method.items())
+        err.print(f"note: {keys} from {cfg.method.name}'s paper defaults (set them in [train] to override)")
+
+
 def _logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("flwr", "ray"):
@@ -38,9 +44,10 @@ def _logging(verbose: bool) -> None:
 def _execute(cfg: KumikiConfig, engine: str, verbose: bool) -> dict:
     from kumiki.data.sites import SiteDataError
     from kumiki.data.sources import DataUnavailable
-    from kumiki.engines import run
+    from launch.engines import run
 
     _logging(verbose)
+    _note_method_defaults(cfg)
     err.print(f"[bold]kumiki[/] {cfg.method.name} on {cfg.data.dataset}: {cfg.data.sites} sites"
               f" (+{cfg.data.unseen_sites} unseen), {cfg.run.rounds} rounds, engine {engine} -> {cfg.run_dir()}")
     try:
@@ -72,6 +79,26 @@ def validate(config: str, set_: SetOpt = None) -> None:
     """Validate CONFIG (with overrides) and print the resolved config."""
     cfg = _load(config, set_)
     typer.echo(to_json(cfg))
+    _note_method_defaults(cfg)
+
+
+@cli.command("methods")
+def methods_cmd(as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False) -> None:
+    """List every method: what it is, its knobs with defaults, and the paper optimizer it brings."""
+    from kumiki.registry import catalog
+
+    cat = catalog()
+    if as_json:
+        typer.echo(json.dumps(cat, indent=2, default=str))
+        return
+    for m in cat:
+        typer.echo(f"{m['name']}: {m['summary']}")
+        for k in m["knobs"]:
+            typer.echo(f"    {k['key']:<28} = {k['default']!s:<18} {k['meaning']}")
+        if m["train_defaults"]:
+            td = ", ".join(f"train.{k} = {v}" for k, v in m["train_defaults"].items())
+            typer.echo(f"    paper optimizer (used unless [train] sets the key): {td}")
+        typer.echo("")
 
 
 @cli.command("config-schema")
@@ -88,7 +115,7 @@ def run_cmd(
     verbose: bool = False,
 ) -> None:
     """Run one federated experiment described by CONFIG."""
-    from kumiki.engines import ENGINES
+    from launch.engines import ENGINES
 
     if engine not in ENGINES:
         err.print(f"[red]--engine must be one of {', '.join(ENGINES)}[/]")

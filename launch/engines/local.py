@@ -65,7 +65,7 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 from kumiki.config import KumikiConfig
-from kumiki.engines import node_configs, prepare_sites
+from launch.engines import node_configs, prepare_sites
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FEDERATION = "kumiki-local"  # the SuperLink connection name in $FLWR_HOME/config.toml
@@ -217,7 +217,7 @@ def security_args(role: str, tls: bool) -> list[str]:
 # <flwr CLI args...>`; imports nothing of Kumiki (the app comes from the FAB).
 # _tune() lowers flwr 1.41's fixed waits that have no flag, in this process (and its forks) only.
 _LAUNCHER = r'''
-"""Kumiki local engine: start a flwr SuperNode or SuperExec with latency tuning (see kumiki/engines/local.py)."""
+"""Kumiki local engine: start a flwr SuperNode or SuperExec with latency tuning (see launch/engines/local.py)."""
 import importlib, os, sys, time
 
 if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
@@ -427,7 +427,7 @@ def _write_flwr_home(home: Path, port: int, tls: bool) -> None:
     if not tls:
         conn.append("insecure = true")  # with TLS: root-certificates = "<ca.crt>"
     (home / "config.toml").write_text(
-        "# Written by kumiki.engines.local for one run.\n"
+        "# Written by launch.engines.local for one run.\n"
         f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\n' + "\n".join(conn) + "\n"
     )
 

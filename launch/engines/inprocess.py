@@ -79,7 +79,7 @@ class InProcessGrid(Grid):
 def run_inprocess(cfg, quiet: bool = False, grid_hook=None) -> dict:
     """Run a whole config in this process; ``grid_hook(grid)`` lets tests inspect or perturb the grid."""
     from client.app import app as client_app
-    from kumiki.engines import node_configs, prepare_sites
+    from launch.engines import node_configs, prepare_sites
     from server.federation import run_federation
 
     sim = prepare_sites(cfg)

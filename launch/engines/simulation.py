@@ -15,7 +15,7 @@ import tempfile
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from kumiki.engines import prepare_sites
+from launch.engines import prepare_sites
 
 log = logging.getLogger("kumiki")
 

@@ -41,15 +41,15 @@ def node_configs(cfg: KumikiConfig, sim: dict[str, Any]) -> list[dict[str, Any]]
 
 def run(cfg: KumikiConfig, engine: str, quiet: bool = False) -> dict[str, Any]:
     if engine == "inprocess":
-        from kumiki.engines.inprocess import run_inprocess
+        from launch.engines.inprocess import run_inprocess
 
         return run_inprocess(cfg, quiet=quiet)
     if engine == "simulation":
-        from kumiki.engines.simulation import run_sim
+        from launch.engines.simulation import run_sim
 
         return run_sim(cfg, quiet=quiet)
     if engine == "local":
-        from kumiki.engines.local import run_local
+        from launch.engines.local import run_local
 
         return run_local(cfg, quiet=quiet)
     raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")
