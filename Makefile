@@ -28,7 +28,7 @@ data:
 	else echo "note: not root, dataset-fashion-mnist not installed; the pilot uses digits"; fi
 
 pilot: setup
-	$(BIN)/kumiki pilot
+	$(BIN)/kumiki pilot --overwrite
 
 # pytest exits 5 when it collected no test: that is a failure here, not a pass.
 test: setup

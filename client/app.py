@@ -20,7 +20,7 @@ from flwr.clientapp import ClientApp
 from client import site as sites
 from client.loop import Trainer, evaluate, resolve_device
 from client.methods.base import SiteJob
-from client.state import SiteStore
+from client.state import SiteState, SiteStore, StateMismatch, StateMissing
 from kumiki import contract as C
 from kumiki.registry import entry
 from kumiki.split import ParamSplit
@@ -37,9 +37,33 @@ class BadArrays(ValueError):
     """The server sent tensors this site must not accept."""
 
 
-def _fingerprint(split: ParamSplit, job: C.Job, model: torch.nn.Module) -> str:
+def _fingerprint(split: ParamSplit, job: C.Job, model: torch.nn.Module, site: str = "") -> str:
+    """What a state file must have been written for: this split, model, site and run."""
     shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
-    return split.fingerprint({"method": job.method.name, "variant": job.method.variant, "shapes": shapes})
+    return split.fingerprint({"method": job.method.name, "variant": job.method.variant, "shapes": shapes,
+                              "site": site, "run": job.run})
+
+
+def load_state(store: SiteStore, fingerprint: str, split: ParamSplit, info: sites.SiteInfo, job: C.Job,
+               completed: int, node_config: dict) -> SiteState:
+    """The site's durable state, checked: present when the server says the site completed rounds (unless
+    ``on_missing_state = reset``), and holding exactly the split's personal tensors."""
+    store.claim(info.name)
+    policy = str(node_config.get("on-missing-state", job.site.on_missing_state))
+    if not store.exists() and completed > 0:
+        if policy != "reset":
+            raise StateMissing(
+                f"site {info.name}: state file {store.path} is missing although this site completed round "
+                f"{completed}; restore it, or set site.on_missing_state = 'reset' (or the node config "
+                "on-missing-state='reset') to restart it from fresh personal state")
+        log.warning("site %s: state file %s missing after round %d; restarting from fresh personal state "
+                    "(on_missing_state = reset)", info.name, store.path, completed)
+    state = store.load(fingerprint)
+    if state.personal and set(state.personal) != set(split.personal):
+        missing, extra = sorted(set(split.personal) - set(state.personal)), sorted(set(state.personal) - set(split.personal))
+        raise StateMismatch(f"site {info.name}: {store.path} lacks personal tensors {missing[:5]} or has unknown "
+                            f"ones {extra[:5]}; move it away to restart the site")
+    return state
 
 
 def check_incoming(received: dict[str, torch.Tensor], model: torch.nn.Module, allowed: tuple[str, ...]) -> None:
@@ -56,7 +80,8 @@ def check_incoming(received: dict[str, torch.Tensor], model: torch.nn.Module, al
 
 def prepare(msg: Message, context: Context, for_training: bool) -> tuple[SiteJob, object, SiteStore, sites.SiteInfo]:
     job = C.Job.from_config(msg.content[C.CONFIG])
-    info, data = sites.resolve(dict(context.node_config), job.sim)
+    node_config = dict(context.node_config)
+    info, data = sites.resolve(node_config, job.sim, job.model)
     if for_training and info.role != "train":
         raise ValueError(f"site {info.name} is an unseen site: it evaluates only and never trains")
     method = entry(job.method.name)
@@ -64,7 +89,8 @@ def prepare(msg: Message, context: Context, for_training: bool) -> tuple[SiteJob
     model = build_model(job.model, job.method.variant)
     split = ParamSplit.build(model, job.method.split_rules())
     store = SiteStore(info.state_dir)
-    state = store.load(_fingerprint(split, job, model))
+    completed = int(msg.content[C.CONFIG].get(C.COMPLETED, 0))
+    state = load_state(store, _fingerprint(split, job, model, info.name), split, info, job, completed, node_config)
     received = msg.content[C.ARRAYS].to_torch_state_dict() if C.ARRAYS in msg.content else {}
     check_incoming(received, model, split.travelling(info.group or None))
     model.load_state_dict({**state.personal, **received}, strict=False)
@@ -139,7 +165,7 @@ def profile(msg: Message, context: Context) -> Message:
     """Who am I: the server maps node ids to site names, roles and groups with this."""
     try:
         job = C.Job.from_config(msg.content[C.CONFIG])
-        info, data = sites.resolve(dict(context.node_config), job.sim)
+        info, data = sites.resolve(dict(context.node_config), job.sim, job.model)
     except Exception as exc:  # noqa: BLE001
         return _error(msg, ERR_SITE, exc)
     rec = ConfigRecord({

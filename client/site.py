@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from kumiki.data.sites import SiteData, load_site, site_name
+from kumiki.data.sites import SiteData, check_against_model, load_site, site_name
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,8 @@ class SiteInfo:
 _CACHE: dict[tuple[str, float], SiteData] = {}
 
 
-def resolve(node_config: dict, sim: dict | None) -> tuple[SiteInfo, SiteData]:
+def resolve(node_config: dict, sim: dict | None, model=None) -> tuple[SiteInfo, SiteData]:
+    """Who this site is and its data; with ``model`` (a ModelSpec), the data must fit that model."""
     if "data-dir" in node_config:
         data_dir = Path(str(node_config["data-dir"]))
         state_dir = Path(str(node_config.get("state-dir", data_dir / "state")))
@@ -49,6 +50,8 @@ def resolve(node_config: dict, sim: dict | None) -> tuple[SiteInfo, SiteData]:
     )
     if info.role not in ("train", "unseen"):
         raise ValueError(f"site {info.name}: role must be 'train' or 'unseen', not {info.role!r}")
+    if model is not None:
+        check_against_model(data, model.input_shape, model.num_classes, str(data_dir))
     return info, data
 
 

@@ -9,6 +9,7 @@ on every engine.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tomllib
@@ -23,7 +24,9 @@ FMNIST_DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Strict: no unknown keys, no "0.1" or true where a number belongs, no inf or NaN."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class RunSection(_Section):
@@ -49,6 +52,10 @@ class ShardsPartition(_Section):
 
 Partition = Annotated[Union[IidPartition, DirichletPartition, ShardsPartition], Field(discriminator="kind")]
 
+#: Examples in each pooled dataset, and the fewest a site needs (train and test splits, Dirichlet's minimum).
+POOL_SIZES = {"digits": 1797, "fashion-mnist": 60_000}
+MIN_SITE_EXAMPLES = 20
+
 #: Per-site camera/domain shifts (derived from the real images in code).
 DOMAIN_RE = re.compile(r"^(identity|invert|blur|rot90|rot180|rot270|rotate:-?\d+(\.\d+)?|contrast:\d+(\.\d+)?|noise:\d+(\.\d+)?)$")
 
@@ -67,7 +74,7 @@ class DataSection(_Section):
         default_factory=list,
         description="per-site image shift, cycled over sites (identity, invert, blur, rot90, rotate:30, contrast:0.4, noise:0.2)",
     )
-    input_shape: list[int] | None = Field(None, description="site-folders only: [C, H, W]")
+    input_shape: list[Annotated[int, Field(ge=1, le=100_000)]] | None = Field(None, description="site-folders only: [C, H, W]")
     num_classes: int | None = Field(None, ge=2, description="site-folders only")
 
     @model_validator(mode="after")
@@ -79,6 +86,13 @@ class DataSection(_Section):
             raise ValueError("data.dataset = 'site-folders' needs data.path, data.input_shape = [C, H, W] and data.num_classes")
         if self.input_shape is not None and len(self.input_shape) != 3:
             raise ValueError("data.input_shape must be [C, H, W]")
+        pool = POOL_SIZES.get(self.dataset)
+        wanted = (self.sites + self.unseen_sites) * MIN_SITE_EXAMPLES
+        if pool is not None and wanted > pool:
+            raise ValueError(
+                f"data.sites: {self.sites} + {self.unseen_sites} unseen sites need at least {wanted} examples "
+                f"({MIN_SITE_EXAMPLES} each), but {self.dataset} has {pool}; use at most "
+                f"{pool // MIN_SITE_EXAMPLES} sites in all")
         return self
 
     def dataset_dir(self) -> str:
@@ -108,6 +122,12 @@ class EvalSection(_Section):
     )
 
 
+class SiteSection(_Section):
+    on_missing_state: Literal["error", "reset"] = Field(
+        "error", description="a site whose state file is gone after it completed rounds: refuse (error) or start "
+                             "it from fresh personal state (reset); a site's node config on-missing-state overrides")
+
+
 class PrivacySection(_Section):
     enabled: bool = False
     target_epsilon: float = Field(8.0, gt=0.0)
@@ -120,6 +140,10 @@ class ServerSection(_Section):
     min_reply_fraction: float = Field(
         0.5, gt=0.0, le=1.0, description="a round aggregates only when at least this share of sampled sites replied validly"
     )
+    aggregation: Literal["mean", "trimmed_mean", "median", "norm_bound"] = Field(
+        "mean", description="how updates combine: the method's mean, or a robust rule (see README, Robustness)")
+    trim_fraction: float = Field(0.2, ge=0.0, lt=0.5, description="trimmed_mean: share cut at each end, per coordinate")
+    norm_bound: float = Field(3.0, ge=1.0, description="norm_bound: an update's change is capped at this x the median")
     round_timeout_s: float = Field(600.0, gt=0.0, description="how long a round waits for replies")
     discovery_timeout_s: float = Field(180.0, gt=0.0, description="how long the server waits for all sites to connect")
 
@@ -134,6 +158,7 @@ class KumikiConfig(_Section):
     model: ModelSection = Field(default_factory=ModelSection)
     train: TrainSection = Field(default_factory=TrainSection)
     eval: EvalSection = Field(default_factory=EvalSection)
+    site: SiteSection = Field(default_factory=SiteSection)
     privacy: PrivacySection = Field(default_factory=PrivacySection)
     server: ServerSection = Field(default_factory=ServerSection)
     #: ``[train]`` keys filled from the method's paper defaults (not set by the operator).
@@ -157,6 +182,17 @@ class KumikiConfig(_Section):
         if self.privacy.enabled:
             raise ValueError(
                 "privacy.enabled: DP-SGD (Opacus) is not wired into this release yet; set privacy.enabled = false"
+            )
+        if self.server.aggregation in ("trimmed_mean", "median") and not self.method.coordinatewise_ok:
+            raise ValueError(
+                f"server.aggregation = {self.server.aggregation!r} does not apply to {self.method.name}, whose server "
+                "update is not a mean; use 'norm_bound' (or 'mean')"
+            )
+        per_round = math.ceil(self.server.fraction_train * self.data.sites)
+        if self.server.aggregation == "trimmed_mean" and int(self.server.trim_fraction * per_round) == 0:
+            raise ValueError(
+                f"server.trim_fraction = {self.server.trim_fraction} trims nothing with {per_round} sites per round; "
+                f"set it to at least {1 / per_round:.3f} (one site cut at each end)"
             )
         part = self.data.partition
         if isinstance(part, ShardsPartition) and self.data.num_classes and part.classes_per_site > self.data.num_classes:

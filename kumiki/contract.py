@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
-from kumiki.config import EvalSection, PrivacySection, TrainSection
+from kumiki.config import EvalSection, PrivacySection, SiteSection, TrainSection
 from kumiki.methods import MethodConfig
 from kumiki.registry import entry
 from models.spec import ModelSpec
@@ -33,7 +33,9 @@ ROUND = "server-round"
 QUERY_PROFILE = "profile"  # message type "query.profile"
 
 _METHOD, _TRAIN, _MODEL, _PRIVACY, _SIM = "kumiki.method", "kumiki.train", "kumiki.model", "kumiki.privacy", "kumiki.sim"
-_EVAL = "kumiki.eval"
+_EVAL, _SITE, _RUN = "kumiki.eval", "kumiki.site", "kumiki.run"
+#: per-site config entry: the last round the server accepted this site's update for (0: none yet)
+COMPLETED = "kumiki.completed"
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,8 @@ class Job:
     privacy: PrivacySection
     sim: dict[str, Any] | None = None  # simulation only: where the materialized site folders live
     eval: EvalSection = field(default_factory=EvalSection)
+    site: SiteSection = field(default_factory=SiteSection)
+    run: str = ""  # the run's name: part of each site state's fingerprint
 
     def to_config(self) -> ConfigRecord:
         rec: dict[str, Any] = {
@@ -56,6 +60,8 @@ class Job:
             _MODEL: self.model.to_json(),
             _PRIVACY: self.privacy.model_dump_json(),
             _EVAL: self.eval.model_dump_json(),
+            _SITE: self.site.model_dump_json(),
+            _RUN: self.run,
         }
         if self.sim is not None:
             rec[_SIM] = json.dumps(self.sim)
@@ -74,6 +80,8 @@ class Job:
                 privacy=PrivacySection.model_validate_json(str(rec[_PRIVACY])),
                 sim=json.loads(str(rec[_SIM])) if _SIM in rec else None,
                 eval=EvalSection.model_validate_json(str(rec[_EVAL])) if _EVAL in rec else EvalSection(),
+                site=SiteSection.model_validate_json(str(rec[_SITE])) if _SITE in rec else SiteSection(),
+                run=str(rec[_RUN]) if _RUN in rec else "",
             )
         except (KeyError, ValueError) as e:
             raise ValueError(f"malformed job config in message: {e}") from None

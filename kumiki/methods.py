@@ -21,7 +21,7 @@ ALL = ("*",)
 class MethodConfig(BaseModel):
     """Base: subclasses add ``name: Literal[...]`` and their knobs."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     #: Which model layout the method needs (see ``models.build_model``).
     variant: ClassVar[str] = "plain"
@@ -29,6 +29,8 @@ class MethodConfig(BaseModel):
     federated: ClassVar[bool] = True
     #: The paper's local optimizer: fills every ``[train]`` key the operator did not set.
     train_defaults: ClassVar[dict[str, Any]] = {}
+    #: False where the server update is not a (weighted) mean, so a trimmed mean or median cannot replace it.
+    coordinatewise_ok: ClassVar[bool] = True
 
     def split_rules(self) -> SplitRules:
         return SplitRules(shared=ALL)
@@ -145,6 +147,7 @@ class FedHBConfig(MethodConfig):
 
     name: Literal["fedhb"] = "fedhb"
     train_defaults: ClassVar[dict[str, Any]] = {"local_epochs": 2}
+    coordinatewise_ok: ClassVar[bool] = False  # a closed-form posterior update
     #: Key prefix of the precision arrays w the server sends under the message's ``extra``.
     precision_prefix: ClassVar[str] = "precision/"
     lambda0: float = Field(1e-6, ge=0.0, description="prior strength of mu toward mu0")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -41,20 +42,34 @@ def _logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _execute(cfg: KumikiConfig, engine: str, verbose: bool) -> dict:
+#: exit codes of `kumiki run` / `kumiki pilot`
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INCOMPLETE = 0, 1, 2, 3
+
+
+def _execute(cfg: KumikiConfig, engine: str, verbose: bool, overwrite: bool = False) -> dict:
+    """Run, write the report, and exit with the run's status: 0 ok, 3 incomplete (sites missing), 1 failed."""
     from kumiki.data.sites import SiteDataError
     from kumiki.data.sources import DataUnavailable
     from launch.engines import run
+    from launch.rundir import RunDirError
 
     _logging(verbose)
     _note_method_defaults(cfg)
     err.print(f"[bold]kumiki[/] {cfg.method.name} on {cfg.data.dataset}: {cfg.data.sites} sites"
               f" (+{cfg.data.unseen_sites} unseen), {cfg.run.rounds} rounds, engine {engine} -> {cfg.run_dir()}")
     try:
-        summary = run(cfg, engine)
+        summary = run(cfg, engine, overwrite=overwrite)
     except (SiteDataError, DataUnavailable) as e:
         err.print(f"[red]data error:[/] {e}")
-        raise typer.Exit(2) from None
+        raise typer.Exit(EXIT_USAGE) from None
+    except RunDirError as e:
+        err.print(f"[red]run dir:[/] {e}")
+        raise typer.Exit(EXIT_USAGE) from None
+    except Exception as e:  # noqa: BLE001 - a failed run is reported as failed, never as done
+        err.print(f"[red]the run failed:[/] {type(e).__name__}: {e}")
+        if (cfg.run_dir() / "summary.json").is_file():
+            err.print(f"what it recorded (status 'failed'): {cfg.run_dir() / 'summary.json'}")
+        raise typer.Exit(EXIT_FAILED) from None
     try:
         from server.report import render_report
 
@@ -69,9 +84,20 @@ def _execute(cfg: KumikiConfig, engine: str, verbose: bool) -> dict:
     def f(v):
         return "-" if v is None else f"{v:.4f}"
 
-    err.print(f"[green]done[/]: personalized {f(p.get('mean'))} (bottom10 {f(p.get('bottom10'))}), "
-              f"global {f(g.get('mean'))}, unseen {f(u.get('mean'))}; summary: {cfg.run_dir() / 'summary.json'}")
-    return summary
+    status = summary.get("status", "ok")
+    line = (f"personalized {f(p.get('mean'))} (bottom10 {f(p.get('bottom10'))}), global {f(g.get('mean'))}, "
+            f"unseen {f(u.get('mean'))}; summary: {cfg.run_dir() / 'summary.json'}")
+    if status == "ok":
+        err.print(f"[green]done[/]: {line}")
+        return summary
+    part = summary.get("participation") or {}
+    err.print(f"[yellow]finished, status {status!r}[/]: {line}\n  sites configured {part.get('configured')}, "
+              f"discovered {len(part.get('discovered') or [])}, dropped {len(part.get('dropped') or [])}; "
+              f"rounds with missing or rejected sites: {part.get('incomplete_rounds')}")
+    raise typer.Exit(EXIT_INCOMPLETE if status == "incomplete" else EXIT_FAILED)
+
+
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="move an earlier run of this run.name aside first")]
 
 
 @cli.command()
@@ -111,26 +137,37 @@ def config_schema() -> None:
 def run_cmd(
     config: str,
     set_: SetOpt = None,
-    engine: Annotated[str, typer.Option(help="simulation (Flower/Ray), local (real SuperLink + SuperNodes on 127.0.0.1), inprocess (no Ray)")] = "simulation",
+    engine: Annotated[str, typer.Option(help="inprocess (default: no sockets, no Ray), local (real SuperLink + SuperNodes on 127.0.0.1), simulation (Flower/Ray)")] = "inprocess",
     verbose: bool = False,
+    overwrite: OverwriteOpt = False,
 ) -> None:
-    """Run one federated experiment described by CONFIG."""
+    """Run one federated experiment described by CONFIG (exit 0 ok, 3 sites missing, 1 failed, 2 bad input)."""
     from launch.engines import ENGINES
 
     if engine not in ENGINES:
         err.print(f"[red]--engine must be one of {', '.join(ENGINES)}[/]")
         raise typer.Exit(2)
-    _execute(_load(config, set_), engine, verbose)
+    _execute(_load(config, set_), engine, verbose, overwrite)
 
 
 @cli.command()
-def report(run_dir: str) -> None:
+def report(run_dir: str,
+           partial: Annotated[bool, typer.Option(help="render a run that did not finish, marked as partial")] = False
+           ) -> None:
     """Write RUN_DIR/report.html (curves, per-site bars, global vs personalized)."""
+    from server.recorder import read_final
     from server.report import render_report
 
-    if not (Path(run_dir) / "summary.json").is_file():
-        err.print(f"[red]{run_dir} has no summary.json: not a finished Kumiki run[/]")
+    if not (Path(run_dir) / "metrics.jsonl").is_file():
+        err.print(f"[red]{run_dir} has no metrics.jsonl: not a Kumiki run dir[/]")
         raise typer.Exit(2)
+    try:
+        read_final(run_dir)
+    except (ValueError, IndexError, OSError):
+        if not partial:
+            err.print(f"[red]{run_dir} did not finish (metrics.jsonl has no final record); "
+                      "pass --partial to render what it recorded, marked as partial[/]")
+            raise typer.Exit(2) from None
     typer.echo(str(render_report(run_dir)))
 
 
@@ -139,6 +176,7 @@ def pilot(
     set_: SetOpt = None,
     engine: Annotated[str, typer.Option(help="local (default: real processes) or simulation / inprocess")] = "local",
     verbose: bool = False,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """The multi-factory pilot: deploy/pilot.toml on real SuperLink/SuperNode processes, then the report."""
     from kumiki.data.sources import fashion_mnist_available
@@ -148,15 +186,26 @@ def pilot(
     if cfg.data.dataset == "fashion-mnist" and not fashion_mnist_available(cfg.data.dataset_dir()):
         err.print(f"[yellow]Fashion-MNIST not found in {cfg.data.dataset_dir()}; the pilot falls back to scikit-learn digits[/]")
         cfg = _load(str(PILOT_CONFIG), ['data.dataset="digits"', "data.samples_per_site=300", *overrides])
-    _execute(cfg, engine, verbose)
+    _execute(cfg, engine, verbose, overwrite)
+
+
+def _stop_on(signum: int, frame) -> None:  # noqa: ARG001
+    """SIGTERM / SIGHUP unwind like Ctrl-C, so every ``finally:`` runs (the local engine stops its processes)."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def stop_on_signals() -> None:
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _stop_on)
 
 
 def main() -> None:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    stop_on_signals()
     try:
         cli()
-    except KeyboardInterrupt:
-        err.print("[red]interrupted[/]")
+    except KeyboardInterrupt as e:
+        err.print(f"[red]interrupted{f' ({e})' if str(e) else ''}[/]")
         sys.exit(130)
 
 

@@ -41,7 +41,7 @@ def build_strategy(cfg: KumikiConfig, sim: dict | None = None):
     model = build_model(spec, cfg.method.variant)
     split = ParamSplit.build(model, cfg.method.split_rules())
     initial = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
-    job = Job(0, cfg.method, cfg.train, spec, cfg.privacy, sim, cfg.eval)
+    job = Job(0, cfg.method, cfg.train, spec, cfg.privacy, sim, cfg.eval, cfg.site, cfg.run.name)
     return entry(cfg.method.name).load_strategy()(cfg, job, split, initial)
 
 
@@ -66,14 +66,19 @@ def run_federation(grid: Grid, cfg: KumikiConfig, sim: dict | None = None, engin
     strategy = build_strategy(cfg, sim)
     strategy.summary()
     recorder = Recorder(run_dir, cfg, engine, quiet=quiet)
-    strategy.discover(grid, cfg.total_sites, cfg.server.discovery_timeout_s)
     timeout = cfg.server.round_timeout_s
-    for rnd in range(1, cfg.run.rounds + 1):
-        t0 = time.perf_counter()
-        replies = grid.send_and_receive(strategy.configure_train(rnd, None, ConfigRecord(), grid), timeout=timeout)
-        strategy.aggregate_train(rnd, replies)
-        replies = grid.send_and_receive(strategy.configure_evaluate(rnd, None, ConfigRecord(), grid), timeout=timeout)
-        strategy.aggregate_evaluate(rnd, replies)
-        checkpoint(strategy, run_dir, rnd)
-        recorder.round(rnd, strategy, time.perf_counter() - t0)
+    try:
+        strategy.discover(grid, cfg.total_sites, cfg.server.discovery_timeout_s)
+        for rnd in range(1, cfg.run.rounds + 1):
+            t0 = time.perf_counter()
+            replies = grid.send_and_receive(strategy.configure_train(rnd, None, ConfigRecord(), grid), timeout=timeout)
+            strategy.aggregate_train(rnd, replies)
+            replies = grid.send_and_receive(strategy.configure_evaluate(rnd, None, ConfigRecord(), grid),
+                                            timeout=timeout)
+            strategy.aggregate_evaluate(rnd, replies)
+            checkpoint(strategy, run_dir, rnd)
+            recorder.round(rnd, strategy, time.perf_counter() - t0)
+    except BaseException as exc:  # the run is over: record how it ended (status "failed"), then re-raise
+        recorder.finish(strategy, error=f"{type(exc).__name__}: {exc}")
+        raise
     return recorder.finish(strategy)

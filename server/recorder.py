@@ -54,6 +54,10 @@ def write_json(path: Path, obj: Any) -> None:
 class Recorder:
     def __init__(self, run_dir: Path, cfg, engine: str, quiet: bool = False):
         self.dir = Path(run_dir)
+        earlier = [n for n in ("metrics.jsonl", "summary.json") if (self.dir / n).exists()]
+        if earlier:  # the engines claim a fresh run dir; a Flower-native rerun of a run.name ends up here
+            raise FileExistsError(f"{self.dir} already holds a run ({', '.join(earlier)}); choose another run.name, "
+                                  "or move that folder away (`kumiki run --overwrite` does it for you)")
         self.dir.mkdir(parents=True, exist_ok=True)
         self.cfg = cfg
         self.engine = engine
@@ -87,7 +91,7 @@ class Recorder:
             "bytes": {"up": st.bytes_up, "down": st.bytes_down},
             "time": {"round_s": round_s, "wall_s": time.perf_counter() - self.t0},
             "sites": {"sampled": len(st.sent), "accepted": st.accepted, "aggregated": st.aggregated,
-                      "rejected": st.rejected},
+                      "took_part": sorted(st.train_metrics), "evaluated": sorted(ev), "rejected": st.rejected},
             "train_loss": float(np.mean(losses)) if losses else None,
         }
         self._append(row)
@@ -111,7 +115,22 @@ class Recorder:
             )
         return row
 
-    def finish(self, strategy: KumikiStrategy) -> dict[str, Any]:
+    def participation(self, strategy: KumikiStrategy) -> dict[str, Any]:
+        """Who took part: configured vs discovered sites, nodes dropped at discovery, accepted rounds per site."""
+        trained: dict[str, int] = {p.site: 0 for p in strategy.profiles.values() if p.role == "train"}
+        incomplete = []
+        for h in self.history:
+            for site in h["sites"]["took_part"]:
+                trained[site] = trained.get(site, 0) + 1
+            if h["sites"]["rejected"] or not h["sites"]["aggregated"]:
+                incomplete.append(h["round"])
+        return {"configured": self.cfg.total_sites, "discovered": sorted(p.site for p in strategy.profiles.values()),
+                "dropped": list(strategy.discovery_rejected), "trained_rounds": dict(sorted(trained.items())),
+                "incomplete_rounds": incomplete}
+
+    def finish(self, strategy: KumikiStrategy, error: str | None = None) -> dict[str, Any]:
+        """Write the final record and summary.json; ``status`` is ok only when every configured site took
+        part in every round and the server did not fail (``error``)."""
         wall = time.perf_counter() - self.t0
         last = self.history[-1] if self.history else {}
         n = max(len(self.history), 1)
@@ -141,11 +160,19 @@ class Recorder:
             "time": {"wall_s": wall, "per_round_s": sum(h["time"]["round_s"] for h in self.history) / n},
             "privacy": None,
         }
+        part = self.participation(strategy)
+        complete = (len(part["discovered"]) == self.cfg.total_sites and not part["incomplete_rounds"]
+                    and len(self.history) == self.cfg.run.rounds)
+        summary["status"] = "failed" if error else ("ok" if complete else "incomplete")
+        summary["participation"] = part
+        if error:
+            summary["error"] = error
         self._append({"kind": "final", "last_round": {"personalized": pers and pers["mean"],
                                                         "global": glob and glob["mean"], "unseen": uns and uns["mean"],
                                                         "unseen_adapted": ada and ada["mean"]},
                       "last5_mean": {"personalized": last5("personalized"), "global": last5("global"),
                                      "unseen": last5("unseen"), "unseen_adapted": last5("unseen_adapted")},
-                      "rejections": sum(len(h["sites"]["rejected"]) for h in self.history)})
+                      "rejections": sum(len(h["sites"]["rejected"]) for h in self.history),
+                      "status": summary["status"]})
         write_json(self.dir / "summary.json", summary)
         return summary

@@ -406,6 +406,13 @@ def build_html(run_dir: Path) -> str:
 
     parts = [f"<h1>{esc(title)}</h1>", f'<p class="sub">{esc(method)} on {esc(dataset)} &middot; {esc(run_dir)}</p>',
              header]
+    if rows and not final:
+        parts.insert(1, '<p class="bad"><strong>Partial run:</strong> metrics.jsonl has no final record; the run '
+                        f"stopped after round {esc(rows[-1].get('round'))}. Figures below are what it recorded.</p>")
+    status = summary.get("status") if isinstance(summary, dict) else None
+    if status not in (None, "ok"):
+        parts.insert(1, f'<p class="bad"><strong>Status: {esc(status)}</strong> &middot; '
+                        f"{esc(summary.get('error') or 'not every configured site took part in every round')}</p>")
 
     # 2. accuracy per round
     b64 = plot_accuracy(rows, metric)

@@ -1,4 +1,4 @@
-"""Aggregation math as plain functions over named numpy arrays (no Flower, no torch).
+"""Aggregation math as plain functions over named numpy arrays (no torch; Flower only for its trimmed mean).
 
 Unit-tested against hand-computed values; strategies only choose the weights.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 
 Arrays = Mapping[str, np.ndarray]
 
@@ -40,3 +41,58 @@ def weighted_mean(updates: Sequence[Arrays], weights: Sequence[float]) -> dict[s
 
 def uniform_mean(updates: Sequence[Arrays]) -> dict[str, np.ndarray]:
     return weighted_mean(updates, [1.0] * len(updates))
+
+
+# ----------------------------------------------------------------------------- robust aggregation
+# server.aggregation (issue 7). The coordinate-wise rules follow Flower's own strategies: the
+# trimmed mean is Flower's ``trim_mean`` (FedTrimmedAvg), the median is FedMedian's np.median.
+
+
+def _coordinatewise(updates: Sequence[Arrays], rule) -> dict[str, np.ndarray]:
+    if not updates:
+        raise ValueError("nothing to aggregate")
+    out = {}
+    for name, first in updates[0].items():
+        if not np.issubdtype(first.dtype, np.floating):
+            out[name] = first.copy()  # integer buffers: as weighted_mean
+            continue
+        stack = np.stack([u[name].astype(np.float64) for u in updates])
+        out[name] = np.asarray(rule(stack)).astype(first.dtype)
+    return out
+
+
+def trimmed_mean(updates: Sequence[Arrays], beta: float) -> dict[str, np.ndarray]:
+    """Per coordinate, drop the ``beta`` fraction of largest and of smallest values, average the rest
+    (Yin et al. 2018; Flower's FedTrimmedAvg). Unweighted: example counts cannot buy influence."""
+    return _coordinatewise(updates, lambda stack: trim_mean(stack, beta))
+
+
+def coordinate_median(updates: Sequence[Arrays]) -> dict[str, np.ndarray]:
+    """Per-coordinate median (Yin et al. 2018; Flower's FedMedian). Unweighted."""
+    return _coordinatewise(updates, lambda stack: np.median(stack, axis=0))
+
+
+def update_norms(updates: Sequence[Arrays], reference: Arrays) -> np.ndarray:
+    """L2 norm of each update's change from ``reference``, over all its floating-point tensors."""
+    norms = []
+    for u in updates:
+        sq = sum(float(((u[k].astype(np.float64) - reference[k].astype(np.float64)) ** 2).sum())
+                 for k in u if np.issubdtype(u[k].dtype, np.floating))
+        norms.append(np.sqrt(sq))
+    return np.asarray(norms)
+
+
+def clip_to_median_norm(updates: Sequence[Arrays], reference: Arrays, bound: float) -> list[dict[str, np.ndarray]]:
+    """Scale each update's change so its norm is at most ``bound`` x the round's median change norm.
+
+    One site can then move the model at most ``bound`` times as far as a typical site, whatever it sends
+    (norm bounding, Sun et al. 2019). Integer buffers are left as sent.
+    """
+    norms = update_norms(updates, reference)
+    limit = bound * float(np.median(norms))
+    out = []
+    for u, norm in zip(updates, norms):
+        scale = 1.0 if norm <= limit or norm == 0 else limit / norm
+        out.append({k: (reference[k].astype(np.float64) + scale * (v.astype(np.float64) - reference[k])).astype(v.dtype)
+                    if np.issubdtype(v.dtype, np.floating) else v for k, v in u.items()})
+    return out

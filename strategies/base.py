@@ -5,9 +5,11 @@ It implements Flower's Message-API ``Strategy`` once for all methods:
 * **per-site messages**: each site receives the shared tensors plus its own
   group's tensors, in a fresh ``RecordDict`` per node (Flower's FedAvg shares
   one across nodes; per-site content needs its own);
-* **reply checks**: error replies, unexpected tensor names, wrong shapes,
-  NaN/inf values and non-positive example counts are logged as rejections and
-  dropped; a round with too few valid replies keeps the previous model;
+* **reply checks** (``strategies.replies``): every field of every reply is parsed
+  defensively; error replies, other tensor names, dtypes or shapes, non-finite
+  values, example counts beyond the site's announcement and out-of-range metrics
+  are logged as rejections and dropped; no reply can raise in the server; a round
+  with too few valid replies keeps the previous model;
 * **aggregation**: shared tensors over all valid replies, each group's tensors
   over that group's sites only. Subclasses change ``weights`` or
   ``aggregate_shared`` (the math itself lives in ``strategies.aggregate``);
@@ -30,7 +32,8 @@ from flwr.serverapp.strategy import Strategy
 
 from kumiki import contract as C
 from kumiki.split import ParamSplit
-from strategies.aggregate import weighted_mean
+from strategies.aggregate import clip_to_median_norm, coordinate_median, trimmed_mean, weighted_mean
+from strategies.replies import BadReply, check_arrays, eval_metrics, parse_profile, train_metrics
 
 log = logging.getLogger("kumiki.server")
 
@@ -58,6 +61,7 @@ class Update:
 @dataclass
 class RoundStats:
     sent: dict[int, tuple[str, ...]] = field(default_factory=dict)
+    eval_sent: set[int] = field(default_factory=set)
     accepted: int = 0
     rejected: list[dict] = field(default_factory=list)
     aggregated: bool = False
@@ -80,6 +84,11 @@ class KumikiStrategy(Strategy):
             g: {k: initial[k] for k in names} for g, names in split.groups.items()
         }
         self.profiles: dict[int, SiteProfile] = {}
+        #: nodes dropped at discovery (bad profile, duplicate site name), with the reason
+        self.discovery_rejected: list[dict] = []
+        #: site -> last round whose update was accepted (sent to the site: its state file must exist then)
+        self.completed: dict[str, int] = {}
+        self._refused: set[int] = set()  # node ids dropped at discovery: not asked again
         self.rounds: dict[int, RoundStats] = {}
         self._rng = random.Random(cfg.run.seed)
 
@@ -92,33 +101,64 @@ class KumikiStrategy(Strategy):
 
     def discover(self, grid: Grid, expected: int, timeout: float) -> dict[int, SiteProfile]:
         """Wait for ``expected`` sites (bounded), then ask each who it is (query.profile)."""
+        self._discovery_timeout = timeout
         deadline = time.monotonic() + timeout
         while len(ids := list(grid.get_node_ids())) < expected and time.monotonic() < deadline:
             log.info("waiting for sites: %d of %d connected", len(ids), expected)
             time.sleep(1.0)
         if len(ids) < expected:
             log.warning("only %d of %d sites connected within %.0fs; going on with them", len(ids), expected, timeout)
-        msgs = [
-            Message(RecordDict({C.CONFIG: replace(self.job, round=0).to_config()}), dst_node_id=n,
-                    message_type=f"{MessageType.QUERY}.{C.QUERY_PROFILE}")
-            for n in ids
-        ]
-        for r in grid.send_and_receive(msgs, timeout=timeout):
-            nid = r.metadata.src_node_id
-            if r.has_error():
-                log.error("site on node %s rejected the profile query: %s", nid, r.error.reason)
-                continue
-            p = r.content[C.PROFILE]
-            self.profiles[nid] = SiteProfile(nid, str(p["site"]), str(p["role"]), str(p["group"]),
-                                             int(p["num-train"]), int(p["num-test"]))
-        names = [p.site for p in self.profiles.values()]
-        if len(set(names)) != len(names):
-            raise RuntimeError(f"two SuperNodes claim the same site name: {sorted(names)}")
+        self._admit(grid, ids, timeout, live=set(ids))
         if not self.train_nodes():
             raise RuntimeError("no training site answered the profile query; nothing to train")
         log.info("sites: %s", ", ".join(f"{p.site}({p.role}{'/' + p.group if p.group else ''})"
                                           for p in sorted(self.profiles.values(), key=lambda p: p.site)))
         return self.profiles
+
+    def refresh(self, grid: Grid, server_round: int) -> None:
+        """Before a round: profile nodes that connected since (a restarted SuperNode has a new node id).
+
+        A known site on a new node takes over its old node if that one is gone; a new name joins late.
+        """
+        live = set(grid.get_node_ids())
+        new = sorted(live - set(self.profiles) - self._refused)
+        if new:
+            self._admit(grid, new, min(30.0, getattr(self, "_discovery_timeout", 30.0)), live, server_round)
+        self._live = live
+
+    def _admit(self, grid: Grid, ids: list[int], timeout: float, live: set[int], server_round: int = 0) -> None:
+        msgs = [
+            Message(RecordDict({C.CONFIG: replace(self.job, round=server_round).to_config()}), dst_node_id=n,
+                    message_type=f"{MessageType.QUERY}.{C.QUERY_PROFILE}")
+            for n in ids
+        ]
+        for r in grid.send_and_receive(msgs, timeout=timeout):
+            nid = r.metadata.src_node_id
+            try:
+                if r.has_error():
+                    raise BadReply(f"the site answered with an error: {r.error.reason}")
+                p = parse_profile(nid, r.content)
+            except Exception as exc:  # noqa: BLE001 - a bad profile drops that node, never the run
+                reason = str(exc) if isinstance(exc, BadReply) else f"malformed profile ({type(exc).__name__}: {exc})"
+                log.error("site on node %s dropped at discovery: %s", nid, reason)
+                self.discovery_rejected.append({"node": nid, "reason": reason})
+                self._refused.add(nid)
+                continue
+            holder = next((n for n, q in self.profiles.items() if q.site == p["site"]), None)
+            if holder is not None and holder in live:
+                # Not refused for good: a restarted SuperNode can show up while its old node still looks
+                # online (until Flower's heartbeat expires); it is asked again before the next round.
+                reason = f"a second node claims site name {p['site']!r}; the first one keeps it"
+                if not any(d.get("node") == nid for d in self.discovery_rejected):
+                    log.error("node %s dropped at discovery: %s", nid, reason)
+                    self.discovery_rejected.append({"node": nid, "site": p["site"], "reason": reason})
+                continue
+            if holder is not None:  # the site's old node is gone: it reconnected (e.g. a restarted SuperNode)
+                log.warning("site %s reconnected as node %s (was node %s)", p["site"], nid, holder)
+                del self.profiles[holder]
+            elif server_round:
+                log.warning("site %s joined at round %d", p["site"], server_round)
+            self.profiles[nid] = SiteProfile(**p)
 
     # ------------------------------------------------------------- payloads
     def payload(self, node_id: int) -> dict[str, np.ndarray]:
@@ -137,6 +177,7 @@ class KumikiStrategy(Strategy):
     def _message(self, node_id: int, mtype: str, server_round: int, stats: RoundStats) -> Message:
         arrays = C.to_record(self.payload(node_id))
         config = replace(self.job, round=server_round).to_config()
+        config[C.COMPLETED] = self.completed.get(self.profiles[node_id].site, 0)
         for k, v in self.extra_config(node_id, server_round).items():
             config[k] = v
         content = RecordDict({C.ARRAYS: arrays, C.CONFIG: config})
@@ -147,6 +188,8 @@ class KumikiStrategy(Strategy):
             stats.bytes_down += content[C.EXTRA].count_bytes()
         if mtype == MessageType.TRAIN:
             stats.sent[node_id] = tuple(arrays.keys())
+        else:
+            stats.eval_sent.add(node_id)
         return Message(content, dst_node_id=node_id, message_type=mtype)
 
     def server_state(self) -> dict[str, np.ndarray]:
@@ -162,32 +205,41 @@ class KumikiStrategy(Strategy):
                         grid: Grid) -> Iterable[Message]:
         if arrays is not None and len(arrays):  # Strategy.start() hands back what aggregate_train returned
             self.shared.update(C.from_record(arrays))
+        if grid is not None and self.profiles:
+            self.refresh(grid, server_round)
         stats = self.rounds.setdefault(server_round, RoundStats())
-        return [self._message(n, MessageType.TRAIN, server_round, stats) for n in self.sample(self.train_nodes())]
+        return [self._message(n, MessageType.TRAIN, server_round, stats)
+                for n in self.sample(self._reachable(self.train_nodes(), server_round, stats))]
 
-    def check_reply(self, reply: Message, expected: tuple[str, ...] | None) -> str | None:
-        """Why a training reply must be dropped, or None if it is acceptable."""
+    def _reachable(self, nodes: list[int], server_round: int, stats: RoundStats) -> list[int]:
+        """The nodes still connected (when the grid says); an offline site is logged, not waited for."""
+        live = getattr(self, "_live", None)
+        if live is None:
+            return nodes
+        for n in nodes:
+            if n not in live and not any(r["site"] == self.profiles[n].site for r in stats.rejected):
+                log.warning("round %d: site %s is offline; skipped", server_round, self.profiles[n].site)
+                stats.rejected.append({"site": self.profiles[n].site, "reason": "offline (not connected)"})
+        return [n for n in nodes if n in live]
+
+    def reference_arrays(self) -> dict[str, np.ndarray]:
+        """Every tensor the server sends (shared + all groups): the names, dtypes and shapes replies must match."""
+        return {**self.shared, **{k: v for g in self.group_arrays.values() for k, v in g.items()}}
+
+    def parse_update(self, reply: Message, expected: tuple[str, ...] | None) -> Update:
+        """The reply as an accepted update, or :class:`BadReply` saying why it must be dropped."""
         if reply.has_error():
-            return f"site error: {reply.error.reason}"
-        if expected is None:
-            return "reply from a site that was not asked to train this round"
+            raise BadReply(f"site error: {reply.error.reason}")
+        nid = reply.metadata.src_node_id
+        if expected is None or nid not in self.profiles:
+            raise BadReply("reply from a site that was not asked to train this round")
         content = reply.content
-        if C.ARRAYS not in content.array_records or C.METRICS not in content.metric_records:
-            return "reply lacks 'arrays' or 'metrics'"
-        arrays = content[C.ARRAYS]
-        if set(arrays.keys()) != set(expected):
-            return f"reply tensors differ from the ones sent: {sorted(set(arrays.keys()) ^ set(expected))[:5]}"
-        ref = {**self.shared, **{k: v for g in self.group_arrays.values() for k, v in g.items()}}
-        for k, a in arrays.items():
-            v = a.numpy()
-            if v.shape != ref[k].shape:
-                return f"tensor {k}: shape {v.shape} != {ref[k].shape}"
-            if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all():
-                return f"tensor {k}: NaN or inf"
-        n = content[C.METRICS].get(C.NUM_EXAMPLES, 0)
-        if not isinstance(n, (int, float)) or n <= 0:
-            return f"num-examples must be positive, got {n!r}"
-        return None
+        if C.ARRAYS not in content.array_records:
+            raise BadReply("reply lacks its 'arrays' record")
+        profile = self.profiles[nid]
+        n, metrics = train_metrics(content, announced=profile.num_train)
+        arrays = check_arrays(content[C.ARRAYS], self.reference_arrays(), expected)
+        return Update(profile, arrays, n, metrics)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         stats = self.rounds.setdefault(server_round, RoundStats())
@@ -195,18 +247,21 @@ class KumikiStrategy(Strategy):
         seen: set[int] = set()
         for r in replies:
             nid = r.metadata.src_node_id
-            seen.add(nid)
             site = self.profiles[nid].site if nid in self.profiles else f"node-{nid}"
-            reason = self.check_reply(r, stats.sent.get(nid))
-            if reason:
+            try:
+                if nid in seen:
+                    raise BadReply("a second reply from this node in the same round")
+                seen.add(nid)
+                update = self.parse_update(r, stats.sent.get(nid))
+                stats.bytes_up += r.content[C.ARRAYS].count_bytes()
+            except Exception as exc:  # noqa: BLE001 - no reply may raise in the server
+                reason = str(exc) if isinstance(exc, BadReply) else f"malformed reply ({type(exc).__name__}: {exc})"
                 log.warning("round %d: rejected update from %s: %s", server_round, site, reason)
                 stats.rejected.append({"site": site, "reason": reason})
                 continue
-            rec = r.content[C.ARRAYS]
-            stats.bytes_up += rec.count_bytes()
-            metrics = {k: float(v) for k, v in r.content[C.METRICS].items() if isinstance(v, (int, float))}
-            updates.append(Update(self.profiles[nid], C.from_record(rec), int(metrics[C.NUM_EXAMPLES]), metrics))
-            stats.train_metrics[site] = metrics
+            updates.append(update)
+            stats.train_metrics[site] = update.metrics
+            self.completed[site] = server_round
         for n in sorted(set(stats.sent) - seen):
             log.warning("round %d: no reply from %s (timed out or disconnected)", server_round, self.profiles[n].site)
             stats.rejected.append({"site": self.profiles[n].site, "reason": "no reply"})
@@ -228,37 +283,58 @@ class KumikiStrategy(Strategy):
 
     def aggregate(self, updates: list[Update]) -> None:
         """Shared tensors over all updates; each group's tensors over its own sites."""
+        server = self.cfg.server
+        if server.aggregation == "norm_bound":  # a pre-step for every method: cap each update's change
+            clipped = clip_to_median_norm([u.arrays for u in updates], self.reference_arrays(), server.norm_bound)
+            updates = [replace(u, arrays=a) for u, a in zip(updates, clipped)]
         if self.shared:
             self.shared = self.aggregate_shared(updates)
         for g in self.group_arrays:
             members = [u for u in updates if u.profile.group == g]
             if members:
                 names = self.group_arrays[g]
-                self.group_arrays[g] = weighted_mean([{k: u.arrays[k] for k in names} for u in members],
-                                                     self.weights(members))
+                self.group_arrays[g] = self.combine([{k: u.arrays[k] for k in names} for u in members],
+                                                    self.weights(members))
 
     def weights(self, updates: list[Update]) -> list[float]:
         """n-weighted by default (FedAvg)."""
         return [float(u.num_examples) for u in updates]
 
+    def combine(self, arrays: list[dict[str, np.ndarray]], weights: list[float]) -> dict[str, np.ndarray]:
+        """The method's weighted mean, or the operator's coordinate-wise robust rule (``server.aggregation``)."""
+        server = self.cfg.server
+        if server.aggregation == "trimmed_mean":
+            return trimmed_mean(arrays, server.trim_fraction)
+        if server.aggregation == "median":
+            return coordinate_median(arrays)
+        return weighted_mean(arrays, weights)
+
     def aggregate_shared(self, updates: list[Update]) -> dict[str, np.ndarray]:
-        return weighted_mean([{k: u.arrays[k] for k in self.shared} for u in updates], self.weights(updates))
+        return self.combine([{k: u.arrays[k] for k in self.shared} for u in updates], self.weights(updates))
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord | None, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         stats = self.rounds.setdefault(server_round, RoundStats())
-        return [self._message(n, MessageType.EVALUATE, server_round, stats) for n in self.eval_nodes()]
+        return [self._message(n, MessageType.EVALUATE, server_round, stats)
+                for n in self._reachable(self.eval_nodes(), server_round, stats)]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         stats = self.rounds.setdefault(server_round, RoundStats())
         for r in replies:
             nid = r.metadata.src_node_id
             site = self.profiles[nid].site if nid in self.profiles else f"node-{nid}"
-            if r.has_error():
-                log.warning("round %d: evaluation failed on %s: %s", server_round, site, r.error.reason)
-                stats.rejected.append({"site": site, "reason": f"evaluate: {r.error.reason}"})
+            try:
+                if r.has_error():
+                    raise BadReply(f"site error: {r.error.reason}")
+                if nid not in stats.eval_sent:
+                    raise BadReply("reply from a site that was not asked to evaluate")
+                metrics = eval_metrics(r.content, announced_test=self.profiles[nid].num_test)
+            except Exception as exc:  # noqa: BLE001
+                reason = str(exc) if isinstance(exc, BadReply) else f"malformed reply ({type(exc).__name__}: {exc})"
+                log.warning("round %d: evaluation from %s dropped: %s", server_round, site, reason)
+                stats.rejected.append({"site": site, "reason": f"evaluate: {reason}"})
                 continue
-            stats.eval_metrics[site] = {k: float(v) for k, v in r.content[C.METRICS].items()}
+            stats.eval_metrics[site] = metrics
         if not stats.eval_metrics:
             return None
         out = {}

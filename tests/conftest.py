@@ -23,6 +23,8 @@ def make_config(tmp_path: Path, method: str = "fedavg", rounds: int = 2, sites: 
                  "partition": {"kind": "dirichlet", "alpha": alpha} if alpha else {"kind": "iid"}},
         "model": {"arch": arch, "hidden": 64},
         "train": {"batch_size": 32, "lr": 0.05},
+        # in-process sites answer at once; a short bound keeps a hung discovery from stalling a test
+        "server": {"discovery_timeout_s": 20.0},
     }
     for sec, vals in sections.items():
         raw.setdefault(sec, {}).update(vals)

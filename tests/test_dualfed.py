@@ -291,7 +291,11 @@ def test_messages_restart_and_unseen_bn(tmp_path):
     assert set(saved["personal"]) == set(split.personal) and saved["last_round"] == 2
     state_file.unlink()
     msg = last_eval[0]
-    fresh = grid.app(msg, grid.contexts[msg.metadata.dst_node_id]).content[C.METRICS]
+    ctx = grid.contexts[msg.metadata.dst_node_id]
+    refused = grid.app(msg, ctx)  # a vanished state file after round 2 is an error, not a silent restart
+    assert refused.has_error() and "StateMissing" in refused.error.reason
+    ctx.node_config["on-missing-state"] = "reset"  # ... unless the site says to restart fresh
+    fresh = grid.app(msg, ctx).content[C.METRICS]
     assert fresh["personalized-loss"] != before[msg.metadata.dst_node_id]["personalized-loss"]
 
 

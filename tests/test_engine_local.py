@@ -105,9 +105,10 @@ def test_local_engine_reports_a_failed_run(tmp_path, monkeypatch):
 
     monkeypatch.setattr(local, "node_configs", no_data)
     spy = _Spy()
-    with pytest.raises(RuntimeError, match=r"(?s)ended with status .*failed.*no summary\.json"):
+    with pytest.raises(RuntimeError, match=r"(?s)ended with status .*failed.*recorded as 'failed'"):
         local.run_local(cfg, quiet=True, timeout_s=240, ready_timeout_s=120, on_start=spy)
-    assert not (cfg.run_dir() / "summary.json").exists()
+    summary = json.loads((cfg.run_dir() / "summary.json").read_text())  # the ServerApp recorded how it ended
+    assert summary["status"] == "failed" and "no training site" in summary["error"]
     assert spy.groups and spy.survivors() == set()
 
 

@@ -155,7 +155,7 @@ def test_every_message_reloads_the_personal_tensors_from_the_state_file(tmp_path
     g = torch.Generator().manual_seed(1)
     saved = {k: (torch.rand(v.shape, generator=g) + 0.5).to(v.dtype) if v.is_floating_point() else v + 7
              for k, v in model.state_dict().items() if k in split.personal}
-    SiteStore(node["state-dir"]).save(SiteState(_fingerprint(split, job, model), 3, saved))
+    SiteStore(node["state-dir"]).save(SiteState(_fingerprint(split, job, model, node["site"]), 3, saved))
     shared = {k: v for k, v in model.state_dict().items() if k in split.travelling(None)}
     msg = Message(RecordDict({C.ARRAYS: C.to_record(shared), C.CONFIG: job.to_config()}), dst_node_id=1,
                   message_type=MessageType.EVALUATE)

@@ -16,13 +16,18 @@ Pilots and simulations build these folders from one pooled dataset
 from __future__ import annotations
 
 import json
+import logging
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from kumiki.data import domains, partition, sources
+
+
+log = logging.getLogger("kumiki.data")
 
 
 class SiteDataError(ValueError):
@@ -100,26 +105,56 @@ def write_site(folder: Path, meta: dict, x_train, y_train, x_test, y_test) -> Pa
     return folder
 
 
+def _pixels(path: Path, x: np.ndarray) -> np.ndarray:
+    """x as float32 in [0, 1]. uint8 images (0-255) are scaled by 1/255, and the site says so; any other
+    dtype must already lie in [0, 1] (the documented format): values outside are refused, not clipped."""
+    if x.dtype == np.uint8:
+        log.warning("%s: uint8 pixels scaled to [0, 1] (x / 255)", path)
+        return x.astype(np.float32) / 255.0
+    if x.dtype.kind not in "fiu":
+        raise SiteDataError(f"{path}: x has dtype {x.dtype}; expected float32 in [0, 1] (or uint8 0-255)")
+    x = x.astype(np.float32)
+    if not np.isfinite(x).all():
+        raise SiteDataError(f"{path}: x contains NaN or infinite values")
+    if x.size and (x.min() < 0.0 or x.max() > 1.0):
+        raise SiteDataError(f"{path}: pixel values span [{x.min():g}, {x.max():g}]; the format is float32 in [0, 1] "
+                            "(divide 0-255 images by 255, or store them as uint8)")
+    return x
+
+
 def _read_split(folder: Path, split: str, meta: dict) -> tuple[np.ndarray, np.ndarray]:
     path = folder / f"{split}.npz"
     if not path.is_file():
         raise SiteDataError(f"site folder {folder}: missing {split}.npz (see README, 'Site data folder')")
     try:
         with np.load(path) as z:
-            x, y = z["x"].astype(np.float32), z["y"].astype(np.int64)
-    except (KeyError, ValueError, OSError) as e:
-        raise SiteDataError(f"{path}: unreadable or missing arrays 'x' and 'y' ({e})") from None
+            x, y = z["x"], z["y"].astype(np.int64)
+    except (KeyError, ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
+        raise SiteDataError(f"{path}: unreadable (truncated or not an .npz with arrays 'x' and 'y': {e}); "
+                            "re-export the site's data") from None
+    x = _pixels(path, x)
     shape = tuple(meta.get("input_shape", x.shape[1:]))
     if x.ndim != 4 or tuple(x.shape[1:]) != shape:
         raise SiteDataError(f"{path}: x has shape {x.shape}, expected (N, {', '.join(map(str, shape))})")
     if len(x) != len(y):
         raise SiteDataError(f"{path}: {len(x)} images but {len(y)} labels")
-    if not np.isfinite(x).all():
-        raise SiteDataError(f"{path}: x contains NaN or infinite values")
+    if len(y) == 0:
+        raise SiteDataError(f"{path}: holds no examples; a site needs a non-empty {split} split")
     k = int(meta.get("num_classes", 0)) or None
-    if len(y) and (y.min() < 0 or (k is not None and y.max() >= k)):
+    if y.min() < 0 or (k is not None and y.max() >= k):
         raise SiteDataError(f"{path}: labels outside [0, {k})")
     return x, y
+
+
+def check_against_model(data: SiteData, input_shape: tuple[int, ...], num_classes: int, where: str) -> None:
+    """The site's data must fit the federation's model: the same image shape and labels below num_classes."""
+    for split, x, y in (("train", data.x_train, data.y_train), ("test", data.x_test, data.y_test)):
+        if tuple(x.shape[1:]) != tuple(input_shape):
+            raise SiteDataError(f"{where}/{split}.npz: images of shape {tuple(x.shape[1:])}, but the federation's "
+                                f"model takes {tuple(input_shape)} (data.input_shape)")
+        if len(y) and y.max() >= num_classes:
+            raise SiteDataError(f"{where}/{split}.npz: label {int(y.max())} but the federation's model has "
+                                f"{num_classes} classes (data.num_classes)")
 
 
 def load_site(folder: str | Path) -> SiteData:
@@ -135,6 +170,4 @@ def load_site(folder: str | Path) -> SiteData:
         raise SiteDataError(f"{meta_path}: not valid JSON ({e})") from None
     xtr, ytr = _read_split(folder, "train", meta)
     xte, yte = _read_split(folder, "test", meta)
-    if len(ytr) == 0:
-        raise SiteDataError(f"site folder {folder}: train.npz holds no examples")
     return SiteData(meta.get("name", folder.name), meta.get("role", "train"), xtr, ytr, xte, yte, meta)

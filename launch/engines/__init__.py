@@ -39,17 +39,18 @@ def node_configs(cfg: KumikiConfig, sim: dict[str, Any]) -> list[dict[str, Any]]
     ]
 
 
-def run(cfg: KumikiConfig, engine: str, quiet: bool = False) -> dict[str, Any]:
+def run(cfg: KumikiConfig, engine: str, quiet: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """Run ``cfg`` on ``engine``; ``overwrite`` moves an earlier run with the same name aside first."""
     if engine == "inprocess":
         from launch.engines.inprocess import run_inprocess
 
-        return run_inprocess(cfg, quiet=quiet)
+        return run_inprocess(cfg, quiet=quiet, overwrite=overwrite)
     if engine == "simulation":
         from launch.engines.simulation import run_sim
 
-        return run_sim(cfg, quiet=quiet)
+        return run_sim(cfg, quiet=quiet, overwrite=overwrite)
     if engine == "local":
         from launch.engines.local import run_local
 
-        return run_local(cfg, quiet=quiet)
+        return run_local(cfg, quiet=quiet, overwrite=overwrite)
     raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")

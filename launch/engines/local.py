@@ -49,6 +49,7 @@ the single place that builds the insecure flags and will add ``--ssl-*``,
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -68,6 +69,7 @@ from kumiki.config import KumikiConfig
 from launch.engines import node_configs, prepare_sites
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+log = logging.getLogger("kumiki.local")
 FEDERATION = "kumiki-local"  # the SuperLink connection name in $FLWR_HOME/config.toml
 HOST = "127.0.0.1"
 
@@ -330,6 +332,11 @@ class _Proc:
     name: str
     popen: subprocess.Popen
     log: Path
+    args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    #: a site's SuperNode or SuperExec: restarted if it dies (its state is on disk); else fatal
+    site: str | None = None
+    restarts: int = 0
 
 
 @dataclass
@@ -350,9 +357,16 @@ class _Cluster:
             args, cwd=str(REPO_ROOT), env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True,  # own session and process group
         )
-        proc = _Proc(name, popen, log)
+        proc = _Proc(name, popen, log, list(args), dict(env))
         self.procs.append(proc)
         return proc
+
+    def restart(self, proc: _Proc) -> _Proc:
+        """Start ``proc`` again with its own command, environment and log (appended); the old group is reaped."""
+        _signal_group(proc.popen.pid, signal.SIGKILL)
+        new = self.start(proc.name, proc.args, proc.env)
+        new.site, new.restarts = proc.site, proc.restarts + 1
+        return new
 
     def stop_all(self, grace_s: float = 10.0) -> None:
         """SIGTERM every process group we started, wait up to ``grace_s``, then SIGKILL."""
@@ -451,9 +465,17 @@ def default_timeout_s(cfg: KumikiConfig) -> float:
     return cfg.server.discovery_timeout_s + cfg.run.rounds * 2 * cfg.server.round_timeout_s + 120.0
 
 
-def run_local(cfg: KumikiConfig, quiet: bool = False, *, tls: bool = False, timeout_s: float | None = None,
-              ready_timeout_s: float = 90.0, tuning: Tuning | None = None,
-              on_start: Callable[[list[int]], None] | None = None) -> dict[str, Any]:
+def run_local(cfg: KumikiConfig, quiet: bool = False, *, overwrite: bool = False, **kw: Any) -> dict[str, Any]:
+    """``_run_local`` inside the claimed run dir (``launch.rundir``): never over another run's outputs."""
+    from launch.rundir import claim_run_dir
+
+    with claim_run_dir(cfg, overwrite):
+        return _run_local(cfg, quiet, **kw)
+
+
+def _run_local(cfg: KumikiConfig, quiet: bool = False, *, tls: bool = False, timeout_s: float | None = None,
+               ready_timeout_s: float = 90.0, tuning: Tuning | None = None,
+               on_start: Callable[[list[int]], None] | None = None) -> dict[str, Any]:
     """Run ``cfg`` on a real SuperLink + one SuperNode per site on 127.0.0.1; return summary.json.
 
     ``timeout_s`` bounds the ``flwr run`` (default ``default_timeout_s(cfg)``),
@@ -532,10 +554,12 @@ def run_local(cfg: KumikiConfig, quiet: bool = False, *, tls: bool = False, time
             cmd = ([sys.executable, str(launcher), "supernode"] if tuning.launcher_needed
                    else [exe("flower-supernode")])
             node = cluster.start(f"supernode-{nc['site']}", [*cmd, *args], site_env)
+            node.site = nc["site"]
             nodes.append(node)
             daemons.append(node)
             if tuning.warm_superexec:
                 daemons.append(superexec(f"superexec-{nc['site']}", port, site_env))
+                daemons[-1].site = nc["site"]
         for p in nodes:
             _wait(f"{p.name} to connect", _log_has(p, "SuperNode ID:"), daemons, ready_timeout_s)
         # SuperExecs are not waited for: tasks queue until one acquires them, so their imports
@@ -548,11 +572,12 @@ def run_local(cfg: KumikiConfig, quiet: bool = False, *, tls: bool = False, time
 
         run_id = _flwr_run(cluster, env, config_path, quiet, timeout_s, daemons)
         status = _flwr_status(env, run_id) if run_id is not None else "not started"
-        if status != "finished:completed" or not summary_path.is_file():
+        recorded = json.loads(summary_path.read_text()).get("status") if summary_path.is_file() else None
+        if status != "finished:completed" or recorded in (None, "failed"):
             run_log = [p for p in cluster.procs if p.name == "flwr-run"]  # has the ServerApp's traceback
             raise RuntimeError(
                 f"Flower run {run_id} ended with status {status!r}"
-                f"{'' if summary_path.is_file() else ' and wrote no summary.json'}; logs in {logs}\n"
+                f"{' and wrote no summary.json' if recorded is None else f', recorded as {recorded!r}'}; logs in {logs}\n"
                 + _logs_of(run_log, 40) + _logs_of([p for p in cluster.procs if p not in run_log], 12)
             )
         return json.loads(summary_path.read_text())
@@ -565,6 +590,8 @@ _TUNING_ENV = ("KUMIKI_SUPERNODE_POLL_S", "KUMIKI_PULL_BACKOFF_S", "KUMIKI_REPLY
                "FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "FLWR_HOME")
 
 _STARTED = re.compile(r"Successfully started run (\d+)")
+#: how often the local engine restarts one site's SuperNode (or SuperExec) that died during a run
+MAX_RESTARTS = 3
 
 
 def _flwr_run(cluster: _Cluster, env: dict[str, str], config_path: Path, quiet: bool, timeout_s: float,
@@ -593,10 +620,17 @@ def _flwr_run(cluster: _Cluster, env: dict[str, str], config_path: Path, quiet: 
     reader.start()
     deadline = time.monotonic() + timeout_s
     while proc.popen.poll() is None:
-        dead = [p for p in daemons if p.popen.poll() is not None]
-        if dead:
-            raise RuntimeError(f"{dead[0].name} exited (code {dead[0].popen.returncode}) during the run\n"
-                               + _logs_of([dead[0], proc], 40))
+        for i, p in enumerate(daemons):
+            if p.popen.poll() is None:
+                continue
+            if p.site is None or p.restarts >= MAX_RESTARTS:  # the SuperLink, the ServerApp's executor, or given up
+                raise RuntimeError(f"{p.name} exited (code {p.popen.returncode}) during the run"
+                                   f"{f' after {p.restarts} restarts' if p.restarts else ''}\n" + _logs_of([p, proc], 40))
+            # A site's process died: the run goes on without it (server.min_reply_fraction decides each round)
+            # and the engine brings it back; its personal state is on disk, so it resumes where it left off.
+            log.warning("%s exited (code %s); restarting it (%d of %d)", p.name, p.popen.returncode,
+                        p.restarts + 1, MAX_RESTARTS)
+            daemons[i] = cluster.restart(p)
         if time.monotonic() > deadline:
             raise RuntimeError(f"the Flower run did not finish within {timeout_s:.0f}s\n" + _logs_of([proc], 40))
         time.sleep(0.1)

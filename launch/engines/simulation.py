@@ -20,8 +20,23 @@ from launch.engines import prepare_sites
 log = logging.getLogger("kumiki")
 
 
-def run_sim(cfg, quiet: bool = False) -> dict:
+def run_sim(cfg, quiet: bool = False, overwrite: bool = False) -> dict:
+    from launch.rundir import claim_run_dir
+
+    with claim_run_dir(cfg, overwrite):
+        return _run_sim(cfg, quiet)
+
+
+#: Ray 2.55 binds its GCS, raylet and worker gRPC servers to all interfaces and has no option to keep them
+#: on loopback (checked: ``_node_ip_address = 127.0.0.1`` moves the advertised address, not the binds).
+RAY_EXPOSURE = ("the simulation engine's Ray services listen on all network interfaces (Ray offers no loopback-only "
+                "option); use it on a trusted network, or use --engine inprocess (no sockets) or local (127.0.0.1)")
+
+
+def _run_sim(cfg, quiet: bool) -> dict:
     from flwr.simulation import run_simulation
+
+    log.warning(RAY_EXPOSURE)
 
     from client.app import app as client_app
     from server.federation import run_federation
@@ -44,7 +59,8 @@ def run_sim(cfg, quiet: bool = False) -> dict:
         num_supernodes=cfg.total_sites,
         backend_config={
             "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"num_cpus": os.cpu_count() or 2, "logging_level": "ERROR", "log_to_driver": False},
+            "init_args": {"num_cpus": os.cpu_count() or 2, "logging_level": "ERROR", "log_to_driver": False,
+                          "_node_ip_address": "127.0.0.1", "include_dashboard": False},
         },
     )
     if not result:

@@ -1,0 +1,125 @@
+"""Defensive parsing of everything a site sends, so that no reply can crash or steer the server.
+
+A site is another organisation's machine: its replies are untrusted input. Every
+field is parsed here, and anything unexpected raises :class:`BadReply`, which the
+strategy logs as a rejection of that one reply:
+
+* tensors: exactly the names the site was sent, each with the dtype and shape it
+  was sent with, and finite values (so no int64 or float64 reply changes the
+  model's dtype, and no complex NaN slips past a float-only check);
+* ``num-examples``: a finite positive integer, at most what the site announced at
+  discovery (so no site outweighs the others by claiming 1e12 examples);
+* metrics: finite scalars; accuracies in [0, 1], losses >= 0;
+* profiles: a safe site name, a known role, bounded example counts.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from kumiki import contract as C
+
+#: Upper bound on any example count a site may announce (a sanity bound, not a quota).
+MAX_EXAMPLES = 10**9
+SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+ROLES = ("train", "unseen")
+
+
+class BadReply(ValueError):
+    """A reply the server must drop; the message says why (it goes to the log and metrics.jsonl)."""
+
+
+def _number(value: Any) -> float | None:
+    """The value as a float if it is a real scalar number (bool is not a number here), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return None
+    return float(value)
+
+
+def positive_int(value: Any, what: str, upper: int = MAX_EXAMPLES) -> int:
+    v = _number(value)
+    if v is None or not math.isfinite(v) or v != int(v) or v <= 0:
+        raise BadReply(f"{what} must be a positive integer, got {value!r}")
+    if v > upper:
+        raise BadReply(f"{what} = {int(v)} exceeds {upper}")
+    return int(v)
+
+
+def parse_profile(node_id: int, content: Any) -> dict[str, Any]:
+    """The fields of a ``query.profile`` reply, validated (site, role, group, num-train, num-test)."""
+    if C.PROFILE not in content.config_records:
+        raise BadReply("profile reply lacks its 'profile' record")
+    rec = content[C.PROFILE]
+    site, role, group = rec.get("site"), rec.get("role"), rec.get("group", "")
+    if not isinstance(site, str) or not SITE_NAME.match(site):
+        raise BadReply(f"site name {site!r} is not a name (letters, digits, '_', '.', '-'; at most 64)")
+    if role not in ROLES:
+        raise BadReply(f"site {site}: role {role!r} is not one of {ROLES}")
+    if not isinstance(group, str) or len(group) > 128:
+        raise BadReply(f"site {site}: group must be a short string")
+    return {"node_id": node_id, "site": site, "role": role, "group": group,
+            "num_train": positive_int(rec.get("num-train"), f"site {site}: num-train"),
+            "num_test": positive_int(rec.get("num-test"), f"site {site}: num-test")}
+
+
+def check_arrays(arrays: Any, reference: Mapping[str, np.ndarray], expected: Iterable[str]) -> dict[str, np.ndarray]:
+    """The reply's tensors as numpy arrays, or BadReply: names, dtypes and shapes as sent; finite values."""
+    names = set(arrays.keys())
+    expected = set(expected)
+    if names != expected:
+        raise BadReply(f"reply tensors differ from the ones sent: {sorted(names ^ expected)[:5]}")
+    out = {}
+    for name in sorted(names):
+        value = arrays[name].numpy()
+        ref = reference[name]
+        if value.dtype != ref.dtype:
+            raise BadReply(f"tensor {name}: dtype {value.dtype} != {ref.dtype} (as sent)")
+        if value.shape != ref.shape:
+            raise BadReply(f"tensor {name}: shape {value.shape} != {ref.shape}")
+        if value.dtype.kind in "fc" and not np.isfinite(value).all():
+            raise BadReply(f"tensor {name}: NaN or inf")
+        out[name] = value
+    return out
+
+
+def scalar_metrics(rec: Any) -> dict[str, float]:
+    """Finite real scalars of a MetricRecord (lists and non-finite values are dropped)."""
+    out = {}
+    for k, v in rec.items():
+        f = _number(v)
+        if f is not None and math.isfinite(f):
+            out[str(k)] = f
+    return out
+
+
+def train_metrics(content: Any, announced: int) -> tuple[int, dict[str, float]]:
+    """``num-examples`` (bounded by the site's announcement) and the scalar training metrics."""
+    if C.METRICS not in content.metric_records:
+        raise BadReply("reply lacks its 'metrics' record")
+    rec = content[C.METRICS]
+    n = positive_int(rec.get(C.NUM_EXAMPLES), "num-examples", upper=announced)
+    return n, scalar_metrics(rec)
+
+
+def eval_metrics(content: Any, announced_test: int) -> dict[str, float]:
+    """An evaluation reply's metrics, range-checked: accuracies in [0, 1], losses >= 0, a bounded count."""
+    if C.METRICS not in content.metric_records:
+        raise BadReply("evaluation reply lacks its 'metrics' record")
+    rec = content[C.METRICS]
+    positive_int(rec.get(C.NUM_EXAMPLES), "num-examples", upper=announced_test)
+    out = {}
+    for k, v in rec.items():
+        f = _number(v)
+        if f is None or not math.isfinite(f):
+            raise BadReply(f"metric {k!r} is not a finite number: {v!r}")
+        if k.endswith("-accuracy") and not 0.0 <= f <= 1.0:
+            raise BadReply(f"metric {k!r} = {f} is outside [0, 1]")
+        if k.endswith("-loss") and f < 0:
+            raise BadReply(f"metric {k!r} = {f} is negative")
+        out[str(k)] = f
+    return out
