@@ -96,7 +96,6 @@ class FedHB(KumikiStrategy):
         start = h.init_precision if h.fixed_precision is None else h.fixed_precision
         #: w_k, sent to the sites every round.
         self.precision = {k: np.full(initial[k].shape, start, dtype=np.float32) for k in self.coords}
-        self.posterior: NIGPosterior | None = None
 
     def extra_arrays(self, node_id: int, server_round: int) -> dict[str, np.ndarray]:
         return {self.method.precision_prefix + k: w for k, w in self.precision.items()}
@@ -114,7 +113,6 @@ class FedHB(KumikiStrategy):
         psi0 = auto_psi0(nu, h.mu_max, n_mean) if h.psi0 == "auto" else h.psi0
         post = niw_diag_update([{k: u.arrays[k] for k in self.coords} for u in updates],
                                h.lambda0, self.mu0, h.nu0, psi0, h.eps)
-        self.posterior = post
         if h.fixed_precision is None:
             self.precision = {k: w.astype(np.float32) for k, w in post.w.items()}
         return {k: (post.m[k].astype(self.shared[k].dtype) if k in post.m else plain[k]) for k in self.shared}

@@ -48,3 +48,11 @@ def personalized_means(tmp_path: Path, methods: tuple[str, ...], **kw) -> dict[s
 
     return {m: run_inprocess(make_config(tmp_path, method=m, name=m, **kw), quiet=True)["personalized"]["mean"]
             for m in methods}
+
+
+def config_file(tmp_path: Path, name: str, rounds: int, data: str = 'dataset = "digits"\nsites = 2') -> Path:
+    """A small TOML config on disk (for CLI tests): FedAvg, MLP, outputs under tmp_path/runs."""
+    path = tmp_path / f"{name}.toml"
+    path.write_text(f'[run]\nname = "{name}"\nrounds = {rounds}\noutput_dir = "{tmp_path / "runs"}"\n'
+                    f'[method]\nname = "fedavg"\n[data]\n{data}\n[model]\narch = "mlp"\n')
+    return path

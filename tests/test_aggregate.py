@@ -68,3 +68,12 @@ def test_local_never_aggregates(tmp_path):
     assert summary["bytes"]["up_total"] == 0 and summary["bytes"]["down_total"] == 0
     assert summary["personalized"]["mean"] > 0.2  # the sites did train on their own
     assert summary["global"]["mean"] is None
+
+
+def test_weighted_mean_accepts_zero_and_fractional_weights():
+    a = {"w": np.array([1.0], np.float32)}
+    b = {"w": np.array([5.0], np.float32)}
+    assert np.allclose(weighted_mean([a, b], [0.0, 1.0])["w"], [5.0])  # a zero weight is allowed, not an error
+    assert np.allclose(weighted_mean([a, b], [0.25, 0.25])["w"], [3.0])  # weights need not sum to 1 or more
+    with pytest.raises(ValueError):
+        weighted_mean([a, b], [-1.0, 2.0])

@@ -21,9 +21,8 @@ SUMMARY_KEYS = {"method", "dataset", "metric", "rounds", "sites", "personalized"
                 "privacy"}
 
 
-def _group_members(pgids: set[int]) -> set[int]:
-    """PIDs of live (non-zombie) processes whose process group is one of ``pgids``."""
-    out = set()
+def proc_stats():
+    """(pid, state, ppid, pgrp) of every process, from /proc/<pid>/stat."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -32,9 +31,12 @@ def _group_members(pgids: set[int]) -> set[int]:
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2:].split()  # state ppid pgrp ...
-        if fields[0] != "Z" and int(fields[2]) in pgids:
-            out.add(int(entry.name))
-    return out
+        yield int(entry.name), fields[0], int(fields[1]), int(fields[2])
+
+
+def _group_members(pgids: set[int]) -> set[int]:
+    """PIDs of live (non-zombie) processes whose process group is one of ``pgids``."""
+    return {pid for pid, state, _, pgrp in proc_stats() if state != "Z" and pgrp in pgids}
 
 
 def _alive(pid: int) -> bool:

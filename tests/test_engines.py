@@ -11,7 +11,7 @@ import numpy as np
 
 from launch.engines import run
 from server.federation import build_strategy
-from tests.conftest import make_config
+from tests.conftest import config_file, make_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTRACT = {"method", "dataset", "metric", "rounds", "sites", "personalized", "global", "unseen", "unseen_adapted",
@@ -54,20 +54,7 @@ def test_simulation_engine_matches_inprocess_bit_for_bit(tmp_path):
 
 
 def test_cli_run_writes_outputs_and_report(tmp_path):
-    cfg_path = tmp_path / "c.toml"
-    cfg_path.write_text(f"""
-[run]
-name = "cli"
-rounds = 2
-output_dir = "{tmp_path / 'runs'}"
-[method]
-name = "fedavg"
-[data]
-dataset = "digits"
-sites = 2
-[model]
-arch = "mlp"
-""")
+    cfg_path = config_file(tmp_path, "cli", 2)
     r = subprocess.run([sys.executable, "-m", "launch.cli", "run", str(cfg_path), "--engine", "inprocess", "--set", "run.rounds=3"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]

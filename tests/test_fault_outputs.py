@@ -13,7 +13,7 @@ import pytest
 from launch.engines.inprocess import run_inprocess
 from launch.rundir import LOCK, RunDirError
 from server.recorder import Recorder
-from tests.conftest import make_config
+from tests.conftest import config_file, make_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -106,23 +106,8 @@ def test_cli_exit_code_follows_the_run_status(tmp_path):
 
     folders = materialize(src, tmp_path / "sites")
     (folders[2] / "test.npz").unlink()
-    conf = tmp_path / "c.toml"
-    conf.write_text(f"""
-[run]
-name = "exit"
-rounds = 1
-output_dir = "{tmp_path / 'runs'}"
-[method]
-name = "fedavg"
-[data]
-dataset = "site-folders"
-path = "{tmp_path / 'sites'}"
-sites = 3
-input_shape = [1, 8, 8]
-num_classes = 10
-[model]
-arch = "mlp"
-""")
+    data = f'dataset = "site-folders"\npath = "{tmp_path / "sites"}"\nsites = 3\ninput_shape = [1, 8, 8]\nnum_classes = 10'
+    conf = config_file(tmp_path, "exit", 1, data)
     r = _cli("run", str(conf), "--engine", "inprocess")
     assert r.returncode == 3, r.stderr[-1500:]
     assert "status 'incomplete'" in r.stderr

@@ -24,8 +24,8 @@ from flwr.app import Context, RecordDict
 from kumiki import contract as C
 from launch.engines import local
 from launch.engines.inprocess import run_inprocess
-from tests.conftest import make_config
-from tests.test_engine_local import _alive, _group_members
+from tests.conftest import config_file, make_config
+from tests.test_engine_local import _alive, _group_members, proc_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,20 +115,7 @@ def test_sigterm_and_sighup_unwind_like_ctrl_c():
 @pytest.mark.deploy
 @pytest.mark.parametrize("sig", [signal.SIGTERM], ids=["SIGTERM"])
 def test_a_signal_stops_a_local_run_and_every_process_it_started(tmp_path, sig):
-    conf = tmp_path / "c.toml"
-    conf.write_text(f"""
-[run]
-name = "sig"
-rounds = 50
-output_dir = "{tmp_path / 'runs'}"
-[method]
-name = "fedavg"
-[data]
-dataset = "digits"
-sites = 2
-[model]
-arch = "mlp"
-""")
+    conf = config_file(tmp_path, "sig", 50)
     proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "run", str(conf), "--engine", "local"], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -157,18 +144,12 @@ arch = "mlp"
 
 def _sessions_of(pid: int) -> set[int]:
     """Process groups of ``pid``'s descendants (the engine puts each daemon in its own group)."""
+    stats = list(proc_stats())
     groups, todo = set(), [pid]
     while todo:
         parent = todo.pop()
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2:].split()
-            if int(fields[1]) == parent:
-                todo.append(int(entry.name))
-                groups.add(int(fields[2]))
+        for child, _, ppid, pgrp in stats:
+            if ppid == parent:
+                todo.append(child)
+                groups.add(pgrp)
     return groups

@@ -158,13 +158,17 @@ def test_robust_rules_by_hand():
     # beta 0.2 of 5 drops one value at each end per coordinate: [2, 3, 4] and [10, 20, 30]
     assert np.allclose(trimmed_mean(ups, 0.2)["w"], [3.0, 20.0])
     assert coordinate_median(ups)["n"] == 3 and trimmed_mean(ups, 0.2)["w"].dtype == np.float32
-    ref = {"w": np.zeros(2, np.float32), "n": np.array(0)}
+    ref = {"w": np.array([1.0, 1.0], np.float32), "n": np.array(0)}
     clipped = clip_to_median_norm(ups, ref, bound=2.0)
-    norms = [np.linalg.norm(u["w"]) for u in ups]  # median is ups[2]'s norm, sqrt(3^2 + 30^2)
+    deltas = [u["w"] - ref["w"] for u in ups]
+    norms = [np.linalg.norm(d) for d in deltas]  # changes from the reference, not the raw values
     limit = 2.0 * np.median(norms)
     assert np.allclose(clipped[0]["w"], ups[0]["w"])  # small changes untouched
-    assert np.isclose(np.linalg.norm(clipped[4]["w"]), limit, rtol=1e-5)  # the outlier capped ...
-    assert np.allclose(clipped[4]["w"] / np.linalg.norm(clipped[4]["w"]), ups[4]["w"] / norms[4], atol=1e-6)  # ... not turned
+    capped = clipped[4]["w"] - ref["w"]
+    assert np.isclose(np.linalg.norm(capped), limit, rtol=1e-5)  # the outlier capped ...
+    assert np.allclose(capped / np.linalg.norm(capped), deltas[4] / norms[4], atol=1e-6)  # ... not turned
+    assert [int(c["n"]) for c in clipped] == [3, 4, 5, 6, 7], "integer buffers are left as sent"
+    assert clipped[4]["w"].dtype == np.float32
 
 
 @pytest.mark.parametrize("aggregation", ["median", "trimmed_mean", "norm_bound"])
@@ -197,3 +201,20 @@ def test_a_trimmed_mean_that_would_trim_nothing_is_refused():
     with pytest.raises(ConfigError, match="trims nothing"):
         load_config('[run]\nname="x"\nrounds=1\n[method]\nname="fedavg"\n[data]\nsites=3\n'
                     '[server]\naggregation="trimmed_mean"\ntrim_fraction=0.2\n')
+
+
+def test_profile_group_is_a_bounded_string():
+    from flwr.app import RecordDict
+
+    from strategies.replies import BadReply, parse_profile
+
+    def profile(**kw):
+        base = {"site": "s", "role": "train", "num-train": 5, "num-test": 2}
+        return RecordDict({C.PROFILE: ConfigRecord({**base, **kw})})
+
+    assert parse_profile(1, profile(group="g" * 128))["group"] == "g" * 128
+    assert parse_profile(1, profile())["group"] == ""
+    with pytest.raises(BadReply, match="group"):
+        parse_profile(1, profile(group="g" * 129))
+    with pytest.raises(BadReply, match="group"):
+        parse_profile(1, profile(group=5))

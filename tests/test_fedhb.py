@@ -263,3 +263,54 @@ def test_unseen_site_adapts_by_held_out_personalization_from_l0():
     for (k, a), (_, b) in zip(adapted.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), k
     assert not torch.equal(adapted.head.weight, sj.model.head.weight) and sj.state.extra == {}
+
+
+def test_closed_form_shrinks_toward_a_nonzero_prior_mean():
+    """lambda0 = 2, mu0 = 1: m = (2 * 1 + sum) / (2 + N); psi's shrink term uses (m_bar - mu0)."""
+    ms = [{"t": np.array([3.0])}, {"t": np.array([5.0])}]
+    post = niw_diag_update(ms, lambda0=2.0, mu0=1.0, nu0=1.0, psi0=0.5, eps=0.0)
+    assert np.allclose(post.m["t"], (2 * 1 + 8) / 4)
+    # dispersion (3-4)^2 + (5-4)^2 = 2; shrink 2*2/4 = 1 times (4 - 1)^2 = 9
+    assert np.allclose(post.psi["t"], 0.5 + 2 + 9)
+
+
+def test_fixed_psi0_caps_the_precision_and_precision_travels_as_float32(tmp_path):
+    strategy = build_strategy(make_config(tmp_path, method="fedhb", knobs={"psi0": 2.0}))
+    same = {k: v.copy() for k, v in strategy.shared.items()}
+    strategy.aggregate_shared(_strategy_updates(strategy, [lambda k, v: same[k]] * 3, [10, 10, 10]))
+    nu = strategy.method.nu0 + 3
+    w = strategy.precision
+    assert all(v.dtype == np.float32 for v in w.values())
+    assert all(np.allclose(v, nu / (2.0 + 3 * strategy.method.eps ** 2), rtol=1e-5) for v in w.values()), \
+        "identical sites: psi = psi0 (+ N eps^2), so w = nu / psi0 exactly"
+
+
+def test_warm_client_init_starts_from_the_sites_last_m_i():
+    cfg = FedHBConfig(client_init="warm")
+    sj = site_job(cfg, precision=0.0)
+    last = {k: torch.full_like(p, 0.25) for k, p in sj.model.named_parameters()}
+    sj.state.extra["m_i"] = last
+    starts = []
+    fit = sj.trainer.fit
+
+    def spy(model, params, loss_fn, **kw):
+        starts.append({k: p.detach().clone() for k, p in model.named_parameters()})
+        return fit(model, params, loss_fn, **kw)
+
+    sj.trainer.fit = spy
+    FedHBObjective(cfg).fit(sj)
+    assert all(torch.equal(starts[0][k], v) for k, v in last.items())
+    glob = site_job(FedHBConfig(), precision=0.0)  # global init ignores the stored m_i
+    glob.state.extra["m_i"] = last
+    glob.trainer.fit = lambda model, params, loss_fn, **kw: starts.append(
+        {k: p.detach().clone() for k, p in model.named_parameters()}) or {"loss": 0.0, "examples": 0.0}
+    FedHBObjective(FedHBConfig()).fit(glob)
+    assert not torch.equal(starts[1]["head.weight"], last["head.weight"])
+
+
+def test_prior_mean_init_is_the_seeded_initial_model(tmp_path):
+    init = build_strategy(make_config(tmp_path, method="fedhb", knobs={"mu0": "init"}))
+    zero = build_strategy(make_config(tmp_path, method="fedhb"))
+    for k in init.coords:
+        assert init.mu0[k].dtype == np.float64 and np.array_equal(init.mu0[k], init.shared[k].astype(np.float64))
+        assert np.all(zero.mu0[k] == 0.0)

@@ -23,8 +23,8 @@ def _train_round(msg):
     return int(msg.content[C.CONFIG][C.ROUND])
 
 
-def _poison(grid, nodes, rounds):
-    """Replace the named nodes' training replies in the given rounds by NaN tensors."""
+def _tamper(grid, nodes, rounds, change):
+    """Apply ``change(arrays) -> arrays`` to the named nodes' training replies in the given rounds."""
     send = grid.send_and_receive
 
     def wrapped(messages, *, timeout=None):
@@ -32,12 +32,15 @@ def _poison(grid, nodes, rounds):
         replies = send(messages, timeout=timeout)
         for msg, rep in zip(messages, replies):
             if msg.metadata.message_type == "train" and msg.metadata.dst_node_id in nodes and _train_round(msg) in rounds:
-                arrays = {k: np.full_like(v.numpy(), np.nan) if v.numpy().dtype.kind == "f" else v.numpy()
-                          for k, v in rep.content[C.ARRAYS].items()}
-                rep.content[C.ARRAYS] = C.to_record(arrays)
+                rep.content[C.ARRAYS] = C.to_record(change({k: v.numpy() for k, v in rep.content[C.ARRAYS].items()}))
         return replies
 
     grid.send_and_receive = wrapped
+
+
+def _poison(grid, nodes, rounds):
+    """Replace the named nodes' training replies in the given rounds by NaN tensors."""
+    _tamper(grid, nodes, rounds, lambda a: {k: np.full_like(v, np.nan) if v.dtype.kind == "f" else v for k, v in a.items()})
 
 
 def test_nan_update_is_rejected_and_the_round_goes_on(tmp_path):
@@ -124,21 +127,6 @@ def test_min_reply_fraction_decides_whether_a_round_aggregates(tmp_path, fractio
     assert same is not aggregated  # kept model <=> round 2 starts from exactly the round-1 model
 
 
-def _tamper(grid, node, change):
-    """Apply ``change(arrays) -> arrays`` to one node's round-1 training reply."""
-    send = grid.send_and_receive
-
-    def wrapped(messages, *, timeout=None):
-        messages = list(messages)
-        replies = send(messages, timeout=timeout)
-        for msg, rep in zip(messages, replies):
-            if msg.metadata.message_type == "train" and msg.metadata.dst_node_id == node and _train_round(msg) == 1:
-                rep.content[C.ARRAYS] = C.to_record(change({k: v.numpy() for k, v in rep.content[C.ARRAYS].items()}))
-        return replies
-
-    grid.send_and_receive = wrapped
-
-
 @pytest.mark.parametrize("change, needle", [
     (lambda a: {**a, "evil.weight": np.zeros(3, np.float32)}, "evil.weight"),
     (lambda a: {k: v for k, v in a.items() if k != "head.bias"}, "head.bias"),
@@ -146,7 +134,7 @@ def _tamper(grid, node, change):
 ])
 def test_reply_with_other_tensors_is_rejected_not_a_crash(tmp_path, change, needle):
     cfg = make_config(tmp_path, rounds=2, sites=3)
-    summary = run_inprocess(cfg, quiet=True, grid_hook=lambda g: _tamper(g, 2, change))
+    summary = run_inprocess(cfg, quiet=True, grid_hook=lambda g: _tamper(g, {2}, {1}, change))
     r = _rounds(cfg)
     assert r[1]["sites"]["accepted"] == 2 and r[1]["sites"]["aggregated"]
     [rej] = r[1]["sites"]["rejected"]
