@@ -50,9 +50,13 @@ class Trainer:
         self.seed = seed
         self.steps = 0
 
-    def _generator(self, tag: str) -> torch.Generator:
+    def seed_for(self, tag: str) -> int:
+        """A 64-bit seed from the site's seed and a stage tag (the same on every machine)."""
         digest = hashlib.sha256(f"{self.seed}:{tag}".encode()).digest()
-        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+        return int.from_bytes(digest[:8], "little")
+
+    def _generator(self, tag: str) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed_for(tag))
 
     def batches(self, tag: str, x: torch.Tensor | None = None, y: torch.Tensor | None = None):
         x = self.x if x is None else x
@@ -68,7 +72,7 @@ class Trainer:
     def fit(
         self,
         model: nn.Module,
-        params: Iterable[nn.Parameter],
+        params: Iterable[nn.Parameter] | Iterable[dict],
         loss_fn: LossFn = cross_entropy,
         epochs: int | None = None,
         lr: float | None = None,
@@ -76,6 +80,8 @@ class Trainer:
         after_step: StepHook | None = None,
         eval_modules: Iterable[nn.Module] = (),
         data: tuple[torch.Tensor, torch.Tensor] | None = None,
+        before_step: StepHook | None = None,
+        max_steps: int | None = None,
     ) -> dict[str, float]:
         """Train only ``params`` (everything else frozen) with a fresh SGD; return mean loss.
 
@@ -83,9 +89,14 @@ class Trainer:
         with their running statistics and do not update them (FedRep's head stage, a head
         fitted on a frozen body): frozen then means bit-identical, buffers included.
         ``data`` replaces the site's (x, y), e.g. by features a frozen encoder computed once.
+        ``epochs=None`` means ``train.local_epochs``; ``epochs=0`` means no step at all.
+        ``params`` may be SGD parameter groups (dicts with their own ``lr``: FLoRAL's base,
+        adaptors and router); ``before_step`` edits gradients between backward and step
+        (FLoRAL's preconditioning); ``max_steps`` stops early (a new site's router warm-up).
         """
         params = list(params)
-        ids = {id(p) for p in params}
+        flat = [p for g in params for p in g["params"]] if params and isinstance(params[0], dict) else params
+        ids = {id(p) for p in flat}
         flags = {n: p.requires_grad for n, p in model.named_parameters()}
         for p in model.parameters():
             p.requires_grad_(id(p) in ids)
@@ -95,16 +106,21 @@ class Trainer:
         opt = torch.optim.SGD(
             params, lr=lr or self.cfg.lr, momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay
         ) if params else None
-        total, count = 0.0, 0
+        total, count, count_steps = 0.0, 0, 0
         try:
-            for epoch in range(epochs or self.cfg.local_epochs):
+            for epoch in range(self.cfg.local_epochs if epochs is None else epochs):
                 for xb, yb in self.batches(f"{tag}:{epoch}", *(data or (None, None))):
+                    if max_steps is not None and count_steps >= max_steps:
+                        break
+                    count_steps += 1
                     loss = loss_fn(model, xb, yb)
                     if not torch.isfinite(loss):
                         raise NonFiniteLoss(f"non-finite loss in stage {tag!r}, epoch {epoch}")
                     if opt is not None:
                         opt.zero_grad(set_to_none=True)
                         loss.backward()
+                        if before_step is not None:
+                            before_step(model)
                         opt.step()
                     if after_step is not None:
                         after_step(model)

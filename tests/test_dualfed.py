@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import numpy as np
@@ -122,12 +123,16 @@ def test_stage_b_in_eval_bn_mode_leaves_every_encoder_tensor_bit_identical():
     assert changed(b0, b1, "shared_head.")
 
 
-@pytest.mark.parametrize("con_lambda", [0.0, 10.0])
+@pytest.mark.parametrize("con_lambda", [0.0, 10.0, "auto-group"])
 def test_stage_a_encoder_gradient_comes_from_the_personal_branch_only(con_lambda):
     """Spec 11.4: the encoder's stage-A gradient equals that of CE(h_psi(g_phi(f_theta(x)))) + lambda * SupCon,
-    computed independently on a copy; the shared head is not in the graph even where it could take a gradient."""
-    cfg = DualFedConfig(con_lambda=con_lambda)
+    computed independently on a copy; the shared head is not in the graph even where it could take a gradient.
+    ``auto`` on a group-norm encoder means lambda = 1 (the job's model decides, not a default)."""
+    cfg = DualFedConfig(con_lambda="auto" if con_lambda == "auto-group" else con_lambda)
     sj = site_job(cfg)
+    if con_lambda == "auto-group":
+        sj.job = dataclasses.replace(sj.job, model=dataclasses.replace(sj.job.model, norm="group"))
+        con_lambda = 1.0
     model = sj.model.train()
     ref = copy.deepcopy(model)
     x, y = torch.from_numpy(sj.data.x_train[:32]), torch.from_numpy(sj.data.y_train[:32])

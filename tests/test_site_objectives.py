@@ -32,10 +32,10 @@ from models import ModelSpec, build_model
 N = 96  # three batches of 32
 
 
-def site_job(cfg, n: int = N, **train) -> SiteJob:
+def site_job(cfg, n: int = N, norm: str = "batch", **train) -> SiteJob:
     x, y = load_digits()
     idx = np.random.default_rng(0).permutation(len(y))[: 2 * n]
-    spec = ModelSpec("mlp", (1, 8, 8), 10, hidden=64)
+    spec = ModelSpec("mlp", (1, 8, 8), 10, hidden=64, norm=norm)
     model = build_model(spec, cfg.variant)
     tcfg = TrainSection(**{"batch_size": 32, "lr": 0.05, "device": "cpu", **train})
     data = SiteData("s", "train", x[idx[:n]], y[idx[:n]], x[idx[n:]], y[idx[n:]], {})
@@ -172,3 +172,78 @@ def test_ditto_tracks_report_and_use_their_epochs():
     calls.clear()
     DittoObjective(cfg).adapt_unseen(sj, 3)
     assert calls[0]["epochs"] == 3
+
+
+def test_dualfed_eval_mode_stage_b_trains_the_head_on_cached_features_for_its_epochs():
+    cfg = DualFedConfig(stage_b_bn_mode="eval", stage_b_epochs=3)
+    sj = site_job(cfg)
+    calls = spy(sj)
+    DualFedObjective(cfg).fit(sj)
+    b = calls[1]
+    assert b["model"] is sj.model.shared_head and (b["epochs"], b["steps"]) == (3, 9)
+    z, y = b["data"]
+    assert z.shape[0] == N and torch.equal(y, sj.trainer.y)
+    w = torch.randn(4, z.shape[1])
+    assert b["loss"](sj.model.shared_head, w, y[:4]) == F.cross_entropy(sj.model.shared_head(w), y[:4])
+
+
+def test_dualfed_reports_the_example_weighted_mean_supcon_of_stage_a(monkeypatch):
+    import client.methods.dualfed as dualfed
+
+    seen = []
+
+    def recording(features, labels, tau):
+        out = supcon_loss(features, labels, tau)
+        seen.append((float(out.detach()), len(labels)))
+        return out
+
+    monkeypatch.setattr(dualfed, "supcon_loss", recording)
+    cfg = DualFedConfig(stage_epochs=2)
+    metrics = DualFedObjective(cfg).fit(site_job(cfg))
+    assert len(seen) == 6 and {n for _, n in seen} == {32}
+    assert metrics["supcon"] == pytest.approx(sum(v * n for v, n in seen) / sum(n for _, n in seen), rel=1e-9)
+
+
+def _objective(name: str):
+    from kumiki.registry import entry
+
+    e = entry(name)
+    return e.config(), e.load_objective()
+
+
+@pytest.mark.parametrize("norm", ["batch", "group"])  # with personal BN statistics a copy is made anyway
+@pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedavg_ft", "local", "dualfed", "fedhb", "fedper",
+                                  "fedrep", "ditto"])
+def test_new_site_adaptation_works_on_a_copy_and_never_changes_the_site_model(name, norm):
+    cfg, objective = _objective(name)
+    sj = site_job(cfg, norm=norm)
+    sj.role = "unseen"
+    before = {k: v.clone() for k, v in sj.model.state_dict().items()}
+    adapted = objective(cfg).adapt_unseen(sj, 1)
+    assert all(torch.equal(v, before[k]) for k, v in sj.model.state_dict().items()), "site model changed"
+    if adapted is not None:
+        assert adapted is not sj.model
+        assert all(p.data_ptr() != q.data_ptr() for p in adapted.parameters() for q in sj.model.parameters())
+
+
+def test_fedhb_personalization_runs_its_epochs_and_zero_means_the_posterior_mean():
+    from client.methods.fedhb import FedHBObjective
+    from kumiki.methods import FedHBConfig
+
+    cfg = FedHBConfig()
+    sj = site_job(cfg)
+    calls = spy(sj)
+    mean = {k: v.clone() for k, v in sj.model.state_dict().items()}
+    same = FedHBObjective(cfg).personalize(sj, 0)
+    assert calls == [] and all(torch.equal(v, mean[k]) for k, v in same.state_dict().items())
+    one = FedHBObjective(cfg).personalize(sj, 1)
+    assert calls[0]["epochs"] == 1 and calls[0]["steps"] == 3
+    assert any(not torch.equal(v, mean[k]) for k, v in one.state_dict().items())
+
+
+def test_trainer_takes_zero_epochs_as_no_step_and_none_as_local_epochs():
+    sj = site_job(LocalConfig(), local_epochs=2)
+    before = {k: v.clone() for k, v in sj.model.state_dict().items()}
+    out = sj.trainer.fit(sj.model, sj.model.parameters(), epochs=0)
+    assert out["examples"] == 0 and all(torch.equal(v, before[k]) for k, v in sj.model.state_dict().items())
+    assert sj.trainer.fit(sj.model, sj.model.parameters())["examples"] == 2 * N
