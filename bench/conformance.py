@@ -56,6 +56,9 @@ EXPLAINED: list[tuple[str, str, str]] = [
     ("*-cnn-*-fedrep", "personalizes", "README, 'Known gaps': FedRep on CNN-S"),
     ("digits-cnn-gn-ditto", "personalizes", "README, 'Known gaps': small gaps on digits with group norm"),
     ("digits-cnn-gn-dualfed", "personalizes", "README, 'Known gaps': small gaps on digits with group norm"),
+    ("digits-cnn-bn-floral", "personalizes", "README, 'Known gaps': FLoRAL without clusters, seed 0"),
+    ("*-floral_ensemble", "personalizes", "README, 'Known gaps': FLoRAL's ensemble baseline"),
+    ("*-floral_ensemble", "global", "README, 'Known gaps': FLoRAL's ensemble baseline"),
 ]
 
 

@@ -86,7 +86,7 @@ def prepare(msg: Message, context: Context, for_training: bool) -> tuple[SiteJob
         raise ValueError(f"site {info.name} is an unseen site: it evaluates only and never trains")
     method = entry(job.method.name)
     objective = method.load_objective()(job.method)
-    model = build_model(job.model, job.method.variant)
+    model = build_model(job.model, job.method)
     split = ParamSplit.build(model, job.method.split_rules())
     store = SiteStore(info.state_dir)
     completed = int(msg.content[C.CONFIG].get(C.COMPLETED, 0))

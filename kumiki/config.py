@@ -50,7 +50,21 @@ class ShardsPartition(_Section):
     classes_per_site: int = Field(2, ge=1, description="pathological split: labels per site")
 
 
-Partition = Annotated[Union[IidPartition, DirichletPartition, ShardsPartition], Field(discriminator="kind")]
+class ClustersPartition(_Section):
+    """FLoRAL's clustered sites: an IID split, then site i joins cluster i mod ``clusters`` and its data is
+    transformed by that cluster's shift. Sites in one cluster share a task; the server is never told which."""
+
+    kind: Literal["clusters"] = "clusters"
+    clusters: int = Field(4, ge=2, le=1000, description="number of clusters C; site i (unseen sites too) is in cluster i mod C")
+    cluster_transform: Literal["label_shift", "rotation"] = Field(
+        "label_shift",
+        description="label_shift: y -> (y + c) mod num_classes; rotation: images turned by (360 / C) * c degrees",
+    )
+
+
+Partition = Annotated[
+    Union[IidPartition, DirichletPartition, ShardsPartition, ClustersPartition], Field(discriminator="kind")
+]
 
 #: Examples in each pooled dataset, and the fewest a site needs (train and test splits, Dirichlet's minimum).
 POOL_SIZES = {"digits": 1797, "fashion-mnist": 60_000}
@@ -86,6 +100,7 @@ class DataSection(_Section):
             raise ValueError("data.dataset = 'site-folders' needs data.path, data.input_shape = [C, H, W] and data.num_classes")
         if self.input_shape is not None and len(self.input_shape) != 3:
             raise ValueError("data.input_shape must be [C, H, W]")
+        self._check_clusters()
         pool = POOL_SIZES.get(self.dataset)
         wanted = (self.sites + self.unseen_sites) * MIN_SITE_EXAMPLES
         if pool is not None and wanted > pool:
@@ -94,6 +109,21 @@ class DataSection(_Section):
                 f"({MIN_SITE_EXAMPLES} each), but {self.dataset} has {pool}; use at most "
                 f"{pool // MIN_SITE_EXAMPLES} sites in all")
         return self
+
+    def _check_clusters(self) -> None:
+        """Every cluster needs a training site (unseen sites alone cannot teach a cluster's task), and a
+        cluster rotation on top of data.domains would stack two image shifts, so neither cluster is clean."""
+        part = self.partition
+        if not isinstance(part, ClustersPartition):
+            return
+        if part.clusters > self.sites:
+            raise ValueError(
+                f"data.partition.clusters = {part.clusters} exceeds data.sites = {self.sites}: every cluster needs "
+                f"at least one training site; use at most {self.sites} clusters or more sites")
+        if part.cluster_transform == "rotation" and self.domains:
+            raise ValueError(
+                "data.partition.cluster_transform = 'rotation' conflicts with data.domains (both shift the images); "
+                "drop data.domains or use cluster_transform = 'label_shift'")
 
     def dataset_dir(self) -> str:
         return self.path or os.environ.get("FMNIST_DIR", FMNIST_DEFAULT_DIR)
@@ -222,7 +252,7 @@ def _format(err: ValidationError, method_name: str | None) -> list[str]:
         # Drop the union tag pydantic inserts (method.fedprox.mu -> method.mu; data.partition.dirichlet.alpha).
         if len(loc) >= 2 and loc[0] == "method" and loc[1] in METHODS:
             loc.pop(1)
-        if len(loc) >= 3 and loc[:2] == ["data", "partition"] and loc[2] in ("iid", "dirichlet", "shards"):
+        if len(loc) >= 3 and loc[:2] == ["data", "partition"] and loc[2] in ("iid", "dirichlet", "shards", "clusters"):
             loc.pop(2)
         key = ".".join(loc)
         msg = e["msg"].removeprefix("Value error, ")

@@ -41,6 +41,11 @@ METHODS: dict[str, MethodEntry] = {
     "fedper": MethodEntry(m.FedPerConfig, "strategies.fedper:FedPer", "client.methods.fedper:FedPerObjective"),
     "fedrep": MethodEntry(m.FedRepConfig, "strategies.fedrep:FedRep", "client.methods.fedrep:FedRepObjective"),
     "ditto": MethodEntry(m.DittoConfig, "strategies.ditto:Ditto", "client.methods.ditto:DittoObjective"),
+    "floral": MethodEntry(m.FloralConfig, "strategies.floral:FLoRAL", "client.methods.floral:FloralObjective"),
+    "floral_ensemble": MethodEntry(m.FloralEnsembleConfig, "strategies.floral_ensemble:FloralEnsemble",
+                                   "client.methods.floral_ensemble:FloralEnsembleObjective"),
+    "local_adaptors": MethodEntry(m.LocalAdaptorsConfig, "strategies.local_adaptors:LocalAdaptors",
+                                  "client.methods.local_adaptors:LocalAdaptorsObjective"),
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -49,13 +50,35 @@ def _dual(spec: ModelSpec) -> nn.Module:
 VARIANTS["dual"] = _dual  # DualFed: encoder + shared_head + projector + personal_head
 
 
-def build_model(spec: ModelSpec, variant: str = "plain") -> nn.Module:
-    """Same spec and seed -> bit-identical initial tensors on every machine."""
+def _floral(spec: ModelSpec, **options) -> nn.Module:
+    from models.lora import FloralModel
+
+    return FloralModel(_plain(spec), **options)
+
+
+def _floral_ensemble(spec: ModelSpec, num_copies: int = 4, **options) -> nn.Module:
+    from models.lora import EnsembleModel
+
+    return EnsembleModel(lambda: _plain(spec), num_copies, **options)
+
+
+VARIANTS["floral"] = _floral  # FLoRAL: base.* + adaptors.<c>.* + router.theta
+VARIANTS["floral_ensemble"] = _floral_ensemble  # FLoRAL's ensemble baseline: copies.<c>.* + router.theta
+
+
+def build_model(spec: ModelSpec, variant: Any = "plain") -> nn.Module:
+    """Same spec and seed -> bit-identical initial tensors on every machine.
+
+    ``variant`` is a variant name, or a method config whose ``variant`` names one and whose
+    ``model_options()`` parameterize it (FLoRAL's adaptor count, rank budget and layers).
+    """
+    options = {} if isinstance(variant, str) else variant.model_options()
+    variant = variant if isinstance(variant, str) else variant.variant
     if variant not in VARIANTS:
         raise KeyError(f"unknown model variant {variant!r}; known: {sorted(VARIANTS)}")
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(spec.seed)
     try:
-        return VARIANTS[variant](spec)
+        return VARIANTS[variant](spec, **options)
     finally:
         torch.random.set_rng_state(gen_state)

@@ -38,7 +38,7 @@ def model_spec(cfg: KumikiConfig) -> ModelSpec:
 
 def build_strategy(cfg: KumikiConfig, sim: dict | None = None):
     spec = model_spec(cfg)
-    model = build_model(spec, cfg.method.variant)
+    model = build_model(spec, cfg.method)
     split = ParamSplit.build(model, cfg.method.split_rules())
     initial = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     job = Job(0, cfg.method, cfg.train, spec, cfg.privacy, sim, cfg.eval, cfg.site, cfg.run.name)

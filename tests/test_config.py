@@ -143,3 +143,31 @@ def test_eval_section_defaults_and_errors():
     assert load_config(GOOD, ["eval.unseen_adapt_epochs=0"]).eval.unseen_adapt_epochs == 0
     with pytest.raises(ConfigError, match="eval.unseen_adapt_epochs"):
         load_config(GOOD, ["eval.unseen_adapt_epochs=-1"])
+
+
+CLUSTERS = GOOD.replace('partition = { kind = "dirichlet", alpha = 0.5 }', 'partition = { kind = "clusters" }')
+
+
+def test_cluster_partition_defaults_and_transforms():
+    part = load_config(CLUSTERS, ["data.sites=4"]).data.partition
+    assert (part.kind, part.clusters, part.cluster_transform) == ("clusters", 4, "label_shift")
+    rot = load_config(CLUSTERS, ["data.partition.clusters=2", 'data.partition.cluster_transform="rotation"'])
+    assert rot.data.partition.cluster_transform == "rotation"
+    # label shift leaves the images alone, so data.domains still applies
+    shifted = load_config(CLUSTERS, ["data.partition.clusters=3", 'data.domains=["identity", "invert"]'])
+    assert shifted.data.domains == ["identity", "invert"]
+
+
+@pytest.mark.parametrize("overrides, key, words", [
+    ([], "data.partition.clusters", "data.sites = 3"),  # the default 4 clusters need 4 training sites
+    (["data.partition.clusters=4", "data.unseen_sites=5"], "data.partition.clusters", "training site"),
+    (["data.partition.clusters=1"], "data.partition.clusters", "greater than or equal to 2"),
+    (['data.partition.cluster_transform="blur"'], "data.partition.cluster_transform", "label_shift"),
+    (["data.partition.alpha=0.3"], "data.partition.alpha", "unknown key"),
+    (["data.partition.clusters=2", 'data.partition.cluster_transform="rotation"', 'data.domains=["invert"]'],
+     "data.partition.cluster_transform", "data.domains"),
+])
+def test_cluster_partition_errors_name_the_key(overrides, key, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(CLUSTERS, overrides)
+    assert any(p.startswith(key) and words in p for p in e.value.problems), e.value.problems

@@ -21,7 +21,11 @@ def fedavg(tmp_path_factory):
     return run_cell(Cell("digits", "cnn-bn", "fedavg"), tmp_path_factory.mktemp("conformance"))
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+#: FLoRAL's two baselines run in the bench matrix only (CI time); FLoRAL itself is here.
+CI_METHODS = sorted(set(METHODS) - {"floral_ensemble", "local_adaptors"})
+
+
+@pytest.mark.parametrize("method", CI_METHODS)
 def test_method_conforms_on_the_default_model(method, fedavg, tmp_path):
     res = fedavg if method == "fedavg" else run_cell(Cell("digits", "cnn-bn", method), tmp_path)
     assert "error" not in res, res.get("trace")

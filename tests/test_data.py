@@ -101,3 +101,43 @@ def test_missing_fashion_mnist_is_a_clear_error(tmp_path):
 
     with pytest.raises(DataUnavailable, match="apt-get install dataset-fashion-mnist"):
         load_fashion_mnist(tmp_path)
+
+
+def _clustered_and_plain(tmp_path, clusters, transform, domains_=()):
+    """Site folders of a clusters partition and of the plain iid one with the same seed: the same examples
+    land on the same sites, so the cluster shift is the only difference."""
+    data = {"domains": list(domains_)}
+    plain = make_config(tmp_path, sites=4, unseen=2, alpha=None, data=data)
+    clustered = make_config(tmp_path, sites=4, unseen=2, alpha=None, data={
+        **data, "partition": {"kind": "clusters", "clusters": clusters, "cluster_transform": transform}})
+    return ([sites.load_site(f) for f in sites.materialize(clustered, tmp_path / "clustered")],
+            [sites.load_site(f) for f in sites.materialize(plain, tmp_path / "plain")])
+
+
+def test_cluster_label_shift_permutes_each_clusters_labels(tmp_path):
+    shifted, plain = _clustered_and_plain(tmp_path, 3, "label_shift", domains_=("identity", "invert"))
+    # unseen sites 4 and 5 continue the numbering: clusters 1 and 2
+    assert [d.meta["cluster"] for d in shifted] == [0, 1, 2, 0, 1, 2]
+    assert all(d.meta["cluster_transform"] == "label_shift" for d in shifted)
+    assert "cluster" not in plain[0].meta
+    for i, (s, p) in enumerate(zip(shifted, plain)):
+        c = i % 3
+        assert np.array_equal(s.y_train, (p.y_train + c) % 10) and np.array_equal(s.y_test, (p.y_test + c) % 10)
+        assert np.array_equal(s.x_train, p.x_train)  # images untouched; data.domains still applied (invert)
+        assert s.meta["derived"] is (c != 0 or s.meta["domain"] != "identity")
+    assert shifted[1].meta["domain"] == "invert"
+
+
+def test_cluster_rotation_turns_each_clusters_images(tmp_path):
+    rotated, plain = _clustered_and_plain(tmp_path, 2, "rotation")
+    assert [d.meta["cluster"] for d in rotated] == [0, 1, 0, 1, 0, 1]
+    for i, (r, p) in enumerate(zip(rotated, plain)):
+        assert np.array_equal(r.y_train, p.y_train)
+        expected = np.rot90(np.rot90(p.x_train, axes=(2, 3)), axes=(2, 3)) if i % 2 else p.x_train
+        assert np.array_equal(r.x_train, expected), i
+
+
+def test_cluster_rotation_angles():
+    assert [partition.cluster_rotation(c, 4) for c in range(4)] == ["identity", "rot90", "rot180", "rot270"]
+    assert [partition.cluster_rotation(c, 3) for c in range(3)] == ["identity", "rotate:120.0", "rotate:240.0"]
+    assert partition.cluster_rotation(2, 8) == "rot90" and partition.cluster_rotation(1, 8) == "rotate:45.0"

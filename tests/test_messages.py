@@ -20,7 +20,7 @@ def test_no_personal_tensor_in_any_message(tmp_path, method):
     grids = []
     summary = run_inprocess(cfg, quiet=True, grid_hook=grids.append)
     grid = grids[0]
-    split = ParamSplit.build(build_model(model_spec(cfg), cfg.method.variant), cfg.method.split_rules())
+    split = ParamSplit.build(build_model(model_spec(cfg), cfg.method), cfg.method.split_rules())
     travelling = set(split.travelling(None))
     model_names = set(split.names)
     trains = [m for m in grid.sent if m.metadata.message_type == "train"]

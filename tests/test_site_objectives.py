@@ -36,7 +36,7 @@ def site_job(cfg, n: int = N, norm: str = "batch", **train) -> SiteJob:
     x, y = load_digits()
     idx = np.random.default_rng(0).permutation(len(y))[: 2 * n]
     spec = ModelSpec("mlp", (1, 8, 8), 10, hidden=64, norm=norm)
-    model = build_model(spec, cfg.variant)
+    model = build_model(spec, cfg)
     tcfg = TrainSection(**{"batch_size": 32, "lr": 0.05, "device": "cpu", **train})
     data = SiteData("s", "train", x[idx[:n]], y[idx[:n]], x[idx[n:]], y[idx[n:]], {})
     received = {k: v.clone() for k, v in model.state_dict().items()}
@@ -213,7 +213,7 @@ def _objective(name: str):
 
 @pytest.mark.parametrize("norm", ["batch", "group"])  # with personal BN statistics a copy is made anyway
 @pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedavg_ft", "local", "dualfed", "fedhb", "fedper",
-                                  "fedrep", "ditto"])
+                                  "fedrep", "ditto", "floral", "floral_ensemble", "local_adaptors"])
 def test_new_site_adaptation_works_on_a_copy_and_never_changes_the_site_model(name, norm):
     cfg, objective = _objective(name)
     sj = site_job(cfg, norm=norm)

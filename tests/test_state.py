@@ -136,7 +136,8 @@ def test_a_crash_while_saving_leaves_the_previous_state_intact(tmp_path, monkeyp
     assert [p.name for p in store.root.iterdir()] == [FILE], "no temp file is left behind"
 
 
-@pytest.mark.parametrize("method, knobs", [("fedper", {}), ("fedrep", {}), ("dualfed", {}), ("local", {}),
+@pytest.mark.parametrize("method, knobs", [("fedper", {}), ("fedrep", {}), ("dualfed", {}), ("local", {}), ("floral", {}),
+                                           ("local_adaptors", {}),
                                            ("fedhb", {"bn_stats": "personal"})])
 def test_every_message_reloads_the_personal_tensors_from_the_state_file(tmp_path, method, knobs):
     """Whatever the site's memory holds, the model a message builds carries exactly the saved personal tensors."""
@@ -148,7 +149,7 @@ def test_every_message_reloads_the_personal_tensors_from_the_state_file(tmp_path
     cfg = make_config(tmp_path, method=method, sites=2, knobs=knobs, model={"arch": "cnn"})
     node = node_configs(cfg, prepare_sites(cfg))[0]
     job = Job(4, cfg.method, cfg.train, model_spec(cfg), cfg.privacy)
-    model = build_model(job.model, cfg.method.variant)
+    model = build_model(job.model, cfg.method)
     split = ParamSplit.build(model, cfg.method.split_rules())
     assert split.personal
     g = torch.Generator().manual_seed(1)

@@ -103,7 +103,7 @@ class DualFedObjective(SiteObjective):
         trained with the stage-A loss; evaluated as the ensemble."""
         model = self.global_model(sj)
         model = copy.deepcopy(model) if model is sj.model else model
-        fresh = build_model(sj.job.model, sj.job.method.variant)
+        fresh = build_model(sj.job.model, sj.job.method)
         model.projector.load_state_dict(fresh.projector.state_dict())
         model.personal_head.load_state_dict(fresh.personal_head.state_dict())
         model.to(sj.trainer.device)

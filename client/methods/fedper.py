@@ -22,7 +22,7 @@ from models import build_model
 def fresh_head_on_frozen_body(sj: SiteJob, epochs: int) -> nn.Module:
     """A private copy of the model whose head is re-initialized and fitted with the body frozen."""
     model = copy.deepcopy(sj.model)
-    model.head.load_state_dict(build_model(sj.job.model, sj.job.method.variant).head.state_dict())
+    model.head.load_state_dict(build_model(sj.job.model, sj.job.method).head.state_dict())
     model.to(sj.trainer.device)
     if epochs > 0:
         sj.trainer.fit(model, model.head.parameters(), epochs=epochs, tag=f"newhead{sj.job.round}",

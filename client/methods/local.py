@@ -19,7 +19,7 @@ class LocalObjective(SiteObjective):
 
     def adapt_unseen(self, sj: SiteJob, epochs: int) -> nn.Module:
         model = copy.deepcopy(sj.model)
-        model.load_state_dict(build_model(sj.job.model, sj.job.method.variant).state_dict())
+        model.load_state_dict(build_model(sj.job.model, sj.job.method).state_dict())
         model.to(sj.trainer.device)
         sj.trainer.fit(model, model.parameters(), epochs=epochs, tag=f"local{sj.job.round}")
         return model

@@ -1,4 +1,4 @@
-"""Split one pool of labelled examples into sites: iid, Dirichlet label skew, shards."""
+"""Split one pool of labelled examples into sites: iid, Dirichlet label skew, shards, clusters."""
 
 from __future__ import annotations
 
@@ -34,8 +34,30 @@ def shards(y: np.ndarray, n: int, classes_per_site: int, rng: np.random.Generato
     return [np.sort(np.concatenate([pieces[j] for j in deal[i::n]])) for i in range(n)]
 
 
+def cluster_of(site: int, clusters: int) -> int:
+    """FLoRAL's assignment: cluster = site index mod C. Unseen sites continue the numbering, so they fall
+    into the clusters the training sites taught."""
+    return site % clusters
+
+
+def shift_labels(y: np.ndarray, cluster: int, num_classes: int) -> np.ndarray:
+    """Label shift: y -> (y + c) mod K, one label permutation per cluster (cluster 0 keeps the labels)."""
+    return (y + cluster) % num_classes
+
+
+def cluster_rotation(cluster: int, clusters: int) -> str:
+    """The domain shift that turns a cluster's images by (360 / C) * c degrees. Multiples of 90 use the
+    exact rot90/rot180/rot270 (no interpolation blur, and fast); cluster 0 is the identity."""
+    if (4 * cluster) % clusters == 0:
+        quarter = (4 * cluster // clusters) % 4
+        return f"rot{90 * quarter}" if quarter else "identity"
+    return f"rotate:{360 * cluster / clusters}"
+
+
 def partition(y: np.ndarray, n: int, spec, rng: np.random.Generator) -> list[np.ndarray]:
-    if spec.kind == "iid":
+    """The examples of each of ``n`` sites. ``clusters`` splits IID here; its per-cluster shift is applied
+    to each site's data afterwards (``sites.materialize``)."""
+    if spec.kind in ("iid", "clusters"):
         return iid(y, n, rng)
     if spec.kind == "dirichlet":
         return dirichlet(y, n, spec.alpha, rng)

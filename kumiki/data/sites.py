@@ -5,6 +5,8 @@ Layout of one site folder (the format a real factory exports its data to)::
     <data-dir>/
       site.json   {"name": "site-0", "role": "train" | "unseen", "domain": "rot90",
                    "derived": true, "num_classes": 10, "input_shape": [1, 28, 28]}
+                  (partition kind "clusters" adds "cluster" and "cluster_transform",
+                   for diagnostics only: the site never reports them)
       train.npz   x: float32 (N, C, H, W) in [0, 1]; y: int64 (N,) in [0, num_classes)
       test.npz    same keys; the site's own held-out split
 
@@ -78,14 +80,32 @@ def materialize(cfg, root: str | Path) -> list[Path]:
         domain = data.domains[i % len(data.domains)] if data.domains else "identity"
         xs = domains.apply(x[idx], domain, rng)
         ys = y[idx]
+        xs, ys, cluster_meta = _cluster_shift(data.partition, i, xs, ys, num_classes, rng)
         n_test = max(1, int(round(len(idx) * data.test_fraction)))
         role = "train" if i < data.sites else "unseen"
         meta = {
-            "name": site_name(i), "role": role, "domain": domain, "derived": domain != "identity",
-            "num_classes": num_classes, "input_shape": shape, "source": data.dataset,
+            "name": site_name(i), "role": role, "domain": domain,
+            "derived": domain != "identity" or cluster_meta.get("cluster", 0) != 0,
+            "num_classes": num_classes, "input_shape": shape, "source": data.dataset, **cluster_meta,
         }
         out.append(write_site(root / site_name(i), meta, xs[n_test:], ys[n_test:], xs[:n_test], ys[:n_test]))
     return out
+
+
+def _cluster_shift(spec, i: int, xs: np.ndarray, ys: np.ndarray, num_classes: int,
+                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Site i's cluster transform (``partition.kind = "clusters"``); other kinds pass the data through.
+
+    The cluster goes only into the site's own site.json (for diagnostics): clustered methods must find
+    the clusters themselves, so nothing sent to the server may carry it."""
+    if spec.kind != "clusters":
+        return xs, ys, {}
+    c = partition.cluster_of(i, spec.clusters)
+    if spec.cluster_transform == "label_shift":
+        ys = partition.shift_labels(ys, c, num_classes)
+    else:
+        xs = domains.apply(xs, partition.cluster_rotation(c, spec.clusters), rng)
+    return xs, ys, {"cluster": c, "cluster_transform": spec.cluster_transform}
 
 
 def _atomic_npz(path: Path, **arrays: np.ndarray) -> None:
