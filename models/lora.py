@@ -140,7 +140,21 @@ def _key(name: str) -> str:
     return name.replace(".", "_") if name else ROOT_KEY
 
 
-class FloralModel(nn.Module):
+class _Routed(nn.Module):
+    """What FloralModel and EnsembleModel share: a router, and copies that carry a detached ``last_pi``."""
+
+    def __getstate__(self):
+        # last_pi may carry autograd history, which deepcopy refuses; copies get a detached value
+        state = super().__getstate__()
+        if state.get("last_pi") is not None:
+            state["last_pi"] = state["last_pi"].detach()
+        return state
+
+    def router_parameters(self) -> list[nn.Parameter]:
+        return list(self.router.parameters())
+
+
+class FloralModel(_Routed):
     """base + C adaptor sets on the named layers + a router; out = Base(x) + alpha * sum_c max(pi_c, min_prob)
     * (B_c(A_c(x)) + b_c) at every adapted layer (forward hooks on the base layers, adaptors see the base
     layer's input).
@@ -202,21 +216,11 @@ class FloralModel(nn.Module):
                 h.remove()
             self._weights = None
 
-    def __getstate__(self):
-        # last_pi may carry autograd history, which deepcopy refuses; copies get a detached value
-        state = super().__getstate__()
-        if state.get("last_pi") is not None:
-            state["last_pi"] = state["last_pi"].detach()
-        return state
-
     def adaptor_parameters(self) -> list[nn.Parameter]:
         return list(self.adaptors.parameters())
 
     def base_parameters(self) -> list[nn.Parameter]:
         return list(self.base.parameters())
-
-    def router_parameters(self) -> list[nn.Parameter]:
-        return list(self.router.parameters())
 
 
 @torch.no_grad()
@@ -241,7 +245,7 @@ def precondition_(model: FloralModel, eps: float = 1e-5) -> None:
                 b.grad.div_(torch.einsum("an...,bn...->ab...", a, a).norm().add(eps))
 
 
-class EnsembleModel(nn.Module):
+class EnsembleModel(_Routed):
     """Baseline floral_ensemble: C full copies of the base model; out = sum_c pi_c f_c(x) with the same Router;
     copies with pi_c < 1e-3 skipped (they get no gradient that step, as in the code)."""
 
@@ -263,17 +267,8 @@ class EnsembleModel(nn.Module):
         outs = [pi[c] * f(x) for c, f in enumerate(self.copies) if pi[c] >= self.SKIP_BELOW]
         return torch.stack(outs).sum(0)
 
-    def __getstate__(self):
-        state = super().__getstate__()
-        if state.get("last_pi") is not None:
-            state["last_pi"] = state["last_pi"].detach()
-        return state
-
     def base_parameters(self) -> list[nn.Parameter]:
         return list(self.copies.parameters())
-
-    def router_parameters(self) -> list[nn.Parameter]:
-        return list(self.router.parameters())
 
 
 def count_parameters(model: nn.Module, prefix: str = "") -> int:
