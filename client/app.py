@@ -17,6 +17,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client import privacy
 from client import site as sites
 from client.loop import Trainer, evaluate, resolve_device
 from client.methods.base import SiteJob
@@ -31,6 +32,7 @@ app = ClientApp()
 
 ERR_SITE = 4100  # the site cannot run the job (data, state or config problem)
 ERR_TRAIN = 4200  # local training failed (non-finite loss, ...)
+ERR_BUDGET = C.ERR_BUDGET  # the site's privacy budget is spent: it declines to train (and keeps evaluating)
 
 
 class BadArrays(ValueError):
@@ -103,6 +105,17 @@ def prepare(msg: Message, context: Context, for_training: bool) -> tuple[SiteJob
     return sj, objective, store, info
 
 
+def _privacy_dir(context: Context, info: sites.SiteInfo, sim: dict | None) -> str:
+    """Where the site's privacy ledger lives: node config ``privacy-dir``; in a simulation the run
+    family's ledger dir; else the site's state dir (a deployment's state dir outlives runs)."""
+    configured = dict(context.node_config).get("privacy-dir")
+    if configured:
+        return str(configured)
+    if sim and "privacy_root" in sim:
+        return f"{sim['privacy_root']}/{info.name}"
+    return str(info.state_dir)
+
+
 def _error(msg: Message, code: int, exc: BaseException) -> Message:
     log.error("site job failed: %s: %s", type(exc).__name__, exc)
     log.debug("%s", traceback.format_exc())
@@ -116,8 +129,25 @@ def train(msg: Message, context: Context) -> Message:
         sj, objective, store, info = prepare(msg, context, for_training=True)
     except Exception as exc:  # noqa: BLE001 - every failure becomes a logged error reply
         return _error(msg, ERR_SITE, exc)
+    dp = None
+    if sj.job.privacy.enabled:
+        try:
+            ledger, dp = privacy.start(sj, _privacy_dir(context, info, sj.job.sim), f"{sj.trainer.seed}:dp")
+        except privacy.BudgetExhausted as exc:  # expected, not a failure: a warning and a coded reply
+            log.warning("site %s: %s", info.name, exc)
+            return Message(Error(code=ERR_BUDGET, reason=str(exc)), reply_to=msg)
+        except Exception as exc:  # noqa: BLE001
+            return _error(msg, ERR_SITE, exc)
+        sj.trainer.dp = dp
     try:
         metrics = objective.fit(sj)
+        if dp is not None:  # checked and recorded before anything leaves the site
+            try:
+                spent = privacy.finish(ledger, dp, sj.job.privacy)
+            except privacy.BudgetExhausted as exc:
+                log.warning("site %s: %s", info.name, exc)
+                return Message(Error(code=ERR_BUDGET, reason=str(exc)), reply_to=msg)
+            metrics.update({"epsilon": spent, "noise-multiplier": dp.noise_multiplier, "dp-steps": float(dp.steps)})
         state = {k: v.detach().cpu() for k, v in sj.model.state_dict().items()}
         out = sj.split.outgoing(state, info.group or None)
         for k, v in out.items():
@@ -143,6 +173,8 @@ def evaluate_(msg: Message, context: Context) -> Message:
         sj, objective, _, info = prepare(msg, context, for_training=False)
         d = sj.data
         m: dict[str, float | int] = {C.NUM_EXAMPLES: len(d.y_test), "unseen": int(info.role == "unseen")}
+        if sj.job.privacy.enabled and info.role == "train":
+            m["epsilon"] = privacy.spent(sj, _privacy_dir(context, info, sj.job.sim))
         if info.role == "train":
             pers = evaluate(objective.personalized_model(sj), d.x_test, d.y_test, objective.predict_personal)
             m.update({"personalized-accuracy": pers["accuracy"], "personalized-loss": pers["loss"]})

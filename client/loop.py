@@ -42,13 +42,16 @@ def resolve_device(name: str) -> torch.device:
 class Trainer:
     """Binds one site's train split, optimizer knobs and seeds for one message."""
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, train_cfg, seed: int | str, device: torch.device | None = None):
+    def __init__(self, x: np.ndarray, y: np.ndarray, train_cfg, seed: int | str, device: torch.device | None = None,
+                 dp=None):
         self.device = device or resolve_device(train_cfg.device)
         self.x = torch.from_numpy(x).to(self.device)
         self.y = torch.from_numpy(y).to(self.device)
         self.cfg = train_cfg
         self.seed = seed
         self.steps = 0
+        #: ``client.privacy.DPContext`` in a training message with ``privacy.enabled``: every fit is DP-SGD
+        self.dp = dp
 
     def seed_for(self, tag: str) -> int:
         """A 64-bit seed from the site's seed and a stage tag (the same on every machine)."""
@@ -67,6 +70,16 @@ class Trainer:
             idx = order[i : i + bs]
             if len(idx) < 2 and len(y) >= 2:  # BatchNorm cannot train on a single example
                 continue
+            yield x[idx], y[idx]
+
+    def poisson_batches(self, tag: str, x: torch.Tensor | None = None, y: torch.Tensor | None = None):
+        """DP-SGD's sampling: each example joins each of the epoch's 1/q batches with probability q
+        (what the accountant assumes); a batch may be empty."""
+        x = self.x if x is None else x
+        y = self.y if y is None else y
+        g, q = self._generator(tag), self.dp.sample_rate
+        for _ in range(max(1, round(1 / q))):
+            idx = (torch.rand(len(y), generator=g) < q).nonzero().squeeze(1).to(self.device)
             yield x[idx], y[idx]
 
     def fit(
@@ -95,43 +108,83 @@ class Trainer:
         (FLoRAL's preconditioning); ``max_steps`` stops early (a new site's router warm-up).
         """
         params = list(params)
-        flat = [p for g in params for p in g["params"]] if params and isinstance(params[0], dict) else params
-        ids = {id(p) for p in flat}
+        groups = params if params and isinstance(params[0], dict) else ([{"params": params}] if params else [])
+        ids = {id(p) for g in groups for p in g["params"]}
         flags = {n: p.requires_grad for n, p in model.named_parameters()}
         for p in model.parameters():
             p.requires_grad_(id(p) in ids)
         model.to(self.device).train()
         for m in eval_modules:
             m.eval()
-        opt = torch.optim.SGD(
-            params, lr=lr or self.cfg.lr, momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay
-        ) if params else None
+        opts, gsm = self._optimizers(model, groups, lr, tag)
+        private = gsm is not None  # DP-SGD: Poisson batches, each one an accountant step
+        batches = self.poisson_batches if private else self.batches
         total, count, count_steps = 0.0, 0, 0
         try:
             for epoch in range(self.cfg.local_epochs if epochs is None else epochs):
-                for xb, yb in self.batches(f"{tag}:{epoch}", *(data or (None, None))):
+                for xb, yb in batches(f"{tag}:{epoch}", *(data or (None, None))):
                     if max_steps is not None and count_steps >= max_steps:
                         break
                     count_steps += 1
+                    if private:
+                        self.dp.steps += 1  # accounted even when the draw is empty (conservative)
+                        if len(yb) == 0:
+                            continue
                     loss = loss_fn(model, xb, yb)
                     if not torch.isfinite(loss):
                         raise NonFiniteLoss(f"non-finite loss in stage {tag!r}, epoch {epoch}")
-                    if opt is not None:
-                        opt.zero_grad(set_to_none=True)
+                    if opts:
+                        for o in opts.values():
+                            o.zero_grad(set_to_none=True)
+                        if private and "plain" in opts:  # trained in the clear: no per-example gradients kept
+                            for p in (p for g in opts["plain"].param_groups for p in g["params"]):
+                                p.grad_sample = None
                         loss.backward()
+                        if "private" in opts:
+                            opts["private"].pre_step()  # clip per example, add noise: p.grad is now private
                         if before_step is not None:
                             before_step(model)
-                        opt.step()
+                        for name, o in opts.items():
+                            (o.original_optimizer if name == "private" else o).step()
                     if after_step is not None:
                         after_step(model)
                     total += float(loss.detach()) * len(yb)
                     count += len(yb)
                     self.steps += 1
         finally:
+            if gsm is not None:
+                gsm._close()  # hooks and per-example gradients off: the model is a plain module again
             for n, p in model.named_parameters():
                 p.requires_grad_(flags[n])
         return {"loss": total / max(count, 1), "examples": float(count)}
 
+    def _optimizers(self, model: nn.Module, groups: list[dict], lr: float | None, tag: str):
+        """A fresh SGD per call: ``({name: optimizer}, GradSampleModule or None)``. With DP the private
+        parameters' SGD is wrapped in Opacus' DPOptimizer (per-example clipping and noise), and the
+        parameters a ``privacy.scope = "shared"`` run trains in the clear get a plain SGD."""
+        if not groups:
+            return {}, None
+        kw = {"lr": lr or self.cfg.lr, "momentum": self.cfg.momentum, "weight_decay": self.cfg.weight_decay}
+        if self.dp is None:
+            return {"plain": torch.optim.SGD(groups, **kw)}, None
+        from opacus import GradSampleModule
+        from opacus.optimizers import DPOptimizer
+
+        dp = self.dp
+        private, clear = [], []
+        for g in groups:
+            mine = [p for p in g["params"] if dp.private is None or id(p) in dp.private]
+            rest = [p for p in g["params"] if not (dp.private is None or id(p) in dp.private)]
+            private += [{**g, "params": mine}] if mine else []
+            clear += [{**g, "params": rest}] if rest else []
+        opts = {"plain": torch.optim.SGD(clear, **kw)} if clear else {}
+        if not private:
+            return opts, None
+        gsm = GradSampleModule(model, loss_reduction="mean")
+        opts["private"] = DPOptimizer(torch.optim.SGD(private, **kw), noise_multiplier=dp.noise_multiplier,
+                                      max_grad_norm=dp.max_grad_norm, expected_batch_size=dp.expected_batch_size,
+                                      loss_reduction="mean", generator=dp.generator(tag))
+        return opts, gsm
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, predict: PredictFn = forward,

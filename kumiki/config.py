@@ -159,10 +159,20 @@ class SiteSection(_Section):
 
 
 class PrivacySection(_Section):
-    enabled: bool = False
-    target_epsilon: float = Field(8.0, gt=0.0)
-    delta: float = Field(1e-5, gt=0.0, lt=1.0)
-    max_grad_norm: float = Field(1.0, gt=0.0)
+    """Per-example DP-SGD at every site (Opacus); see README, Privacy."""
+
+    enabled: bool = Field(False, description="train every site with DP-SGD (per-example clipping and noise)")
+    target_epsilon: float = Field(8.0, gt=0.0, le=1000.0, description="the site's budget: it declines to train "
+                                                                       "rather than exceed it (all runs over its data)")
+    delta: float = Field(1e-5, gt=0.0, lt=1.0, description="delta of (epsilon, delta)-DP; below 1/N of a site")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="per-example gradient clipping norm C")
+    noise_multiplier: float | None = Field(
+        None, gt=0.0, description="sigma (noise std = sigma * C); none: solved so that run.rounds rounds of "
+                                  "train.local_epochs epochs spend target_epsilon")
+    accountant: Literal["rdp", "prv"] = Field("rdp", description="Opacus accountant: rdp (Renyi) or prv")
+    scope: Literal["all", "shared"] = Field(
+        "all", description="all: every parameter a site trains is trained privately (the shared update is then "
+                           "DP); shared: only tensors that travel (personal ones in the clear: weaker, see README)")
 
 
 class ServerSection(_Section):
@@ -207,12 +217,22 @@ class KumikiConfig(_Section):
     def train_from_method(self) -> dict[str, Any]:
         return dict(self._train_from_method)
 
+    def _check_privacy(self) -> None:
+        """Models and losses per-example DP-SGD cannot train, refused with the fix."""
+        if self.model.norm == "batch":
+            raise ValueError("privacy.enabled: BatchNorm mixes the examples of a batch, so per-example gradients do "
+                             "not exist (Opacus refuses it); set model.norm = \"group\" (or \"none\")")
+        if self.method.name == "dualfed":
+            raise ValueError("privacy.enabled: DualFed cannot be trained with per-example DP: its SupCon loss couples "
+                             "the examples of a batch and its projector uses BatchNorm; use another method")
+        if self.method.name in ("floral", "floral_ensemble", "local_adaptors"):
+            raise ValueError(f"privacy.enabled: {self.method.name}'s router weighs the whole batch with one mixture, "
+                             "which Opacus cannot give per-example gradients for (not supported yet)")
+
     @model_validator(mode="after")
     def _combinations(self) -> KumikiConfig:
         if self.privacy.enabled:
-            raise ValueError(
-                "privacy.enabled: DP-SGD (Opacus) is not wired into this release yet; set privacy.enabled = false"
-            )
+            self._check_privacy()
         if self.server.aggregation in ("trimmed_mean", "median") and not self.method.coordinatewise_ok:
             raise ValueError(
                 f"server.aggregation = {self.server.aggregation!r} does not apply to {self.method.name}, whose server "

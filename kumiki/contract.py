@@ -31,9 +31,11 @@ PROFILE = "profile"
 NUM_EXAMPLES = "num-examples"
 ROUND = "server-round"
 QUERY_PROFILE = "profile"  # message type "query.profile"
+#: Error code of a training reply from a site whose privacy budget is spent (it still evaluates).
+ERR_BUDGET = 4300
 
 _METHOD, _TRAIN, _MODEL, _PRIVACY, _SIM = "kumiki.method", "kumiki.train", "kumiki.model", "kumiki.privacy", "kumiki.sim"
-_EVAL, _SITE, _RUN = "kumiki.eval", "kumiki.site", "kumiki.run"
+_EVAL, _SITE, _RUN, _ROUNDS = "kumiki.eval", "kumiki.site", "kumiki.run", "kumiki.rounds"
 #: per-site config entry: the last round the server accepted this site's update for (0: none yet)
 COMPLETED = "kumiki.completed"
 
@@ -51,6 +53,7 @@ class Job:
     eval: EvalSection = field(default_factory=EvalSection)
     site: SiteSection = field(default_factory=SiteSection)
     run: str = ""  # the run's name: part of each site state's fingerprint
+    rounds: int = 0  # rounds the run plans (a DP site solves its noise multiplier over them)
 
     def to_config(self) -> ConfigRecord:
         rec: dict[str, Any] = {
@@ -62,6 +65,7 @@ class Job:
             _EVAL: self.eval.model_dump_json(),
             _SITE: self.site.model_dump_json(),
             _RUN: self.run,
+            _ROUNDS: self.rounds,
         }
         if self.sim is not None:
             rec[_SIM] = json.dumps(self.sim)
@@ -82,6 +86,7 @@ class Job:
                 eval=EvalSection.model_validate_json(str(rec[_EVAL])) if _EVAL in rec else EvalSection(),
                 site=SiteSection.model_validate_json(str(rec[_SITE])) if _SITE in rec else SiteSection(),
                 run=str(rec[_RUN]) if _RUN in rec else "",
+                rounds=int(rec[_ROUNDS]) if _ROUNDS in rec else 0,
             )
         except (KeyError, ValueError) as e:
             raise ValueError(f"malformed job config in message: {e}") from None

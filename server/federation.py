@@ -41,7 +41,7 @@ def build_strategy(cfg: KumikiConfig, sim: dict | None = None):
     model = build_model(spec, cfg.method)
     split = ParamSplit.build(model, cfg.method.split_rules())
     initial = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
-    job = Job(0, cfg.method, cfg.train, spec, cfg.privacy, sim, cfg.eval, cfg.site, cfg.run.name)
+    job = Job(0, cfg.method, cfg.train, spec, cfg.privacy, sim, cfg.eval, cfg.site, cfg.run.name, cfg.run.rounds)
     return entry(cfg.method.name).load_strategy()(cfg, job, split, initial)
 
 
@@ -78,6 +78,9 @@ def run_federation(grid: Grid, cfg: KumikiConfig, sim: dict | None = None, engin
             strategy.aggregate_evaluate(rnd, replies)
             checkpoint(strategy, run_dir, rnd)
             recorder.round(rnd, strategy, time.perf_counter() - t0)
+            if not strategy.train_nodes() and strategy.budget_spent:
+                log.warning("every training site has spent its privacy budget; the run ends after round %d", rnd)
+                break
     except BaseException as exc:  # the run is over: record how it ended (status "failed"), then re-raise
         recorder.finish(strategy, error=f"{type(exc).__name__}: {exc}")
         raise

@@ -91,14 +91,18 @@ class Recorder:
             "bytes": {"up": st.bytes_up, "down": st.bytes_down},
             "time": {"round_s": round_s, "wall_s": time.perf_counter() - self.t0},
             "sites": {"sampled": len(st.sent), "accepted": st.accepted, "aggregated": st.aggregated,
-                      "took_part": sorted(st.train_metrics), "evaluated": sorted(ev), "rejected": st.rejected},
+                      "took_part": sorted(st.train_metrics), "evaluated": sorted(ev), "rejected": st.rejected,
+                      "declined": st.declined},
             "train_loss": float(np.mean(losses)) if losses else None,
         }
+        eps = {s: m["epsilon"] for s, m in ev.items() if "epsilon" in m}
+        if eps:  # privacy: what each site has spent so far (its ledger; never decreases)
+            row["epsilon"] = dict(sorted(eps.items()))
         self._append(row)
         for site, m in sorted(ev.items()):
             self._append({"kind": "site", "round": rnd, "site": site, "role": roles.get(site),
                           "personalized": m.get("personalized-accuracy"), "global": m.get("global-accuracy"),
-                          "adapted": m.get("adapted-accuracy"),
+                          "adapted": m.get("adapted-accuracy"), "epsilon": m.get("epsilon"),
                           "train_loss": st.train_metrics.get(site, {}).get("train-loss"),
                           "num_examples": st.train_metrics.get(site, {}).get("num-examples")})
         self.history.append(row)
@@ -115,6 +119,18 @@ class Recorder:
             )
         return row
 
+    def privacy(self, strategy: KumikiStrategy) -> dict[str, Any] | None:
+        """``privacy.epsilon_per_site`` (last reported), the budget, and when each site stopped."""
+        p = self.cfg.privacy
+        if not p.enabled:
+            return None
+        eps: dict[str, float] = {}
+        for h in self.history:
+            eps.update(h.get("epsilon", {}))
+        return {"epsilon_per_site": dict(sorted(eps.items())), "target_epsilon": p.target_epsilon, "delta": p.delta,
+                "max_grad_norm": p.max_grad_norm, "accountant": p.accountant, "scope": p.scope,
+                "stopped_at_round": dict(sorted(strategy.budget_spent.items()))}
+
     def participation(self, strategy: KumikiStrategy) -> dict[str, Any]:
         """Who took part: configured vs discovered sites, nodes dropped at discovery, accepted rounds per site."""
         trained: dict[str, int] = {p.site: 0 for p in strategy.profiles.values() if p.role == "train"}
@@ -122,7 +138,8 @@ class Recorder:
         for h in self.history:
             for site in h["sites"]["took_part"]:
                 trained[site] = trained.get(site, 0) + 1
-            if h["sites"]["rejected"] or not h["sites"]["aggregated"]:
+            everyone_declined = h["sites"]["sampled"] and len(h["sites"].get("declined", [])) == h["sites"]["sampled"]
+            if h["sites"]["rejected"] or not (h["sites"]["aggregated"] or everyone_declined):
                 incomplete.append(h["round"])
         return {"configured": self.cfg.total_sites, "discovered": sorted(p.site for p in strategy.profiles.values()),
                 "dropped": list(strategy.discovery_rejected), "trained_rounds": dict(sorted(trained.items())),
@@ -158,11 +175,14 @@ class Recorder:
             "bytes": {"up_per_round": int(sum(up) / n), "down_per_round": int(sum(down) / n),
                       "up_total": int(sum(up)), "down_total": int(sum(down))},
             "time": {"wall_s": wall, "per_round_s": sum(h["time"]["round_s"] for h in self.history) / n},
-            "privacy": None,
+            "privacy": self.privacy(strategy),
         }
         part = self.participation(strategy)
+        ended_by_budget = bool(self.history) and not strategy.train_nodes() and bool(strategy.budget_spent)
         complete = (len(part["discovered"]) == self.cfg.total_sites and not part["incomplete_rounds"]
-                    and len(self.history) == self.cfg.run.rounds)
+                    and (len(self.history) == self.cfg.run.rounds or ended_by_budget))
+        if ended_by_budget:
+            summary["ended"] = f"every training site spent its privacy budget (after round {len(self.history)})"
         summary["status"] = "failed" if error else ("ok" if complete else "incomplete")
         summary["participation"] = part
         if error:

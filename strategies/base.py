@@ -64,6 +64,8 @@ class RoundStats:
     eval_sent: set[int] = field(default_factory=set)
     accepted: int = 0
     rejected: list[dict] = field(default_factory=list)
+    #: sites that declined to train (privacy budget spent): expected, not a fault
+    declined: list[dict] = field(default_factory=list)
     aggregated: bool = False
     bytes_down: int = 0
     bytes_up: int = 0
@@ -91,10 +93,13 @@ class KumikiStrategy(Strategy):
         self._refused: set[int] = set()  # node ids dropped at discovery: not asked again
         self.rounds: dict[int, RoundStats] = {}
         self._rng = random.Random(cfg.run.seed)
+        #: site -> round in which it declined to train because its privacy budget is spent
+        self.budget_spent: dict[str, int] = {}
 
     # ------------------------------------------------------------- sites
     def train_nodes(self) -> list[int]:
-        return sorted(n for n, p in self.profiles.items() if p.role == "train")
+        """Training sites still able to train (a site out of privacy budget only evaluates)."""
+        return sorted(n for n, p in self.profiles.items() if p.role == "train" and p.site not in self.budget_spent)
 
     def eval_nodes(self) -> list[int]:
         return sorted(self.profiles)
@@ -253,6 +258,11 @@ class KumikiStrategy(Strategy):
                 if nid in seen:
                     raise BadReply("a second reply from this node in the same round")
                 seen.add(nid)
+                if r.has_error() and r.error.code == C.ERR_BUDGET and nid in self.profiles:
+                    log.warning("round %d: %s declines to train from now on: %s", server_round, site, r.error.reason)
+                    self.budget_spent.setdefault(site, server_round)
+                    stats.declined.append({"site": site, "reason": r.error.reason})
+                    continue
                 update = self.parse_update(r, stats.sent.get(nid))
                 stats.bytes_up += r.content[C.ARRAYS].count_bytes()
             except Exception as exc:  # noqa: BLE001 - no reply may raise in the server
@@ -270,7 +280,7 @@ class KumikiStrategy(Strategy):
         # (float sums are order-sensitive in the last bits, integer buffers come from the first update).
         updates.sort(key=lambda u: u.profile.site)
         stats.accepted = len(updates)
-        needed = math.ceil(self.cfg.server.min_reply_fraction * max(len(stats.sent), 1))
+        needed = math.ceil(self.cfg.server.min_reply_fraction * max(len(stats.sent) - len(stats.declined), 1))
         if len(updates) < needed:
             log.error("round %d: %d valid replies < %d needed; keeping the previous model", server_round, len(updates), needed)
             return None, None

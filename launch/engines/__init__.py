@@ -28,13 +28,16 @@ def prepare_sites(cfg: KumikiConfig) -> dict[str, Any]:
     else:
         sites_root = run_dir / "sites"
         materialize(cfg, sites_root)
-    return {"sites_root": str(sites_root), "state_root": str(state_root)}
+    # privacy ledgers outlive runs: every run over the same records adds to the same budget
+    privacy_root = run_dir.parent / ".kumiki-privacy"
+    return {"sites_root": str(sites_root), "state_root": str(state_root), "privacy_root": str(privacy_root)}
 
 
 def node_configs(cfg: KumikiConfig, sim: dict[str, Any]) -> list[dict[str, Any]]:
     """One node config per site, as a deployment would pass with --node-config."""
     return [
-        {"site": site_name(i), "data-dir": f"{sim['sites_root']}/{site_name(i)}", "state-dir": f"{sim['state_root']}/{site_name(i)}"}
+        {"site": site_name(i), "data-dir": f"{sim['sites_root']}/{site_name(i)}", "state-dir": f"{sim['state_root']}/{site_name(i)}",
+         **({"privacy-dir": f"{sim['privacy_root']}/{site_name(i)}"} if "privacy_root" in sim else {})}
         for i in range(cfg.total_sites)
     ]
 

@@ -1,0 +1,143 @@
+"""Privacy (issue 11): DP-SGD in the one loop for every method, a ledger that never resets,
+a hard budget stop, and the refusals for what per-example DP cannot train."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from client.loop import Trainer
+from client.privacy import DPContext, Ledger, epsilon, solve_noise
+from kumiki.config import ConfigError, TrainSection
+from kumiki.registry import METHODS
+from launch.engines.inprocess import run_inprocess
+from tests.conftest import make_config
+
+GN = {"arch": "mlp", "norm": "group", "hidden": 64}
+REFUSED = {"dualfed", "floral", "floral_ensemble", "local_adaptors"}
+
+
+def dp_config(tmp_path, method="fedavg", name="t", rounds=2, **privacy):
+    return make_config(tmp_path, method=method, name=name, rounds=rounds, sites=2, model=GN,
+                       privacy={"enabled": True, "target_epsilon": 4.0, **privacy})
+
+
+# ----------------------------------------------------------------------------- config
+def test_batchnorm_models_are_refused_with_the_key_that_fixes_them(tmp_path):
+    with pytest.raises(ConfigError, match='model.norm = \\\\?"group\\\\?"'):
+        make_config(tmp_path, privacy={"enabled": True})  # the default model has BatchNorm
+    assert dp_config(tmp_path).privacy.enabled
+
+
+@pytest.mark.parametrize("method", sorted(REFUSED))
+def test_methods_per_example_dp_cannot_train_are_refused_with_the_reason(tmp_path, method):
+    with pytest.raises(ConfigError, match="privacy.enabled"):
+        dp_config(tmp_path, method=method)
+
+
+# ----------------------------------------------------------------------------- the loop
+def _toy(dp: DPContext | None, scale: float = 100.0):
+    torch.manual_seed(0)
+    x = (np.random.default_rng(0).normal(size=(64, 1, 2, 2)) * scale).astype(np.float32)
+    y = np.random.default_rng(1).integers(0, 3, 64).astype(np.int64)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    trainer = Trainer(x, y, TrainSection(batch_size=64, lr=1.0, device="cpu"), seed="toy", dp=dp)
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer.fit(model, model.parameters(), epochs=1)
+    step = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)])
+    return step, trainer
+
+
+def test_clipping_bounds_the_update_and_noise_changes_it():
+    # q = 1 (batch = N): one Poisson batch of every example; lr 1, so the step is the privatized mean gradient
+    clear, _ = _toy(None)
+    assert clear.norm() > 10, "the toy's raw gradient is large"
+    quiet, trainer = _toy(DPContext(1e-6, max_grad_norm=1.0, sample_rate=1.0, expected_batch_size=64, seed=0))
+    assert quiet.norm() <= 1.0 + 1e-4, "the mean of per-example gradients clipped to C has norm <= C"
+    assert trainer.dp.steps == 1
+    noisy, _ = _toy(DPContext(1.0, max_grad_norm=1.0, sample_rate=1.0, expected_batch_size=64, seed=0))
+    # noise std per coordinate: sigma * C / expected batch size
+    assert (noisy - quiet).std() == pytest.approx(1.0 / 64, rel=0.6)
+    again, _ = _toy(DPContext(1.0, max_grad_norm=1.0, sample_rate=1.0, expected_batch_size=64, seed=0))
+    assert torch.equal(noisy, again), "seeded: the same site, round and stage draw the same noise"
+
+
+def test_poisson_batches_have_the_sample_rate_on_average():
+    dp = DPContext(1.0, 1.0, sample_rate=0.25, expected_batch_size=16, seed=0)
+    t = Trainer(np.zeros((64, 1, 2, 2), np.float32), np.zeros(64, np.int64), TrainSection(batch_size=16, device="cpu"),
+                seed="p", dp=dp)
+    sizes = [len(y) for e in range(50) for _, y in t.poisson_batches(f"e{e}")]
+    assert len(sizes) == 50 * 4 and np.mean(sizes) == pytest.approx(16, rel=0.1) and len(set(sizes)) > 3
+
+
+# ----------------------------------------------------------------------------- the ledger
+def test_ledger_is_monotonic_and_solve_noise_meets_the_target(tmp_path):
+    sigma = solve_noise(4.0, 1e-5, 0.1, 100, "rdp")
+    assert epsilon("rdp", [(sigma, 0.1, 100)], 1e-5) == pytest.approx(4.0, abs=0.05)
+    ledger = Ledger.open(tmp_path, "abc")
+    eps = []
+    for _ in range(3):
+        ledger.add(sigma, 0.1, 30)
+        ledger.save()
+        ledger = Ledger.open(tmp_path, "abc")  # a restart reads it back
+        eps.append(epsilon("rdp", ledger.history, 1e-5))
+    assert eps[0] < eps[1] < eps[2] and ledger.history == [(sigma, 0.1, 90)]
+    (tmp_path / "privacy-abc.json").write_text("{not json")
+    with pytest.raises(RuntimeError, match="reset the site's privacy budget"):
+        Ledger.open(tmp_path, "abc")
+
+
+def test_epsilon_grows_every_round_and_across_runs_then_sites_stop_and_the_run_ends_cleanly(tmp_path):
+    first = run_inprocess(dp_config(tmp_path, name="a", rounds=3), quiet=True)
+    rounds = [json.loads(line) for line in open(tmp_path / "runs" / "a" / "metrics.jsonl")]
+    per_round = [r["epsilon"] for r in rounds if r.get("kind") == "round"]
+    for site in ("site-0", "site-1"):
+        series = [r[site] for r in per_round]
+        assert all(a < b for a, b in zip(series, series[1:])), series
+    assert first["status"] == "ok" and max(first["privacy"]["epsilon_per_site"].values()) <= 4.0
+    # a new run over the same records: the ledger goes on; nobody can afford a round, the run ends after one
+    second = run_inprocess(dp_config(tmp_path, name="b", rounds=3), quiet=True)
+    assert second["status"] == "ok" and second["rounds"] == 1 and "privacy budget" in second["ended"]
+    assert second["privacy"]["stopped_at_round"] == {"site-0": 1, "site-1": 1}
+    for site, e in second["privacy"]["epsilon_per_site"].items():
+        assert e >= first["privacy"]["epsilon_per_site"][site], "epsilon never decreases"
+    assert second["personalized"]["mean"] is not None, "sites out of budget still evaluate"
+
+
+@pytest.mark.parametrize("method", sorted(set(METHODS) - REFUSED))
+def test_dp_trains_every_supported_method_without_a_special_case(tmp_path, method):
+    s = run_inprocess(dp_config(tmp_path, method=method, rounds=1, noise_multiplier=1.0, target_epsilon=20.0), quiet=True)
+    assert s["status"] == "ok", s.get("participation")
+    eps = s["privacy"]["epsilon_per_site"]
+    assert set(eps) == {"site-0", "site-1"} and all(0 < e <= 20.0 for e in eps.values())
+
+
+def test_a_round_that_would_overrun_the_budget_is_withheld_so_epsilon_never_exceeds_it(tmp_path):
+    """Ditto makes two passes per round, twice what the noise solved for one round plans: the round is withheld."""
+    s = run_inprocess(dp_config(tmp_path, method="ditto", rounds=1), quiet=True)
+    assert s["status"] == "ok" and s["privacy"]["stopped_at_round"] == {"site-0": 1, "site-1": 1}, s["privacy"]
+    assert s["privacy"]["epsilon_per_site"] == {"site-0": 0.0, "site-1": 0.0}, "nothing was released"
+    # over more rounds the projection learns the method's pace: it trains while the budget lasts, never past it
+    s = run_inprocess(dp_config(tmp_path / "more", method="ditto", rounds=4), quiet=True)
+    assert s["rounds"] < 4 and s["privacy"]["stopped_at_round"]
+    assert all(0 < e <= 4.0 for e in s["privacy"]["epsilon_per_site"].values())
+
+
+def test_scope_shared_trains_only_travelling_tensors_privately(tmp_path):
+    from client.privacy import start
+    from tests.test_site_objectives import site_job
+    from kumiki.methods import FedPerConfig
+    from kumiki.config import PrivacySection
+    from dataclasses import replace
+
+    sj = site_job(FedPerConfig(), norm="group")
+    sj.job = replace(sj.job, privacy=PrivacySection(enabled=True, scope="shared", noise_multiplier=1.0), rounds=2)
+    _, dp = start(sj, tmp_path, "s")
+    shared = {id(p) for n, p in sj.model.named_parameters() if n.startswith("encoder.")}
+    assert dp.private == shared and dp.noise_multiplier == 1.0
+    sj.job = replace(sj.job, privacy=PrivacySection(enabled=True, noise_multiplier=1.0), rounds=2)
+    assert start(sj, tmp_path, "s")[1].private is None, "scope all: every trained parameter"
