@@ -173,6 +173,10 @@ class PrivacySection(_Section):
     scope: Literal["all", "shared"] = Field(
         "all", description="all: every parameter a site trains is trained privately (the shared update is then "
                            "DP); shared: only tensors that travel (personal ones in the clear: weaker, see README)")
+    central: bool = Field(False, description="central DP at the server: each site's update clipped, the uniform "
+                                             "mean noised (a whole site is the privacy unit); independent of enabled")
+    central_clip: float = Field(1.0, gt=0.0, description="central DP: L2 bound on one site's update (its change)")
+    central_noise_multiplier: float = Field(1.0, gt=0.0, description="central DP: noise std = z * clip / sites")
 
 
 class ServerSection(_Section):
@@ -233,6 +237,12 @@ class KumikiConfig(_Section):
     def _combinations(self) -> KumikiConfig:
         if self.privacy.enabled:
             self._check_privacy()
+        if self.privacy.central:
+            if not self.method.federated or not self.method.coordinatewise_ok:
+                raise ValueError(f"privacy.central does not apply to {self.method.name}: its server update is not a "
+                                 "mean of site updates that clipping and noise could protect")
+            if self.server.aggregation != "mean":
+                raise ValueError("privacy.central already bounds each site's update; use server.aggregation = 'mean'")
         if self.server.aggregation in ("trimmed_mean", "median") and not self.method.coordinatewise_ok:
             raise ValueError(
                 f"server.aggregation = {self.server.aggregation!r} does not apply to {self.method.name}, whose server "

@@ -70,6 +70,11 @@ def run_federation(grid: Grid, cfg: KumikiConfig, sim: dict | None = None, engin
     try:
         strategy.discover(grid, cfg.total_sites, cfg.server.discovery_timeout_s)
         for rnd in range(1, cfg.run.rounds + 1):
+            if not strategy.central_budget_left():
+                log.warning("central DP: another release would exceed privacy.target_epsilon %g; the run ends after "
+                            "round %d", cfg.privacy.target_epsilon, rnd - 1)
+                recorder.ended = f"central privacy budget spent (after round {rnd - 1})"
+                break
             t0 = time.perf_counter()
             replies = grid.send_and_receive(strategy.configure_train(rnd, None, ConfigRecord(), grid), timeout=timeout)
             strategy.aggregate_train(rnd, replies)

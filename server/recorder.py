@@ -69,6 +69,8 @@ class Recorder:
         self.metrics_path.write_text("")
         self.t0 = time.perf_counter()
         self.history: list[dict[str, Any]] = []
+        #: why the run stopped before run.rounds, when a budget ended it
+        self.ended: str | None = None
 
     def _append(self, obj: dict[str, Any]) -> None:
         with open(self.metrics_path, "a") as f:
@@ -98,6 +100,8 @@ class Recorder:
         eps = {s: m["epsilon"] for s, m in ev.items() if "epsilon" in m}
         if eps:  # privacy: what each site has spent so far (its ledger; never decreases)
             row["epsilon"] = dict(sorted(eps.items()))
+        if self.cfg.privacy.central:
+            row["central_epsilon"] = strategy.central_epsilon()
         self._append(row)
         for site, m in sorted(ev.items()):
             self._append({"kind": "site", "round": rnd, "site": site, "role": roles.get(site),
@@ -122,14 +126,20 @@ class Recorder:
     def privacy(self, strategy: KumikiStrategy) -> dict[str, Any] | None:
         """``privacy.epsilon_per_site`` (last reported), the budget, and when each site stopped."""
         p = self.cfg.privacy
-        if not p.enabled:
+        if not (p.enabled or p.central):
             return None
-        eps: dict[str, float] = {}
-        for h in self.history:
-            eps.update(h.get("epsilon", {}))
-        return {"epsilon_per_site": dict(sorted(eps.items())), "target_epsilon": p.target_epsilon, "delta": p.delta,
-                "max_grad_norm": p.max_grad_norm, "accountant": p.accountant, "scope": p.scope,
-                "stopped_at_round": dict(sorted(strategy.budget_spent.items()))}
+        out: dict[str, Any] = {"target_epsilon": p.target_epsilon, "delta": p.delta, "accountant": p.accountant}
+        if p.enabled:
+            eps: dict[str, float] = {}
+            for h in self.history:
+                eps.update(h.get("epsilon", {}))
+            out.update({"epsilon_per_site": dict(sorted(eps.items())), "max_grad_norm": p.max_grad_norm,
+                        "scope": p.scope, "stopped_at_round": dict(sorted(strategy.budget_spent.items()))})
+        if p.central:
+            out["central"] = {"epsilon": strategy.central_epsilon(), "releases": strategy.central_releases,
+                              "clip": p.central_clip, "noise_multiplier": p.central_noise_multiplier,
+                              "unit": "one site (all its records)"}
+        return out
 
     def participation(self, strategy: KumikiStrategy) -> dict[str, Any]:
         """Who took part: configured vs discovered sites, nodes dropped at discovery, accepted rounds per site."""
@@ -178,11 +188,12 @@ class Recorder:
             "privacy": self.privacy(strategy),
         }
         part = self.participation(strategy)
-        ended_by_budget = bool(self.history) and not strategy.train_nodes() and bool(strategy.budget_spent)
+        ended_by_budget = (bool(self.history) and not strategy.train_nodes() and bool(strategy.budget_spent)) or bool(
+            self.ended)
         complete = (len(part["discovered"]) == self.cfg.total_sites and not part["incomplete_rounds"]
                     and (len(self.history) == self.cfg.run.rounds or ended_by_budget))
         if ended_by_budget:
-            summary["ended"] = f"every training site spent its privacy budget (after round {len(self.history)})"
+            summary["ended"] = self.ended or f"every training site spent its privacy budget (after round {len(self.history)})"
         summary["status"] = "failed" if error else ("ok" if complete else "incomplete")
         summary["participation"] = part
         if error:

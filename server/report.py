@@ -309,6 +309,33 @@ def plot_traffic(rows: list[dict]) -> str | None:
     return _png(fig)
 
 
+def plot_privacy(rows: list[dict], target: float | None) -> str | None:
+    """Epsilon spent per site (its ledger) and by the server's central releases, per round."""
+    per_site: dict[str, list[tuple[int, float]]] = {}
+    central = [(int(r["round"]), num(r.get("central_epsilon"))) for r in rows if num(r.get("central_epsilon")) is not None]
+    for r in rows:
+        for site, e in (r.get("epsilon") or {}).items():
+            if num(e) is not None:
+                per_site.setdefault(site, []).append((int(r["round"]), float(e)))
+    if not per_site and not central:
+        return None
+    fig = Figure(figsize=(10, 3.8), dpi=DPI, layout="constrained")
+    ax = fig.subplots()
+    for site in sorted(per_site, key=site_key):
+        xs, ys = zip(*per_site[site])
+        ax.plot(xs, ys, "-o", ms=3, label=site)
+    if central:
+        xs, ys = zip(*central)
+        ax.plot(xs, ys, "--s", ms=4, color="black", label="central (server)")
+    if target is not None:
+        ax.axhline(target, color="red", lw=1, label="target epsilon")
+    ax.set_ylabel("epsilon spent")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8, loc="lower right", ncol=2)
+    _round_axis(ax, sorted({int(r["round"]) for r in rows}))
+    return _png(fig)
+
+
 # --------------------------------------------------------------------- report
 
 
@@ -452,6 +479,10 @@ def build_html(run_dir: Path) -> str:
                           _missing("needs both personalized and global values for the same sites")))
 
     # 5. bytes and time
+    privacy = summary.get("privacy") if isinstance(summary.get("privacy"), dict) else None
+    b64 = plot_privacy(rows, num(privacy.get("target_epsilon")) if privacy else None)
+    if b64:
+        parts.append(_section("privacy spent per round", _img(b64, "epsilon per round")))
     b64 = plot_traffic(rows)
     parts.append(_section("bytes and time per round", _img(b64, "bytes and time per round") if b64 else
                           _missing("no per-round traffic recorded")))

@@ -82,17 +82,33 @@ def update_norms(updates: Sequence[Arrays], reference: Arrays) -> np.ndarray:
     return np.asarray(norms)
 
 
+def clip_to_norm(updates: Sequence[Arrays], reference: Arrays, limit: float) -> list[dict[str, np.ndarray]]:
+    """Scale each update's change from ``reference`` to L2 norm at most ``limit`` (integer buffers as sent)."""
+    out = []
+    for u, norm in zip(updates, update_norms(updates, reference)):
+        scale = 1.0 if norm <= limit or norm == 0 else limit / norm
+        out.append({k: (reference[k].astype(np.float64) + scale * (v.astype(np.float64) - reference[k])).astype(v.dtype)
+                    if np.issubdtype(v.dtype, np.floating) else v for k, v in u.items()})
+    return out
+
+
+def central_dp_mean(updates: Sequence[Arrays], reference: Arrays, clip: float, noise_multiplier: float,
+                    rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Site-level central DP (DP-FedAvg, McMahan et al. 2018): the uniform mean of the changes clipped to
+    ``clip``, plus N(0, (z clip / m)^2) on every floating-point coordinate; m = len(updates).
+
+    Uniform weights: with example-count weights one site's share, hence the sensitivity, would be unbounded.
+    """
+    mean = uniform_mean(clip_to_norm(updates, reference, clip))
+    std = noise_multiplier * clip / len(updates)
+    return {k: (v.astype(np.float64) + rng.normal(0.0, std, v.shape)).astype(v.dtype)
+            if np.issubdtype(v.dtype, np.floating) else v for k, v in mean.items()}
+
+
 def clip_to_median_norm(updates: Sequence[Arrays], reference: Arrays, bound: float) -> list[dict[str, np.ndarray]]:
     """Scale each update's change so its norm is at most ``bound`` x the round's median change norm.
 
     One site can then move the model at most ``bound`` times as far as a typical site, whatever it sends
     (norm bounding, Sun et al. 2019). Integer buffers are left as sent.
     """
-    norms = update_norms(updates, reference)
-    limit = bound * float(np.median(norms))
-    out = []
-    for u, norm in zip(updates, norms):
-        scale = 1.0 if norm <= limit or norm == 0 else limit / norm
-        out.append({k: (reference[k].astype(np.float64) + scale * (v.astype(np.float64) - reference[k])).astype(v.dtype)
-                    if np.issubdtype(v.dtype, np.floating) else v for k, v in u.items()})
-    return out
+    return clip_to_norm(updates, reference, bound * float(np.median(update_norms(updates, reference))))

@@ -32,7 +32,8 @@ from flwr.serverapp.strategy import Strategy
 
 from kumiki import contract as C
 from kumiki.split import ParamSplit
-from strategies.aggregate import clip_to_median_norm, coordinate_median, trimmed_mean, weighted_mean
+from strategies.aggregate import (central_dp_mean, clip_to_median_norm, coordinate_median, trimmed_mean,
+                                 weighted_mean)
 from strategies.replies import BadReply, check_arrays, eval_metrics, parse_profile, train_metrics
 
 log = logging.getLogger("kumiki.server")
@@ -95,6 +96,8 @@ class KumikiStrategy(Strategy):
         self._rng = random.Random(cfg.run.seed)
         #: site -> round in which it declined to train because its privacy budget is spent
         self.budget_spent: dict[str, int] = {}
+        #: central DP (``privacy.central``): noised releases so far
+        self.central_releases = 0
 
     # ------------------------------------------------------------- sites
     def train_nodes(self) -> list[int]:
@@ -294,6 +297,9 @@ class KumikiStrategy(Strategy):
 
     def aggregate(self, updates: list[Update]) -> None:
         """Shared tensors over all updates; each group's tensors over its own sites."""
+        if self.cfg.privacy.central:
+            self.aggregate_central(updates)
+            return
         server = self.cfg.server
         if server.aggregation == "norm_bound":  # a pre-step for every method: cap each update's change
             clipped = clip_to_median_norm([u.arrays for u in updates], self.reference_arrays(), server.norm_bound)
@@ -306,6 +312,34 @@ class KumikiStrategy(Strategy):
                 names = self.group_arrays[g]
                 self.group_arrays[g] = self.combine([{k: u.arrays[k] for k in names} for u in members],
                                                     self.weights(members))
+
+    def aggregate_central(self, updates: list[Update]) -> None:
+        """``privacy.central``: each part (shared, each group) becomes the noised uniform mean of clipped changes."""
+        p = self.cfg.privacy
+        self.central_releases += 1
+        rng = np.random.default_rng([self.cfg.run.seed, 7919, self.central_releases])
+        parts = [("", self.shared, updates)] + [(g, a, [u for u in updates if u.profile.group == g])
+                                                  for g, a in self.group_arrays.items()]
+        for g, ref, members in parts:
+            if not ref or not members:
+                continue
+            new = central_dp_mean([{k: u.arrays[k] for k in ref} for u in members], ref, p.central_clip,
+                                  p.central_noise_multiplier, rng)
+            if g:
+                self.group_arrays[g] = new
+            else:
+                self.shared = new
+
+    def central_epsilon(self, releases: int | None = None) -> float:
+        """Epsilon of the server's releases (RDP, no sampling amplification: Flower's choice)."""
+        from client.privacy import epsilon
+
+        n = self.central_releases if releases is None else releases
+        p = self.cfg.privacy
+        return epsilon(p.accountant, [(p.central_noise_multiplier, 1.0, n)] if n else [], p.delta)
+
+    def central_budget_left(self) -> bool:
+        return not self.cfg.privacy.central or self.central_epsilon(self.central_releases + 1) <= self.cfg.privacy.target_epsilon
 
     def weights(self, updates: list[Update]) -> list[float]:
         """n-weighted by default (FedAvg)."""

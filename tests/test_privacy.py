@@ -99,6 +99,9 @@ def test_epsilon_grows_every_round_and_across_runs_then_sites_stop_and_the_run_e
         series = [r[site] for r in per_round]
         assert all(a < b for a, b in zip(series, series[1:])), series
     assert first["status"] == "ok" and max(first["privacy"]["epsilon_per_site"].values()) <= 4.0
+    from server.report import render_report
+
+    assert "privacy spent per round" in render_report(tmp_path / "runs" / "a").read_text()
     # a new run over the same records: the ledger goes on; nobody can afford a round, the run ends after one
     second = run_inprocess(dp_config(tmp_path, name="b", rounds=3), quiet=True)
     assert second["status"] == "ok" and second["rounds"] == 1 and "privacy budget" in second["ended"]
@@ -141,3 +144,46 @@ def test_scope_shared_trains_only_travelling_tensors_privately(tmp_path):
     assert dp.private == shared and dp.noise_multiplier == 1.0
     sj.job = replace(sj.job, privacy=PrivacySection(enabled=True, noise_multiplier=1.0), rounds=2)
     assert start(sj, tmp_path, "s")[1].private is None, "scope all: every trained parameter"
+
+
+# ----------------------------------------------------------------------------- central DP
+def test_central_dp_mean_clips_each_site_then_noises_the_uniform_mean():
+    from strategies.aggregate import central_dp_mean
+
+    ref = {"w": np.zeros(4, np.float32), "n": np.array(3)}
+    far = {"w": np.array([30.0, 40.0, 0, 0], np.float32), "n": np.array(5)}  # change norm 50 -> clipped to 1
+    near = {"w": np.array([0, 0, 0.3, 0.4], np.float32), "n": np.array(5)}  # norm 0.5, kept
+    got = central_dp_mean([far, near], ref, clip=1.0, noise_multiplier=1e-9, rng=np.random.default_rng(0))
+    np.testing.assert_allclose(got["w"], [0.3, 0.4, 0.15, 0.2], atol=1e-6)
+    assert got["n"] == 5
+    big = {"w": np.zeros(20000, np.float32)}
+    noisy = central_dp_mean([big, big], big, clip=2.0, noise_multiplier=1.5, rng=np.random.default_rng(0))
+    assert noisy["w"].std() == pytest.approx(1.5 * 2.0 / 2, rel=0.05)
+
+
+def test_central_dp_bounds_a_hostile_site_and_reports_its_epsilon_then_stops_at_the_budget(tmp_path):
+    from tests.test_fault_replies import _arrays, _hook
+
+    def scale(arrays):
+        return {k: v * 1000 if v.dtype.kind == "f" else v for k, v in arrays.items()}
+
+    cfg = make_config(tmp_path, rounds=4, sites=3, model=GN,
+                      privacy={"central": True, "central_clip": 0.5, "central_noise_multiplier": 2.0,
+                               "target_epsilon": 4.5})  # z = 2: epsilon 3.19 after 2 releases, 4.01 after 3, 4.73 after 4
+    s = run_inprocess(cfg, quiet=True, grid_hook=_hook("train", _arrays(scale)))
+    c = s["privacy"]["central"]
+    assert c["unit"].startswith("one site") and c["epsilon"] == pytest.approx(4.011, abs=0.01)
+    assert s["rounds"] == c["releases"] < 4 and "central privacy budget" in s["ended"], s
+    rows = [json.loads(line) for line in open(cfg.run_dir() / "metrics.jsonl")]
+    series = [r["central_epsilon"] for r in rows if r.get("kind") == "round"]
+    assert all(a < b for a, b in zip(series, series[1:]))
+    ck = np.load(cfg.run_dir() / "checkpoints" / "global.npz")
+    assert all(np.isfinite(ck[k]).all() and np.abs(ck[k]).max() < 50 for k in ck.files if k != "__round__")
+
+
+@pytest.mark.parametrize("method, server", [("fedhb", {}), ("floral", {}), ("local", {}),
+                                            ("fedavg", {"aggregation": "median"})])
+def test_central_dp_is_refused_where_it_cannot_protect_the_update(tmp_path, method, server):
+    with pytest.raises(ConfigError, match="privacy.central"):
+        make_config(tmp_path, method=method, privacy={"central": True},
+                    server={"discovery_timeout_s": 20.0, **server})
