@@ -170,6 +170,9 @@ class Trainer:
         from opacus import GradSampleModule
         from opacus.optimizers import DPOptimizer
 
+        from client.privacy import register_grad_samplers
+
+        register_grad_samplers()
         dp = self.dp
         private, clear = [], []
         for g in groups:

@@ -31,6 +31,15 @@ class BudgetExhausted(RuntimeError):
     """The site's next round would spend more than ``privacy.target_epsilon``: it declines to train."""
 
 
+def register_grad_samplers() -> None:
+    """Per-example gradients Opacus has no rule for: FLoRAL's router (``models.lora.router_per_example_grad``)."""
+    from opacus.grad_sample import register_grad_sampler
+
+    from models.lora import Router, router_per_example_grad
+
+    register_grad_sampler(Router)(router_per_example_grad)
+
+
 def data_hash(x: np.ndarray, y: np.ndarray) -> str:
     """The records the budget protects: a change of data is a new ledger."""
     h = hashlib.sha256()

@@ -229,9 +229,6 @@ class KumikiConfig(_Section):
         if self.method.name == "dualfed":
             raise ValueError("privacy.enabled: DualFed cannot be trained with per-example DP: its SupCon loss couples "
                              "the examples of a batch and its projector uses BatchNorm; use another method")
-        if self.method.name in ("floral", "floral_ensemble", "local_adaptors"):
-            raise ValueError(f"privacy.enabled: {self.method.name}'s router weighs the whole batch with one mixture, "
-                             "which Opacus cannot give per-example gradients for (not supported yet)")
 
     @model_validator(mode="after")
     def _combinations(self) -> KumikiConfig:

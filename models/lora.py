@@ -112,18 +112,31 @@ class Router(nn.Module):
         self.sigma, self.tau = sigma, tau
         self.generator: torch.Generator | None = None  # None: the global RNG
         self.last_noise: torch.Tensor | None = None  # the u of the latest training call (diagnostics)
+        self.last_probs: torch.Tensor | None = None  # the latest pi (detached): the per-example gradient needs it
 
     def reseed(self, seed: int) -> None:
         self.generator = torch.Generator().manual_seed(seed)
 
-    def forward(self) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | None = None) -> torch.Tensor:
+        """pi, shape (C,); given the batch ``x``, the same pi per example, shape (B, C): one row per
+        example lets Opacus give theta a per-example gradient (``per_example_grad``), as DP-SGD needs."""
         logits = self.theta
         if self.training:
             u = torch.rand(logits.shape, generator=self.generator, dtype=logits.dtype,
                            device="cpu" if self.generator is not None else logits.device).to(logits.device)
             self.last_noise = u
             logits = logits + self.sigma * u
-        return torch.softmax(logits / self.tau, dim=-1)
+        pi = torch.softmax(logits / self.tau, dim=-1)
+        self.last_probs = pi.detach()
+        return pi if x is None else pi.expand(len(x), -1)
+
+
+def router_per_example_grad(layer: Router, activations, backprops: torch.Tensor) -> dict:
+    """Opacus grad sampler for Router: example b's gradient of theta is J^T g_b, with g_b = dL_b/dpi_b and
+    J = (diag(p) - p p^T) / tau the softmax Jacobian at this batch's (noisy) p."""
+    p = layer.last_probs.to(backprops.dtype)
+    g = backprops
+    return {layer.theta: (p * g - p * (g @ p).unsqueeze(1)) / layer.tau}
 
 
 def _adaptable(base: nn.Module, patterns: tuple[str, ...]) -> list[str]:
@@ -196,17 +209,21 @@ class FloralModel(_Routed):
 
     def _hook(self, key: str, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         x = args[0]
-        mix = sum(self._weights[c] * ad[key](x) for c, ad in enumerate(self.adaptors))
+        shape = (len(x),) + (1,) * (output.dim() - 1)  # one weight per example (rows of the (B, C) mixture)
+        mix = sum(self._weights[:, c].reshape(shape) * ad[key](x) for c, ad in enumerate(self.adaptors))
         return output + self.alpha * mix
 
     def forward(self, x: torch.Tensor, pi: torch.Tensor | None = None) -> torch.Tensor:
         """One router call (one noise draw) per forward; a given ``pi`` (shape (C,)) replaces the router's."""
         if pi is None:
-            pi = self.router()
+            rows = self.router(x)
+            pi = rows[0]
         elif pi.shape != (self.num_adaptors,):
             raise ValueError(f"pi must have shape ({self.num_adaptors},), got {tuple(pi.shape)}")
+        else:
+            rows = pi.expand(len(x), -1)
         self.last_pi = pi
-        self._weights = pi.clamp(min=self.min_prob)
+        self._weights = rows.clamp(min=self.min_prob)
         handles = [self.base.get_submodule(n).register_forward_hook(partial(self._hook, _key(n)))
                    for n in self.layer_names]
         try:
@@ -261,10 +278,10 @@ class EnsembleModel(_Routed):
         self.last_pi: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, pi: torch.Tensor | None = None) -> torch.Tensor:
-        if pi is None:
-            pi = self.router()
+        rows = self.router(x) if pi is None else pi.expand(len(x), -1)
+        pi = rows[0]
         self.last_pi = pi
-        outs = [pi[c] * f(x) for c, f in enumerate(self.copies) if pi[c] >= self.SKIP_BELOW]
+        outs = [rows[:, c:c + 1] * f(x) for c, f in enumerate(self.copies) if pi[c] >= self.SKIP_BELOW]
         return torch.stack(outs).sum(0)
 
     def base_parameters(self) -> list[nn.Parameter]:

@@ -124,7 +124,7 @@ def test_one_router_draw_per_forward():
     f = FloralModel(build_model(MLP), 3, 0.1)
     calls = []
     orig = f.router.forward
-    f.router.forward = lambda: calls.append(1) or orig()
+    f.router.forward = lambda *a: calls.append(1) or orig(*a)
     f.train()(torch.randn(4, 1, 8, 8))
     assert len(calls) == 1 and f.last_pi.shape == (3,)
 

@@ -18,7 +18,7 @@ from launch.engines.inprocess import run_inprocess
 from tests.conftest import make_config
 
 GN = {"arch": "mlp", "norm": "group", "hidden": 64}
-REFUSED = {"dualfed", "floral", "floral_ensemble", "local_adaptors"}
+REFUSED = {"dualfed"}
 
 
 def dp_config(tmp_path, method="fedavg", name="t", rounds=2, **privacy):
@@ -187,3 +187,32 @@ def test_central_dp_is_refused_where_it_cannot_protect_the_update(tmp_path, meth
     with pytest.raises(ConfigError, match="privacy.central"):
         make_config(tmp_path, method=method, privacy={"central": True},
                     server={"discovery_timeout_s": 20.0, **server})
+
+
+def test_floral_router_per_example_gradient_equals_each_examples_own_gradient():
+    """The grad sampler Opacus uses for the router (J^T g_b) against autograd on one example at a time."""
+    from opacus import GradSampleModule
+    from torch.nn import functional as F
+
+    from client.privacy import register_grad_samplers
+    from models import ModelSpec, build_model
+    from kumiki.methods import FloralConfig
+
+    register_grad_samplers()
+    # router_noise 0: a training-mode forward of one example draws the same pi as the batch's
+    model = build_model(ModelSpec("mlp", (1, 8, 8), 10, hidden=32, norm="group"),
+                        FloralConfig(num_adaptors=3, router_noise=0.0))
+    for p in model.adaptors.parameters():
+        p.data.normal_(0, 0.5)  # B = 0 at init would leave the router without gradient
+    model.router.theta.data = torch.tensor([0.3, -0.2, 0.5])
+    model.train()
+    x, y = torch.randn(5, 1, 8, 8), torch.randint(0, 10, (5,))
+    expected = []
+    for b in range(5):
+        model.zero_grad()
+        F.cross_entropy(model(x[b:b + 1]), y[b:b + 1]).backward()
+        expected.append(model.router.theta.grad.clone())
+    gsm = GradSampleModule(model, loss_reduction="sum")
+    F.cross_entropy(model(x), y, reduction="sum").backward()
+    torch.testing.assert_close(model.router.theta.grad_sample, torch.stack(expected), rtol=1e-4, atol=1e-6)
+    gsm._close()
