@@ -173,6 +173,8 @@ class PrivacySection(_Section):
     scope: Literal["all", "shared"] = Field(
         "all", description="all: every parameter a site trains is trained privately (the shared update is then "
                            "DP); shared: only tensors that travel (personal ones in the clear: weaker, see README)")
+    fix_model: bool = Field(False, description="replace every BatchNorm by GroupNorm (Opacus' ModuleValidator.fix) "
+                                               "on the server and every site, so DP-SGD can train the model")
     central: bool = Field(False, description="central DP at the server: each site's update clipped, the uniform "
                                              "mean noised (a whole site is the privacy unit); independent of enabled")
     central_clip: float = Field(1.0, gt=0.0, description="central DP: L2 bound on one site's update (its change)")
@@ -223,12 +225,19 @@ class KumikiConfig(_Section):
 
     def _check_privacy(self) -> None:
         """Models and losses per-example DP-SGD cannot train, refused with the fix."""
-        if self.model.norm == "batch":
+        fixed = self.privacy.fix_model
+        if self.model.norm == "batch" and not fixed:
             raise ValueError("privacy.enabled: BatchNorm mixes the examples of a batch, so per-example gradients do "
-                             "not exist (Opacus refuses it); set model.norm = \"group\" (or \"none\")")
+                             "not exist (Opacus refuses it); set model.norm = \"group\" (or \"none\"), or "
+                             "privacy.fix_model = true to replace it by GroupNorm")
         if self.method.name == "dualfed":
-            raise ValueError("privacy.enabled: DualFed cannot be trained with per-example DP: its SupCon loss couples "
-                             "the examples of a batch and its projector uses BatchNorm; use another method")
+            if self.method.supcon_weight(self.model.norm) != 0:
+                raise ValueError("privacy.enabled: DualFed's SupCon term couples the examples of a batch, so clipping "
+                                 "one example's gradient does not bound its influence; set method.con_lambda = 0 "
+                                 "to train DualFed privately (stage A is then cross-entropy only)")
+            if not fixed:
+                raise ValueError("privacy.enabled: DualFed's projector uses BatchNorm; set privacy.fix_model = true "
+                                 "to replace it by GroupNorm")
 
     @model_validator(mode="after")
     def _combinations(self) -> KumikiConfig:

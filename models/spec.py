@@ -23,6 +23,8 @@ class ModelSpec:
     hidden: int = 128
     norm: str = "batch"
     seed: int = 0
+    #: privacy.fix_model: BatchNorm layers replaced by GroupNorm (Opacus' ModuleValidator.fix) so DP-SGD can train
+    dp_fix: bool = False
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -79,6 +81,11 @@ def build_model(spec: ModelSpec, variant: Any = "plain") -> nn.Module:
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(spec.seed)
     try:
-        return VARIANTS[variant](spec, **options)
+        model = VARIANTS[variant](spec, **options)
+        if spec.dp_fix:
+            from opacus.validators import ModuleValidator
+
+            model = ModuleValidator.fix(model)
+        return model
     finally:
         torch.random.set_rng_state(gen_state)

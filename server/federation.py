@@ -33,7 +33,8 @@ def model_spec(cfg: KumikiConfig) -> ModelSpec:
         shape, classes = tuple(cfg.data.input_shape), cfg.data.num_classes
     else:
         shape, classes = SHAPES[cfg.data.dataset]
-    return ModelSpec(cfg.model.arch, tuple(shape), classes, cfg.model.hidden, cfg.model.norm, cfg.run.seed)
+    return ModelSpec(cfg.model.arch, tuple(shape), classes, cfg.model.hidden, cfg.model.norm, cfg.run.seed,
+                     dp_fix=cfg.privacy.enabled and cfg.privacy.fix_model)
 
 
 def build_strategy(cfg: KumikiConfig, sim: dict | None = None):

@@ -18,25 +18,43 @@ from launch.engines.inprocess import run_inprocess
 from tests.conftest import make_config
 
 GN = {"arch": "mlp", "norm": "group", "hidden": 64}
-REFUSED = {"dualfed"}
+#: methods whose DP run needs method knobs: DualFed trains privately without SupCon and with a fixed projector
+KNOBS = {"dualfed": {"con_lambda": 0.0}}
 
 
 def dp_config(tmp_path, method="fedavg", name="t", rounds=2, **privacy):
-    return make_config(tmp_path, method=method, name=name, rounds=rounds, sites=2, model=GN,
-                       privacy={"enabled": True, "target_epsilon": 4.0, **privacy})
+    fix = {"fix_model": True} if method == "dualfed" else {}
+    return make_config(tmp_path, method=method, name=name, rounds=rounds, sites=2, model=GN, knobs=KNOBS.get(method),
+                       privacy={"enabled": True, "target_epsilon": 4.0, **fix, **privacy})
 
 
 # ----------------------------------------------------------------------------- config
-def test_batchnorm_models_are_refused_with_the_key_that_fixes_them(tmp_path):
-    with pytest.raises(ConfigError, match='model.norm = \\\\?"group\\\\?"'):
+def test_batchnorm_models_are_refused_with_the_keys_that_fix_them(tmp_path):
+    with pytest.raises(ConfigError, match=r'model.norm = \\?"group\\?".*privacy.fix_model = true'):
         make_config(tmp_path, privacy={"enabled": True})  # the default model has BatchNorm
     assert dp_config(tmp_path).privacy.enabled
 
 
-@pytest.mark.parametrize("method", sorted(REFUSED))
-def test_methods_per_example_dp_cannot_train_are_refused_with_the_reason(tmp_path, method):
-    with pytest.raises(ConfigError, match="privacy.enabled"):
-        dp_config(tmp_path, method=method)
+def test_fix_model_replaces_batchnorm_on_both_sides_so_dp_trains_the_default_model(tmp_path):
+    from models import build_model
+    from server.federation import model_spec
+
+    cfg = make_config(tmp_path, rounds=1, sites=2, model={"arch": "cnn"},
+                      privacy={"enabled": True, "fix_model": True, "noise_multiplier": 1.0})
+    spec = model_spec(cfg)
+    assert spec.dp_fix and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in build_model(spec).modules())
+    assert any(isinstance(m, nn.GroupNorm) for m in build_model(spec).modules())
+    s = run_inprocess(cfg, quiet=True)
+    assert s["status"] == "ok" and all(e > 0 for e in s["privacy"]["epsilon_per_site"].values())
+
+
+@pytest.mark.parametrize("knobs, privacy, needle", [
+    ({}, {"fix_model": True}, "method.con_lambda = 0"),  # SupCon couples a batch's examples
+    ({"con_lambda": 0.0}, {}, "privacy.fix_model = true"),  # the projector's BatchNorm
+])
+def test_dualfed_under_dp_needs_its_two_fixes_named(tmp_path, knobs, privacy, needle):
+    with pytest.raises(ConfigError, match=needle):
+        make_config(tmp_path, method="dualfed", model=GN, knobs=knobs, privacy={"enabled": True, **privacy})
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -111,7 +129,7 @@ def test_epsilon_grows_every_round_and_across_runs_then_sites_stop_and_the_run_e
     assert second["personalized"]["mean"] is not None, "sites out of budget still evaluate"
 
 
-@pytest.mark.parametrize("method", sorted(set(METHODS) - REFUSED))
+@pytest.mark.parametrize("method", sorted(METHODS))
 def test_dp_trains_every_supported_method_without_a_special_case(tmp_path, method):
     s = run_inprocess(dp_config(tmp_path, method=method, rounds=1, noise_multiplier=1.0, target_epsilon=20.0), quiet=True)
     assert s["status"] == "ok", s.get("participation")
