@@ -59,7 +59,6 @@ EXPLAINED: list[tuple[str, str, str]] = [
     ("digits-cnn-bn-floral", "personalizes", "README, 'Known gaps': FLoRAL without clusters, seed 0"),
     ("*-floral_ensemble", "personalizes", "README, 'Known gaps': FLoRAL's ensemble baseline"),
     ("*-floral_ensemble", "global", "README, 'Known gaps': FLoRAL's ensemble baseline"),
-    ("pilot-cnn-bn-local_adaptors", "personalizes", "README, 'Known gaps': local adaptors on the pilot"),
 ]
 
 
