@@ -4,9 +4,10 @@
 
 The pilot (``deploy/pilot.toml``) with ``model.norm = "group"`` (DP-SGD cannot train BatchNorm);
 epsilon = inf is the same model trained without DP. Each (method, epsilon) runs in its own output
-dir, so each starts with a fresh privacy ledger (runs over the same records share one). Reported:
+dir, so each starts with a fresh privacy ledger (runs over the same records share one). DualFed
+runs under DP with ``con_lambda = 0`` and ``privacy.fix_model`` (its projector's BatchNorm). Reported:
 personalized and global accuracy at the end, epsilon spent per site, and the rounds each site
-trained before its budget stopped it. DualFed and FLoRAL are refused under DP (README, Privacy).
+trained before its budget stopped it.
 ``--write`` puts the table between the ``privacy`` markers of bench/RESULTS.md.
 """
 
@@ -25,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 4.0, 8.0, math.inf])
-    ap.add_argument("--methods", nargs="+", default=["fedavg", "fedavg_ft", "fedhb"])
+    ap.add_argument("--methods", nargs="+", default=["fedavg", "fedavg_ft", "fedhb", "dualfed", "floral"])
     ap.add_argument("--rounds", type=int, default=None, help="default: the pilot's")
     ap.add_argument("--out", default="/tmp/kumiki-bench-privacy")
     ap.add_argument("--write", action="store_true")
@@ -46,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
                     f'run.name="{method}"', *([f"run.rounds={args.rounds}"] if args.rounds else [])]
             if math.isfinite(eps):
                 sets += ["privacy.enabled=true", f"privacy.target_epsilon={eps}"]
+                if method == "dualfed":  # its two DP fixes (README, Privacy)
+                    sets += ["method.con_lambda=0.0", "privacy.fix_model=true"]
             cfg = load_config(str(ROOT / "deploy" / "pilot.toml"), sets)
             s = run(cfg, "inprocess", quiet=True, overwrite=True)
             p = s.get("privacy") or {}
