@@ -130,21 +130,21 @@ class DPContext:
 def start(sj, privacy_dir: str | Path, seed: str) -> tuple[Ledger, DPContext]:
     """Open the site's ledger, fix its noise multiplier and refuse a round that could exceed the budget.
 
-    The round's steps are projected as the last round's (the first: ``local_epochs`` epochs of
-    1/q Poisson batches); a method with several stages per round spends faster than that estimate
-    once, and is then projected exactly.
+    The round's steps are projected as the last round's (the first: the method's epochs per round
+    of 1/q Poisson batches each); the release check (``finish``) catches any round that runs longer.
     """
     p, n = sj.job.privacy, sj.data.num_train
     q = min(1.0, sj.trainer.cfg.batch_size / n)
     per_epoch = max(1, round(1 / q))
     ledger = Ledger.open(privacy_dir, data_hash(sj.data.x_train, sj.data.y_train))
+    epochs = sj.job.method.epochs_per_round(sj.trainer.cfg)  # DualFed, FedRep, Ditto pass more than once
     if ledger.noise_multiplier is None:
-        planned = max(sj.job.rounds, 1) * sj.trainer.cfg.local_epochs * per_epoch
+        planned = max(sj.job.rounds, 1) * epochs * per_epoch
         ledger.noise_multiplier = p.noise_multiplier or solve_noise(p.target_epsilon, p.delta, q, planned, p.accountant)
         log.info("site %s: noise multiplier %.3f (q = %.4f, %d planned steps)", sj.data.name, ledger.noise_multiplier,
                  q, planned)
     sigma = p.noise_multiplier or ledger.noise_multiplier
-    projected = ledger.last_steps or sj.trainer.cfg.local_epochs * per_epoch
+    projected = ledger.last_steps or epochs * per_epoch
     spent = epsilon(p.accountant, ledger.history, p.delta)
     after = epsilon(p.accountant, [*ledger.history, (sigma, q, projected)], p.delta)
     if after > p.target_epsilon:

@@ -39,6 +39,10 @@ class MethodConfig(BaseModel):
         """Keyword arguments of the method's model variant (``models.build_model``)."""
         return {}
 
+    def epochs_per_round(self, train) -> int:
+        """Passes over the site's training data in one round (a DP site plans its noise with it)."""
+        return train.local_epochs
+
 
 class FedAvgConfig(MethodConfig):
     """FedAvg (McMahan et al., 2017): the whole model is shared."""
@@ -124,6 +128,9 @@ class DualFedConfig(MethodConfig):
             raise ValueError("method.con_lambda must be 'auto' or a number >= 0")
         return self
 
+    def epochs_per_round(self, train) -> int:
+        return self.stage_epochs + self.stage_b_epochs
+
     def supcon_weight(self, norm: str) -> float:
         """lambda for an encoder with this normalization (``con_lambda = auto`` depends on it)."""
         if self.con_lambda == "auto":
@@ -202,6 +209,9 @@ class FedRepConfig(MethodConfig):
     head_epochs: int = Field(5, ge=1, description="tau_h: head epochs with the body frozen")
     body_epochs: int = Field(1, ge=1, description="tau_phi: body epochs with the new head frozen")
 
+    def epochs_per_round(self, train) -> int:
+        return self.head_epochs + self.body_epochs
+
     def split_rules(self) -> SplitRules:
         return SplitRules(shared=ALL, personal=("head.*",))
 
@@ -215,6 +225,9 @@ class DittoConfig(MethodConfig):
     name: Literal["ditto"] = "ditto"
     lam: float = Field(0.1, ge=0.0, description="pull of the personal model toward the global one")
     personal_epochs: int | None = Field(None, ge=1, description="s: personal-track epochs (default: train.local_epochs)")
+
+    def epochs_per_round(self, train) -> int:
+        return (self.personal_epochs or train.local_epochs) + train.local_epochs
 
 
 # ---------------------------------------------------------------- issue 8: FLoRAL and its baselines

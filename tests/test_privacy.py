@@ -137,8 +137,19 @@ def test_dp_trains_every_supported_method_without_a_special_case(tmp_path, metho
     assert set(eps) == {"site-0", "site-1"} and all(0 < e <= 20.0 for e in eps.values())
 
 
-def test_a_round_that_would_overrun_the_budget_is_withheld_so_epsilon_never_exceeds_it(tmp_path):
-    """Ditto makes two passes per round, twice what the noise solved for one round plans: the round is withheld."""
+def test_dp_plans_each_methods_passes_per_round(tmp_path):
+    """Ditto (two tracks) and FedRep (head then body) train every planned round within the solved budget."""
+    for method in ("ditto", "fedrep"):
+        s = run_inprocess(dp_config(tmp_path / method, method=method, rounds=2), quiet=True)
+        assert s["rounds"] == 2 and not s["privacy"]["stopped_at_round"], s["privacy"]
+        assert all(3.5 < e <= 4.0 for e in s["privacy"]["epsilon_per_site"].values()), s["privacy"]
+
+
+def test_a_round_that_would_overrun_the_budget_is_withheld_so_epsilon_never_exceeds_it(tmp_path, monkeypatch):
+    """A method that makes more passes than it declares (here Ditto claiming one): the round is withheld."""
+    from kumiki.methods import DittoConfig
+
+    monkeypatch.setattr(DittoConfig, "epochs_per_round", lambda self, train: train.local_epochs)
     s = run_inprocess(dp_config(tmp_path, method="ditto", rounds=1), quiet=True)
     assert s["status"] == "ok" and s["privacy"]["stopped_at_round"] == {"site-0": 1, "site-1": 1}, s["privacy"]
     assert s["privacy"]["epsilon_per_site"] == {"site-0": 0.0, "site-1": 0.0}, "nothing was released"
