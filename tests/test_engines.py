@@ -31,7 +31,9 @@ def _site_states(cfg) -> dict[str, dict]:
 
 def test_simulation_engine_matches_inprocess_bit_for_bit(tmp_path):
     """Same config on both engines: the server's model and every site's personal state are bit-identical."""
-    sim_cfg = make_config(tmp_path, method="ditto", rounds=2, sites=2, unseen=1, name="sim")
+    # Ray's workers can take long to start on a loaded 2-core machine: a wider (still bounded) discovery wait
+    sim_cfg = make_config(tmp_path, method="ditto", rounds=2, sites=2, unseen=1, name="sim",
+                          server={"discovery_timeout_s": 120.0})
     ref_cfg = make_config(tmp_path, method="ditto", rounds=2, sites=2, unseen=1, name="ref")
     sim = run(sim_cfg, "simulation", quiet=True)
     ref = run(ref_cfg, "inprocess", quiet=True)
