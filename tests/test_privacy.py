@@ -245,3 +245,30 @@ def test_floral_router_per_example_gradient_equals_each_examples_own_gradient():
     F.cross_entropy(model(x), y, reduction="sum").backward()
     torch.testing.assert_close(model.router.theta.grad_sample, torch.stack(expected), rtol=1e-4, atol=1e-6)
     gsm._close()
+
+
+@pytest.mark.parametrize("method", ["fedavg", "floral"])
+def test_dp_round_with_negligible_noise_and_no_clipping_equals_the_clear_round(method):
+    """The DP path (per-example gradients, Opacus' optimizer, FLoRAL's router sampler and preconditioning)
+    computes the same step as the clear loop when noise and clipping do nothing (one batch, q = 1)."""
+    import copy
+
+    from client.methods.base import SiteObjective
+    from client.methods.floral import FloralObjective
+    from kumiki.methods import FedAvgConfig, FloralConfig
+    from models import ModelSpec, build_model
+    from tests.test_floral import site_job
+
+    cfg = FloralConfig(num_adaptors=2, router_noise=0.0) if method == "floral" else FedAvgConfig()
+    objective = FloralObjective if method == "floral" else SiteObjective
+    sj = site_job(cfg, n=96)
+    sj.model = build_model(ModelSpec("mlp", (1, 8, 8), 10, hidden=64, norm="group"), cfg)
+    sj.trainer.cfg = sj.trainer.cfg.model_copy(update={"batch_size": 96})
+    start = copy.deepcopy(sj.model)
+    objective(cfg).fit(sj)
+    clear = {k: v.clone() for k, v in sj.model.state_dict().items()}
+    sj.model = start
+    sj.trainer.dp = DPContext(1e-12, max_grad_norm=1e3, sample_rate=1.0, expected_batch_size=96, seed=0)
+    objective(cfg).fit(sj)
+    for k, v in sj.model.state_dict().items():
+        torch.testing.assert_close(v, clear[k], rtol=0, atol=1e-5, msg=k)
