@@ -116,6 +116,12 @@ def _privacy_dir(context: Context, info: sites.SiteInfo, sim: dict | None) -> st
     return str(info.state_dir)
 
 
+def _decline(msg: Message, info: sites.SiteInfo, exc: BaseException) -> Message:
+    """A spent privacy budget is expected, not a failure: a warning and a coded reply (the site still evaluates)."""
+    log.warning("site %s: %s", info.name, exc)
+    return Message(Error(code=ERR_BUDGET, reason=str(exc)), reply_to=msg)
+
+
 def _error(msg: Message, code: int, exc: BaseException) -> Message:
     log.error("site job failed: %s: %s", type(exc).__name__, exc)
     log.debug("%s", traceback.format_exc())
@@ -133,9 +139,8 @@ def train(msg: Message, context: Context) -> Message:
     if sj.job.privacy.enabled:
         try:
             ledger, dp = privacy.start(sj, _privacy_dir(context, info, sj.job.sim), f"{sj.trainer.seed}:dp")
-        except privacy.BudgetExhausted as exc:  # expected, not a failure: a warning and a coded reply
-            log.warning("site %s: %s", info.name, exc)
-            return Message(Error(code=ERR_BUDGET, reason=str(exc)), reply_to=msg)
+        except privacy.BudgetExhausted as exc:
+            return _decline(msg, info, exc)
         except Exception as exc:  # noqa: BLE001
             return _error(msg, ERR_SITE, exc)
         sj.trainer.dp = dp
@@ -145,8 +150,7 @@ def train(msg: Message, context: Context) -> Message:
             try:
                 spent = privacy.finish(ledger, dp, sj.job.privacy)
             except privacy.BudgetExhausted as exc:
-                log.warning("site %s: %s", info.name, exc)
-                return Message(Error(code=ERR_BUDGET, reason=str(exc)), reply_to=msg)
+                return _decline(msg, info, exc)
             metrics.update({"epsilon": spent, "noise-multiplier": dp.noise_multiplier, "dp-steps": float(dp.steps)})
         state = {k: v.detach().cpu() for k, v in sj.model.state_dict().items()}
         out = sj.split.outgoing(state, info.group or None)

@@ -39,6 +39,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
+def seed_from(text: str) -> int:
+    """A 64-bit seed from a label (SHA-256, unlike hash(): the same in every process and machine)."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+
+
 class Trainer:
     """Binds one site's train split, optimizer knobs and seeds for one message."""
 
@@ -55,8 +60,7 @@ class Trainer:
 
     def seed_for(self, tag: str) -> int:
         """A 64-bit seed from the site's seed and a stage tag (the same on every machine)."""
-        digest = hashlib.sha256(f"{self.seed}:{tag}".encode()).digest()
-        return int.from_bytes(digest[:8], "little")
+        return seed_from(f"{self.seed}:{tag}")
 
     def _generator(self, tag: str) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed_for(tag))
@@ -176,8 +180,9 @@ class Trainer:
         dp = self.dp
         private, clear = [], []
         for g in groups:
-            mine = [p for p in g["params"] if dp.private is None or id(p) in dp.private]
-            rest = [p for p in g["params"] if not (dp.private is None or id(p) in dp.private)]
+            is_private = [dp.private is None or id(p) in dp.private for p in g["params"]]
+            mine = [p for p, keep in zip(g["params"], is_private) if keep]
+            rest = [p for p, keep in zip(g["params"], is_private) if not keep]
             private += [{**g, "params": mine}] if mine else []
             clear += [{**g, "params": rest}] if rest else []
         opts = {"plain": torch.optim.SGD(clear, **kw)} if clear else {}

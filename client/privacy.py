@@ -24,6 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from client.loop import seed_from
+from kumiki.accounting import epsilon, solve_noise
+
 log = logging.getLogger("kumiki.privacy")
 
 
@@ -46,26 +49,6 @@ def data_hash(x: np.ndarray, y: np.ndarray) -> str:
     h.update(np.ascontiguousarray(x).tobytes())
     h.update(np.ascontiguousarray(y).tobytes())
     return h.hexdigest()[:16]
-
-
-def accountant(kind: str, history: list[tuple[float, float, int]]):
-    from opacus.accountants import PRVAccountant, RDPAccountant
-
-    acc = RDPAccountant() if kind == "rdp" else PRVAccountant()
-    acc.history = [tuple(h) for h in history]
-    return acc
-
-
-def epsilon(kind: str, history: list[tuple[float, float, int]], delta: float) -> float:
-    return float(accountant(kind, history).get_epsilon(delta)) if history else 0.0
-
-
-def solve_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int, kind: str) -> float:
-    """sigma that spends ``target_epsilon`` in ``steps`` DP-SGD steps at ``sample_rate`` (Opacus' search)."""
-    from opacus.accountants.utils import get_noise_multiplier
-
-    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
-                                      steps=max(steps, 1), accountant=kind))
 
 
 @dataclass
@@ -123,8 +106,7 @@ class DPContext:
     steps: int = 0
 
     def generator(self, tag: str) -> torch.Generator:
-        digest = hashlib.sha256(f"{self.seed}:{tag}".encode()).digest()
-        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+        return torch.Generator().manual_seed(seed_from(f"{self.seed}:{tag}"))
 
 
 def start(sj, privacy_dir: str | Path, seed: str) -> tuple[Ledger, DPContext]:
@@ -152,10 +134,9 @@ def start(sj, privacy_dir: str | Path, seed: str) -> tuple[Ledger, DPContext]:
                               f"sigma {sigma:.3f}) would reach {after:.3f} > privacy.target_epsilon "
                               f"{p.target_epsilon:g}; this site declines to train and keeps evaluating")
     private = None
-    if p.scope == "shared":
-        travelling = set(sj.split.travelling(None)) | {k for g in sj.split.groups.values() for k in g}
-        private = {id(t) for k, t in sj.model.named_parameters() if k in travelling}
-    return ledger, DPContext(sigma, p.max_grad_norm, q, sj.trainer.cfg.batch_size, seed=hash_seed(seed), private=private)
+    if p.scope == "shared":  # the tensors that travel: everything the split does not keep home
+        private = {id(t) for k, t in sj.model.named_parameters() if k not in sj.split.personal}
+    return ledger, DPContext(sigma, p.max_grad_norm, q, sj.trainer.cfg.batch_size, seed=seed_from(seed), private=private)
 
 
 def finish(ledger: Ledger, dp: DPContext, p) -> float:
@@ -175,10 +156,6 @@ def finish(ledger: Ledger, dp: DPContext, p) -> float:
     ledger.add(dp.noise_multiplier, dp.sample_rate, dp.steps)
     ledger.save()
     return epsilon(p.accountant, ledger.history, p.delta)
-
-
-def hash_seed(text: str) -> int:
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
 
 
 def spent(sj, privacy_dir: str | Path) -> float:

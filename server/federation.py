@@ -86,6 +86,7 @@ def run_federation(grid: Grid, cfg: KumikiConfig, sim: dict | None = None, engin
             recorder.round(rnd, strategy, time.perf_counter() - t0)
             if not strategy.train_nodes() and strategy.budget_spent:
                 log.warning("every training site has spent its privacy budget; the run ends after round %d", rnd)
+                recorder.ended = f"every training site spent its privacy budget (after round {rnd})"
                 break
     except BaseException as exc:  # the run is over: record how it ended (status "failed"), then re-raise
         recorder.finish(strategy, error=f"{type(exc).__name__}: {exc}")

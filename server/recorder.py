@@ -69,7 +69,7 @@ class Recorder:
         self.metrics_path.write_text("")
         self.t0 = time.perf_counter()
         self.history: list[dict[str, Any]] = []
-        #: why the run stopped before run.rounds, when a budget ended it
+        #: why a privacy budget ended the run (set by the round driver), else None
         self.ended: str | None = None
 
     def _append(self, obj: dict[str, Any]) -> None:
@@ -188,12 +188,10 @@ class Recorder:
             "privacy": self.privacy(strategy),
         }
         part = self.participation(strategy)
-        ended_by_budget = (bool(self.history) and not strategy.train_nodes() and bool(strategy.budget_spent)) or bool(
-            self.ended)
         complete = (len(part["discovered"]) == self.cfg.total_sites and not part["incomplete_rounds"]
-                    and (len(self.history) == self.cfg.run.rounds or ended_by_budget))
-        if ended_by_budget:
-            summary["ended"] = self.ended or f"every training site spent its privacy budget (after round {len(self.history)})"
+                    and (len(self.history) == self.cfg.run.rounds or self.ended is not None))
+        if self.ended is not None:
+            summary["ended"] = self.ended
         summary["status"] = "failed" if error else ("ok" if complete else "incomplete")
         summary["participation"] = part
         if error:

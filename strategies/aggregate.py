@@ -82,10 +82,12 @@ def update_norms(updates: Sequence[Arrays], reference: Arrays) -> np.ndarray:
     return np.asarray(norms)
 
 
-def clip_to_norm(updates: Sequence[Arrays], reference: Arrays, limit: float) -> list[dict[str, np.ndarray]]:
-    """Scale each update's change from ``reference`` to L2 norm at most ``limit`` (integer buffers as sent)."""
+def clip_to_norm(updates: Sequence[Arrays], reference: Arrays, limit: float,
+                 norms: np.ndarray | None = None) -> list[dict[str, np.ndarray]]:
+    """Scale each update's change from ``reference`` to L2 norm at most ``limit`` (integer buffers as sent);
+    ``norms`` are the changes' norms where the caller already has them."""
     out = []
-    for u, norm in zip(updates, update_norms(updates, reference)):
+    for u, norm in zip(updates, update_norms(updates, reference) if norms is None else norms):
         scale = 1.0 if norm <= limit or norm == 0 else limit / norm
         out.append({k: (reference[k].astype(np.float64) + scale * (v.astype(np.float64) - reference[k])).astype(v.dtype)
                     if np.issubdtype(v.dtype, np.floating) else v for k, v in u.items()})
@@ -111,4 +113,5 @@ def clip_to_median_norm(updates: Sequence[Arrays], reference: Arrays, bound: flo
     One site can then move the model at most ``bound`` times as far as a typical site, whatever it sends
     (norm bounding, Sun et al. 2019). Integer buffers are left as sent.
     """
-    return clip_to_norm(updates, reference, bound * float(np.median(update_norms(updates, reference))))
+    norms = update_norms(updates, reference)
+    return clip_to_norm(updates, reference, bound * float(np.median(norms)), norms)

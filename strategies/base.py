@@ -31,6 +31,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from kumiki import contract as C
+from kumiki.accounting import epsilon
 from kumiki.split import ParamSplit
 from strategies.aggregate import (central_dp_mean, clip_to_median_norm, coordinate_median, trimmed_mean,
                                  weighted_mean)
@@ -332,8 +333,6 @@ class KumikiStrategy(Strategy):
 
     def central_epsilon(self, releases: int | None = None) -> float:
         """Epsilon of the server's releases (RDP, no sampling amplification: Flower's choice)."""
-        from client.privacy import epsilon
-
         n = self.central_releases if releases is None else releases
         p = self.cfg.privacy
         return epsilon(p.accountant, [(p.central_noise_multiplier, 1.0, n)] if n else [], p.delta)

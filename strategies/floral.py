@@ -54,9 +54,8 @@ def router_of(metrics: dict[str, float], c: int) -> list[float]:
 class FLoRAL(KumikiStrategy):
     def __init__(self, cfg, job, split, initial):
         super().__init__(cfg, job, split, initial)
-        prefix = re.escape(self.method.cluster_prefix)
-        self._cluster_re = re.compile(rf"^{prefix}\.(\d+)\.")
-        self.cluster_of = {k: int(m.group(1)) for k in self.shared if (m := self._cluster_re.match(k))}
+        cluster = re.compile(rf"^{re.escape(self.method.cluster_prefix)}\.(\d+)\.")
+        self.cluster_of = {k: int(m.group(1)) for k in self.shared if (m := cluster.match(k))}
 
     def parse_update(self, reply, expected):
         update = super().parse_update(reply, expected)

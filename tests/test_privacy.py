@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from client.loop import Trainer
-from client.privacy import DPContext, Ledger, epsilon, solve_noise
+from client.privacy import DPContext, Ledger
+from kumiki.accounting import epsilon, solve_noise
 from kumiki.config import ConfigError, TrainSection
 from kumiki.registry import METHODS
 from launch.engines.inprocess import run_inprocess
