@@ -171,26 +171,33 @@ def train(msg: Message, context: Context) -> Message:
     return Message(RecordDict({C.ARRAYS: C.to_record(out), C.METRICS: MetricRecord(m)}), reply_to=msg)
 
 
+def evaluation_metrics(sj: SiteJob, objective, info: sites.SiteInfo) -> dict[str, float | int]:
+    """The site's evaluation of the model it holds now: personalized (training sites), global (methods with a
+    shared path) and, on unseen sites, the method's new-site protocol (``eval.unseen_adapt_epochs``)."""
+    d = sj.data
+    m: dict[str, float | int] = {C.NUM_EXAMPLES: len(d.y_test), "unseen": int(info.role == "unseen")}
+    if info.role == "train":
+        pers = evaluate(objective.personalized_model(sj), d.x_test, d.y_test, objective.predict_personal)
+        m.update({"personalized-accuracy": pers["accuracy"], "personalized-loss": pers["loss"]})
+    if objective.has_global:
+        glob = evaluate(objective.global_model(sj), d.x_test, d.y_test, objective.predict_global)
+        m.update({"global-accuracy": glob["accuracy"], "global-loss": glob["loss"]})
+    epochs = sj.job.eval.unseen_adapt_epochs
+    if info.role == "unseen" and epochs > 0:
+        adapted = objective.adapt_unseen(sj, epochs)
+        if adapted is not None:
+            ad = evaluate(adapted, d.x_test, d.y_test, objective.predict_adapted)
+            m.update({"adapted-accuracy": ad["accuracy"], "adapted-loss": ad["loss"]})
+    return m
+
+
 @app.evaluate()
 def evaluate_(msg: Message, context: Context) -> Message:
     try:
         sj, objective, _, info = prepare(msg, context, for_training=False)
-        d = sj.data
-        m: dict[str, float | int] = {C.NUM_EXAMPLES: len(d.y_test), "unseen": int(info.role == "unseen")}
+        m = evaluation_metrics(sj, objective, info)
         if sj.job.privacy.enabled and info.role == "train":
             m["epsilon"] = privacy.spent(sj, _privacy_dir(context, info, sj.job.sim))
-        if info.role == "train":
-            pers = evaluate(objective.personalized_model(sj), d.x_test, d.y_test, objective.predict_personal)
-            m.update({"personalized-accuracy": pers["accuracy"], "personalized-loss": pers["loss"]})
-        if objective.has_global:
-            glob = evaluate(objective.global_model(sj), d.x_test, d.y_test, objective.predict_global)
-            m.update({"global-accuracy": glob["accuracy"], "global-loss": glob["loss"]})
-        epochs = sj.job.eval.unseen_adapt_epochs
-        if info.role == "unseen" and epochs > 0:
-            adapted = objective.adapt_unseen(sj, epochs)
-            if adapted is not None:
-                ad = evaluate(adapted, d.x_test, d.y_test, objective.predict_adapted)
-                m.update({"adapted-accuracy": ad["accuracy"], "adapted-loss": ad["loss"]})
     except Exception as exc:  # noqa: BLE001
         return _error(msg, ERR_SITE, exc)
     return Message(RecordDict({C.METRICS: MetricRecord(m)}), reply_to=msg)
