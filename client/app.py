@@ -22,7 +22,9 @@ from client import site as sites
 from client.loop import Trainer, evaluate, resolve_device
 from client.methods.base import SiteJob
 from client.state import SiteState, SiteStore, StateMismatch, StateMissing
+from client.tasks import task_for
 from kumiki import contract as C
+from kumiki.tasks import metric_key
 from kumiki.registry import entry
 from kumiki.split import ParamSplit
 from models import build_model
@@ -101,7 +103,8 @@ def prepare(msg: Message, context: Context, for_training: bool) -> tuple[SiteJob
     seed = f"{job.model.seed}:{info.name}:{job.round}"  # deterministic across processes (unlike hash())
     trainer = Trainer(data.x_train, data.y_train, job.train, seed=seed, device=device)
     extra = msg.content[C.EXTRA].to_torch_state_dict() if C.EXTRA in msg.content else {}
-    sj = SiteJob(model, split, trainer, data, state, job, received, role=info.role, extra=extra)
+    sj = SiteJob(model, split, trainer, data, state, job, received, role=info.role, extra=extra,
+                 task=task_for(data.task))
     return sj, objective, store, info
 
 
@@ -174,20 +177,22 @@ def train(msg: Message, context: Context) -> Message:
 def evaluation_metrics(sj: SiteJob, objective, info: sites.SiteInfo) -> dict[str, float | int]:
     """The site's evaluation of the model it holds now: personalized (training sites), global (methods with a
     shared path) and, on unseen sites, the method's new-site protocol (``eval.unseen_adapt_epochs``)."""
-    d = sj.data
+    d, task = sj.data, sj.task.name
     m: dict[str, float | int] = {C.NUM_EXAMPLES: len(d.y_test), "unseen": int(info.role == "unseen")}
+
+    def put(path: str, model, predict) -> None:
+        r = evaluate(model, d.x_test, d.y_test, predict, task=sj.task)
+        m.update({metric_key(path, task): r["score"], f"{path}-loss": r["loss"]})
+
     if info.role == "train":
-        pers = evaluate(objective.personalized_model(sj), d.x_test, d.y_test, objective.predict_personal)
-        m.update({"personalized-accuracy": pers["accuracy"], "personalized-loss": pers["loss"]})
+        put("personalized", objective.personalized_model(sj), objective.predict_personal)
     if objective.has_global:
-        glob = evaluate(objective.global_model(sj), d.x_test, d.y_test, objective.predict_global)
-        m.update({"global-accuracy": glob["accuracy"], "global-loss": glob["loss"]})
+        put("global", objective.global_model(sj), objective.predict_global)
     epochs = sj.job.eval.unseen_adapt_epochs
     if info.role == "unseen" and epochs > 0:
         adapted = objective.adapt_unseen(sj, epochs)
         if adapted is not None:
-            ad = evaluate(adapted, d.x_test, d.y_test, objective.predict_adapted)
-            m.update({"adapted-accuracy": ad["accuracy"], "adapted-loss": ad["loss"]})
+            put("adapted", adapted, objective.predict_adapted)
     return m
 
 
@@ -212,7 +217,7 @@ def profile(msg: Message, context: Context) -> Message:
     except Exception as exc:  # noqa: BLE001
         return _error(msg, ERR_SITE, exc)
     rec = ConfigRecord({
-        "site": info.name, "role": info.role, "group": info.group,
+        "site": info.name, "role": info.role, "group": info.group, "task": data.task,
         "num-train": data.num_train, "num-test": len(data.y_test),
     })
     return Message(RecordDict({C.PROFILE: rec}), reply_to=msg)

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from client.tasks import Classification, score
+
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 PredictFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 StepHook = Callable[[nn.Module], None]
@@ -196,17 +198,13 @@ class Trainer:
                                       loss_reduction="mean", generator=dp.generator(tag))
         return opts, gsm
 
-@torch.no_grad()
 def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, predict: PredictFn = forward,
-             device: torch.device | None = None, batch_size: int = 512) -> dict[str, float]:
-    """Accuracy and mean CE of ``predict`` (a method's personalized or global path)."""
-    device = device or next(model.parameters()).device
-    model.to(device).eval()
-    correct, loss, n = 0, 0.0, len(y)
-    for i in range(0, n, batch_size):
-        xb = torch.from_numpy(x[i : i + batch_size]).to(device)
-        yb = torch.from_numpy(y[i : i + batch_size]).to(device)
-        logits = predict(model, xb)
-        loss += float(F.cross_entropy(logits, yb, reduction="sum"))
-        correct += int((logits.argmax(1) == yb).sum())
-    return {"accuracy": correct / max(n, 1), "loss": loss / max(n, 1), "examples": float(n)}
+             device: torch.device | None = None, batch_size: int = 512, task=None) -> dict[str, float]:
+    """``predict``'s metric (``score``; also ``accuracy`` for classification) and mean loss over a split.
+
+    ``task`` is a ``client.tasks.Task`` (default: classification)."""
+    task = task or Classification()
+    out = score(task, model, x, y, predict, device, batch_size)
+    if task.name == "classification":
+        out["accuracy"] = out["score"]
+    return out

@@ -239,8 +239,15 @@ class KumikiConfig(_Section):
                 raise ValueError("privacy.enabled: DualFed's projector uses BatchNorm; set privacy.fix_model = true "
                                  "to replace it by GroupNorm")
 
+    def _check_tasks(self) -> None:
+        supported, tasks = self.method.tasks_supported, self.site_tasks()
+        if supported is not None and tasks is not None and set(tasks) - set(supported):
+            raise ValueError(f"method {self.method.name} trains {', '.join(supported)} only, but this run's sites "
+                             f"learn {', '.join(sorted(set(tasks) - set(supported)))}; choose another method or data")
+
     @model_validator(mode="after")
     def _combinations(self) -> KumikiConfig:
+        self._check_tasks()
         if self.privacy.enabled:
             self._check_privacy()
         if self.privacy.central:
@@ -268,6 +275,17 @@ class KumikiConfig(_Section):
     @property
     def total_sites(self) -> int:
         return self.data.sites + self.data.unseen_sites
+
+    def site_tasks(self) -> list[str] | None:
+        """The task of each materialized site (training sites first, then unseen ones): the method's
+        assignment (M-Fed) or the dataset's task; None for ``site-folders`` (each site's data says)."""
+        from kumiki.data.sources import DATASET_TASK
+
+        assigned = self.method.site_tasks(self.total_sites)
+        if assigned is not None:
+            return list(assigned)
+        task = DATASET_TASK.get(self.data.dataset)
+        return None if task is None else [task] * self.total_sites
 
     def run_dir(self) -> Path:
         return Path(self.run.output_dir) / self.run.name

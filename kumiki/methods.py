@@ -31,6 +31,8 @@ class MethodConfig(BaseModel):
     train_defaults: ClassVar[dict[str, Any]] = {}
     #: False where the server update is not a (weighted) mean, so a trimmed mean or median cannot replace it.
     coordinatewise_ok: ClassVar[bool] = True
+    #: The tasks (``kumiki/tasks.py``) the method can train; None: any task its model variant has an output for.
+    tasks_supported: ClassVar[tuple[str, ...] | None] = None
 
     def split_rules(self) -> SplitRules:
         return SplitRules(shared=ALL)
@@ -42,6 +44,11 @@ class MethodConfig(BaseModel):
     def epochs_per_round(self, train) -> int:
         """Passes over the site's training data in one round (a DP site plans its noise with it)."""
         return train.local_epochs
+
+    def site_tasks(self, sites: int) -> list[str] | None:
+        """The task of each of ``sites`` materialized sites where the method assigns them (M-Fed), else None:
+        every site then learns its dataset's task."""
+        return None
 
 
 class FedAvgConfig(MethodConfig):
@@ -109,6 +116,7 @@ class DualFedConfig(MethodConfig):
 
     name: Literal["dualfed"] = "dualfed"
     variant: ClassVar[str] = "dual"
+    tasks_supported: ClassVar[tuple[str, ...] | None] = ("classification",)  # SupCon needs class labels
     train_defaults: ClassVar[dict[str, Any]] = {"lr": 0.01, "momentum": 0.5, "batch_size": 64}
     con_lambda: float | Literal["auto"] = Field(
         "auto", description="weight of SupCon in stage A; auto = 10, or 1 with model.norm = group")

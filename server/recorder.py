@@ -18,16 +18,18 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
+from kumiki.tasks import TASKS, metric_key
 from strategies.base import KumikiStrategy, RoundStats
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
-def describe(per_site: dict[str, float]) -> dict[str, Any] | None:
-    """mean, population std, bottom10 (mean of the worst ceil(10%) sites) and per-site values."""
+def describe(per_site: dict[str, float], higher_is_better: bool = True) -> dict[str, Any] | None:
+    """mean, population std, bottom10 (mean of the worst ceil(10%) sites: the lowest accuracies, the
+    highest perplexities) and per-site values."""
     if not per_site:
         return None
-    vals = np.array(sorted(per_site.values()))
+    vals = np.array(sorted(per_site.values(), reverse=not higher_is_better))
     k = max(1, math.ceil(0.1 * len(vals)))
     return {
         "mean": float(vals.mean()),
@@ -35,6 +37,34 @@ def describe(per_site: dict[str, float]) -> dict[str, Any] | None:
         "bottom10": float(vals[:k].mean()),
         "per_site": {s: float(v) for s, v in sorted(per_site.items())},
     }
+
+
+#: the sections of a round row, and the metric path each one reads from a site's evaluation
+SECTIONS = {"personalized": ("personalized", "train"), "global": ("global", "train"),
+            "unseen": ("global", "unseen"), "unseen_adapted": ("adapted", "unseen")}
+
+
+def task_sections(ev: dict[str, dict[str, float]], roles: dict[str, str], tasks: dict[str, str]) -> dict[str, Any]:
+    """Per task: its metric and the four sections, each described over that task's sites only."""
+    out: dict[str, Any] = {}
+    for task in sorted({tasks.get(s, "classification") for s in ev}):
+        info, sites = TASKS[task], [s for s in ev if tasks.get(s, "classification") == task]
+        entry: dict[str, Any] = {"metric": info.metric, "higher_is_better": info.higher_is_better}
+        for section, (path, role) in SECTIONS.items():
+            key = metric_key(path, task)
+            entry[section] = describe({s: ev[s][key] for s in sites if roles.get(s) == role and key in ev[s]},
+                                      info.higher_is_better)
+        out[task] = entry
+    return out
+
+
+def mixed(per_task: dict[str, Any], section: str) -> dict[str, Any] | None:
+    """A section over sites of different tasks: per-site values in each site's own metric, no mean
+    (an accuracy and a PSNR do not average); ``tasks`` has each task's statistics."""
+    per_site = {s: v for t in per_task.values() if t[section] for s, v in t[section]["per_site"].items()}
+    if not per_site:
+        return None
+    return {"mean": None, "std": None, "bottom10": None, "per_site": dict(sorted(per_site.items()))}
 
 
 def read_final(run_dir: str | Path) -> dict[str, Any]:
@@ -79,17 +109,15 @@ class Recorder:
     def round(self, rnd: int, strategy: KumikiStrategy, round_s: float) -> dict[str, Any]:
         st: RoundStats = strategy.rounds.get(rnd, RoundStats())
         roles = {p.site: p.role for p in strategy.profiles.values()}
+        tasks = {p.site: p.task for p in strategy.profiles.values()}
         ev = st.eval_metrics
-        pers = {s: m["personalized-accuracy"] for s, m in ev.items() if "personalized-accuracy" in m}
-        glob = {s: m["global-accuracy"] for s, m in ev.items() if roles.get(s) == "train" and "global-accuracy" in m}
-        unseen = {s: m["global-accuracy"] for s, m in ev.items() if roles.get(s) == "unseen" and "global-accuracy" in m}
-        adapted = {s: m["adapted-accuracy"] for s, m in ev.items()
-                   if roles.get(s) == "unseen" and "adapted-accuracy" in m}
+        per_task = task_sections(ev, roles, tasks)
+        one = next(iter(per_task.values())) if len(per_task) == 1 else None
+        sections = {sec: (one[sec] if one else mixed(per_task, sec)) for sec in SECTIONS} if per_task else \
+            dict.fromkeys(SECTIONS)
         losses = [m["train-loss"] for m in st.train_metrics.values() if "train-loss" in m]
         row = {
-            "kind": "round", "round": rnd,
-            "personalized": describe(pers), "global": describe(glob), "unseen": describe(unseen),
-            "unseen_adapted": describe(adapted),
+            "kind": "round", "round": rnd, **sections, "tasks": per_task,
             "bytes": {"up": st.bytes_up, "down": st.bytes_down},
             "time": {"round_s": round_s, "wall_s": time.perf_counter() - self.t0},
             "sites": {"sampled": len(st.sent), "accepted": st.accepted, "aggregated": st.aggregated,
@@ -104,15 +132,17 @@ class Recorder:
             row["central_epsilon"] = strategy.central_epsilon()
         self._append(row)
         for site, m in sorted(ev.items()):
-            self._append({"kind": "site", "round": rnd, "site": site, "role": roles.get(site),
-                          "personalized": m.get("personalized-accuracy"), "global": m.get("global-accuracy"),
-                          "adapted": m.get("adapted-accuracy"), "epsilon": m.get("epsilon"),
+            task = tasks.get(site, "classification")
+            self._append({"kind": "site", "round": rnd, "site": site, "role": roles.get(site), "task": task,
+                          "metric": TASKS[task].metric, "personalized": m.get(metric_key("personalized", task)),
+                          "global": m.get(metric_key("global", task)), "adapted": m.get(metric_key("adapted", task)),
+                          "epsilon": m.get("epsilon"),
                           "train_loss": st.train_metrics.get(site, {}).get("train-loss"),
                           "num_examples": st.train_metrics.get(site, {}).get("num-examples")})
         self.history.append(row)
         if not self.quiet:
             def fmt(d):
-                return f"{d['mean']:.3f}" if d else "  -  "
+                return f"{d['mean']:.3f}" if d and d["mean"] is not None else "  -  "
             console.print(
                 f"[bold]round {rnd:>3}/{self.cfg.run.rounds}[/] sites {st.accepted}/{len(st.sent)}"
                 f"{' [red](' + str(len(st.rejected)) + ' rejected)[/]' if st.rejected else ''}"
@@ -165,17 +195,18 @@ class Recorder:
         down = [h["bytes"]["down"] for h in self.history]
 
         def last5(key):
-            vals = [h[key]["mean"] for h in self.history[-5:] if h.get(key)]
+            vals = [h[key]["mean"] for h in self.history[-5:] if h.get(key) and h[key]["mean"] is not None]
             return float(np.mean(vals)) if vals else None
 
         pers = last.get("personalized")
         glob = last.get("global")
         uns = last.get("unseen")
         ada = last.get("unseen_adapted")
+        run_tasks = sorted({p.task for p in strategy.profiles.values()}) or ["classification"]
         summary = {
             "method": self.cfg.method.name,
             "dataset": self.cfg.data.dataset,
-            "metric": "accuracy",
+            "metric": TASKS[run_tasks[0]].metric if len(run_tasks) == 1 else "multi-task",
             "rounds": len(self.history),
             "sites": self.cfg.data.sites,
             "personalized": pers or {"mean": None, "std": None, "bottom10": None, "per_site": {}},
@@ -186,6 +217,8 @@ class Recorder:
                       "up_total": int(sum(up)), "down_total": int(sum(down))},
             "time": {"wall_s": wall, "per_round_s": sum(h["time"]["round_s"] for h in self.history) / n},
             "privacy": self.privacy(strategy),
+            "tasks": last.get("tasks") or {t: {"metric": TASKS[t].metric, "higher_is_better": TASKS[t].higher_is_better,
+                                               **dict.fromkeys(SECTIONS)} for t in run_tasks},
         }
         part = self.participation(strategy)
         complete = (len(part["discovered"]) == self.cfg.total_sites and not part["incomplete_rounds"]

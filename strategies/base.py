@@ -48,6 +48,8 @@ class SiteProfile:
     group: str
     num_train: int
     num_test: int
+    #: what the site learns (its data's task, ``kumiki/tasks.py``): which metric its replies carry
+    task: str = "classification"
 
 
 @dataclass
@@ -382,7 +384,8 @@ class KumikiStrategy(Strategy):
         if not stats.eval_metrics:
             return None
         out = {}
-        for key in ("personalized-accuracy", "global-accuracy"):
+        for key in sorted({k for m in stats.eval_metrics.values() for k in m
+                           if k.startswith(("personalized-", "global-")) and not k.endswith("-loss")}):
             vals = [m[key] for m in stats.eval_metrics.values() if key in m and not m.get("unseen")]
             if vals:
                 out[key] = float(np.mean(vals))

@@ -9,8 +9,9 @@ strategy logs as a rejection of that one reply:
   model's dtype, and no complex NaN slips past a float-only check);
 * ``num-examples``: a finite positive integer, at most what the site announced at
   discovery (so no site outweighs the others by claiming 1e12 examples);
-* metrics: finite scalars; accuracies in [0, 1], losses >= 0;
-* profiles: a safe site name, a known role, bounded example counts.
+* metrics: finite scalars; each task metric within its range (accuracy in [0, 1], perplexity >= 1,
+  see ``kumiki/tasks.py``), losses >= 0;
+* profiles: a safe site name, a known role and task, bounded example counts.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from kumiki import contract as C
+from kumiki.tasks import TASKS, metric_of_key
 
 #: Upper bound on any example count a site may announce (a sanity bound, not a quota).
 MAX_EXAMPLES = 10**9
@@ -55,14 +57,16 @@ def parse_profile(node_id: int, content: Any) -> dict[str, Any]:
     if C.PROFILE not in content.config_records:
         raise BadReply("profile reply lacks its 'profile' record")
     rec = content[C.PROFILE]
-    site, role, group = rec.get("site"), rec.get("role"), rec.get("group", "")
+    site, role, group, task = rec.get("site"), rec.get("role"), rec.get("group", ""), rec.get("task", "classification")
     if not isinstance(site, str) or not SITE_NAME.match(site):
         raise BadReply(f"site name {site!r} is not a name (letters, digits, '_', '.', '-'; at most 64)")
     if role not in ROLES:
         raise BadReply(f"site {site}: role {role!r} is not one of {ROLES}")
     if not isinstance(group, str) or len(group) > 128:
         raise BadReply(f"site {site}: group must be a short string")
-    return {"node_id": node_id, "site": site, "role": role, "group": group,
+    if task not in TASKS:
+        raise BadReply(f"site {site}: task {task!r} is not one of {tuple(TASKS)}")
+    return {"node_id": node_id, "site": site, "role": role, "group": group, "task": task,
             "num_train": positive_int(rec.get("num-train"), f"site {site}: num-train"),
             "num_test": positive_int(rec.get("num-test"), f"site {site}: num-test")}
 
@@ -107,7 +111,7 @@ def train_metrics(content: Any, announced: int) -> tuple[int, dict[str, float]]:
 
 
 def eval_metrics(content: Any, announced_test: int) -> dict[str, float]:
-    """An evaluation reply's metrics, range-checked: accuracies in [0, 1], losses >= 0, a bounded count."""
+    """An evaluation reply's metrics, range-checked: each task metric in its range, losses >= 0, a bounded count."""
     if C.METRICS not in content.metric_records:
         raise BadReply("evaluation reply lacks its 'metrics' record")
     rec = content[C.METRICS]
@@ -117,8 +121,9 @@ def eval_metrics(content: Any, announced_test: int) -> dict[str, float]:
         f = _number(v)
         if f is None or not math.isfinite(f):
             raise BadReply(f"metric {k!r} is not a finite number: {v!r}")
-        if k.endswith("-accuracy") and not 0.0 <= f <= 1.0:
-            raise BadReply(f"metric {k!r} = {f} is outside [0, 1]")
+        task = metric_of_key(str(k))
+        if task is not None and not task.low <= f <= task.high:
+            raise BadReply(f"metric {k!r} = {f} is outside [{task.low:g}, {task.high:g}]")
         if k.endswith("-loss") and f < 0:
             raise BadReply(f"metric {k!r} = {f} is negative")
         out[str(k)] = f

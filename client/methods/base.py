@@ -16,15 +16,16 @@ Three evaluation paths (ARCHITECTURE section 7):
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from client.bn import has_personal_bn, reestimate_bn
-from client.loop import LossFn, Trainer, cross_entropy, forward
+from client.loop import LossFn, Trainer, forward
 from client.state import SiteState
+from client.tasks import Classification, Task
 from kumiki.contract import Job
 from kumiki.data.sites import SiteData
 from kumiki.split import ParamSplit
@@ -46,6 +47,14 @@ class SiteJob:
     role: str = "train"
     #: Method-specific non-model arrays from the server (message key ``extra``), e.g. FedHB's precision.
     extra: dict[str, torch.Tensor] | None = None
+    #: What the site learns (its data's ``task``): the loss every objective trains on, and the metric.
+    task: Task = field(default_factory=Classification)
+
+    @property
+    def task_loss(self) -> LossFn:
+        """The task's loss of ``model(x)`` (cross-entropy for classification): the base of every objective."""
+        task = self.task
+        return lambda model, x, y: task.loss(model(x), y)
 
 
 class SiteObjective:
@@ -57,7 +66,7 @@ class SiteObjective:
 
     # -- training ---------------------------------------------------------
     def loss(self, sj: SiteJob) -> LossFn:
-        return cross_entropy
+        return sj.task_loss
 
     def fit(self, sj: SiteJob) -> dict[str, float]:
         return sj.trainer.fit(sj.model, sj.model.parameters(), self.loss(sj), tag=f"r{sj.job.round}")

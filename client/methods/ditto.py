@@ -18,7 +18,6 @@ import copy
 
 from torch import nn
 
-from client.loop import cross_entropy
 from client.methods.base import SiteJob, SiteObjective
 from client.methods.fedprox import proximal_term
 
@@ -33,10 +32,10 @@ class DittoObjective(SiteObjective):
     def personal_track(self, sj: SiteJob, v: nn.Module, epochs: int | None, tag: str) -> dict[str, float]:
         """(b): SGD on F_k(v) + (lambda/2)||v - w_t||^2 from v's current weights."""
         anchor = {k: t.detach().clone() for k, t in sj.received.items() if t.is_floating_point()}
-        lam = self.cfg.lam
+        lam, task_loss = self.cfg.lam, sj.task_loss
 
         def personal_loss(m, x, y):
-            return cross_entropy(m, x, y) + proximal_term(m, anchor, lam)
+            return task_loss(m, x, y) + proximal_term(m, anchor, lam)
 
         return sj.trainer.fit(v, v.parameters(), personal_loss, epochs=epochs, tag=tag)
 

@@ -32,7 +32,6 @@ import copy
 import torch
 from torch import nn
 
-from client.loop import cross_entropy
 from client.methods.base import SiteJob, SiteObjective
 
 
@@ -51,12 +50,12 @@ class FedHBObjective(SiteObjective):
     def solve(self, sj: SiteJob, model: nn.Module, epochs: int | None, tag: str) -> dict[str, float]:
         """Minimize J_i from ``model``'s current weights (module docstring)."""
         pull = self._pull(sj, model)
-        lr = sj.trainer.cfg.lr
+        lr, task_loss = sj.trainer.cfg.lr, sj.task_loss
         if self.cfg.prox_update == "explicit":
             def loss(m, x, y):
                 params = dict(m.named_parameters())
                 prior = sum((mu * (params[k] - anchor).pow(2)).sum() for k, (anchor, mu) in pull.items())
-                return cross_entropy(m, x, y) + 0.5 * prior
+                return task_loss(m, x, y) + 0.5 * prior
             return sj.trainer.fit(model, model.parameters(), loss, epochs=epochs, tag=tag)
 
         @torch.no_grad()
@@ -66,7 +65,7 @@ class FedHBObjective(SiteObjective):
                 a = lr * mu
                 params[k].copy_((params[k] + a * anchor) / (1 + a))
 
-        return sj.trainer.fit(model, model.parameters(), cross_entropy, epochs=epochs, tag=tag,
+        return sj.trainer.fit(model, model.parameters(), task_loss, epochs=epochs, tag=tag,
                               after_step=implicit_step if pull else None)
 
     def fit(self, sj: SiteJob) -> dict[str, float]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from client.loop import LossFn, cross_entropy
+from client.loop import LossFn
 from client.methods.base import SiteJob, SiteObjective
 
 
@@ -25,10 +25,10 @@ def proximal_term(model: torch.nn.Module, anchor: dict[str, torch.Tensor], mu: f
 
 class FedProxObjective(SiteObjective):
     def loss(self, sj: SiteJob) -> LossFn:
-        mu = self.cfg.mu
+        mu, task_loss = self.cfg.mu, sj.task_loss
         anchor = {k: v.detach().clone() for k, v in sj.received.items() if v.is_floating_point()}
 
         def fn(model, x, y):
-            return cross_entropy(model, x, y) + proximal_term(model, anchor, mu)
+            return task_loss(model, x, y) + proximal_term(model, anchor, mu)
 
         return fn

@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 from client.methods.base import SiteJob, SiteObjective
-from client.loop import cross_entropy
 from models.lora import precondition_
 
 
@@ -54,7 +53,7 @@ class FloralObjective(SiteObjective):
     def fit(self, sj: SiteJob) -> dict[str, float]:
         model = sj.model
         model.router.reseed(_seed(sj, "r"))
-        out = sj.trainer.fit(model, self.groups(sj, model), cross_entropy, tag=f"r{sj.job.round}",
+        out = sj.trainer.fit(model, self.groups(sj, model), sj.task_loss, tag=f"r{sj.job.round}",
                              before_step=self.precondition(model))
         out.update({f"pi-{c}": p for c, p in enumerate(router_probs(model))})
         return out
@@ -78,7 +77,7 @@ class FloralObjective(SiteObjective):
         per_epoch = max(1, math.ceil(len(sj.trainer.y) / sj.trainer.cfg.batch_size))
         model.router.reseed(_seed(sj, "new"))
         frozen = [m for name, m in model.named_children() if name != "router"]
-        sj.trainer.fit(model, groups, cross_entropy, epochs=math.ceil(steps / per_epoch), max_steps=steps,
+        sj.trainer.fit(model, groups, sj.task_loss, epochs=math.ceil(steps / per_epoch), max_steps=steps,
                        tag=f"new{sj.job.round}", eval_modules=frozen)  # no preconditioning: from B = 0 it diverges here
         return model
 

@@ -4,11 +4,18 @@ Layout of one site folder (the format a real factory exports its data to)::
 
     <data-dir>/
       site.json   {"name": "site-0", "role": "train" | "unseen", "domain": "rot90",
-                   "derived": true, "num_classes": 10, "input_shape": [1, 28, 28]}
+                   "derived": true, "num_classes": 10, "input_shape": [1, 28, 28],
+                   "task": "classification"}
                   (partition kind "clusters" adds "cluster" and "cluster_transform",
                    for diagnostics only: the site never reports them)
       train.npz   x: float32 (N, C, H, W) in [0, 1]; y: int64 (N,) in [0, num_classes)
       test.npz    same keys; the site's own held-out split
+
+``task`` (default ``classification``, see ``kumiki/tasks.py``) decides what ``x`` and ``y`` hold:
+image inputs are float32 (N, C, H, W) in [0, 1] (uint8 is scaled by 1/255); token inputs are
+int64 (N, T) in [0, num_classes) (num_classes is the vocabulary); ``y`` is a label per example, a
+0/1 mask (N, 1, H, W), a [0, 1] image (N, C, H, W) or int64 tokens (N, T) with -100 for
+positions that are not scored.
 
 Pilots and simulations build these folders from one pooled dataset
 (``materialize``); a deployment points each SuperNode at its own folder with
@@ -26,7 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kumiki.data import domains, partition, sources
+from kumiki.data import domains, partition, sources, targets
+from kumiki.tasks import IGNORE, TaskInfo, task_info
 
 
 log = logging.getLogger("kumiki.data")
@@ -50,6 +58,11 @@ class SiteData:
     def num_train(self) -> int:
         return len(self.y_train)
 
+    @property
+    def task(self) -> str:
+        """What this site learns (``site.json`` ``"task"``; ``kumiki/tasks.py``)."""
+        return str(self.meta.get("task", "classification"))
+
 
 def site_name(i: int) -> str:
     return f"site-{i}"
@@ -72,6 +85,7 @@ def materialize(cfg, root: str | Path) -> list[Path]:
     n_total = data.sites + data.unseen_sites
     parts = partition.partition(y, n_total, data.partition, rng)
     shape, num_classes = list(x.shape[1:]), int(y.max()) + 1
+    tasks = cfg.site_tasks() or ["classification"] * n_total
     out = []
     for i, idx in enumerate(parts):
         idx = rng.permutation(idx)
@@ -81,11 +95,12 @@ def materialize(cfg, root: str | Path) -> list[Path]:
         xs = domains.apply(x[idx], domain, rng)
         ys = y[idx]
         xs, ys, cluster_meta = _cluster_shift(data.partition, i, xs, ys, num_classes, rng)
+        xs, ys = targets.derive(tasks[i], xs, ys, rng)
         n_test = max(1, int(round(len(idx) * data.test_fraction)))
         role = "train" if i < data.sites else "unseen"
         meta = {
-            "name": site_name(i), "role": role, "domain": domain,
-            "derived": domain != "identity" or cluster_meta.get("cluster", 0) != 0,
+            "name": site_name(i), "role": role, "domain": domain, "task": tasks[i],
+            "derived": domain != "identity" or cluster_meta.get("cluster", 0) != 0 or targets.is_derived(tasks[i]),
             "num_classes": num_classes, "input_shape": shape, "source": data.dataset, **cluster_meta,
         }
         out.append(write_site(root / site_name(i), meta, xs[n_test:], ys[n_test:], xs[:n_test], ys[:n_test]))
@@ -118,9 +133,13 @@ def _atomic_npz(path: Path, **arrays: np.ndarray) -> None:
 
 
 def write_site(folder: Path, meta: dict, x_train, y_train, x_test, y_test) -> Path:
+    """One site folder in the documented format; dtypes follow the site's task (``meta["task"]``)."""
+    task = task_info(str(meta.get("task", "classification")))
+    xt = np.int64 if task.inputs == "tokens" else np.float32
+    yt = np.int64 if task.targets in ("label", "tokens") else np.float32
     folder.mkdir(parents=True, exist_ok=True)
-    _atomic_npz(folder / "train.npz", x=x_train.astype(np.float32), y=y_train.astype(np.int64))
-    _atomic_npz(folder / "test.npz", x=x_test.astype(np.float32), y=y_test.astype(np.int64))
+    _atomic_npz(folder / "train.npz", x=x_train.astype(xt), y=y_train.astype(yt))
+    _atomic_npz(folder / "test.npz", x=x_test.astype(xt), y=y_test.astype(yt))
     (folder / "site.json").write_text(json.dumps(meta, indent=2))
     return folder
 
@@ -142,39 +161,94 @@ def _pixels(path: Path, x: np.ndarray) -> np.ndarray:
     return x
 
 
+def _integers(path: Path, a: np.ndarray, what: str) -> np.ndarray:
+    if a.dtype.kind not in "iu":
+        raise SiteDataError(f"{path}: {what} has dtype {a.dtype}; expected integers (int64)")
+    return a.astype(np.int64)
+
+
+def _inputs(path: Path, x: np.ndarray, task: TaskInfo, meta: dict) -> np.ndarray:
+    """x checked for the task: images (N, C, H, W) in [0, 1], or tokens (N, T) in [0, vocabulary)."""
+    if task.inputs == "tokens":
+        x = _integers(path, x, "x (tokens)")
+        k = int(meta.get("num_classes", 0)) or None
+        if x.ndim != 2:
+            raise SiteDataError(f"{path}: x has shape {x.shape}; token inputs are (N, T)")
+        if x.size and (x.min() < 0 or (k is not None and x.max() >= k)):
+            raise SiteDataError(f"{path}: token ids outside [0, {k})")
+    else:
+        x = _pixels(path, x)
+        if x.ndim != 4:
+            raise SiteDataError(f"{path}: x has shape {x.shape}; images are (N, C, H, W)")
+    shape = tuple(meta.get("input_shape", x.shape[1:]))
+    if tuple(x.shape[1:]) != shape:
+        raise SiteDataError(f"{path}: x has shape {x.shape}, expected (N, {', '.join(map(str, shape))})")
+    return x
+
+
+def _targets(path: Path, y: np.ndarray, x: np.ndarray, task: TaskInfo, meta: dict) -> np.ndarray:
+    """y checked for the task: labels, 0/1 masks, [0, 1] images or token ids (-100 = not scored)."""
+    k = int(meta.get("num_classes", 0)) or None
+    if task.targets == "label":
+        y = _integers(path, y, "y (labels)")
+        if y.ndim != 1:
+            raise SiteDataError(f"{path}: y has shape {y.shape}; labels are (N,)")
+        if len(y) and (y.min() < 0 or (k is not None and y.max() >= k)):
+            raise SiteDataError(f"{path}: labels outside [0, {k})")
+        return y
+    if task.targets == "tokens":
+        y = _integers(path, y, "y (tokens)")
+        if y.shape != x.shape:
+            raise SiteDataError(f"{path}: y has shape {y.shape}, x {x.shape}; token targets match the inputs")
+        scored = y[y != IGNORE]
+        if scored.size and (scored.min() < 0 or (k is not None and scored.max() >= k)):
+            raise SiteDataError(f"{path}: target token ids outside [0, {k}) (and not {IGNORE})")
+        return y
+    # a mask may be stored as 0/1 integers or bools (not 0-255 pixels); images go through the pixel check
+    y = y.astype(np.float32) if task.targets == "mask" and y.dtype.kind in "biu" else _pixels(path, y)
+    if y.ndim != 4 or y.shape[0] != x.shape[0] or y.shape[2:] != x.shape[2:]:
+        raise SiteDataError(f"{path}: y has shape {y.shape}; {task.name} targets are (N, C, H, W) with the "
+                            f"images' height and width {x.shape[2:]}")
+    if task.targets == "mask" and (y.shape[1] != 1 or not np.isin(y, (0.0, 1.0)).all()):
+        raise SiteDataError(f"{path}: {task.name} masks are (N, 1, H, W) with values 0 or 1")
+    return y
+
+
 def _read_split(folder: Path, split: str, meta: dict) -> tuple[np.ndarray, np.ndarray]:
     path = folder / f"{split}.npz"
     if not path.is_file():
         raise SiteDataError(f"site folder {folder}: missing {split}.npz (see README, 'Site data folder')")
     try:
+        task = task_info(str(meta.get("task", "classification")))
+    except ValueError as e:
+        raise SiteDataError(f"{folder / 'site.json'}: {e}") from None
+    try:
         with np.load(path) as z:
-            x, y = z["x"], z["y"].astype(np.int64)
+            x, y = z["x"], z["y"]
     except (KeyError, ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
         raise SiteDataError(f"{path}: unreadable (truncated or not an .npz with arrays 'x' and 'y': {e}); "
                             "re-export the site's data") from None
-    x = _pixels(path, x)
-    shape = tuple(meta.get("input_shape", x.shape[1:]))
-    if x.ndim != 4 or tuple(x.shape[1:]) != shape:
-        raise SiteDataError(f"{path}: x has shape {x.shape}, expected (N, {', '.join(map(str, shape))})")
+    x = _inputs(path, x, task, meta)
     if len(x) != len(y):
-        raise SiteDataError(f"{path}: {len(x)} images but {len(y)} labels")
+        raise SiteDataError(f"{path}: {len(x)} inputs but {len(y)} targets")
     if len(y) == 0:
         raise SiteDataError(f"{path}: holds no examples; a site needs a non-empty {split} split")
-    k = int(meta.get("num_classes", 0)) or None
-    if y.min() < 0 or (k is not None and y.max() >= k):
-        raise SiteDataError(f"{path}: labels outside [0, {k})")
-    return x, y
+    return x, _targets(path, y, x, task, meta)
 
 
 def check_against_model(data: SiteData, input_shape: tuple[int, ...], num_classes: int, where: str) -> None:
-    """The site's data must fit the federation's model: the same image shape and labels below num_classes."""
+    """The site's data must fit the federation's model: the same input shape, and labels (or token ids)
+    below num_classes (the vocabulary for language)."""
+    task = task_info(data.task)
     for split, x, y in (("train", data.x_train, data.y_train), ("test", data.x_test, data.y_test)):
         if tuple(x.shape[1:]) != tuple(input_shape):
-            raise SiteDataError(f"{where}/{split}.npz: images of shape {tuple(x.shape[1:])}, but the federation's "
+            raise SiteDataError(f"{where}/{split}.npz: inputs of shape {tuple(x.shape[1:])}, but the federation's "
                                 f"model takes {tuple(input_shape)} (data.input_shape)")
-        if len(y) and y.max() >= num_classes:
-            raise SiteDataError(f"{where}/{split}.npz: label {int(y.max())} but the federation's model has "
-                                f"{num_classes} classes (data.num_classes)")
+        ids = x if task.inputs == "tokens" else (y if task.targets == "label" else None)
+        if ids is not None and ids.size and ids.max() >= num_classes:
+            raise SiteDataError(f"{where}/{split}.npz: {'token id' if task.inputs == 'tokens' else 'label'} "
+                                f"{int(ids.max())} but the federation's model has {num_classes} classes "
+                                "(data.num_classes)")
 
 
 def load_site(folder: str | Path) -> SiteData:

@@ -44,3 +44,5 @@ def fashion_mnist_available(root: str | Path) -> bool:
 
 
 SHAPES = {"digits": ((1, 8, 8), 10), "fashion-mnist": ((1, 28, 28), 10)}
+#: the task every site of a pooled dataset learns unless the method assigns tasks (``kumiki/tasks.py``)
+DATASET_TASK = {"digits": "classification", "fashion-mnist": "classification"}
