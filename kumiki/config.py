@@ -90,6 +90,12 @@ class DataSection(_Section):
     )
     input_shape: list[Annotated[int, Field(ge=1, le=100_000)]] | None = Field(None, description="site-folders only: [C, H, W]")
     num_classes: int | None = Field(None, ge=2, description="site-folders only")
+    site_names: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]] = Field(
+        default_factory=list, description="names of the partitioned sites, training sites first (default site-0, "
+                                          "site-1, ...); they name the site folders, logs, metrics and the report")
+    partition_seed: int | None = Field(
+        None, ge=0, description="seeds the partition and the derived domains (default: run.seed); fix it to vary "
+                                "only the training seed over the same factory data")
 
     @model_validator(mode="after")
     def _check(self) -> DataSection:
@@ -101,6 +107,13 @@ class DataSection(_Section):
         if self.input_shape is not None and len(self.input_shape) != 3:
             raise ValueError("data.input_shape must be [C, H, W]")
         self._check_clusters()
+        if self.site_names and self.dataset == "site-folders":
+            raise ValueError("data.site_names: site-folders sites are named by their own site.json; drop data.site_names")
+        if self.site_names and (len(self.site_names) != self.sites + self.unseen_sites
+                                or len(set(self.site_names)) != len(self.site_names)):
+            raise ValueError(f"data.site_names: give {self.sites + self.unseen_sites} distinct names (data.sites + "
+                             f"data.unseen_sites, training sites first), got {len(self.site_names)}"
+                             f"{'' if len(set(self.site_names)) == len(self.site_names) else ' with repeats'}")
         pool = POOL_SIZES.get(self.dataset)
         wanted = (self.sites + self.unseen_sites) * MIN_SITE_EXAMPLES
         if pool is not None and wanted > pool:

@@ -46,7 +46,8 @@ def _logging(verbose: bool) -> None:
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INCOMPLETE = 0, 1, 2, 3
 
 
-def _execute(cfg: KumikiConfig, engine: str, verbose: bool, overwrite: bool = False) -> dict:
+def _execute(cfg: KumikiConfig, engine: str, verbose: bool, overwrite: bool = False, resume: bool = False,
+             exit_on_status: bool = True) -> dict:
     """Run, write the report, and exit with the run's status: 0 ok, 3 incomplete (sites missing), 1 failed."""
     from kumiki.data.sites import SiteDataError
     from kumiki.data.sources import DataUnavailable
@@ -56,9 +57,10 @@ def _execute(cfg: KumikiConfig, engine: str, verbose: bool, overwrite: bool = Fa
     _logging(verbose)
     _note_method_defaults(cfg)
     err.print(f"[bold]kumiki[/] {cfg.method.name} on {cfg.data.dataset}: {cfg.data.sites} sites"
-              f" (+{cfg.data.unseen_sites} unseen), {cfg.run.rounds} rounds, engine {engine} -> {cfg.run_dir()}")
+              f" (+{cfg.data.unseen_sites} unseen), {cfg.run.rounds} rounds, engine {engine} -> {cfg.run_dir()}"
+              f"{' (resumed)' if resume else ''}")
     try:
-        summary = run(cfg, engine, overwrite=overwrite)
+        summary = run(cfg, engine, overwrite=overwrite, resume=resume)
     except (SiteDataError, DataUnavailable) as e:
         err.print(f"[red]data error:[/] {e}")
         raise typer.Exit(EXIT_USAGE) from None
@@ -70,10 +72,12 @@ def _execute(cfg: KumikiConfig, engine: str, verbose: bool, overwrite: bool = Fa
         if (cfg.run_dir() / "summary.json").is_file():
             err.print(f"what it recorded (status 'failed'): {cfg.run_dir() / 'summary.json'}")
         raise typer.Exit(EXIT_FAILED) from None
+    report = cfg.run_dir() / "report.html"  # the round driver writes it at the end of every run
     try:
-        from server.report import render_report
+        if not report.is_file():
+            from server.report import render_report
 
-        report = render_report(cfg.run_dir())
+            render_report(cfg.run_dir())
         err.print(f"report: {report}")
     except Exception as e:  # noqa: BLE001 - a report failure must not hide a finished run
         err.print(f"[yellow]report not written: {e}[/]")
@@ -94,7 +98,14 @@ def _execute(cfg: KumikiConfig, engine: str, verbose: bool, overwrite: bool = Fa
     err.print(f"[yellow]finished, status {status!r}[/]: {line}\n  sites configured {part.get('configured')}, "
               f"discovered {len(part.get('discovered') or [])}, dropped {len(part.get('dropped') or [])}; "
               f"rounds with missing or rejected sites: {part.get('incomplete_rounds')}")
-    raise typer.Exit(EXIT_INCOMPLETE if status == "incomplete" else EXIT_FAILED)
+    if exit_on_status:
+        raise typer.Exit(exit_code(summary))
+    return summary
+
+
+def exit_code(summary: dict) -> int:
+    status = summary.get("status", "ok")
+    return EXIT_OK if status == "ok" else EXIT_INCOMPLETE if status == "incomplete" else EXIT_FAILED
 
 
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="move an earlier run of this run.name aside first")]
@@ -140,6 +151,8 @@ def run_cmd(
     engine: Annotated[str, typer.Option(help="inprocess (default: no sockets, no Ray), local (real SuperLink + SuperNodes on 127.0.0.1), simulation (Flower/Ray)")] = "inprocess",
     verbose: bool = False,
     overwrite: OverwriteOpt = False,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the run in runs/<name>/ from its last server "
+                                                          "checkpoint (same config; run.rounds may grow)")] = False,
 ) -> None:
     """Run one federated experiment described by CONFIG (exit 0 ok, 3 sites missing, 1 failed, 2 bad input)."""
     from launch.engines import ENGINES
@@ -147,7 +160,7 @@ def run_cmd(
     if engine not in ENGINES:
         err.print(f"[red]--engine must be one of {', '.join(ENGINES)}[/]")
         raise typer.Exit(2)
-    _execute(_load(config, set_), engine, verbose, overwrite)
+    _execute(_load(config, set_), engine, verbose, overwrite, resume)
 
 
 @cli.command()
