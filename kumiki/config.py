@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
+from kumiki.data.sites import SITE_NAME_PATTERN
 from kumiki.registry import METHODS
 
 FMNIST_DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
@@ -90,7 +91,7 @@ class DataSection(_Section):
     )
     input_shape: list[Annotated[int, Field(ge=1, le=100_000)]] | None = Field(None, description="site-folders only: [C, H, W]")
     num_classes: int | None = Field(None, ge=2, description="site-folders only")
-    site_names: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]] = Field(
+    site_names: list[Annotated[str, Field(pattern=SITE_NAME_PATTERN)]] = Field(
         default_factory=list, description="names of the partitioned sites, training sites first (default site-0, "
                                           "site-1, ...); they name the site folders, logs, metrics and the report")
     partition_seed: int | None = Field(

@@ -23,10 +23,11 @@ from typing import Any
 import numpy as np
 
 from kumiki import contract as C
+from kumiki.data.sites import SITE_NAME_PATTERN
 
 #: Upper bound on any example count a site may announce (a sanity bound, not a quota).
 MAX_EXAMPLES = 10**9
-SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+SITE_NAME = re.compile(SITE_NAME_PATTERN)
 ROLES = ("train", "unseen")
 #: Longest camera/domain description a profile may carry (optional; shown in the report).
 MAX_DOMAIN = 64

@@ -51,6 +51,10 @@ class SiteData:
         return len(self.y_train)
 
 
+#: What a site name may be (the server refuses any other in a profile): it names folders, logs and report rows.
+SITE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
 def site_name(i: int) -> str:
     return f"site-{i}"
 
