@@ -21,6 +21,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from server.report import _read_json as _read  # one reader of a run dir's JSON files (missing or bad: {})
+
 COMPARISON_FILE = "comparison.json"
 #: metrics where smaller is better (everything else: larger is better)
 LOWER_IS_BETTER = {"perplexity", "loss", "mse", "mae", "rmse", "error", "error_rate", "wer", "cer"}
@@ -38,14 +40,6 @@ def higher_is_better(summary: dict[str, Any]) -> bool:
 
 def is_fraction(metric: str) -> bool:
     return str(metric).lower() in FRACTION_METRICS
-
-
-def _read(path: Path) -> dict[str, Any]:
-    try:
-        obj = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return obj if isinstance(obj, dict) else {}
 
 
 def _per_site(summary: dict[str, Any], key: str) -> dict[str, float]:

@@ -372,6 +372,7 @@ dl.hdr dt{font-weight:600;color:#444} dl.hdr dd{margin:0;font-variant-numeric:ta
 img{max-width:100%;height:auto;display:block;margin:.5em 0}
 table{border-collapse:collapse;margin:.5em 0;font-variant-numeric:tabular-nums}
 th,td{border:1px solid #ddd;padding:.3em .8em;text-align:left} td.n{text-align:right;white-space:nowrap}
+td:first-child{white-space:nowrap}
 th{background:#f2f2f4} .note{color:#777;font-style:italic} .bad{color:#b00020}
 .intro{font-size:1.05em} ul.answer{background:#eef5fc;border-left:4px solid #1f77b4;padding:.8em 1em .8em 2em;
        border-radius:4px;font-size:1.05em} ul.answer li{margin:.25em 0} ul.how{color:#555;font-size:.92em}

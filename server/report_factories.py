@@ -239,8 +239,11 @@ def comparison(comp: dict, img) -> str:
         gaining = [r for r in train if r.get("gain") and r["gain"]["mean"] > 0]
         mean = _num(overall.get("gain_mean"))
         against = "training alone" if b.get("method") == "local" else _esc(b.get("label"))
+        clear = sum(1 for r in gaining if r["gain"].get("std") is not None and r["gain"]["mean"] > r["gain"]["std"])
+        beyond = (f" ({'none' if not clear else clear} of them by more than the spread over seeds)"
+                  if n > 1 and gaining else "")
         lines.append(f"Joining raised the {_esc(metric)} of <strong>{len(gaining)} of {len(train)}</strong> training "
-                     f"factories over {against}; averaged over the factories it changed it by "
+                     f"factories over {against}{beyond}; averaged over the factories it changed it by "
                      f"<strong>{fmt_gain({'mean': mean}, frac, spread=False)}</strong>.")
         for r in train:
             g = r.get("gain")
@@ -295,7 +298,9 @@ def comparison(comp: dict, img) -> str:
            + "; for a new factory, alone = a model trained only on its own images for the same number of epochs "
              "as its adaptation."]
     if engines:
-        how.append("Engines: " + ", ".join(_esc(e) for e in engines) + " (see each run below). In-process runs call "
+        words = {"deployment": "deployment (real SuperLink and SuperNodes)", "inprocess": "inprocess",
+                 "simulation": "simulation (Flower's simulation engine)"}
+        how.append("Engines: " + ", ".join(_esc(words.get(e, e)) for e in engines) + " (see each run below). In-process runs call "
                    "the same ServerApp and ClientApp code without sockets; the local-only baseline exchanges nothing, "
                    "so where it ran does not matter beyond the last digits.")
     how += [_esc(x) for x in comp.get("notes") or []]

@@ -127,6 +127,22 @@ def test_resume_refuses_what_it_cannot_continue_and_extends_a_finished_run(tmp_p
     assert (longer.run_dir() / "report.html").is_file()
 
 
+def test_kumiki_run_resume_on_the_command_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from launch.cli import cli
+    from tests.conftest import config_file
+
+    conf = str(config_file(tmp_path, "cli", 1))
+    assert CliRunner().invoke(cli, ["run", conf]).exit_code == 0
+    r = CliRunner().invoke(cli, ["run", conf, "--resume"])
+    assert r.exit_code == 2 and "already ran 1 of run.rounds = 1" in r.output
+    r = CliRunner().invoke(cli, ["run", conf, "--resume", "--set", "run.rounds=2"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads((tmp_path / "runs" / "cli" / "summary.json").read_text())
+    assert summary["rounds"] == 2 and summary["resumed_after"] == [1]
+
+
 @pytest.mark.deploy
 def test_a_killed_superlink_is_resumed_on_real_processes(tmp_path):
     """The local engine's SuperLink is SIGKILLed after round 1 (the ServerApp loses its grid and fails); `--resume`
