@@ -49,9 +49,10 @@ def _fingerprint(split: ParamSplit, job: C.Job, model: torch.nn.Module, site: st
 
 
 def load_state(store: SiteStore, fingerprint: str, split: ParamSplit, info: sites.SiteInfo, job: C.Job,
-               completed: int, node_config: dict) -> SiteState:
+               completed: int, node_config: dict, before_round: int | None = None) -> SiteState:
     """The site's durable state, checked: present when the server says the site completed rounds (unless
-    ``on_missing_state = reset``), and holding exactly the split's personal tensors."""
+    ``on_missing_state = reset``), and holding exactly the split's personal tensors. A training message passes
+    ``before_round`` (its round): a round trained again after a server resume starts from the state before it."""
     store.claim(info.name)
     policy = str(node_config.get("on-missing-state", job.site.on_missing_state))
     if not store.exists() and completed > 0:
@@ -62,7 +63,7 @@ def load_state(store: SiteStore, fingerprint: str, split: ParamSplit, info: site
                 "on-missing-state='reset') to restart it from fresh personal state")
         log.warning("site %s: state file %s missing after round %d; restarting from fresh personal state "
                     "(on_missing_state = reset)", info.name, store.path, completed)
-    state = store.load(fingerprint)
+    state = store.load(fingerprint, before_round)
     if state.personal and set(state.personal) != set(split.personal):
         missing, extra = sorted(set(split.personal) - set(state.personal)), sorted(set(state.personal) - set(split.personal))
         raise StateMismatch(f"site {info.name}: {store.path} lacks personal tensors {missing[:5]} or has unknown "
@@ -94,7 +95,8 @@ def prepare(msg: Message, context: Context, for_training: bool) -> tuple[SiteJob
     split = ParamSplit.build(model, job.method.split_rules())
     store = SiteStore(info.state_dir)
     completed = int(msg.content[C.CONFIG].get(C.COMPLETED, 0))
-    state = load_state(store, _fingerprint(split, job, model, info.name), split, info, job, completed, node_config)
+    state = load_state(store, _fingerprint(split, job, model, info.name), split, info, job, completed, node_config,
+                       before_round=job.round if for_training else None)
     received = msg.content[C.ARRAYS].to_torch_state_dict() if C.ARRAYS in msg.content else {}
     check_incoming(received, model, split.travelling(info.group or None))
     model.load_state_dict({**state.personal, **received}, strict=False)
@@ -220,4 +222,7 @@ def profile(msg: Message, context: Context) -> Message:
         "site": info.name, "role": info.role, "group": info.group, "task": data.task,
         "num-train": data.num_train, "num-test": len(data.y_test),
     })
+    domain = dict(context.node_config).get("domain", data.meta.get("domain"))
+    if domain:  # optional: the camera/domain the site's operator described (shown in the report)
+        rec["domain"] = "".join(c for c in str(domain) if c.isprintable())[:64]
     return Message(RecordDict({C.PROFILE: rec}), reply_to=msg)

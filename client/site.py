@@ -6,7 +6,7 @@ Deployment: the SuperNode's node config names everything::
 
 (``state-dir`` defaults to ``<data-dir>/state``; ``site``, ``role`` default to
 ``site.json``). Simulation: Flower injects only ``partition-id``; the job's
-``sim`` block says where the run materialized the site folders.
+``sim`` block says where the run materialized the site folders (``site_dirs``: partition i's folder).
 """
 
 from __future__ import annotations
@@ -35,9 +35,11 @@ def resolve(node_config: dict, sim: dict | None, model=None) -> tuple[SiteInfo, 
         data_dir = Path(str(node_config["data-dir"]))
         state_dir = Path(str(node_config.get("state-dir", data_dir / "state")))
     elif sim is not None and "partition-id" in node_config:
-        name = site_name(int(node_config["partition-id"]))
-        data_dir = Path(sim["sites_root"]) / name
-        state_dir = Path(sim["state_root"]) / name
+        pid = int(node_config["partition-id"])
+        dirs = sim.get("site_dirs")
+        folder = dirs[pid] if dirs and 0 <= pid < len(dirs) else site_name(pid)
+        data_dir = Path(sim["sites_root"]) / folder
+        state_dir = Path(sim["state_root"]) / folder
     else:
         raise ValueError("this SuperNode has no data: start it with --node-config \"data-dir='/path/to/site'\"")
     data = load_cached(data_dir)

@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
+from kumiki.data.sites import SITE_NAME_PATTERN
 from kumiki.registry import METHODS
 
 FMNIST_DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
@@ -90,6 +91,12 @@ class DataSection(_Section):
     )
     input_shape: list[Annotated[int, Field(ge=1, le=100_000)]] | None = Field(None, description="site-folders only: [C, H, W]")
     num_classes: int | None = Field(None, ge=2, description="site-folders only")
+    site_names: list[Annotated[str, Field(pattern=SITE_NAME_PATTERN)]] = Field(
+        default_factory=list, description="names of the partitioned sites, training sites first (default site-0, "
+                                          "site-1, ...); they name the site folders, logs, metrics and the report")
+    partition_seed: int | None = Field(
+        None, ge=0, description="seeds the partition and the derived domains (default: run.seed); fix it to vary "
+                                "only the training seed over the same factory data")
 
     @model_validator(mode="after")
     def _check(self) -> DataSection:
@@ -101,6 +108,13 @@ class DataSection(_Section):
         if self.input_shape is not None and len(self.input_shape) != 3:
             raise ValueError("data.input_shape must be [C, H, W]")
         self._check_clusters()
+        if self.site_names and self.dataset == "site-folders":
+            raise ValueError("data.site_names: site-folders sites are named by their own site.json; drop data.site_names")
+        if self.site_names and (len(self.site_names) != self.sites + self.unseen_sites
+                                or len(set(self.site_names)) != len(self.site_names)):
+            raise ValueError(f"data.site_names: give {self.sites + self.unseen_sites} distinct names (data.sites + "
+                             f"data.unseen_sites, training sites first), got {len(self.site_names)}"
+                             f"{'' if len(set(self.site_names)) == len(self.site_names) else ' with repeats'}")
         pool = POOL_SIZES.get(self.dataset)
         wanted = (self.sites + self.unseen_sites) * MIN_SITE_EXAMPLES
         if pool is not None and wanted > pool:

@@ -46,7 +46,8 @@ def _logging(verbose: bool) -> None:
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INCOMPLETE = 0, 1, 2, 3
 
 
-def _execute(cfg: KumikiConfig, engine: str, verbose: bool, overwrite: bool = False) -> dict:
+def _execute(cfg: KumikiConfig, engine: str, verbose: bool, overwrite: bool = False, resume: bool = False,
+             exit_on_status: bool = True) -> dict:
     """Run, write the report, and exit with the run's status: 0 ok, 3 incomplete (sites missing), 1 failed."""
     from kumiki.data.sites import SiteDataError
     from kumiki.data.sources import DataUnavailable
@@ -56,9 +57,10 @@ def _execute(cfg: KumikiConfig, engine: str, verbose: bool, overwrite: bool = Fa
     _logging(verbose)
     _note_method_defaults(cfg)
     err.print(f"[bold]kumiki[/] {cfg.method.name} on {cfg.data.dataset}: {cfg.data.sites} sites"
-              f" (+{cfg.data.unseen_sites} unseen), {cfg.run.rounds} rounds, engine {engine} -> {cfg.run_dir()}")
+              f" (+{cfg.data.unseen_sites} unseen), {cfg.run.rounds} rounds, engine {engine} -> {cfg.run_dir()}"
+              f"{' (resumed)' if resume else ''}")
     try:
-        summary = run(cfg, engine, overwrite=overwrite)
+        summary = run(cfg, engine, overwrite=overwrite, resume=resume)
     except (SiteDataError, DataUnavailable) as e:
         err.print(f"[red]data error:[/] {e}")
         raise typer.Exit(EXIT_USAGE) from None
@@ -70,10 +72,12 @@ def _execute(cfg: KumikiConfig, engine: str, verbose: bool, overwrite: bool = Fa
         if (cfg.run_dir() / "summary.json").is_file():
             err.print(f"what it recorded (status 'failed'): {cfg.run_dir() / 'summary.json'}")
         raise typer.Exit(EXIT_FAILED) from None
+    report = cfg.run_dir() / "report.html"  # the round driver writes it at the end of every run
     try:
-        from server.report import render_report
+        if not report.is_file():
+            from server.report import render_report
 
-        report = render_report(cfg.run_dir())
+            render_report(cfg.run_dir())
         err.print(f"report: {report}")
     except Exception as e:  # noqa: BLE001 - a report failure must not hide a finished run
         err.print(f"[yellow]report not written: {e}[/]")
@@ -94,7 +98,14 @@ def _execute(cfg: KumikiConfig, engine: str, verbose: bool, overwrite: bool = Fa
     err.print(f"[yellow]finished, status {status!r}[/]: {line}\n  sites configured {part.get('configured')}, "
               f"discovered {len(part.get('discovered') or [])}, dropped {len(part.get('dropped') or [])}; "
               f"rounds with missing or rejected sites: {part.get('incomplete_rounds')}")
-    raise typer.Exit(EXIT_INCOMPLETE if status == "incomplete" else EXIT_FAILED)
+    if exit_on_status:
+        raise typer.Exit(exit_code(summary))
+    return summary
+
+
+def exit_code(summary: dict) -> int:
+    status = summary.get("status", "ok")
+    return EXIT_OK if status == "ok" else EXIT_INCOMPLETE if status == "incomplete" else EXIT_FAILED
 
 
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="move an earlier run of this run.name aside first")]
@@ -140,6 +151,8 @@ def run_cmd(
     engine: Annotated[str, typer.Option(help="inprocess (default: no sockets, no Ray), local (real SuperLink + SuperNodes on 127.0.0.1), simulation (Flower/Ray)")] = "inprocess",
     verbose: bool = False,
     overwrite: OverwriteOpt = False,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the run in runs/<name>/ from its last server "
+                                                          "checkpoint (same config; run.rounds may grow)")] = False,
 ) -> None:
     """Run one federated experiment described by CONFIG (exit 0 ok, 3 sites missing, 1 failed, 2 bad input)."""
     from launch.engines import ENGINES
@@ -147,16 +160,38 @@ def run_cmd(
     if engine not in ENGINES:
         err.print(f"[red]--engine must be one of {', '.join(ENGINES)}[/]")
         raise typer.Exit(2)
-    _execute(_load(config, set_), engine, verbose, overwrite)
+    _execute(_load(config, set_), engine, verbose, overwrite, resume)
 
 
 @cli.command()
 def report(run_dir: str,
-           partial: Annotated[bool, typer.Option(help="render a run that did not finish, marked as partial")] = False
+           partial: Annotated[bool, typer.Option(help="render a run that did not finish, marked as partial")] = False,
+           compare: Annotated[Optional[list[str]], typer.Option(
+               "--compare", help="another run (e.g. method.name=local on the same sites): the report shows what "
+                                 "RUN_DIR gains each factory over it; repeat it for that run's other seeds")] = None,
+           also: Annotated[Optional[list[str]], typer.Option(
+               "--also", help="RUN_DIR's method at another seed (paired with --compare runs by run.seed)")] = None,
            ) -> None:
-    """Write RUN_DIR/report.html (curves, per-site bars, global vs personalized)."""
+    """Write RUN_DIR/report.html (curves, per-site bars, global vs personalized; with --compare, each factory's
+    gain over the other run)."""
     from server.recorder import read_final
     from server.report import render_report
+
+    if compare:
+        from launch.pilot import console_lines
+        from server.compare import compare as compare_runs
+        from server.compare import write_comparison
+
+        try:
+            comp = compare_runs([run_dir, *(also or [])], list(compare))
+        except ValueError as e:
+            err.print(f"[red]--compare: {e}[/]")
+            raise typer.Exit(2) from None
+        write_comparison(run_dir, comp)
+        err.print("\n".join(console_lines(comp)), markup=False)
+    elif also:
+        err.print("[red]--also needs --compare (the runs to compare against)[/]")
+        raise typer.Exit(2)
 
     if not (Path(run_dir) / "metrics.jsonl").is_file():
         err.print(f"[red]{run_dir} has no metrics.jsonl: not a Kumiki run dir[/]")
@@ -177,16 +212,113 @@ def pilot(
     engine: Annotated[str, typer.Option(help="local (default: real processes) or simulation / inprocess")] = "local",
     verbose: bool = False,
     overwrite: OverwriteOpt = False,
+    seeds: Annotated[int, typer.Option(min=1, max=10, help="training seeds (same factory data); the gain's spread "
+                                                            "over them is in the report")] = 3,
+    baseline: Annotated[bool, typer.Option("--baseline/--no-baseline", help="also run each factory alone "
+                                                                            "(method.name=local) to compare")] = True,
+    extra_engine: Annotated[str, typer.Option(help="engine of the other seeds and of the baseline")] = "inprocess",
 ) -> None:
-    """The multi-factory pilot: deploy/pilot.toml on real SuperLink/SuperNode processes, then the report."""
+    """The multi-factory pilot: deploy/pilot.toml on real SuperLink/SuperNode processes, its other seeds and
+    the local-only baseline (in-process), then the report: what joining gains each factory, and what a new
+    factory gets on day one."""
     from kumiki.data.sources import fashion_mnist_available
+    from launch.engines import ENGINES
+    from launch.pilot import busy_dirs, console_lines, plan
 
+    for e in (engine, extra_engine):
+        if e not in ENGINES:
+            err.print(f"[red]engines must be one of {', '.join(ENGINES)}[/]")
+            raise typer.Exit(2)
     overrides = list(set_ or [])
     cfg = _load(str(PILOT_CONFIG), overrides)
     if cfg.data.dataset == "fashion-mnist" and not fashion_mnist_available(cfg.data.dataset_dir()):
         err.print(f"[yellow]Fashion-MNIST not found in {cfg.data.dataset_dir()}; the pilot falls back to scikit-learn digits[/]")
-        cfg = _load(str(PILOT_CONFIG), ['data.dataset="digits"', "data.samples_per_site=300", *overrides])
-    _execute(cfg, engine, verbose, overwrite)
+        overrides = ['data.dataset="digits"', "data.samples_per_site=300", *overrides]
+    runs = plan(lambda more: _load(str(PILOT_CONFIG), more), overrides, seeds, baseline, engine, extra_engine)
+    busy = busy_dirs(runs)
+    if busy and not overwrite:
+        err.print(f"[red]run dir(s) already hold a run: {', '.join(map(str, busy))}; pass --overwrite to move them "
+                  "aside (nothing is deleted), or choose another run.name[/]")
+        raise typer.Exit(EXIT_USAGE)
+    main = runs[0]
+    done = {0: _execute(main.cfg, main.engine, verbose, overwrite, exit_on_status=False)}
+    if len(runs) > 1:
+        err.print(f"[bold]pilot[/]: {len(runs) - 1} more run(s) on the same factories ({extra_engine} engine): "
+                  + ", ".join(f"{r.cfg.run.name} ({r.cfg.method.name}, seed {r.seed})" for r in runs[1:]))
+    for i, r in enumerate(runs[1:], start=1):
+        try:
+            done[i] = _execute(r.cfg, r.engine, verbose, overwrite, exit_on_status=False)
+        except typer.Exit:  # reported by _execute; the comparison uses the runs that finished
+            err.print(f"[yellow]pilot: {r.cfg.run.name} did not finish; the comparison leaves it out[/]")
+    joined = [r.cfg.run_dir() for i, r in enumerate(runs) if r.side == "joined" and i in done]
+    alone = [r.cfg.run_dir() for i, r in enumerate(runs) if r.side == "alone" and i in done]
+    if alone:
+        from server.compare import compare, write_comparison
+        from server.report import render_report
+
+        comp = compare(joined, alone, a_label=f"{main.cfg.method.name}, the factories together",
+                       b_label="local: each factory alone on its own images")
+        write_comparison(main.cfg.run_dir(), comp)
+        err.print("\n".join(console_lines(comp)), markup=False)
+        err.print(f"report: {render_report(main.cfg.run_dir())}")
+    code = exit_code(done[0])
+    if code == EXIT_OK and len(done) < len(runs):
+        code = EXIT_INCOMPLETE
+    raise typer.Exit(code)
+
+
+site_cli = typer.Typer(no_args_is_help=True, help="A factory's own data: turn its images into a site folder.")
+cli.add_typer(site_cli, name="site")
+
+
+@site_cli.command("import")
+def site_import(
+    src: Annotated[str, typer.Argument(help="a folder with one sub-folder of images per class, or a CSV of file,label")],
+    out: Annotated[Optional[str], typer.Argument(help="the site folder to write (default: $KUMIKI_SITES/NAME, else "
+                                                      "~/kumiki-sites/NAME: outside the app directory)")] = None,
+    name: Annotated[str, typer.Option("--name", help="the site's name, e.g. factory-x (logs, metrics, report)")] = "",
+    role: Annotated[str, typer.Option(help="train (takes part in training) or unseen (evaluated only)")] = "train",
+    test_fraction: Annotated[float, typer.Option(help="share of each class kept for the site's test split")] = 0.2,
+    size: Annotated[Optional[str], typer.Option(help="resize every image to HEIGHTxWIDTH, e.g. 28x28")] = None,
+    grayscale: Annotated[Optional[bool], typer.Option("--grayscale/--rgb", help="one or three channels (default: "
+                                                      "one if every image is grayscale)")] = None,
+    classes: Annotated[Optional[str], typer.Option(help="the federation's class list, the same at every factory: "
+                                                        "a,b,c, a file (another site.json, or one name per line), "
+                                                        "or N for integer labels (default: this source's names)")] = None,
+    domain: Annotated[Optional[str], typer.Option(help="the camera or line, as the report should show it")] = None,
+    seed: Annotated[int, typer.Option(help="seeds the train/test split")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="move an existing OUT aside first")] = False,
+) -> None:
+    """Turn a factory's labelled images into a site folder (site.json, train.npz, test.npz), checked as the
+    site will load it (README, "Site data folder")."""
+    from kumiki.data.imports import default_sites_root, import_site, parse_classes, parse_size
+    from kumiki.data.sites import SiteDataError
+    from launch.fab import shipped_under
+
+    if not name:
+        err.print("[red]--name is required (e.g. --name factory-x)[/]")
+        raise typer.Exit(2)
+    target = Path(out) if out else default_sites_root() / name
+    try:
+        done = import_site(src, target, name, role, test_fraction, parse_size(size), grayscale, domain,
+                           parse_classes(classes), seed, overwrite)
+    except (SiteDataError, OSError, ValueError) as e:
+        err.print(f"[red]site import:[/] {e}")
+        raise typer.Exit(2) from None
+    per_class = ", ".join(f"{c} {a}/{b}" for c, (a, b) in done["per_class"].items())
+    err.print(f"[green]site {done['name']}[/] ", end="")
+    err.print(f"({done['role']}): {done['num_train']} train / {done['num_test']} test "
+              f"images of shape {done['input_shape']}, {done['num_classes']} classes (train/test: {per_class})\n"
+              f"  -> {done['path']}\n"
+              f"  start its SuperNode with --node-config \"site='{done['name']}' data-dir='{done['path']}'\"; the "
+              f"federation's config needs data.input_shape = {done['input_shape']} and data.num_classes = "
+              f"{done['num_classes']}, and every factory the same --classes ({','.join(done['classes'][:10])})",
+              markup=False)
+    shipped = shipped_under(Path(done["path"]))
+    if shipped:
+        err.print(f"[yellow]warning: {done['path']} lies inside the Flower app directory and is not ignored by its "
+                  f".gitignore: `flwr build` would ship {', '.join(p.rsplit('/', 1)[-1] for p in shipped)} to every "
+                  "node. Keep factory data outside the app (the default) or add the folder to .gitignore.[/]")
 
 
 def _stop_on(signum: int, frame) -> None:  # noqa: ARG001

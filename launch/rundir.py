@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from kumiki.config import KumikiConfig
-from kumiki.data.sites import SiteDataError, site_name
+from kumiki.data.sites import SiteDataError, site_folders
 from kumiki.data.sources import DataUnavailable, fashion_mnist_available
 
 LOCK = ".kumiki.lock"
@@ -41,10 +41,9 @@ def check_sources(cfg: KumikiConfig) -> None:
     if data.dataset == "site-folders":
         root = Path(data.path)
         if not root.is_dir():
-            raise SiteDataError(f"data.path {root} is not a folder (site-folders needs <path>/site-0/ ...)")
-        missing = [site_name(i) for i in range(cfg.total_sites) if not (root / site_name(i) / "site.json").is_file()]
-        if missing:
-            raise SiteDataError(f"data.path {root}: no site folder (with site.json) for {', '.join(missing[:5])}")
+            raise SiteDataError(f"data.path {root} is not a folder (site-folders needs one sub-folder per site, "
+                                "each with its site.json)")
+        site_folders(root, data.sites, data.unseen_sites)  # raises, naming what is missing
 
 
 def _holder(lock: Path) -> int | None:
@@ -64,17 +63,29 @@ def _holder(lock: Path) -> int | None:
 
 
 @contextmanager
-def claim_run_dir(cfg: KumikiConfig, overwrite: bool = False) -> Iterator[Path]:
-    """Hold ``cfg.run_dir()`` for one run (module docstring); yields the resolved path."""
+def claim_run_dir(cfg: KumikiConfig, overwrite: bool = False, resume: bool = False) -> Iterator[Path]:
+    """Hold ``cfg.run_dir()`` for one run (module docstring); yields the resolved path. ``resume``: the run dir
+    must hold a run that can be continued (``server.resume.resume_point``), and it is kept as it is."""
+    if resume and overwrite:
+        raise RunDirError("--resume continues the run in its run dir and --overwrite moves it aside: choose one")
     check_sources(cfg)
     run_dir = cfg.run_dir().resolve()
     lock = run_dir / LOCK
+    if resume:
+        from server.resume import ResumeError, resume_point
+
+        try:
+            done = resume_point(cfg)
+        except ResumeError as e:
+            raise RunDirError(str(e)) from None
+        if done is None:
+            raise RunDirError(f"{run_dir} holds no run to resume; drop --resume to start it")
     if run_dir.exists():
         pid = _holder(lock)
         if pid is not None:
             raise RunDirError(f"{run_dir} is in use by another Kumiki run (pid {pid}); wait for it to end, "
                               "or choose another run.name")
-        if any(run_dir.iterdir()):
+        if not resume and any(run_dir.iterdir()):
             if not overwrite:
                 raise RunDirError(f"{run_dir} already holds a run; choose another run.name, or pass --overwrite "
                                   "to move the old one aside (nothing is deleted)")

@@ -1,8 +1,9 @@
 """The Kumiki ServerApp (``flwr run`` entry point).
 
-The Flower ``run_config`` carries one key, ``config``: the path to the
-operator's TOML (or the resolved config as JSON/TOML text). Knobs are never
-duplicated into run_config.
+The Flower ``run_config`` carries ``config``: the path to the operator's TOML
+(or the resolved config as JSON/TOML text). Knobs are never duplicated into
+run_config; the one other key, ``resume``, says how to start, not what to run
+(true: continue the run from its last server checkpoint).
 """
 
 from __future__ import annotations
@@ -83,4 +84,14 @@ def main(grid: Grid, context: Context) -> None:
     max_poll_s = float(os.environ.get("KUMIKI_REPLY_POLL_MAX_S", "0.5"))
     if max_poll_s > 0:
         grid = ReplyPollingGrid(grid, max_poll_s)
-    run_federation(grid, cfg, sim=sim, engine="deployment")
+    run_federation(grid, cfg, sim=sim, engine="deployment", resume=wants_resume(context.run_config.get("resume")))
+
+
+def wants_resume(value) -> bool:
+    """run_config ``resume``: a TOML bool (``resume=true``), or the strings true/false."""
+    if isinstance(value, bool) or value is None:
+        return bool(value)
+    text = str(value).strip().lower()
+    if text not in ("true", "false", "1", "0", ""):
+        raise ValueError(f"run_config resume={value!r}: use resume=true or resume=false")
+    return text in ("true", "1")

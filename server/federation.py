@@ -2,13 +2,12 @@
 
 It drives a ``KumikiStrategy`` through Flower's Strategy API on any ``Grid``
 (simulation, deployment, or the in-process grid tests use), and adds what
-``Strategy.start`` lacks: site discovery, run outputs, checkpoints, progress.
+``Strategy.start`` lacks: site discovery, run outputs, checkpoints, resume, the report.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from kumiki.registry import entry
 from kumiki.split import ParamSplit
 from models import ModelSpec, build_model
 from server.recorder import Recorder
+from server.resume import atomic_npz, read_resume_state, resume_point, write_resume_state
 
 log = logging.getLogger("kumiki.server")
 
@@ -53,24 +53,37 @@ def checkpoint(strategy, run_dir: Path, rnd: int) -> None:
     for g, arrs in strategy.group_arrays.items():
         arrays.update(arrs)
     arrays.update(strategy.server_state())
-    tmp = ck / "global.tmp.npz"
-    with open(tmp, "wb") as f:
-        np.savez(f, __round__=np.array(rnd), **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, ck / "global.npz")
+    write_resume_state(strategy, ck, rnd)  # what `--resume` continues from (server/resume.py)
+    atomic_npz(ck / "global.npz", __round__=np.array(rnd), **arrays)
+
+
+def write_report(run_dir: Path) -> None:
+    """report.html at the end of every run, however it was started (CLI, ``flwr run``, compose)."""
+    try:
+        from server.report import render_report
+
+        log.info("report: %s", render_report(run_dir))
+    except Exception as exc:  # noqa: BLE001 - a report failure must not hide how the run ended
+        log.warning("report.html not written: %s: %s", type(exc).__name__, exc)
 
 
 def run_federation(grid: Grid, cfg: KumikiConfig, sim: dict | None = None, engine: str = "deployment",
-                   quiet: bool = False) -> dict[str, Any]:
+                   quiet: bool = False, resume: bool = False) -> dict[str, Any]:
+    """Run ``cfg``'s rounds on ``grid``; ``resume`` continues the run in its run dir after its last checkpoint
+    (or starts it, if the run dir holds none)."""
     run_dir = cfg.run_dir()
     strategy = build_strategy(cfg, sim)
+    start = resume_point(cfg) if resume else None  # None: a fresh run
+    if start:
+        rnd, arrays, meta = read_resume_state(run_dir)
+        strategy.load_state_dict(arrays, meta)
+        log.warning("resuming %s after round %d of %d", run_dir, rnd, cfg.run.rounds)
     strategy.summary()
-    recorder = Recorder(run_dir, cfg, engine, quiet=quiet)
+    recorder = Recorder(run_dir, cfg, engine, quiet=quiet, resume_from=start)
     timeout = cfg.server.round_timeout_s
     try:
         strategy.discover(grid, cfg.total_sites, cfg.server.discovery_timeout_s)
-        for rnd in range(1, cfg.run.rounds + 1):
+        for rnd in range((start or 0) + 1, cfg.run.rounds + 1):
             if not strategy.central_budget_left():
                 log.warning("central DP: another release would exceed privacy.target_epsilon %g; the run ends after "
                             "round %d", cfg.privacy.target_epsilon, rnd - 1)
@@ -82,13 +95,17 @@ def run_federation(grid: Grid, cfg: KumikiConfig, sim: dict | None = None, engin
             replies = grid.send_and_receive(strategy.configure_evaluate(rnd, None, ConfigRecord(), grid),
                                             timeout=timeout)
             strategy.aggregate_evaluate(rnd, replies)
-            checkpoint(strategy, run_dir, rnd)
+            # metrics first: a checkpoint of round k always has round k's row (a resume drops rows after it)
             recorder.round(rnd, strategy, time.perf_counter() - t0)
+            checkpoint(strategy, run_dir, rnd)
             if not strategy.train_nodes() and strategy.budget_spent:
                 log.warning("every training site has spent its privacy budget; the run ends after round %d", rnd)
                 recorder.ended = f"every training site spent its privacy budget (after round {rnd})"
                 break
     except BaseException as exc:  # the run is over: record how it ended (status "failed"), then re-raise
         recorder.finish(strategy, error=f"{type(exc).__name__}: {exc}")
+        write_report(run_dir)
         raise
-    return recorder.finish(strategy)
+    summary = recorder.finish(strategy)
+    write_report(run_dir)
+    return summary

@@ -82,12 +82,15 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 class Recorder:
-    def __init__(self, run_dir: Path, cfg, engine: str, quiet: bool = False):
+    def __init__(self, run_dir: Path, cfg, engine: str, quiet: bool = False, resume_from: int | None = None):
+        """``resume_from = k``: continue the run dir's records after round k (rows of later rounds, written
+        after the last checkpoint, and the closing record are dropped; the rest is kept and appended to)."""
         self.dir = Path(run_dir)
         earlier = [n for n in ("metrics.jsonl", "summary.json") if (self.dir / n).exists()]
-        if earlier:  # the engines claim a fresh run dir; a Flower-native rerun of a run.name ends up here
+        if earlier and resume_from is None:  # the engines claim a fresh run dir; a Flower-native rerun ends up here
             raise FileExistsError(f"{self.dir} already holds a run ({', '.join(earlier)}); choose another run.name, "
-                                  "or move that folder away (`kumiki run --overwrite` does it for you)")
+                                  "move that folder away (`kumiki run --overwrite` does it for you), or resume it "
+                                  "(`kumiki run --resume`, or resume=true in the Flower run_config)")
         self.dir.mkdir(parents=True, exist_ok=True)
         self.cfg = cfg
         self.engine = engine
@@ -96,11 +99,41 @@ class Recorder:
         resolved["engine"] = engine
         write_json(self.dir / "config.json", resolved)
         self.metrics_path = self.dir / "metrics.jsonl"
-        self.metrics_path.write_text("")
         self.t0 = time.perf_counter()
         self.history: list[dict[str, Any]] = []
+        #: wall time of the earlier segments of a resumed run, and the rounds after which it was resumed
+        self.wall_offset = 0.0
+        self.resumed: list[int] = []
+        if resume_from is not None:
+            self._continue(resume_from)
+        else:
+            self.metrics_path.write_text("")
         #: why a privacy budget ended the run (set by the round driver), else None
         self.ended: str | None = None
+
+    def _continue(self, k: int) -> None:
+        kept = []
+        for line in self.metrics_path.read_text().splitlines() if self.metrics_path.is_file() else []:
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                continue
+            kind = obj.get("kind") if isinstance(obj, dict) else None
+            if (kind in ("round", "site") and int(obj.get("round", 0)) > k) or kind in ("final", None):
+                continue
+            kept.append(obj)
+            if kind == "round":
+                self.history.append(obj)
+            elif kind == "resume":
+                self.resumed.append(int(obj["after_round"]))
+        if self.history:
+            self.wall_offset = float(self.history[-1]["time"]["wall_s"])
+        self.resumed.append(k)
+        kept.append({"kind": "resume", "after_round": k, "engine": self.engine,
+                     "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(o) + "\n" for o in kept))
+        os.replace(tmp, self.metrics_path)
 
     def _append(self, obj: dict[str, Any]) -> None:
         with open(self.metrics_path, "a") as f:
@@ -119,7 +152,7 @@ class Recorder:
         row = {
             "kind": "round", "round": rnd, **sections, "tasks": per_task,
             "bytes": {"up": st.bytes_up, "down": st.bytes_down},
-            "time": {"round_s": round_s, "wall_s": time.perf_counter() - self.t0},
+            "time": {"round_s": round_s, "wall_s": self.wall_offset + time.perf_counter() - self.t0},
             "sites": {"sampled": len(st.sent), "accepted": st.accepted, "aggregated": st.aggregated,
                       "took_part": sorted(st.train_metrics), "evaluated": sorted(ev), "rejected": st.rejected,
                       "declined": st.declined},
@@ -172,7 +205,8 @@ class Recorder:
         return out
 
     def participation(self, strategy: KumikiStrategy) -> dict[str, Any]:
-        """Who took part: configured vs discovered sites, nodes dropped at discovery, accepted rounds per site."""
+        """Who took part: configured vs discovered sites, nodes dropped at discovery, accepted rounds per site,
+        and each site's profile (role, group, camera/domain, train and test examples)."""
         trained: dict[str, int] = {p.site: 0 for p in strategy.profiles.values() if p.role == "train"}
         incomplete = []
         for h in self.history:
@@ -183,12 +217,16 @@ class Recorder:
                 incomplete.append(h["round"])
         return {"configured": self.cfg.total_sites, "discovered": sorted(p.site for p in strategy.profiles.values()),
                 "dropped": list(strategy.discovery_rejected), "trained_rounds": dict(sorted(trained.items())),
-                "incomplete_rounds": incomplete}
+                "incomplete_rounds": incomplete,
+                # what each site said of itself (query.profile): the report's factory table
+                "profiles": {p.site: {"role": p.role, "group": p.group, "domain": p.domain or None,
+                                      "num_train": p.num_train, "num_test": p.num_test}
+                             for p in sorted(strategy.profiles.values(), key=lambda p: p.site)}}
 
     def finish(self, strategy: KumikiStrategy, error: str | None = None) -> dict[str, Any]:
         """Write the final record and summary.json; ``status`` is ok only when every configured site took
         part in every round and the server did not fail (``error``)."""
-        wall = time.perf_counter() - self.t0
+        wall = self.wall_offset + time.perf_counter() - self.t0
         last = self.history[-1] if self.history else {}
         n = max(len(self.history), 1)
         up = [h["bytes"]["up"] for h in self.history]
@@ -225,6 +263,8 @@ class Recorder:
                     and (len(self.history) == self.cfg.run.rounds or self.ended is not None))
         if self.ended is not None:
             summary["ended"] = self.ended
+        if self.resumed:
+            summary["resumed_after"] = list(self.resumed)
         summary["status"] = "failed" if error else ("ok" if complete else "incomplete")
         summary["participation"] = part
         if error:

@@ -6,7 +6,9 @@ page with no external assets and no JavaScript: plots are PNGs drawn with
 matplotlib's Agg canvas and embedded as ``data:image/png;base64`` URIs.
 
 Sections: header (method, dataset, rounds, sites, engine, wall time, bytes per
-round), accuracy per round, per-site accuracy at the last round, global vs
+round), what the run is in plain words, what joining gained each factory (when the
+run dir holds a ``comparison.json``: ``kumiki pilot``, ``kumiki report --compare``),
+the factories (camera/domain, data sizes), accuracy per round, per-site accuracy at the last round, global vs
 personalized scatter, bytes and time per round, a table of last-round and
 mean-of-last-5 values, and the list of rejected updates.
 
@@ -369,9 +371,34 @@ dl.hdr{display:grid;grid-template-columns:max-content auto;gap:.25em 1.2em;backg
 dl.hdr dt{font-weight:600;color:#444} dl.hdr dd{margin:0;font-variant-numeric:tabular-nums}
 img{max-width:100%;height:auto;display:block;margin:.5em 0}
 table{border-collapse:collapse;margin:.5em 0;font-variant-numeric:tabular-nums}
-th,td{border:1px solid #ddd;padding:.3em .8em;text-align:left} td.n{text-align:right}
+th,td{border:1px solid #ddd;padding:.3em .8em;text-align:left} td.n{text-align:right;white-space:nowrap}
+td:first-child{white-space:nowrap}
 th{background:#f2f2f4} .note{color:#777;font-style:italic} .bad{color:#b00020}
+.intro{font-size:1.05em} ul.answer{background:#eef5fc;border-left:4px solid #1f77b4;padding:.8em 1em .8em 2em;
+       border-radius:4px;font-size:1.05em} ul.answer li{margin:.25em 0} ul.how{color:#555;font-size:.92em}
+dl.gloss{display:grid;grid-template-columns:max-content auto;gap:.2em 1em} dl.gloss dt{font-weight:600}
+dl.gloss dd{margin:0} details summary{cursor:pointer;color:#1f5f99}
 """
+
+
+def _factory_sections(run_dir: Path, summary: dict, config: dict) -> list[str]:
+    """What the run is (plain words), what joining gained each factory (``comparison.json``), the factories."""
+    from server import report_factories as rf
+    from server.compare import read_comparison
+
+    out = []
+    intro = rf.intro(summary, config, site_key)
+    if intro:
+        out.append(intro)
+    comp = read_comparison(run_dir)
+    if comp:
+        b64 = rf.plot_comparison(comp)
+        out.append(_section("What joining gains each factory",
+                            rf.comparison(comp, _img(b64, "each factory alone vs joined") if b64 else "")))
+    table = rf.factories(summary, site_key)
+    if table:
+        out.append(_section("The factories", table))
+    return out
 
 
 def build_html(run_dir: Path) -> str:
@@ -433,6 +460,7 @@ def build_html(run_dir: Path) -> str:
 
     parts = [f"<h1>{esc(title)}</h1>", f'<p class="sub">{esc(method)} on {esc(dataset)} &middot; {esc(run_dir)}</p>',
              header]
+    parts += _factory_sections(run_dir, summary, config)
     if rows and not final:
         parts.insert(1, '<p class="bad"><strong>Partial run:</strong> metrics.jsonl has no final record; the run '
                         f"stopped after round {esc(rows[-1].get('round'))}. Figures below are what it recorded.</p>")

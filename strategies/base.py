@@ -24,6 +24,7 @@ import random
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -50,6 +51,8 @@ class SiteProfile:
     num_test: int
     #: what the site learns (its data's task, ``kumiki/tasks.py``): which metric its replies carry
     task: str = "classification"
+    #: the site's camera/domain as its site.json (or node config ``domain``) describes it; "" if unknown
+    domain: str = ""
 
 
 @dataclass
@@ -75,6 +78,17 @@ class RoundStats:
     bytes_up: int = 0
     train_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     eval_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def _restored(current: dict[str, np.ndarray], saved: dict[str, np.ndarray], what: str) -> dict[str, np.ndarray]:
+    """``saved`` in place of ``current``: the same names, shapes and dtypes, or ValueError."""
+    if set(saved) != set(current):
+        raise ValueError(f"checkpoint {what} tensors differ from this model's: {sorted(set(saved) ^ set(current))[:3]}")
+    for k, v in saved.items():
+        if v.shape != current[k].shape or v.dtype != current[k].dtype:
+            raise ValueError(f"checkpoint tensor {k} ({what}): {v.dtype}{list(v.shape)} but this model has "
+                             f"{current[k].dtype}{list(current[k].shape)}")
+    return {k: np.array(saved[k]) for k in current}
 
 
 class KumikiStrategy(Strategy):
@@ -207,6 +221,52 @@ class KumikiStrategy(Strategy):
     def server_state(self) -> dict[str, np.ndarray]:
         """Server-side method state a checkpoint keeps besides the model tensors (FedHB: its precision)."""
         return {}
+
+    def load_server_state(self, arrays: dict[str, np.ndarray]) -> None:
+        """Restore what :meth:`server_state` returned (a method with server state overrides both)."""
+        if arrays:
+            raise ValueError(f"{type(self).__name__} keeps no server state, but the checkpoint holds "
+                             f"{sorted(arrays)[:3]}: it was written by another method")
+
+    # ------------------------------------------------------------- resume (server checkpoints)
+    def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """What a resumed server needs to go on exactly as if it had never stopped.
+
+        Arrays: the shared tensors (``shared/<name>``), each group's (``group/<g>/<name>``) and the method's
+        :meth:`server_state` (``server/<key>``). A small JSON-able dict: the last accepted round per site (sites
+        check their state files against it), spent privacy budgets, central DP releases (its noise and epsilon
+        follow from the count) and the sampling RNG, so the resumed run samples the sites it would have.
+        A method with more server state extends both methods (and calls ``super()``).
+        """
+        arrays = {f"shared/{k}": v for k, v in self.shared.items()}
+        for g, arrs in self.group_arrays.items():
+            arrays.update({f"group/{g}/{k}": v for k, v in arrs.items()})
+        arrays.update({f"server/{k}": v for k, v in self.server_state().items()})
+        version, internal, gauss = self._rng.getstate()
+        meta = {"completed": dict(self.completed), "budget_spent": dict(self.budget_spent),
+                "central_releases": self.central_releases, "rng": [version, list(internal), gauss]}
+        return arrays, meta
+
+    def load_state_dict(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` into a strategy built from the same config; anything that does not fit
+        (another model, split or method) raises ``ValueError`` naming it."""
+        def part(prefix: str) -> dict[str, np.ndarray]:
+            return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+
+        known = ("shared/", "server/", *(f"group/{g}/" for g in self.group_arrays))
+        stray = sorted(k for k in arrays if not k.startswith(known))
+        if stray:
+            raise ValueError(f"checkpoint tensors this strategy does not have: {stray[:3]}")
+        self.shared = _restored(self.shared, part("shared/"), "shared")
+        for g in self.group_arrays:
+            self.group_arrays[g] = _restored(self.group_arrays[g], part(f"group/{g}/"), f"group {g!r}")
+        self.load_server_state(part("server/"))
+        self.completed = {str(k): int(v) for k, v in meta.get("completed", {}).items()}
+        self.budget_spent = {str(k): int(v) for k, v in meta.get("budget_spent", {}).items()}
+        self.central_releases = int(meta.get("central_releases", 0))
+        if meta.get("rng") is not None:
+            version, internal, gauss = meta["rng"]
+            self._rng.setstate((version, tuple(internal), gauss))
 
     def sample(self, nodes: list[int]) -> list[int]:
         k = max(1, math.ceil(self.cfg.server.fraction_train * len(nodes)))

@@ -104,6 +104,17 @@ class FedHB(KumikiStrategy):
         """What a server checkpoint needs besides ``self.shared`` (= m) to restore L_0."""
         return dict(self.extra_arrays(0, 0))
 
+    def load_server_state(self, arrays: dict[str, np.ndarray]) -> None:
+        """The precision w of a checkpoint (a resumed server continues from the same L_0 = (m, w))."""
+        prefix = self.method.precision_prefix
+        want = {prefix + k for k in self.coords}
+        if set(arrays) != want:
+            raise ValueError(f"checkpoint precision tensors differ from this model's: {sorted(set(arrays) ^ want)[:3]}")
+        for k in self.coords:
+            if arrays[prefix + k].shape != self.precision[k].shape:
+                raise ValueError(f"checkpoint precision {k}: shape {arrays[prefix + k].shape} != {self.precision[k].shape}")
+        self.precision = {k: np.asarray(arrays[prefix + k], dtype=np.float32) for k in self.coords}
+
     def aggregate_shared(self, updates: list[Update]) -> dict[str, np.ndarray]:
         h = self.method
         others = [k for k in self.shared if k not in self.coords]

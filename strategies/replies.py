@@ -11,7 +11,8 @@ strategy logs as a rejection of that one reply:
   discovery (so no site outweighs the others by claiming 1e12 examples);
 * metrics: finite scalars; each task metric within its range (accuracy in [0, 1], perplexity >= 1,
   see ``kumiki/tasks.py``), losses >= 0;
-* profiles: a safe site name, a known role and task, bounded example counts.
+* profiles: a safe site name, a known role and task, bounded example counts, an optional short
+  printable domain.
 """
 
 from __future__ import annotations
@@ -24,12 +25,15 @@ from typing import Any
 import numpy as np
 
 from kumiki import contract as C
+from kumiki.data.sites import SITE_NAME_PATTERN
 from kumiki.tasks import TASKS, metric_of_key
 
 #: Upper bound on any example count a site may announce (a sanity bound, not a quota).
 MAX_EXAMPLES = 10**9
-SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+SITE_NAME = re.compile(SITE_NAME_PATTERN)
 ROLES = ("train", "unseen")
+#: Longest camera/domain description a profile may carry (optional; shown in the report).
+MAX_DOMAIN = 64
 
 
 class BadReply(ValueError):
@@ -53,7 +57,7 @@ def positive_int(value: Any, what: str, upper: int = MAX_EXAMPLES) -> int:
 
 
 def parse_profile(node_id: int, content: Any) -> dict[str, Any]:
-    """The fields of a ``query.profile`` reply, validated (site, role, group, num-train, num-test)."""
+    """The fields of a ``query.profile`` reply, validated (site, role, group, num-train, num-test, optional domain)."""
     if C.PROFILE not in content.config_records:
         raise BadReply("profile reply lacks its 'profile' record")
     rec = content[C.PROFILE]
@@ -66,9 +70,13 @@ def parse_profile(node_id: int, content: Any) -> dict[str, Any]:
         raise BadReply(f"site {site}: group must be a short string")
     if task not in TASKS:
         raise BadReply(f"site {site}: task {task!r} is not one of {tuple(TASKS)}")
+    domain = rec.get("domain", "")
+    if not isinstance(domain, str) or len(domain) > MAX_DOMAIN or not domain.isprintable():
+        raise BadReply(f"site {site}: domain must be a short printable string (at most {MAX_DOMAIN} characters)")
     return {"node_id": node_id, "site": site, "role": role, "group": group, "task": task,
             "num_train": positive_int(rec.get("num-train"), f"site {site}: num-train"),
-            "num_test": positive_int(rec.get("num-test"), f"site {site}: num-test")}
+            "num_test": positive_int(rec.get("num-test"), f"site {site}: num-test"),
+            "domain": domain}
 
 
 def check_arrays(arrays: Any, reference: Mapping[str, np.ndarray], expected: Iterable[str]) -> dict[str, np.ndarray]:

@@ -64,8 +64,49 @@ class SiteData:
         return str(self.meta.get("task", "classification"))
 
 
+#: What a site name may be (the server refuses any other in a profile): it names folders, logs and report rows.
+SITE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
 def site_name(i: int) -> str:
     return f"site-{i}"
+
+
+def partitioned_names(data_cfg) -> list[str]:
+    """The names of a partitioned run's sites, training sites first: ``data.site_names``, else site-<i>."""
+    return list(data_cfg.site_names) or [site_name(i) for i in range(data_cfg.sites + data_cfg.unseen_sites)]
+
+
+def site_folders(root: str | Path, sites: int, unseen: int) -> list[str]:
+    """The site folders under a ``site-folders`` root, training sites first (the order the engines start them).
+
+    The legacy layout ``site-0 .. site-<n-1>`` is used as is; otherwise every sub-folder holding a site.json
+    is a site (``kumiki site import`` writes them), in name order within each role, and the roles must add up
+    to ``data.sites`` training and ``data.unseen_sites`` unseen sites.
+    """
+    root = Path(root)
+    n = sites + unseen
+    legacy = [site_name(i) for i in range(n)]
+    if all((root / d / "site.json").is_file() for d in legacy):
+        return legacy
+    found = sorted(d.name for d in root.iterdir() if (d / "site.json").is_file()) if root.is_dir() else []
+    if not found:
+        raise SiteDataError(f"data.path {root}: no site folder (a sub-folder with site.json); see README, "
+                            "'Site data folder', or make one with `kumiki site import`")
+    roles: dict[str, list[str]] = {"train": [], "unseen": []}
+    for d in found:
+        try:
+            role = json.loads((root / d / "site.json").read_text()).get("role", "train")
+        except (OSError, ValueError) as e:
+            raise SiteDataError(f"{root / d / 'site.json'}: not valid JSON ({e})") from None
+        if role not in roles:
+            raise SiteDataError(f"{root / d / 'site.json'}: role {role!r} is not 'train' or 'unseen'")
+        roles[role].append(d)
+    if (len(roles["train"]), len(roles["unseen"])) != (sites, unseen):
+        raise SiteDataError(f"data.path {root}: {len(roles['train'])} training and {len(roles['unseen'])} unseen site "
+                            f"folders ({', '.join(found[:8])}), but the config has data.sites = {sites} and "
+                            f"data.unseen_sites = {unseen}")
+    return roles["train"] + roles["unseen"]
 
 
 def pool(data_cfg) -> tuple[np.ndarray, np.ndarray]:
@@ -81,8 +122,9 @@ def materialize(cfg, root: str | Path) -> list[Path]:
     data = cfg.data
     root = Path(root)
     x, y = pool(data)
-    rng = np.random.default_rng(cfg.run.seed)
+    rng = np.random.default_rng(cfg.run.seed if data.partition_seed is None else data.partition_seed)
     n_total = data.sites + data.unseen_sites
+    names = partitioned_names(data)
     parts = partition.partition(y, n_total, data.partition, rng)
     shape, num_classes = list(x.shape[1:]), int(y.max()) + 1
     tasks = cfg.site_tasks() or ["classification"] * n_total
@@ -99,11 +141,11 @@ def materialize(cfg, root: str | Path) -> list[Path]:
         n_test = max(1, int(round(len(idx) * data.test_fraction)))
         role = "train" if i < data.sites else "unseen"
         meta = {
-            "name": site_name(i), "role": role, "domain": domain, "task": tasks[i],
+            "name": names[i], "role": role, "domain": domain, "task": tasks[i],
             "derived": domain != "identity" or cluster_meta.get("cluster", 0) != 0 or targets.is_derived(tasks[i]),
             "num_classes": num_classes, "input_shape": shape, "source": data.dataset, **cluster_meta,
         }
-        out.append(write_site(root / site_name(i), meta, xs[n_test:], ys[n_test:], xs[:n_test], ys[:n_test]))
+        out.append(write_site(root / names[i], meta, xs[n_test:], ys[n_test:], xs[:n_test], ys[:n_test]))
     return out
 
 

@@ -2,58 +2,81 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
 
 from kumiki.config import KumikiConfig
-from kumiki.data.sites import materialize, site_name
+from kumiki.data.sites import materialize, partitioned_names, site_folders
 
 ENGINES = ("simulation", "local", "inprocess")
 
 
-def prepare_sites(cfg: KumikiConfig) -> dict[str, Any]:
+def prepare_sites(cfg: KumikiConfig, resume: bool = False) -> dict[str, Any]:
     """Materialize the run's site folders and give every site a fresh state dir.
 
-    A new run starts from fresh site state; a real deployment keeps its state dirs.
-    Returns the ``sim`` block sites use to find their folders.
+    A new run starts from fresh site state; a resumed run (``resume``) keeps every site's state dir, as a real
+    deployment does, and reuses the site folders it materialized. Returns the ``sim`` block sites use to find
+    their folders (``site_dirs``: one folder name per site, training sites first).
     """
     run_dir = cfg.run_dir().resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     state_root = run_dir / "state"
-    if state_root.exists():
+    if state_root.exists() and not resume:
         shutil.rmtree(state_root)
     if cfg.data.dataset == "site-folders":
         sites_root = Path(cfg.data.path).resolve()
+        dirs = site_folders(sites_root, cfg.data.sites, cfg.data.unseen_sites)
     else:
         sites_root = run_dir / "sites"
-        materialize(cfg, sites_root)
+        dirs = partitioned_names(cfg.data)
+        if not (resume and all((sites_root / d / f).is_file() for d in dirs for f in ("site.json", "train.npz", "test.npz"))):
+            materialize(cfg, sites_root)  # seeded: a resumed run would write the same folders
     # privacy ledgers outlive runs: every run over the same records adds to the same budget
     privacy_root = run_dir.parent / ".kumiki-privacy"
-    return {"sites_root": str(sites_root), "state_root": str(state_root), "privacy_root": str(privacy_root)}
+    return {"sites_root": str(sites_root), "state_root": str(state_root), "privacy_root": str(privacy_root),
+            "site_dirs": dirs}
+
+
+def _site_json_name(folder: Path) -> str:
+    try:
+        return str(json.loads((folder / "site.json").read_text()).get("name") or folder.name)
+    except (OSError, ValueError):
+        return folder.name  # the site itself reports the bad file when it loads it
 
 
 def node_configs(cfg: KumikiConfig, sim: dict[str, Any]) -> list[dict[str, Any]]:
-    """One node config per site, as a deployment would pass with --node-config."""
-    return [
-        {"site": site_name(i), "data-dir": f"{sim['sites_root']}/{site_name(i)}", "state-dir": f"{sim['state_root']}/{site_name(i)}",
-         **({"privacy-dir": f"{sim['privacy_root']}/{site_name(i)}"} if "privacy_root" in sim else {})}
-        for i in range(cfg.total_sites)
-    ]
+    """One node config per site, as a deployment would pass with --node-config.
+
+    The site's name is the one its site.json gives (what a deployment's operator would pass as ``site``), so
+    logs, metrics and the report name the factories as their folders do, never by position.
+    """
+    dirs = sim.get("site_dirs") or partitioned_names(cfg.data)
+    out = []
+    for d in dirs:
+        name = _site_json_name(Path(sim["sites_root"]) / d)
+        nc = {"site": name, "data-dir": f"{sim['sites_root']}/{d}", "state-dir": f"{sim['state_root']}/{name}"}
+        if "privacy_root" in sim:
+            nc["privacy-dir"] = f"{sim['privacy_root']}/{name}"
+        out.append(nc)
+    return out
 
 
-def run(cfg: KumikiConfig, engine: str, quiet: bool = False, overwrite: bool = False) -> dict[str, Any]:
-    """Run ``cfg`` on ``engine``; ``overwrite`` moves an earlier run with the same name aside first."""
+def run(cfg: KumikiConfig, engine: str, quiet: bool = False, overwrite: bool = False,
+        resume: bool = False) -> dict[str, Any]:
+    """Run ``cfg`` on ``engine``; ``overwrite`` moves an earlier run with the same name aside first; ``resume``
+    continues the run in ``cfg.run_dir()`` from its last server checkpoint (README, "Resuming a run")."""
     if engine == "inprocess":
         from launch.engines.inprocess import run_inprocess
 
-        return run_inprocess(cfg, quiet=quiet, overwrite=overwrite)
+        return run_inprocess(cfg, quiet=quiet, overwrite=overwrite, resume=resume)
     if engine == "simulation":
         from launch.engines.simulation import run_sim
 
-        return run_sim(cfg, quiet=quiet, overwrite=overwrite)
+        return run_sim(cfg, quiet=quiet, overwrite=overwrite, resume=resume)
     if engine == "local":
         from launch.engines.local import run_local
 
-        return run_local(cfg, quiet=quiet, overwrite=overwrite)
+        return run_local(cfg, quiet=quiet, overwrite=overwrite, resume=resume)
     raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")

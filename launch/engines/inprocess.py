@@ -76,16 +76,16 @@ class InProcessGrid(Grid):
         return out
 
 
-def run_inprocess(cfg, quiet: bool = False, grid_hook=None, overwrite: bool = False) -> dict:
+def run_inprocess(cfg, quiet: bool = False, grid_hook=None, overwrite: bool = False, resume: bool = False) -> dict:
     """Run a whole config in this process; ``grid_hook(grid)`` lets tests inspect or perturb the grid."""
     from client.app import app as client_app
     from launch.engines import node_configs, prepare_sites
     from launch.rundir import claim_run_dir
     from server.federation import run_federation
 
-    with claim_run_dir(cfg, overwrite):
-        sim = prepare_sites(cfg)
+    with claim_run_dir(cfg, overwrite, resume):
+        sim = prepare_sites(cfg, resume)
         grid = InProcessGrid(client_app, node_configs(cfg, sim))
         if grid_hook is not None:
             grid_hook(grid)
-        return run_federation(grid, cfg, sim=None, engine="inprocess", quiet=quiet)
+        return run_federation(grid, cfg, sim=None, engine="inprocess", quiet=quiet, resume=resume)

@@ -465,31 +465,33 @@ def default_timeout_s(cfg: KumikiConfig) -> float:
     return cfg.server.discovery_timeout_s + cfg.run.rounds * 2 * cfg.server.round_timeout_s + 120.0
 
 
-def run_local(cfg: KumikiConfig, quiet: bool = False, *, overwrite: bool = False, **kw: Any) -> dict[str, Any]:
+def run_local(cfg: KumikiConfig, quiet: bool = False, *, overwrite: bool = False, resume: bool = False,
+              **kw: Any) -> dict[str, Any]:
     """``_run_local`` inside the claimed run dir (``launch.rundir``): never over another run's outputs."""
     from launch.rundir import claim_run_dir
 
-    with claim_run_dir(cfg, overwrite):
-        return _run_local(cfg, quiet, **kw)
+    with claim_run_dir(cfg, overwrite, resume):
+        return _run_local(cfg, quiet, resume=resume, **kw)
 
 
 def _run_local(cfg: KumikiConfig, quiet: bool = False, *, tls: bool = False, timeout_s: float | None = None,
                ready_timeout_s: float = 90.0, tuning: Tuning | None = None,
-               on_start: Callable[[list[int]], None] | None = None) -> dict[str, Any]:
+               on_start: Callable[[list[int]], None] | None = None, resume: bool = False) -> dict[str, Any]:
     """Run ``cfg`` on a real SuperLink + one SuperNode per site on 127.0.0.1; return summary.json.
 
     ``timeout_s`` bounds the ``flwr run`` (default ``default_timeout_s(cfg)``),
     ``ready_timeout_s`` each start-up wait. ``on_start(pids)`` is called with the PIDs (=
     process-group ids) of the daemons once they are up (tests use it to check clean-up).
     Raises ``RuntimeError`` (with the logs' last lines) if anything fails; all processes
-    are stopped before it returns or raises.
+    are stopped before it returns or raises. ``resume``: continue the run after its last server checkpoint
+    (``resume=true`` in the run_config; the sites keep their state dirs, the logs are appended to).
     """
     tuning = (tuning or Tuning()).resolved(cfg.total_sites)
-    sim = prepare_sites(cfg)
+    sim = prepare_sites(cfg, resume)
     run_dir = cfg.run_dir().resolve()
     logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    for old in logs.glob("*.log"):
+    for old in [] if resume else logs.glob("*.log"):
         old.unlink()
     summary_path = run_dir / "summary.json"
     summary_path.unlink(missing_ok=True)  # only this run's summary counts as success
@@ -570,7 +572,7 @@ def _run_local(cfg: KumikiConfig, quiet: bool = False, *, tls: bool = False, tim
         if on_start is not None:
             on_start([p.popen.pid for p in cluster.procs])
 
-        run_id = _flwr_run(cluster, env, config_path, quiet, timeout_s, daemons)
+        run_id = _flwr_run(cluster, env, config_path, quiet, timeout_s, daemons, resume)
         status = _flwr_status(env, run_id) if run_id is not None else "not started"
         recorded = json.loads(summary_path.read_text()).get("status") if summary_path.is_file() else None
         if status != "finished:completed" or recorded in (None, "failed"):
@@ -595,11 +597,11 @@ MAX_RESTARTS = 3
 
 
 def _flwr_run(cluster: _Cluster, env: dict[str, str], config_path: Path, quiet: bool, timeout_s: float,
-              daemons: list[_Proc]) -> int | None:
+              daemons: list[_Proc], resume: bool = False) -> int | None:
     """``flwr run <repo> kumiki-local --stream``, bounded by ``timeout_s``; returns the run id."""
+    run_config = f"config={toml_str(str(config_path))}" + (" resume=true" if resume else "")
     proc = cluster.start("flwr-run", [
-        exe("flwr"), "run", str(REPO_ROOT), FEDERATION,
-        "--run-config", f"config={toml_str(str(config_path))}", "--stream",
+        exe("flwr"), "run", str(REPO_ROOT), FEDERATION, "--run-config", run_config, "--stream",
     ], env, pipe=True)
     run_id: list[int] = []
 

@@ -20,11 +20,11 @@ from launch.engines import prepare_sites
 log = logging.getLogger("kumiki")
 
 
-def run_sim(cfg, quiet: bool = False, overwrite: bool = False) -> dict:
+def run_sim(cfg, quiet: bool = False, overwrite: bool = False, resume: bool = False) -> dict:
     from launch.rundir import claim_run_dir
 
-    with claim_run_dir(cfg, overwrite):
-        return _run_sim(cfg, quiet)
+    with claim_run_dir(cfg, overwrite, resume):
+        return _run_sim(cfg, quiet, resume)
 
 
 #: Ray 2.55 binds its GCS, raylet and worker gRPC servers to all interfaces and has no option to keep them
@@ -33,7 +33,7 @@ RAY_EXPOSURE = ("the simulation engine's Ray services listen on all network inte
                 "option); use it on a trusted network, or use --engine inprocess (no sockets) or local (127.0.0.1)")
 
 
-def _run_sim(cfg, quiet: bool) -> dict:
+def _run_sim(cfg, quiet: bool, resume: bool = False) -> dict:
     from flwr.simulation import run_simulation
 
     log.warning(RAY_EXPOSURE)
@@ -41,7 +41,7 @@ def _run_sim(cfg, quiet: bool) -> dict:
     from client.app import app as client_app
     from server.federation import run_federation
 
-    sim = prepare_sites(cfg)
+    sim = prepare_sites(cfg, resume)
     # Ray's AF_UNIX sockets live under RAY_TMPDIR and must stay under 107 bytes: keep it short.
     if "RAY_TMPDIR" not in os.environ:
         os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="kray-", dir="/tmp")
@@ -51,7 +51,7 @@ def _run_sim(cfg, quiet: bool) -> dict:
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        result.update(run_federation(grid, cfg, sim=sim, engine="simulation", quiet=quiet))
+        result.update(run_federation(grid, cfg, sim=sim, engine="simulation", quiet=quiet, resume=resume))
 
     run_simulation(
         server_app=server_app,
