@@ -46,7 +46,7 @@ def _logging(verbose: bool) -> None:
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INCOMPLETE = 0, 1, 2, 3
 
 
-def _execute(cfg: KumikiConfig, engine: str, verbose: bool, overwrite: bool = False) -> dict:
+def _execute(cfg: KumikiConfig, engine: str, verbose: bool, overwrite: bool = False, insecure: bool = False) -> dict:
     """Run, write the report, and exit with the run's status: 0 ok, 3 incomplete (sites missing), 1 failed."""
     from kumiki.data.sites import SiteDataError
     from kumiki.data.sources import DataUnavailable
@@ -58,7 +58,7 @@ def _execute(cfg: KumikiConfig, engine: str, verbose: bool, overwrite: bool = Fa
     err.print(f"[bold]kumiki[/] {cfg.method.name} on {cfg.data.dataset}: {cfg.data.sites} sites"
               f" (+{cfg.data.unseen_sites} unseen), {cfg.run.rounds} rounds, engine {engine} -> {cfg.run_dir()}")
     try:
-        summary = run(cfg, engine, overwrite=overwrite)
+        summary = run(cfg, engine, overwrite=overwrite, insecure=insecure)
     except (SiteDataError, DataUnavailable) as e:
         err.print(f"[red]data error:[/] {e}")
         raise typer.Exit(EXIT_USAGE) from None
@@ -98,6 +98,8 @@ def _execute(cfg: KumikiConfig, engine: str, verbose: bool, overwrite: bool = Fa
 
 
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="move an earlier run of this run.name aside first")]
+InsecureOpt = Annotated[bool, typer.Option(
+    "--insecure", help="local engine: turn TLS and SuperNode authentication OFF (debugging only; printed loudly)")]
 
 
 @cli.command()
@@ -140,6 +142,7 @@ def run_cmd(
     engine: Annotated[str, typer.Option(help="inprocess (default: no sockets, no Ray), local (real SuperLink + SuperNodes on 127.0.0.1), simulation (Flower/Ray)")] = "inprocess",
     verbose: bool = False,
     overwrite: OverwriteOpt = False,
+    insecure: InsecureOpt = False,
 ) -> None:
     """Run one federated experiment described by CONFIG (exit 0 ok, 3 sites missing, 1 failed, 2 bad input)."""
     from launch.engines import ENGINES
@@ -147,7 +150,7 @@ def run_cmd(
     if engine not in ENGINES:
         err.print(f"[red]--engine must be one of {', '.join(ENGINES)}[/]")
         raise typer.Exit(2)
-    _execute(_load(config, set_), engine, verbose, overwrite)
+    _execute(_load(config, set_), engine, verbose, overwrite, insecure)
 
 
 @cli.command()
@@ -177,6 +180,7 @@ def pilot(
     engine: Annotated[str, typer.Option(help="local (default: real processes) or simulation / inprocess")] = "local",
     verbose: bool = False,
     overwrite: OverwriteOpt = False,
+    insecure: InsecureOpt = False,
 ) -> None:
     """The multi-factory pilot: deploy/pilot.toml on real SuperLink/SuperNode processes, then the report."""
     from kumiki.data.sources import fashion_mnist_available
@@ -186,7 +190,37 @@ def pilot(
     if cfg.data.dataset == "fashion-mnist" and not fashion_mnist_available(cfg.data.dataset_dir()):
         err.print(f"[yellow]Fashion-MNIST not found in {cfg.data.dataset_dir()}; the pilot falls back to scikit-learn digits[/]")
         cfg = _load(str(PILOT_CONFIG), ['data.dataset="digits"', "data.samples_per_site=300", *overrides])
-    _execute(cfg, engine, verbose, overwrite)
+    _execute(cfg, engine, verbose, overwrite, insecure)
+
+
+@cli.command()
+def certs(
+    directory: Annotated[str, typer.Argument(metavar="DIR", help="where the CA, the SuperLink certificate and the site keys go")],
+    host: Annotated[Optional[list[str]], typer.Option(
+        "--host", help="a DNS name or IP address factories dial the SuperLink by (repeat); superlink, localhost, 127.0.0.1 and ::1 are always in")] = None,
+    site: Annotated[Optional[list[str]], typer.Option(
+        "--site", help="a factory that gets a key pair (repeat; default: factory-a, factory-b, factory-c)")] = None,
+    rotate: Annotated[Optional[list[str]], typer.Option(
+        "--rotate", help="replace this factory's key (the old pair is kept as *.old-<time>); then register the new one and revoke the old node")] = None,
+    renew_superlink: Annotated[bool, typer.Option(
+        "--renew-superlink", help="re-issue the SuperLink certificate (same CA), e.g. for a new --host")] = False,
+) -> None:
+    """Make (or complete) DIR: a CA, the SuperLink's TLS certificate and one ECDSA key pair per factory."""
+    from launch.certs import DEFAULT_SITES, CertError, make_certs, superlink_names
+
+    try:
+        bundle = make_certs(directory, list(site or DEFAULT_SITES), list(host or []), rotate=list(rotate or []),
+                            renew_superlink=renew_superlink)
+    except CertError as e:
+        err.print(f"[red]{e}[/]")
+        raise typer.Exit(2) from None
+    for path in bundle.created:
+        typer.echo(f"wrote {path}")
+    if not bundle.created:
+        typer.echo(f"{directory}: nothing to do (every file exists)")
+    typer.echo(f"SuperLink certificate names: {', '.join(superlink_names(bundle.superlink_crt))}")
+    typer.echo(f"keep {bundle.ca_key} off the servers; register each factory with "
+               f"`flwr supernode register {bundle.root}/sites/<site>.pub <superlink> --name <site>` (deploy/README.md)")
 
 
 def _stop_on(signum: int, frame) -> None:  # noqa: ARG001

@@ -42,8 +42,13 @@ def node_configs(cfg: KumikiConfig, sim: dict[str, Any]) -> list[dict[str, Any]]
     ]
 
 
-def run(cfg: KumikiConfig, engine: str, quiet: bool = False, overwrite: bool = False) -> dict[str, Any]:
-    """Run ``cfg`` on ``engine``; ``overwrite`` moves an earlier run with the same name aside first."""
+def run(cfg: KumikiConfig, engine: str, quiet: bool = False, overwrite: bool = False,
+        insecure: bool = False) -> dict[str, Any]:
+    """Run ``cfg`` on ``engine``; ``overwrite`` moves an earlier run with the same name aside first.
+
+    ``insecure`` turns TLS and SuperNode authentication off in the ``local`` engine (the
+    other engines open no Flower connection).
+    """
     if engine == "inprocess":
         from launch.engines.inprocess import run_inprocess
 
@@ -55,5 +60,5 @@ def run(cfg: KumikiConfig, engine: str, quiet: bool = False, overwrite: bool = F
     if engine == "local":
         from launch.engines.local import run_local
 
-        return run_local(cfg, quiet=quiet, overwrite=overwrite)
+        return run_local(cfg, quiet=quiet, overwrite=overwrite, insecure=insecure)
     raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")
