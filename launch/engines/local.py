@@ -347,6 +347,16 @@ def _write_flwr_home(home: Path, port: int, certs: CertBundle | None) -> None:
 _NODE_ID = re.compile(r'"node-id":\s*(\d+)')
 
 
+def unregister_sites(node_ids: list[int], env: dict[str, str], timeout_s: float = 60.0) -> None:
+    """``flwr supernode unregister <node-id> kumiki-local``: the node's key can no longer connect."""
+    for nid in node_ids:
+        out = subprocess.run([exe("flwr"), "supernode", "unregister", str(nid), FEDERATION], env=env, cwd=str(REPO_ROOT),
+                             stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout_s,
+                             start_new_session=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"flwr supernode unregister {nid} failed: {_ANSI.sub('', out.stdout + out.stderr)[-400:]}")
+
+
 def register_sites(certs: CertBundle, sites: list[str], env: dict[str, str], timeout_s: float = 60.0) -> dict[str, int]:
     """``flwr supernode register <site>.pub kumiki-local --name <site>`` for every site (in parallel).
 
@@ -481,6 +491,7 @@ def _run_local(cfg: KumikiConfig, quiet: bool = False, *, insecure: bool = False
         if tuning.warm_superexec:
             daemons.append(superexec("superexec-serverapp", link_port, link_env, "superexec-server"))
         _wait(f"the SuperLink on {HOST}:{link_port}", lambda: port_open(link_port), daemons, ready_timeout_s)
+        node_ids: dict[str, int] = {}
         if certs is not None:
             node_ids = register_sites(certs, [nc["site"] for nc in site_configs], env)
             (home / "registered.json").write_text(json.dumps(node_ids, indent=2))
@@ -509,7 +520,19 @@ def _run_local(cfg: KumikiConfig, quiet: bool = False, *, insecure: bool = False
         if on_start is not None:
             on_start([p.popen.pid for p in cluster.procs])
 
-        run_id = _flwr_run(cluster, env, config_path, quiet, timeout_s, daemons)
+        def reregister(p: _Proc) -> None:
+            """A killed SuperNode's session stays "online" on the SuperLink until its heartbeat expires
+            (2 x 30 s in flwr 1.41), and its key cannot activate again before that. So the site gets a
+            new key (an unregistered key is never accepted again), registered under a new node id: it
+            is back at once, and the server maps the new node to the same site."""
+            if certs is None or p.site is None or not p.name.startswith("supernode-"):
+                return
+            unregister_sites([node_ids.pop(p.site)], env)
+            make_certs(certs.root, [], rotate=[p.site])
+            node_ids.update(register_sites(certs, [p.site], env))
+            (home / "registered.json").write_text(json.dumps(node_ids, indent=2))
+
+        run_id = _flwr_run(cluster, env, config_path, quiet, timeout_s, daemons, reregister)
         status = _flwr_status(env, run_id) if run_id is not None else "not started"
         recorded = json.loads(summary_path.read_text()).get("status") if summary_path.is_file() else None
         if status != "finished:completed" or recorded in (None, "failed"):
@@ -534,8 +557,11 @@ MAX_RESTARTS = 3
 
 
 def _flwr_run(cluster: _Cluster, env: dict[str, str], config_path: Path, quiet: bool, timeout_s: float,
-              daemons: list[_Proc]) -> int | None:
-    """``flwr run <repo> kumiki-local --stream``, bounded by ``timeout_s``; returns the run id."""
+              daemons: list[_Proc], before_restart: Callable[[_Proc], None] | None = None) -> int | None:
+    """``flwr run <repo> kumiki-local --stream``, bounded by ``timeout_s``; returns the run id.
+
+    ``before_restart(proc)`` runs before a dead site process is started again.
+    """
     proc = cluster.start("flwr-run", [
         exe("flwr"), "run", str(REPO_ROOT), FEDERATION,
         "--run-config", f"config={toml_str(str(config_path))}", "--stream",
@@ -569,6 +595,8 @@ def _flwr_run(cluster: _Cluster, env: dict[str, str], config_path: Path, quiet: 
             # and the engine brings it back; its personal state is on disk, so it resumes where it left off.
             log.warning("%s exited (code %s); restarting it (%d of %d)", p.name, p.popen.returncode,
                         p.restarts + 1, MAX_RESTARTS)
+            if before_restart is not None:
+                before_restart(p)
             daemons[i] = cluster.restart(p)
         if time.monotonic() > deadline:
             raise RuntimeError(f"the Flower run did not finish within {timeout_s:.0f}s\n" + _logs_of([proc], 40))
