@@ -14,8 +14,8 @@ package (a dependency of flwr, so nothing extra is installed)::
     DIR/sites/<site>.superexec.secret   the factory's SuperNode <-> SuperExec shared secret
 
 The SuperLink certificate's subject alternative names are the names the SuperLink is
-dialled by: ``superlink`` (the compose service), ``localhost``, ``127.0.0.1``, ``::1`` and
-every ``--host`` the operator gives (a DNS name or an IP address of the server host).
+dialled by: ``superlink`` (the compose service), ``localhost``, ``127.0.0.1``, ``::1``,
+``host.docker.internal`` (a factory container on the server's own host) and every ``--host`` the operator gives (a DNS name or an IP address of the server host).
 SuperNode authentication in Flower 1.41 needs EC keys on a NIST curve, loaded with
 ``load_ssh_private_key``; node ids are fixed when a key is registered.
 
@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 #: the names every SuperLink certificate carries (compose service name + loopback)
-DEFAULT_NAMES = ("superlink", "localhost", "127.0.0.1", "::1")
+DEFAULT_NAMES = ("superlink", "localhost", "127.0.0.1", "::1", "host.docker.internal")
 #: the factories the repository ships (deploy/sites/*.env, deploy/factories.toml)
 DEFAULT_SITES = ("factory-a", "factory-b", "factory-c")
 CA_DAYS, CERT_DAYS = 3650, 825

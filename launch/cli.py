@@ -197,7 +197,7 @@ def pilot(
 def certs(
     directory: Annotated[str, typer.Argument(metavar="DIR", help="where the CA, the SuperLink certificate and the site keys go")],
     host: Annotated[Optional[list[str]], typer.Option(
-        "--host", help="a DNS name or IP address factories dial the SuperLink by (repeat); superlink, localhost, 127.0.0.1 and ::1 are always in")] = None,
+        "--host", help="a DNS name or IP address factories dial the SuperLink by (repeat); superlink, localhost, 127.0.0.1, ::1 and host.docker.internal are always in")] = None,
     site: Annotated[Optional[list[str]], typer.Option(
         "--site", help="a factory that gets a key pair (repeat; default: factory-a, factory-b, factory-c)")] = None,
     rotate: Annotated[Optional[list[str]], typer.Option(

@@ -55,7 +55,7 @@ def _handshake(bundle, server_hostname: str) -> None:
 
 def test_certs_make_a_ca_a_superlink_certificate_and_one_key_per_factory(tmp_path):
     b = make_certs(tmp_path / "certs", ["factory-a", "factory-b"], ["kumiki.example.com", "10.1.2.3"])
-    assert set(superlink_names(b.superlink_crt)) == {"superlink", "localhost", "127.0.0.1", "::1",
+    assert set(superlink_names(b.superlink_crt)) == {"superlink", "localhost", "127.0.0.1", "::1", "host.docker.internal",
                                                      "kumiki.example.com", "10.1.2.3"}
     ca = x509.load_pem_x509_certificate(b.ca_crt.read_bytes())
     x509.load_pem_x509_certificate(b.superlink_crt.read_bytes()).verify_directly_issued_by(ca)

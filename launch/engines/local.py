@@ -333,38 +333,41 @@ def _log_has(p: _Proc, text: str) -> Callable[[], bool]:
     return lambda: text in p.log.read_text(errors="replace")
 
 
-def _write_flwr_home(home: Path, port: int, certs: CertBundle | None) -> None:
+def _write_flwr_home(home: Path, port: int, certs: CertBundle | None, federation: str = FEDERATION,
+                     note: str = "Written by launch.engines.local for one run.") -> None:
     """$FLWR_HOME/config.toml with one SuperLink connection (flwr 1.41 has no federations in pyproject)."""
     home.mkdir(parents=True, exist_ok=True)
     conn = [f'address = "{HOST}:{port}"']
     conn.append("insecure = true" if certs is None else f'root-certificates = "{certs.ca_crt}"')
     (home / "config.toml").write_text(
-        "# Written by launch.engines.local for one run.\n"
-        f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\n' + "\n".join(conn) + "\n"
+        f"# {note}\n"
+        f'[superlink]\ndefault = "{federation}"\n\n[superlink.{federation}]\n' + "\n".join(conn) + "\n"
     )
 
 
 _NODE_ID = re.compile(r'"node-id":\s*(\d+)')
 
 
-def unregister_sites(node_ids: list[int], env: dict[str, str], timeout_s: float = 60.0) -> None:
-    """``flwr supernode unregister <node-id> kumiki-local``: the node's key can no longer connect."""
+def unregister_sites(node_ids: list[int], env: dict[str, str], timeout_s: float = 60.0,
+                     federation: str = FEDERATION) -> None:
+    """``flwr supernode unregister <node-id> <federation>``: that key can never connect again."""
     for nid in node_ids:
-        out = subprocess.run([exe("flwr"), "supernode", "unregister", str(nid), FEDERATION], env=env, cwd=str(REPO_ROOT),
+        out = subprocess.run([exe("flwr"), "supernode", "unregister", str(nid), federation], env=env, cwd=str(REPO_ROOT),
                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout_s,
                              start_new_session=True)
         if out.returncode != 0:
             raise RuntimeError(f"flwr supernode unregister {nid} failed: {_ANSI.sub('', out.stdout + out.stderr)[-400:]}")
 
 
-def register_sites(certs: CertBundle, sites: list[str], env: dict[str, str], timeout_s: float = 60.0) -> dict[str, int]:
-    """``flwr supernode register <site>.pub kumiki-local --name <site>`` for every site (in parallel).
+def register_sites(certs: CertBundle, sites: list[str], env: dict[str, str], timeout_s: float = 60.0,
+                   federation: str = FEDERATION) -> dict[str, int]:
+    """``flwr supernode register <site>.pub <federation> --name <site>`` for every site (in parallel).
 
     With ``--enable-supernode-auth`` the SuperLink admits only registered keys, and the node
     id it returns here is the site's for good (a restarted SuperNode gets it back).
     """
     procs = {site: subprocess.Popen(
-        [exe("flwr"), "supernode", "register", str(certs.site_pub(site)), FEDERATION, "--name", site, "--format", "json"],
+        [exe("flwr"), "supernode", "register", str(certs.site_pub(site)), federation, "--name", site, "--format", "json"],
         env=env, cwd=str(REPO_ROOT), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True, start_new_session=True) for site in sites}
     ids, failed = {}, []
@@ -384,11 +387,11 @@ def register_sites(certs: CertBundle, sites: list[str], env: dict[str, str], tim
     return ids
 
 
-def _flwr_status(env: dict[str, str], run_id: int, timeout_s: float = 60.0) -> str:
+def _flwr_status(env: dict[str, str], run_id: int, timeout_s: float = 60.0, federation: str = FEDERATION) -> str:
     """``flwr ls --run-id N --format json`` -> the run's status (e.g. ``finished:completed``)."""
     try:
         out = subprocess.run(
-            [exe("flwr"), "ls", FEDERATION, "--run-id", str(run_id), "--format", "json"],
+            [exe("flwr"), "ls", federation, "--run-id", str(run_id), "--format", "json"],
             env=env, cwd=str(REPO_ROOT), capture_output=True, text=True, timeout=timeout_s,
             stdin=subprocess.DEVNULL, start_new_session=True,
         )
