@@ -74,10 +74,11 @@ class Deployment:
 
 
 # --------------------------------------------------------------------------- the exact commands
-def superlink_cmd(d: Deployment, port: int, secure: bool) -> list[str]:
+def superlink_cmd(d: Deployment, port: int, secure: bool, database: bool = True) -> list[str]:
     sec = local.security_args("superlink", d.certs if secure else None, secret=secure)
-    return ["flower-superlink", *sec, "--isolation", "process", "--host", HOST, "--port", str(port),
-            "--database", str(d.root / "superlink.db"), "--disable-runtime-dependency-installation"]
+    db = ["--database", str(d.root / "superlink.db")] if database else []
+    return ["python", FASTPATH, "superlink", *sec, "--isolation", "process", "--host", HOST, "--port", str(port),
+            *db, "--disable-runtime-dependency-installation"]
 
 
 def server_superexec_cmd(d: Deployment, port: int, secure: bool) -> list[str]:
@@ -238,6 +239,10 @@ def cmd_up(d: Deployment, a) -> None:
         sys.exit(f"error: {d.root} is already up (`status` / `down`)")
     info["processes"] = {}
     info["insecure"] = bool(a.insecure)
+    info["state"] = a.state
+    if a.state == "memory":  # a fresh SuperLink state knows no key: every factory is registered again
+        for site in info["sites"].values():
+            site.pop("node_id", None)
     sites = a.sites.split(",") if a.sites else list(info["sites"]) or list(DEFAULT_SITES)
     if a.insecure:
         print(f"\n{local.INSECURE_BANNER}\n", file=sys.stderr)
@@ -248,7 +253,7 @@ def cmd_up(d: Deployment, a) -> None:
     info["superlink_port"] = port
     local._write_flwr_home(d.home, port, None if a.insecure else d.certs, FEDERATION,
                            "Written by deploy/native.py: the flwr CLI's connection to this federation.")
-    start(d, info, "superlink", superlink_cmd(d, port, not a.insecure))
+    start(d, info, "superlink", superlink_cmd(d, port, not a.insecure, database=a.state == "file"))
     wait_for(f"the SuperLink on {HOST}:{port}", lambda: local.port_open(port))
     start(d, info, "superexec-serverapp", server_superexec_cmd(d, port, not a.insecure),
           {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": SERVER_POLL_S})
@@ -402,6 +407,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, help="the SuperLink's port (default: a free one, kept across up/down)")
     p.add_argument("--host", action="append", help="another name for the SuperLink certificate (kumiki certs --host)")
     p.add_argument("--insecure", action="store_true", help="TLS and SuperNode authentication OFF (debugging only)")
+    p.add_argument("--state", choices=("file", "memory"), default="file",
+                   help="the SuperLink's link state: file (superlink.db: registrations and runs survive a restart; "
+                        "default) or memory (faster rounds; every `up` registers the factories again)")
     p = sub.add_parser("run", help="validate CONFIG, submit it with flwr run, report its real status")
     p.add_argument("config")
     p.add_argument("--set", "-s", action="append", help="override a key: --set run.rounds=5")

@@ -48,7 +48,8 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
 
-DEFAULTS = {"KUMIKI_SUPERNODE_POLL_S": "0.2", "KUMIKI_PULL_BACKOFF_S": "0.05", "KUMIKI_FORK": "1"}
+DEFAULTS = {"KUMIKI_SUPERNODE_POLL_S": "0.2", "KUMIKI_PULL_BACKOFF_S": "0.05", "KUMIKI_FORK": "1",
+            "KUMIKI_SUPERLINK_OBJECTS": "memory"}
 #: third-party modules a warm SuperExec imports once; never the app's own packages (those come
 #: from the FAB in every child). Missing ones are skipped.
 DEFAULT_PRELOAD = ("numpy", "pydantic", "torch", "torch.nn", "torch.optim", "torch._dynamo",
@@ -58,6 +59,7 @@ EXIT_PATCH_FAILED = 78  # EX_CONFIG
 SUPERNODE_MODULE = "flwr.supernode.start_client_internal"
 INFLATABLE_MODULE = "flwr.supercore.inflatable.inflatable_utils"
 SUPEREXEC_MODULE = "flwr.supercore.superexec.run_superexec"
+CONFIG_LOADER_MODULE = "flwr.superlink.config_loader"
 #: modules whose calls to the pull functions must rely on the keyword default we lower
 PULL_CALLERS = (SUPERNODE_MODULE, "flwr.superlink.grid.http_grid", "flwr.supernode.runtime.run_clientapp")
 
@@ -233,6 +235,32 @@ def patch_fork_executor() -> Patch:
     return Patch("fork-executor", True, "ClientApp/ServerApp tasks fork this pre-warmed SuperExec")
 
 
+# --------------------------------------------------------------------------- superlink-objects
+def patch_superlink_objects() -> Patch:
+    cl = importlib.import_module(CONFIG_LOADER_MODULE)
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
+    from flwr.supercore.object_store import ObjectStoreFactory
+
+    current = getattr(cl, "ObjectStoreFactory", None)
+    if getattr(current, "kumiki_in_memory", False):
+        return Patch("superlink-objects", True, "already installed")
+    fn = getattr(cl, "get_objectstore_linkstate_factories", None)
+    if current is not ObjectStoreFactory or fn is None or "ObjectStoreFactory(database)" not in inspect.getsource(fn):
+        return Patch("superlink-objects", False,
+                     f"{CONFIG_LOADER_MODULE}.get_objectstore_linkstate_factories no longer builds ObjectStoreFactory(database)")
+
+    class InMemoryObjects(ObjectStoreFactory):
+        """Message payloads in memory; the link state (registered nodes, runs) stays in --database."""
+
+        kumiki_in_memory = True
+
+        def __init__(self, database: str = FLWR_IN_MEMORY_DB_NAME) -> None:
+            super().__init__(FLWR_IN_MEMORY_DB_NAME)
+
+    cl.ObjectStoreFactory = InMemoryObjects
+    return Patch("superlink-objects", True, "message objects in memory, link state in --database")
+
+
 # --------------------------------------------------------------------------- entry points
 def preload(modules: list[str]) -> None:
     for name in modules:
@@ -245,6 +273,9 @@ def preload(modules: list[str]) -> None:
 def apply(mode: str) -> list[Patch]:
     """Apply the patches ``mode`` (``supernode`` or ``superexec``) uses, per the environment."""
     patches = []
+    if mode == "superlink":
+        objects = os.environ.get("KUMIKI_SUPERLINK_OBJECTS", DEFAULTS["KUMIKI_SUPERLINK_OBJECTS"])
+        return [patch_superlink_objects()] if objects == "memory" else []
     poll = setting("KUMIKI_SUPERNODE_POLL_S")
     if mode == "supernode" and poll is not None:
         patches.append(patch_supernode_poll(poll))
@@ -271,18 +302,21 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     mode = argv.pop(0) if argv else ""
     if mode == "check":
-        patches = apply("supernode") + [p for p in apply("superexec") if p.name == "fork-executor"]
+        patches = (apply("supernode") + [p for p in apply("superexec") if p.name == "fork-executor"]
+                   + apply("superlink"))
         for p in patches:
             print(f"{p.name:<14} {'ok' if p.applied else 'FAILED'}  {p.detail}")
         sys.exit(0 if patches and all(p.applied for p in patches) else 1)
-    if mode not in ("supernode", "superexec"):
-        sys.exit(f"usage: fastpath.py supernode|superexec <flwr arguments> | check   (got {mode!r})")
+    if mode not in ("supernode", "superexec", "superlink"):
+        sys.exit(f"usage: fastpath.py supernode|superexec|superlink <flwr arguments> | check   (got {mode!r})")
     if mode == "superexec":
         raw = os.environ.get("KUMIKI_PRELOAD")
         preload([m for m in (raw.split(",") if raw is not None else DEFAULT_PRELOAD) if m])
     report(apply(mode), mode)
     if mode == "supernode":
         from flwr.supernode.cli.flower_supernode import flower_supernode as entry
+    elif mode == "superlink":
+        from flwr.superlink.cli.flower_superlink import flower_superlink as entry
     else:
         from flwr.supercore.cli import flower_superexec as entry
     sys.argv = [f"flower-{mode}", *argv]

@@ -28,6 +28,8 @@ def flwr_modules(monkeypatch):
     sci = importlib.import_module(fastpath.SUPERNODE_MODULE)
     iu = importlib.import_module(fastpath.INFLATABLE_MODULE)
     rs = importlib.import_module(fastpath.SUPEREXEC_MODULE)
+    cl = importlib.import_module(fastpath.CONFIG_LOADER_MODULE)
+    monkeypatch.setattr(cl, "ObjectStoreFactory", cl.ObjectStoreFactory)
     monkeypatch.setattr(sci, "time", sci.time)
     monkeypatch.setattr(rs, "get_executor", rs.get_executor)
     saved = {f: dict(getattr(iu, f).__kwdefaults__) for f in ("pull_objects", "pull_and_inflate_object_from_tree")}
@@ -47,14 +49,14 @@ def _spec(**kw):
     return ExecutionSpec(**{**base, **kw})
 
 
-def test_every_patch_applies_to_the_pinned_flower_and_takes_effect(flwr_modules, monkeypatch):
+def test_every_patch_applies_to_the_pinned_flower_and_takes_effect(flwr_modules, monkeypatch, tmp_path):
     sci, iu, rs = flwr_modules
     from flwr.supercore.constant import ExecutorType
     from flwr.supercore.superexec.executor import SubprocessExecutor
 
     assert sci.time is time, "flwr's SuperNode no longer sleeps through the time module"
     patches = {p.name: p for p in [fastpath.patch_supernode_poll(0.2), fastpath.patch_pull_backoff(0.05),
-                                    fastpath.patch_fork_executor()]}
+                                    fastpath.patch_fork_executor(), fastpath.patch_superlink_objects()]}
     assert all(p.applied for p in patches.values()), {n: p.detail for n, p in patches.items() if not p.applied}
 
     slept = []
@@ -69,6 +71,16 @@ def test_every_patch_applies_to_the_pinned_flower_and_takes_effect(flwr_modules,
 
     executor = rs.get_executor(ExecutorType.SUBPROCESS)
     assert type(executor).__name__ == "ForkExecutor" and isinstance(executor, SubprocessExecutor)
+
+    # the SuperLink: link state (registered nodes, runs) in the --database file, message objects in memory
+    from flwr.server.superlink.linkstate.sql_linkstate import SqlLinkState
+    from flwr.superlink.config_loader import get_objectstore_linkstate_factories
+    from flwr.superlink.federation import NoOpFederationManager
+    from flwr.supercore.object_store.in_memory_object_store import InMemoryObjectStore
+
+    objects, links = get_objectstore_linkstate_factories(str(tmp_path / "superlink.db"), NoOpFederationManager())
+    assert isinstance(objects.store(), InMemoryObjectStore) and isinstance(links.state(), SqlLinkState)
+    assert (tmp_path / "superlink.db").is_file()
 
 
 def test_the_fork_executor_builds_flowers_own_command_line(monkeypatch):
@@ -120,7 +132,11 @@ def test_a_flower_upgrade_that_moves_a_name_is_reported_not_silent(flwr_modules,
     monkeypatch.setattr(rs, "run_superexec", lambda *a, **k: None)  # the executor chosen elsewhere
     assert not fastpath.patch_fork_executor().applied
 
-    patches = fastpath.apply("supernode") + fastpath.apply("superexec")
+    cl = importlib.import_module(fastpath.CONFIG_LOADER_MODULE)
+    monkeypatch.setattr(cl, "get_objectstore_linkstate_factories", lambda database, fm: (None, None))
+    assert not fastpath.patch_superlink_objects().applied
+
+    patches = fastpath.apply("supernode") + fastpath.apply("superexec") + fastpath.apply("superlink")
     fastpath.report(patches, "test")
     assert "NOT APPLIED" in capsys.readouterr().err
     monkeypatch.setenv("KUMIKI_FASTPATH_STRICT", "1")
@@ -155,6 +171,6 @@ def test_the_module_runs_standalone_as_the_images_copy_it(tmp_path):
                        timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     lines = r.stdout.splitlines()
-    assert [line.split()[:2] for line in lines[:3]] == [
-        ["supernode-poll", "ok"], ["pull-backoff", "ok"], ["fork-executor", "ok"]]
-    assert lines[3] == "kumiki modules: []", "the fast path must not need Kumiki's code installed"
+    assert [line.split()[:2] for line in lines[:4]] == [
+        ["supernode-poll", "ok"], ["pull-backoff", "ok"], ["fork-executor", "ok"], ["superlink-objects", "ok"]]
+    assert lines[4] == "kumiki modules: []", "the fast path must not need Kumiki's code installed"
