@@ -1,4 +1,4 @@
-"""Kumiki's fast path: Flower 1.41's SuperNode and SuperExec with its fixed waits lowered.
+"""Kumiki's fast path: Flower 1.41's SuperLink, SuperNode and SuperExec without their fixed waits.
 
 A Flower 1.41 deployment round is dominated by fixed sleeps and by one fresh
 ``flwr-clientapp`` interpreter per message (each imports flwr and torch, ~5 s of CPU).
@@ -22,15 +22,24 @@ site-packages is modified):
     that runs each ClientApp/ServerApp task in a fork of this pre-warmed process (torch
     already imported, ``KUMIKI_PRELOAD``), with exactly the command line Flower would have
     exec'ed. The app itself is still installed from the FAB and imported in every child.
+``superlink-objects``
+    With ``--database`` (a long-lived SuperLink keeps its registered nodes and runs), Flower 1.41
+    puts the message objects (every tensor of every message, several SQL round trips each) in
+    the same SQLite file; the SuperLink's ``ObjectStoreFactory`` keeps them in memory instead
+    (``KUMIKI_SUPERLINK_OBJECTS=memory``, the default; ``database`` for Flower's behaviour). The
+    link state stays in the file. Objects are transient: a restarted SuperLink loses in-flight
+    messages either way, since its runs do not survive it.
 
 Usage (standalone: this file imports only the standard library and flwr, so the images
 copy it alone and the Flower-native commands run it from a checkout)::
 
+    python launch/fastpath.py superlink  <flower-superlink arguments>
     python launch/fastpath.py supernode  <flower-supernode arguments>
     python launch/fastpath.py superexec  <flower-superexec arguments>
     python launch/fastpath.py check      # apply every patch in a scratch process, report, exit 1 if one fails
 
 Settings: ``KUMIKI_SUPERNODE_POLL_S``, ``KUMIKI_PULL_BACKOFF_S`` (a number, or ``off``),
+``KUMIKI_SUPERLINK_OBJECTS`` (``memory`` or ``database``),
 ``KUMIKI_FORK`` (``0``: Flower's own executor), ``KUMIKI_PRELOAD`` (comma-separated modules),
 ``KUMIKI_FASTPATH_STRICT=1`` (exit 78 instead of running stock when a patch no longer applies).
 A patch that no longer applies (a Flower upgrade moved a name) is reported on stderr and

@@ -169,7 +169,7 @@ def test_images_build_offline_from_a_wheelhouse_and_run_the_fast_path():
     assert stages == {"superlink": "flwr/superlink:${FLWR_VERSION}", "supernode": "flwr/supernode:${FLWR_VERSION}",
                       "superexec": "flwr/superexec:${FLWR_VERSION}-${PYTHON_TAG}"}
     assert "--no-index --find-links /tmp/wheelhouse" in dockerfile and "ARG PIP_INDEX_URL" in dockerfile
-    for target in ("supernode", "superexec"):
+    for target in ("superlink", "supernode", "superexec"):
         stage = dockerfile.split(f"AS {target}", 1)[1].split("\nFROM ", 1)[0]
         assert "COPY launch/fastpath.py /opt/kumiki/fastpath.py" in stage
         assert f'ENTRYPOINT ["python", "/opt/kumiki/fastpath.py", "{target}"]' in stage
