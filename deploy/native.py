@@ -142,12 +142,7 @@ def start(d: Deployment, info: dict, name: str, cmd: list[str], extra_env: dict[
     d.save(info)
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.killpg(pid, 0)
-        return True
-    except (ProcessLookupError, PermissionError):
-        return False
+alive = local._group_alive  # a recorded PID is its process group's id (start_new_session)
 
 
 def stop(d: Deployment, info: dict, names: list[str], grace_s: float = 15.0) -> None:
