@@ -192,3 +192,25 @@ def test_unregistered_impostor_and_plaintext_sites_are_refused_and_the_run_goes_
     assert set(registered) == {"site-0", "site-1"}
     supernode_log = (cfg.run_dir() / "logs" / "supernode-site-0.log").read_text(errors="replace")
     assert f"SuperNode ID: {registered['site-0']}" in supernode_log  # the id fixed at registration
+
+
+def test_insecure_only_by_the_explicit_flag(tmp_path, monkeypatch):
+    """`kumiki run/pilot` are secure unless --insecure is given; the flag reaches the engine."""
+    from typer.testing import CliRunner
+
+    import launch.engines as engines
+    from launch.cli import cli
+    from tests.conftest import config_file
+
+    seen = []
+
+    def fake_run(cfg, engine, quiet=False, overwrite=False, insecure=False):
+        seen.append(insecure)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(engines, "run", fake_run)
+    conf = config_file(tmp_path, "flag", 1)
+    for extra in ([], ["--insecure"]):
+        CliRunner().invoke(cli, ["run", str(conf), "--engine", "local", *extra])
+    CliRunner().invoke(cli, ["pilot", "--engine", "local"])
+    assert seen == [False, True, False]
