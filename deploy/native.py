@@ -43,8 +43,18 @@ from launch.engines import local  # noqa: E402
 FEDERATION = "kumiki-native"
 HOST = local.HOST
 FASTPATH = str(Path(fastpath.__file__).resolve())
-#: Flower's supported knob: how often a SuperExec asks for work (server: once per run; sites: per message)
-SERVER_POLL_S, SITE_POLL_S = "0.5", "0.1"
+#: Flower's supported knob: how often the server's SuperExec asks for work (once per run)
+SERVER_POLL_S = "0.5"
+
+
+def site_polls(n_sites: int) -> dict[str, str]:
+    """Poll intervals for ``n_sites`` factories on this one machine: the local engine's (``Tuning``).
+
+    Every poll is an HTTP request that costs CPU, so on one machine the intervals grow with the
+    number of sites; a factory on a host of its own keeps the images' defaults (0.2 s / 0.1 s)."""
+    t = local.Tuning().resolved(n_sites)
+    return {"KUMIKI_SUPERNODE_POLL_S": os.environ.get("KUMIKI_SUPERNODE_POLL_S", str(t.supernode_poll_s)),
+            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(t.superexec_poll_s)}
 
 
 # --------------------------------------------------------------------------- the federation's files
@@ -192,7 +202,7 @@ def register(d: Deployment, info: dict, site: str) -> int:
     return node_id
 
 
-def start_site(d: Deployment, info: dict, site: str, data: Path) -> None:
+def start_site(d: Deployment, info: dict, site: str, data: Path, n_sites: int) -> None:
     if not (data / "site.json").is_file():
         sys.exit(f"error: {data} is not a site folder (no site.json); see kumiki/data/sites.py or `demo-data`")
     secure = not info.get("insecure")
@@ -202,7 +212,8 @@ def start_site(d: Deployment, info: dict, site: str, data: Path) -> None:
     port = info["sites"].get(site, {}).get("port") or local.free_ports(1)[0]
     info["sites"].setdefault(site, {}).update(port=port, data=str(data))
     (d.root / "state" / site).mkdir(parents=True, exist_ok=True)
-    env = {"KUMIKI_SUPERNODE_POLL_S": os.environ.get("KUMIKI_SUPERNODE_POLL_S", "0.2")}
+    polls = site_polls(n_sites)
+    env = {"KUMIKI_SUPERNODE_POLL_S": polls["KUMIKI_SUPERNODE_POLL_S"]}
     log = d.logs / f"supernode-{site}.log"
     name = f"supernode-{site}"
     # A SuperNode that was killed (not stopped) stays "online" on the SuperLink until its heartbeat
@@ -223,7 +234,8 @@ def start_site(d: Deployment, info: dict, site: str, data: Path) -> None:
         del info["processes"][name]
         time.sleep(5)
     start(d, info, f"superexec-{site}", site_superexec_cmd(d, site, port, secure),
-          {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": SITE_POLL_S, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+          {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": polls["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"],
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
     print(f"{site} connected")
 
 
@@ -254,7 +266,8 @@ def cmd_up(d: Deployment, a) -> None:
           {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": SERVER_POLL_S})
     data_root = Path(a.data).resolve()
     for site in sites:
-        start_site(d, info, site, Path(info["sites"].get(site, {}).get("data") or data_root / site / "data"))
+        start_site(d, info, site, Path(info["sites"].get(site, {}).get("data") or data_root / site / "data"),
+                   len(sites))
     print(f"\nup: SuperLink {HOST}:{port} ({'INSECURE' if a.insecure else 'TLS + SuperNode authentication'}), "
           f"{len(sites)} factories; FLWR_HOME={d.home} (connection {FEDERATION!r}); logs in {d.logs}")
 
@@ -324,7 +337,7 @@ def cmd_add_site(d: Deployment, a) -> None:
     info = d.load()
     if f"supernode-{a.site}" in info["processes"]:
         sys.exit(f"error: {a.site} is already up")
-    start_site(d, info, a.site, Path(a.data).resolve() / a.site / "data")
+    start_site(d, info, a.site, Path(a.data).resolve() / a.site / "data", len(info["sites"]) + 1)
 
 
 def _revoke(d: Deployment, info: dict, site: str) -> None:
@@ -354,7 +367,7 @@ def cmd_rotate(d: Deployment, a) -> None:
     stop(d, info, [n for n in (f"supernode-{a.site}", f"superexec-{a.site}") if n in info["processes"]])
     if old is not None:
         flwr(d, unregister_cmd(old))  # the old key (and node id) is dead from here on
-    start_site(d, info, a.site, Path(site["data"]))
+    start_site(d, info, a.site, Path(site["data"]), len(info["sites"]))
     print(f"{a.site}: new key registered as node {info['sites'][a.site]['node_id']} (was {old}); old key revoked")
 
 
