@@ -47,7 +47,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INCOMPLETE = 0, 1, 2, 3
 
 
 def _execute(cfg: KumikiConfig, engine: str, verbose: bool, overwrite: bool = False, resume: bool = False,
-             exit_on_status: bool = True) -> dict:
+             exit_on_status: bool = True, insecure: bool = False) -> dict:
     """Run, write the report, and exit with the run's status: 0 ok, 3 incomplete (sites missing), 1 failed."""
     from kumiki.data.sites import SiteDataError
     from kumiki.data.sources import DataUnavailable
@@ -60,7 +60,7 @@ def _execute(cfg: KumikiConfig, engine: str, verbose: bool, overwrite: bool = Fa
               f" (+{cfg.data.unseen_sites} unseen), {cfg.run.rounds} rounds, engine {engine} -> {cfg.run_dir()}"
               f"{' (resumed)' if resume else ''}")
     try:
-        summary = run(cfg, engine, overwrite=overwrite, resume=resume)
+        summary = run(cfg, engine, overwrite=overwrite, resume=resume, insecure=insecure)
     except (SiteDataError, DataUnavailable) as e:
         err.print(f"[red]data error:[/] {e}")
         raise typer.Exit(EXIT_USAGE) from None
@@ -109,6 +109,8 @@ def exit_code(summary: dict) -> int:
 
 
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="move an earlier run of this run.name aside first")]
+InsecureOpt = Annotated[bool, typer.Option(
+    "--insecure", help="local engine: turn TLS and SuperNode authentication OFF (debugging only; printed loudly)")]
 
 
 @cli.command()
@@ -153,6 +155,7 @@ def run_cmd(
     overwrite: OverwriteOpt = False,
     resume: Annotated[bool, typer.Option("--resume", help="continue the run in runs/<name>/ from its last server "
                                                           "checkpoint (same config; run.rounds may grow)")] = False,
+    insecure: InsecureOpt = False,
 ) -> None:
     """Run one federated experiment described by CONFIG (exit 0 ok, 3 sites missing, 1 failed, 2 bad input)."""
     from launch.engines import ENGINES
@@ -160,7 +163,7 @@ def run_cmd(
     if engine not in ENGINES:
         err.print(f"[red]--engine must be one of {', '.join(ENGINES)}[/]")
         raise typer.Exit(2)
-    _execute(_load(config, set_), engine, verbose, overwrite, resume)
+    _execute(_load(config, set_), engine, verbose, overwrite, resume, insecure=insecure)
 
 
 @cli.command()
@@ -217,6 +220,7 @@ def pilot(
     baseline: Annotated[bool, typer.Option("--baseline/--no-baseline", help="also run each factory alone "
                                                                             "(method.name=local) to compare")] = True,
     extra_engine: Annotated[str, typer.Option(help="engine of the other seeds and of the baseline")] = "inprocess",
+    insecure: InsecureOpt = False,
 ) -> None:
     """The multi-factory pilot: deploy/pilot.toml on real SuperLink/SuperNode processes, its other seeds and
     the local-only baseline (in-process), then the report: what joining gains each factory, and what a new
@@ -241,13 +245,13 @@ def pilot(
                   "aside (nothing is deleted), or choose another run.name[/]")
         raise typer.Exit(EXIT_USAGE)
     main = runs[0]
-    done = {0: _execute(main.cfg, main.engine, verbose, overwrite, exit_on_status=False)}
+    done = {0: _execute(main.cfg, main.engine, verbose, overwrite, exit_on_status=False, insecure=insecure)}
     if len(runs) > 1:
         err.print(f"[bold]pilot[/]: {len(runs) - 1} more run(s) on the same factories ({extra_engine} engine): "
                   + ", ".join(f"{r.cfg.run.name} ({r.cfg.method.name}, seed {r.seed})" for r in runs[1:]))
     for i, r in enumerate(runs[1:], start=1):
         try:
-            done[i] = _execute(r.cfg, r.engine, verbose, overwrite, exit_on_status=False)
+            done[i] = _execute(r.cfg, r.engine, verbose, overwrite, exit_on_status=False, insecure=insecure)
         except typer.Exit:  # reported by _execute; the comparison uses the runs that finished
             err.print(f"[yellow]pilot: {r.cfg.run.name} did not finish; the comparison leaves it out[/]")
     joined = [r.cfg.run_dir() for i, r in enumerate(runs) if r.side == "joined" and i in done]
@@ -319,6 +323,36 @@ def site_import(
         err.print(f"[yellow]warning: {done['path']} lies inside the Flower app directory and is not ignored by its "
                   f".gitignore: `flwr build` would ship {', '.join(p.rsplit('/', 1)[-1] for p in shipped)} to every "
                   "node. Keep factory data outside the app (the default) or add the folder to .gitignore.[/]")
+
+
+@cli.command()
+def certs(
+    directory: Annotated[str, typer.Argument(metavar="DIR", help="where the CA, the SuperLink certificate and the site keys go")],
+    host: Annotated[Optional[list[str]], typer.Option(
+        "--host", help="a DNS name or IP address factories dial the SuperLink by (repeat); superlink, localhost, 127.0.0.1, ::1 and host.docker.internal are always in")] = None,
+    site: Annotated[Optional[list[str]], typer.Option(
+        "--site", help="a factory that gets a key pair (repeat; default: factory-a, factory-b, factory-c)")] = None,
+    rotate: Annotated[Optional[list[str]], typer.Option(
+        "--rotate", help="replace this factory's key (the old pair is kept as *.old-<time>); then register the new one and revoke the old node")] = None,
+    renew_superlink: Annotated[bool, typer.Option(
+        "--renew-superlink", help="re-issue the SuperLink certificate (same CA), e.g. for a new --host")] = False,
+) -> None:
+    """Make (or complete) DIR: a CA, the SuperLink's TLS certificate and one ECDSA key pair per factory."""
+    from launch.certs import DEFAULT_SITES, CertError, make_certs, superlink_names
+
+    try:
+        bundle = make_certs(directory, list(site or DEFAULT_SITES), list(host or []), rotate=list(rotate or []),
+                            renew_superlink=renew_superlink)
+    except CertError as e:
+        err.print(f"[red]{e}[/]")
+        raise typer.Exit(2) from None
+    for path in bundle.created:
+        typer.echo(f"wrote {path}")
+    if not bundle.created:
+        typer.echo(f"{directory}: nothing to do (every file exists)")
+    typer.echo(f"SuperLink certificate names: {', '.join(superlink_names(bundle.superlink_crt))}")
+    typer.echo(f"keep {bundle.ca_key} off the servers; register each factory with "
+               f"`flwr supernode register {bundle.root}/sites/<site>.pub <superlink> --name <site>` (deploy/README.md)")
 
 
 def _stop_on(signum: int, frame) -> None:  # noqa: ARG001

@@ -1,35 +1,33 @@
-"""docker-compose.yml: valid against the Compose Specification schema, and the pilot's topology.
+"""The compose files: valid against the Compose Specification, and the deployment they describe.
 
-No container engine here, so this checks structure (jsonschema) and our own topology rules:
-one SuperLink, a SuperNode per factory, each factory's ClientApp executor with its own data and
-state volume, node configs naming the site's data-dir/state-dir, and the image versions.
+No container engine here, so this checks structure (jsonschema) and our own rules: the server
+host's file (SuperLink with TLS, authentication and a state volume its user can write, the
+ServerApp runner, health checks, start order), the factory host's file (one SuperNode and its
+ClientApp runner, the factory's data read-only, its state in its own volume), one env file per
+shipped factory, a Kumiki config matching those factories, and images built without network
+when a wheelhouse is given. Every Flower flag in these files is parsed in tests/test_deploy_flags.py.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
 from pathlib import Path
 
+import jsonschema
 import pytest
 
-import jsonschema
-import yaml
+from kumiki.config import load_config
+from tests.flwr_flags import check, env_file, interpolate, load_yaml, program_of
 
 ROOT = Path(__file__).resolve().parents[1]
-COMPOSE = ROOT / "docker-compose.yml"
+COMPOSE_DIR = ROOT / "deploy" / "compose"
 #: The Compose Specification's JSON schema, vendored (from ../shared/schemas/) so this test never skips.
-SCHEMA = Path(__file__).resolve().parent / "data" / "compose-spec.json"
+SCHEMA = json.loads((Path(__file__).resolve().parent / "data" / "compose-spec.json").read_text())
+FILES = [ROOT / "docker-compose.yml", *sorted(COMPOSE_DIR.glob("*.yml"))]
+FACTORY_ENVS = sorted((ROOT / "deploy" / "sites").glob("*.env"))
 FLWR = "1.41.0"
-
-
-@pytest.fixture(scope="module")
-def compose() -> dict:
-    return yaml.safe_load(COMPOSE.read_text())
-
-
-def _image(svc: dict) -> str:
-    return str(svc.get("image", ""))
 
 
 def _cmd(svc: dict) -> list[str]:
@@ -37,99 +35,163 @@ def _cmd(svc: dict) -> list[str]:
     return cmd.split() if isinstance(cmd, str) else [str(c) for c in cmd]
 
 
-def _flag(svc: dict, name: str) -> str | None:
-    cmd = _cmd(svc)
+def _flag(cmd: list[str], name: str) -> str | None:
     return cmd[cmd.index(name) + 1] if name in cmd and cmd.index(name) + 1 < len(cmd) else None
 
 
-def _mounts(svc: dict) -> dict[str, dict]:
-    """target -> {"source", "read_only"} for the service's volumes (short or long syntax)."""
-    out = {}
-    for v in svc.get("volumes", []):
-        if isinstance(v, str):  # SOURCE:TARGET[:MODE]; SOURCE may hold ${VAR:-default}
-            parts = v.split(":")
-            mode = parts.pop() if len(parts) > 2 and not parts[-1].startswith("/") else ""
-            out[parts[-1]] = {"source": ":".join(parts[:-1]), "read_only": "ro" in mode.split(",")}
-        else:
-            out[v["target"]] = {"source": v.get("source", ""), "read_only": bool(v.get("read_only"))}
-    return out
+def server(env: dict | None = None) -> dict:
+    return interpolate(load_yaml(COMPOSE_DIR / "server.yml"), {**env_file(ROOT / "deploy" / "server.env"), **(env or {})})
 
 
-def _node_config(svc: dict) -> dict:
-    text = _flag(svc, "--node-config")
-    assert text, "a SuperNode without --node-config"
-    pairs = re.findall(r"(\S+?)=('[^']*'|\"[^\"]*\"|\S+)", text)  # flwr's own parsing rule
-    return tomllib.loads("\n".join(f"{k} = {v}" for k, v in pairs))
+def factory(env_path: Path) -> dict:
+    return interpolate(load_yaml(COMPOSE_DIR / "factory.yml"), env_file(env_path))
 
 
-def _by_role(compose: dict):
-    services = compose["services"]
-    links = {n: s for n, s in services.items() if _image(s).startswith("flwr/superlink")}
-    nodes = {n: s for n, s in services.items() if _image(s).startswith("flwr/supernode")}
-    execs = {n: s for n, s in services.items() if n not in links and n not in nodes and "--runtime-api-address" in _cmd(s)}
-    return services, links, nodes, execs
+@pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_compose_file_validates_against_the_compose_spec(path):
+    jsonschema.validate(load_yaml(path), SCHEMA)
 
 
-def test_compose_validates_against_the_compose_spec(compose):
-    import json
-
-    schema = json.loads(SCHEMA.read_text())
-    jsonschema.validate(compose, schema)
-    bad = {**compose, "services": {**compose["services"], "superlink": {**compose["services"]["superlink"], "ports": "8000"}}}
+def test_the_schema_check_can_fail():
+    bad = load_yaml(COMPOSE_DIR / "server.yml")
+    bad["services"]["superlink"]["ports"] = "8000"
     with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate(bad, schema)
+        jsonschema.validate(bad, SCHEMA)
 
 
-def test_pilot_topology(compose):
-    services, links, nodes, execs = _by_role(compose)
-    assert len(links) == 1, f"expected one SuperLink, got {sorted(links)}"
-    (link_name, link), = links.items()
-    assert _image(link) == f"flwr/superlink:{FLWR}"
-    assert _flag(link, "--isolation") == "process"  # the ServerApp runs in its own SuperExec
-    link_port = _flag(link, "--port")
-    assert link_port and _flag(link, "--database")
-
-    assert len(nodes) >= 3, "the pilot has three factories"
-    sites, data_sources, state_sources = set(), set(), set()
-    for name, node in nodes.items():
-        assert _image(node) == f"flwr/supernode:{FLWR}"
-        assert _flag(node, "--superlink") == f"{link_name}:{link_port}"
-        assert _flag(node, "--isolation") == "process"
-        nc = _node_config(node)
-        assert {"site", "data-dir", "state-dir"} <= set(nc), f"{name}: node config {nc}"
-        sites.add(nc["site"])
-        # with process isolation the ClientApp runs in the SuperExec serving this SuperNode's Runtime API
-        port = _flag(node, "--port")
-        served = [e for e in execs.values() if _flag(e, "--runtime-api-address") == f"{name}:{port}"]
-        assert len(served) == 1, f"{name}: expected one SuperExec on {name}:{port}"
-        mounts = _mounts(served[0])
-        assert nc["data-dir"] in mounts and nc["state-dir"] in mounts, f"{name}: data/state not mounted where the ClientApp runs"
-        data, state = mounts[nc["data-dir"]], mounts[nc["state-dir"]]
-        assert data["source"] and state["source"]
-        assert data["read_only"] and not state["read_only"], f"{name}: data read-only, state writable"
-        data_sources.add(data["source"])
-        state_sources.add(state["source"])
-    assert len(sites) == len(nodes), "two SuperNodes claim the same site"
-    assert len(data_sources) == len(nodes) and len(state_sources) == len(nodes), "volumes shared between factories"
-    named = set(compose.get("volumes", {}))
-    assert state_sources <= named, "site state must live in named volumes"
-
-    server_execs = [e for e in execs.values() if _flag(e, "--runtime-api-address") == f"{link_name}:{link_port}"]
-    assert len(server_execs) == 1, "one SuperExec runs the ServerApp"
+def test_the_root_file_is_the_server_hosts_file():
+    root = load_yaml(ROOT / "docker-compose.yml")
+    assert root["include"] == [{"path": "deploy/compose/server.yml", "env_file": "deploy/server.env"}]
+    for inc in root["include"]:
+        assert (ROOT / inc["path"]).is_file() and (ROOT / inc["env_file"]).is_file()
 
 
-def test_images_and_insecure_flags_are_marked(compose):
-    _, links, nodes, execs = _by_role(compose)
-    for name, svc in execs.items():
-        build = svc.get("build", {})
-        assert build.get("dockerfile") == "deploy/Dockerfile", name
-    dockerfile = (ROOT / "deploy/Dockerfile").read_text()
-    assert re.search(r"^FROM flwr/superexec:\$\{FLWR_VERSION\}", dockerfile, re.M)
+def test_server_file_tls_authentication_state_health_and_start_order():
+    s = server()
+    link, runner = s["services"]["superlink"], s["services"]["superexec-serverapp"]
+    assert program_of(link) == "flower-superlink" and program_of(runner) == "flower-superexec"
+    cmd = _cmd(link)
+    assert "--insecure" not in cmd and "--enable-supernode-auth" in cmd
+    secrets = {k: v["file"] for k, v in s["secrets"].items()}
+    for flag, name in (("--ssl-ca-certfile", "ca.crt"), ("--ssl-certfile", "superlink.crt"),
+                       ("--ssl-keyfile", "superlink.key"), ("--superexec-auth-secret-file", "superexec.secret")):
+        assert _flag(cmd, flag) == f"/run/secrets/{name}" and name in link["secrets"], flag
+        assert secrets[name].endswith(f"/{name}")
+    assert "--disable-runtime-dependency-installation" in cmd
+    assert _flag(cmd, "--isolation") == "process" and _flag(cmd, "--host") == "0.0.0.0"
+    # the database lives in a named volume mounted where the image made a folder owned by uid 49999
+    db = _flag(cmd, "--database")
+    assert db and not db.startswith("/") and db.split("/")[0] == "state"
+    assert "superlink-state:/app/state" in link["volumes"] and "superlink-state" in s["volumes"]
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    stage = dockerfile.split("AS superlink", 1)[1].split("FROM ", 1)[0]
+    assert "mkdir -p /app/state && chown app:app /app/state" in stage and "USER app" in stage
+    # published to the factories (not only to 127.0.0.1), on the port the SuperLink listens on
+    assert link["ports"] == [f"8000:{_flag(cmd, '--port')}"]
+    # health: the SuperLink over HTTPS with the federation's CA; the runner starts once it is healthy
+    assert "https://localhost:8000/health" in link["healthcheck"]["test"][-1]
+    assert "cafile='/run/secrets/ca.crt'" in link["healthcheck"]["test"][-1]
+    assert runner["depends_on"] == {"superlink": {"condition": "service_healthy"}}
+    rcmd = _cmd(runner)
+    assert _flag(rcmd, "--runtime-api-address") == f"superlink:{_flag(cmd, '--port')}"
+    assert _flag(rcmd, "--root-certificates") == "/run/secrets/ca.crt" and "--insecure" not in rcmd
+    assert _flag(rcmd, "--superexec-auth-secret-file") == "/run/secrets/superexec.secret"
+    assert any(v.endswith(":/app/runs") for v in runner["volumes"]), "run outputs land on the host"
+    for svc in (link, runner):
+        compile(svc["healthcheck"]["test"][-1], "<healthcheck>", "exec")
+
+
+@pytest.mark.parametrize("env_path", FACTORY_ENVS, ids=lambda p: p.stem)
+def test_factory_file_one_supernode_its_runner_its_data_read_only_its_own_state(env_path):
+    env = env_file(env_path)
+    f = factory(env_path)
+    assert env["KUMIKI_SITE"] == env_path.stem and f["name"] == f"kumiki-{env_path.stem}"
+    node, runner = f["services"]["supernode"], f["services"]["superexec"]
+    assert set(f["services"]) == {"supernode", "superexec"}
+    assert program_of(node) == "flower-supernode" and program_of(runner) == "flower-superexec"
+    cmd = _cmd(node)
+    assert "--insecure" not in cmd
+    assert _flag(cmd, "--superlink") == env["KUMIKI_SUPERLINK"]
+    assert _flag(cmd, "--root-certificates") == "/run/secrets/ca.crt"
+    assert _flag(cmd, "--auth-supernode-private-key") == "/run/secrets/site.key"
+    assert f["secrets"]["site.key"]["file"] == f"{env['KUMIKI_CERTS']}/sites/{env['KUMIKI_SITE']}.key"
+    assert _flag(cmd, "--isolation") == "process"
+    nc = dict(re.findall(r"(\S+?)='([^']*)'", _flag(cmd, "--node-config")))
+    assert nc["site"] == env["KUMIKI_SITE"]
+    # with process isolation the ClientApp runs in the runner: data and state are mounted there
+    rcmd = _cmd(runner)
+    assert _flag(rcmd, "--runtime-api-address") == f"supernode:{_flag(cmd, '--port')}"
+    mounts = {v["target"]: v for v in runner["volumes"]}
+    data, state = mounts[nc["data-dir"]], mounts[nc["state-dir"]]
+    assert data["type"] == "bind" and data["read_only"] is True and data["source"] == env["KUMIKI_DATA"]
+    assert state["type"] == "volume" and not state.get("read_only") and state["source"] in f["volumes"]
+    assert not env["KUMIKI_DATA"].startswith(("./", "../")), "factory data lives outside the app directory"
+    # the SuperNode <-> runner link: shared secret on both ends; start order by health
+    assert _flag(cmd, "--superexec-auth-secret-file") == _flag(rcmd, "--superexec-auth-secret-file")
+    assert runner["depends_on"] == {"supernode": {"condition": "service_healthy"}}
+    assert f"127.0.0.1:{_flag(cmd, '--port')}/health" in node["healthcheck"]["test"][-1]
+    assert "ports" not in node and "ports" not in runner, "a factory publishes nothing"
+
+
+def test_factories_differ_only_by_their_env_file():
+    rendered = [factory(p) for p in FACTORY_ENVS]
+    assert len({r["name"] for r in rendered}) == len(rendered)
+    assert len({r["services"]["superexec"]["volumes"][0]["source"] for r in rendered}) == len(rendered)
+    raw = (COMPOSE_DIR / "factory.yml").read_text()
+    used = set(re.findall(r"\$\{(KUMIKI_[A-Z_]+)", raw))
+    for p in FACTORY_ENVS:
+        missing = {v for v in used if f"${{{v}:-" not in raw and f"${{{v}-" not in raw} - set(env_file(p))
+        assert not missing, f"{p.name} lacks {missing}"
+
+
+def test_the_shipped_config_matches_the_shipped_factories():
+    cfg = load_config(str(ROOT / "deploy" / "factories.toml"))
+    assert cfg.total_sites == len(FACTORY_ENVS) == 3
+    assert cfg.data.dataset == "site-folders"
+
+
+def test_insecure_overrides_say_so_and_drop_every_secret():
+    for name, services in (("insecure-server.yml", ("superlink", "superexec-serverapp")),
+                           ("insecure-factory.yml", ("supernode", "superexec"))):
+        text = (COMPOSE_DIR / name).read_text()
+        assert text.startswith("# INSECURE")
+        data = load_yaml(COMPOSE_DIR / name)
+        for svc in services:
+            assert "--insecure" in _cmd(data["services"][svc]) and data["services"][svc]["secrets"] == []
+    secure = (COMPOSE_DIR / "server.yml").read_text() + (COMPOSE_DIR / "factory.yml").read_text()
+    assert secure.count("- --insecure") == 1  # only the factory runner's on-host link to its own SuperNode
+
+
+def test_images_build_offline_from_a_wheelhouse_and_run_the_fast_path():
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
     assert f"ARG FLWR_VERSION={FLWR}" in dockerfile
-    # TLS/auth come later: every --insecure is there on purpose and says so
-    lines = COMPOSE.read_text().splitlines()
-    insecure = [line for line in lines if line.strip().startswith("- --insecure")]
-    assert len(insecure) == len(links) + len(nodes) + len(execs), insecure  # every Flower process, for now
-    assert all("INSECURE" in line for line in insecure)
-    for env in ("factory-a", "factory-b", "factory-c"):
-        assert (ROOT / f"deploy/sites/{env}.env").is_file()
+    stages = dict(re.findall(r"^FROM (\S+) AS (\w+)$", dockerfile, re.M)[i][::-1] for i in range(3))
+    assert stages == {"superlink": "flwr/superlink:${FLWR_VERSION}", "supernode": "flwr/supernode:${FLWR_VERSION}",
+                      "superexec": "flwr/superexec:${FLWR_VERSION}-${PYTHON_TAG}"}
+    assert "--no-index --find-links /tmp/wheelhouse" in dockerfile and "ARG PIP_INDEX_URL" in dockerfile
+    for target in ("superlink", "supernode", "superexec"):
+        stage = dockerfile.split(f"AS {target}", 1)[1].split("\nFROM ", 1)[0]
+        assert "COPY launch/fastpath.py /opt/kumiki/fastpath.py" in stage
+        assert f'ENTRYPOINT ["python", "/opt/kumiki/fastpath.py", "{target}"]' in stage
+    build = interpolate(load_yaml(COMPOSE_DIR / "build.yml"), {})
+    images = {s["build"]["target"]: s["image"] for s in build["services"].values()}
+    run_images = {program_of(s): s["image"] for s in [*server()["services"].values(),
+                                                    *factory(FACTORY_ENVS[0])["services"].values()]}
+    assert {f"flower-{t}": i for t, i in images.items()} == run_images, "the runtime files use the images built"
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {"certs/", "**/*.key", "runs/", ".venv/"} <= set(ignored), "keys and runs never enter a build context"
+    assert "deploy/wheelhouse/*.whl" in (ROOT / ".gitignore").read_text()
+    reqs = __import__("runpy").run_path(str(ROOT / "deploy" / "image_requirements.py"))["requirements"]
+    deps = reqs(ROOT / "pyproject.toml")
+    assert "torch==2.13.0" in deps and not [d for d in deps if d.startswith("flwr")]
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert len(deps) == len(declared) - 1
+
+
+def test_the_compose_commands_parse_with_flowers_own_parsers():
+    """Also in tests/test_deploy_flags.py; here as the topology's own sanity check."""
+    for svc in server()["services"].values():
+        check([program_of(svc), *_cmd(svc)])
+    for p in FACTORY_ENVS:
+        for svc in factory(p)["services"].values():
+            check([program_of(svc), *_cmd(svc)])

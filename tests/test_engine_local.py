@@ -92,6 +92,11 @@ def test_local_engine_two_sites(tmp_path):
     logs = {p.name for p in (run_dir / "logs").glob("*.log")}
     assert {"superlink.log", "supernode-site-0.log", "supernode-site-1.log", "flwr-run.log"} <= logs
     assert json.loads((run_dir / "resolved_config.json").read_text())["run"]["output_dir"] == str(run_dir.parent.resolve())
+    # the fast path (launch/fastpath.py) applied in every real process, and TLS + authentication were on
+    log_text = {p.stem: p.read_text(errors="replace") for p in (run_dir / "logs").glob("*.log")}
+    assert "kumiki fastpath (supernode): supernode-poll: on, pull-backoff: on" in log_text["supernode-site-0"]
+    assert "fork-executor: on" in log_text["superexec-site-1"] and "fork-executor: on" in log_text["superexec-serverapp"]
+    assert "Uvicorn running on https://" in log_text["superlink"]
 
     assert len(spy.groups) >= 4  # superlink + 2 supernodes (+ SuperExecs)
     assert spy.survivors() == set(), "processes started by the local engine are still alive"

@@ -64,9 +64,13 @@ def node_configs(cfg: KumikiConfig, sim: dict[str, Any]) -> list[dict[str, Any]]
 
 
 def run(cfg: KumikiConfig, engine: str, quiet: bool = False, overwrite: bool = False,
-        resume: bool = False) -> dict[str, Any]:
+        resume: bool = False, insecure: bool = False) -> dict[str, Any]:
     """Run ``cfg`` on ``engine``; ``overwrite`` moves an earlier run with the same name aside first; ``resume``
-    continues the run in ``cfg.run_dir()`` from its last server checkpoint (README, "Resuming a run")."""
+    continues the run in ``cfg.run_dir()`` from its last server checkpoint (README, "Resuming a run").
+
+    ``insecure`` turns TLS and SuperNode authentication off in the ``local`` engine (the
+    other engines open no Flower connection).
+    """
     if engine == "inprocess":
         from launch.engines.inprocess import run_inprocess
 
@@ -78,5 +82,5 @@ def run(cfg: KumikiConfig, engine: str, quiet: bool = False, overwrite: bool = F
     if engine == "local":
         from launch.engines.local import run_local
 
-        return run_local(cfg, quiet=quiet, overwrite=overwrite, resume=resume)
+        return run_local(cfg, quiet=quiet, overwrite=overwrite, resume=resume, insecure=insecure)
     raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")

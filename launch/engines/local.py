@@ -25,25 +25,21 @@ What this engine does about it:
   number of sites (``Tuning.resolved``).
 * ``ReplyPollingGrid`` in ``server/app.py``: the ServerApp polls for replies every
   50-500 ms instead of HttpGrid's fixed 3 s.
-* warm SuperExecs: the SuperLink and SuperNodes run with ``--isolation process``
-  (the layout docker-compose.yml uses) and their SuperExec is flwr's own
-  ``flower-superexec`` entry point started from a process that has torch/flwr
-  imported; it forks each ``flwr-clientapp``/``flwr-serverapp`` (the stock CLI
-  functions, same arguments) instead of exec'ing a new interpreter. The app is
-  still installed from the FAB and imported fresh in every child.
-* the SuperNode's fixed ``time.sleep(3)`` between idle Fleet pulls, its 0.5 s
-  reply wait, and the 1 s initial back-off of object pulls (a message is pulled
-  before its tensors have arrived, in every hop) have no flag in flwr 1.41; our
-  launchers lower them at start-up (``_tune`` in ``_LAUNCHER``). Nothing under
-  site-packages is modified; if the flwr internals change, they say so in the
-  log and run stock.
+* warm SuperExecs and the fixed waits with no flag in flwr 1.41 (the SuperNode's 3 s
+  idle sleep and 0.5 s reply wait, the 1 s initial back-off of object pulls): the
+  SuperNodes and SuperExecs run through ``launch/fastpath.py``, the same module the
+  Docker images and the documented Flower-native commands use (its docstring says what
+  each patch does). With ``--isolation process`` (the compose layout) their SuperExecs
+  fork each ``flwr-clientapp``/``flwr-serverapp`` from a pre-warmed process instead of
+  exec'ing a new interpreter. If the flwr internals change, they say so in the log and
+  run stock; ``tests/test_fastpath.py`` fails.
 * ``OMP_NUM_THREADS=1`` for site processes, so concurrent ClientApps do not
   oversubscribe a small machine.
 
-TLS and SuperNode authentication are not implemented yet: ``security_args`` is
-the single place that builds the insecure flags and will add ``--ssl-*``,
-``--root-certificates``, ``--auth-supernode-private-key`` (plus the
-``flwr supernode register`` step) when they land.
+Security (``security_args``): TLS on the SuperLink's one port (Fleet, Control and
+Runtime API), SuperNode authentication with one registered key per site, and
+SuperExec authentication (a shared secret) on every Runtime API, all on by default;
+``insecure=True`` (``kumiki run/pilot --insecure``) turns them off, loudly.
 """
 
 from __future__ import annotations
@@ -66,6 +62,8 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 from kumiki.config import KumikiConfig
+from launch import fastpath
+from launch.certs import CertBundle, make_certs
 from launch.engines import node_configs, prepare_sites
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -114,10 +112,7 @@ class Tuning:
     warm_superexec: bool = True
     #: third-party modules a warm SuperExec imports once; never the app's own packages
     #: (those come from the FAB in every child). Missing ones are skipped.
-    preload: tuple[str, ...] = (
-        "numpy", "pydantic", "torch", "torch.nn", "torch.optim", "torch._dynamo",
-        "flwr.app", "flwr.clientapp", "flwr.serverapp", "flwr.cli.install",
-    )
+    preload: tuple[str, ...] = fastpath.DEFAULT_PRELOAD
 
     @classmethod
     def stock(cls) -> Tuning:
@@ -200,130 +195,34 @@ def tail(path: Path, lines: int = 40) -> str:
         return "(no log)\n"
 
 
-def security_args(role: str, tls: bool) -> list[str]:
-    """Transport/auth flags for ``role`` in {"superlink", "supernode", "superexec", "cli"}.
+def security_args(role: str, certs: CertBundle | None, site: str | None = None, secret: bool = False) -> list[str]:
+    """Transport and authentication flags of one Flower process; ``certs=None`` is the insecure mode.
 
-    Only the insecure variant exists today. TLS (``--ssl-certfile``/``--ssl-keyfile``/
-    ``--ssl-ca-certfile`` on the SuperLink, ``--root-certificates`` on SuperNodes and
-    SuperExecs, ``root-certificates`` in the CLI connection) and SuperNode authentication
-    (``--enable-supernode-auth``; ``--auth-supernode-private-key`` + ``flwr supernode
-    register``) plug in here and in ``_write_flwr_home``.
+    ``role``: ``superlink``; ``supernode`` (``site`` names its key); ``superexec-server`` (runs
+    the ServerApp, dials the SuperLink's Runtime API over TLS); ``superexec-site`` (runs a
+    site's ClientApps, dials its SuperNode's Runtime API on 127.0.0.1, plain HTTP as in
+    Flower's own layouts). ``secret``: Flower's SuperExec authentication (process isolation
+    only), so no other local process can take a task from our SuperLink or SuperNodes.
     """
-    if tls:
-        raise NotImplementedError("TLS and SuperNode authentication are not wired into the local engine yet")
-    return [] if role == "cli" else ["--insecure"]
+    if certs is None:
+        return ["--insecure"]
+    auth = ["--superexec-auth-secret-file", str(certs.superexec_secret)] if secret else []
+    if role == "superlink":
+        return ["--ssl-ca-certfile", str(certs.ca_crt), "--ssl-certfile", str(certs.superlink_crt),
+                "--ssl-keyfile", str(certs.superlink_key), "--enable-supernode-auth", *auth]
+    if role == "supernode":
+        assert site is not None
+        return ["--root-certificates", str(certs.ca_crt), "--auth-supernode-private-key", str(certs.site_key(site)),
+                *auth]
+    if role == "superexec-server":
+        return ["--root-certificates", str(certs.ca_crt), *auth]
+    if role == "superexec-site":
+        return ["--insecure", *auth]
+    raise ValueError(f"unknown role {role!r}")
 
 
-# --------------------------------------------------------------------------- launchers
-# Written to $FLWR_HOME/kumiki_launcher.py and run as `python kumiki_launcher.py <mode> [<preload>]
-# <flwr CLI args...>`; imports nothing of Kumiki (the app comes from the FAB).
-# _tune() lowers flwr 1.41's fixed waits that have no flag, in this process (and its forks) only.
-_LAUNCHER = r'''
-"""Kumiki local engine: start a flwr SuperNode or SuperExec with latency tuning (see launch/engines/local.py)."""
-import importlib, os, sys, time
-
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)  # this file's folder ($FLWR_HOME) is no place to import from
-
-def _tune():
-    notes = []
-    cap = os.environ.get("KUMIKI_SUPERNODE_POLL_S")
-    if cap and sys.argv[1] == "supernode":
-        sci = importlib.import_module("flwr.supernode.start_client_internal")
-        if getattr(sci, "time", None) is time:
-            class _CappedTime:  # the module's `time`, with sleeps capped
-                def __getattr__(self, name):
-                    return getattr(time, name)
-                @staticmethod
-                def sleep(s):
-                    time.sleep(min(s, float(cap)))
-            sci.time = _CappedTime()
-        else:
-            notes.append("SuperNode poll cap")
-    backoff = os.environ.get("KUMIKI_PULL_BACKOFF_S")
-    if backoff:
-        iu = importlib.import_module("flwr.supercore.inflatable.inflatable_utils")
-        for fn in (iu.pull_objects, iu.pull_and_inflate_object_from_tree):
-            kw = getattr(fn, "__kwdefaults__", None) or {}
-            if "initial_backoff" in kw:
-                kw["initial_backoff"] = float(backoff)
-            else:
-                notes.append(f"pull back-off of {fn.__name__}")
-    if notes:
-        print("kumiki: flwr internals changed; not applied: " + ", ".join(notes), file=sys.stderr)
-
-mode = sys.argv[1]
-if mode == "supernode":
-    _tune()
-    del sys.argv[1]
-    from flwr.supernode.cli.flower_supernode import flower_supernode as main
-    sys.argv[0] = "flower-supernode"
-    sys.exit(main())
-
-# mode == "superexec": flwr's flower-superexec whose executor forks the app processes
-for name in [m for m in sys.argv[2].split(",") if m]:
-    try:
-        importlib.import_module(name)
-    except Exception as e:  # optional: the child imports what it needs itself
-        print(f"kumiki: warm SuperExec could not preload {name}: {e}", file=sys.stderr)
-_tune()
-del sys.argv[1:3]
-import traceback
-from flwr.supercore.constant import TaskType
-from flwr.supercore.exit import exit_handler
-from flwr.supercore.superexec.executor import LaunchResult, SubprocessExecutor
-from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
-from flwr.superlink.cli.flwr_serverapp import flwr_serverapp
-ENTRY = {TaskType.CLIENT_APP: ("flwr-clientapp", flwr_clientapp), TaskType.SERVER_APP: ("flwr-serverapp", flwr_serverapp)}
-
-class ForkExecutor(SubprocessExecutor):
-    """SubprocessExecutor, except that ClientApp/ServerApp tasks run in a fork of this process."""
-    def launch(self, spec):
-        if spec.task_type not in ENTRY:
-            return super().launch(spec)
-        cmd, entry = ENTRY[spec.task_type]
-        argv = [cmd, "--runtime-api-address", spec.runtime_api_address, "--token", spec.token]
-        if spec.insecure:
-            argv.append("--insecure")
-        elif spec.root_certificates_path is not None:
-            argv += ["--root-certificates", spec.root_certificates_path]
-        if spec.parent_pid is not None:
-            argv += ["--parent-pid", str(spec.parent_pid)]
-        if spec.runtime_dependency_install:
-            argv.append("--allow-runtime-dependency-installation")
-        sys.stdout.flush(); sys.stderr.flush()
-        if os.fork():
-            return LaunchResult.accepted()
-        code = 1
-        try:
-            exit_handler.registered_exit_handlers.clear()  # the parent's (its Runtime API client)
-            sys.argv = argv
-            entry()
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            try:
-                sys.stdout.flush(); sys.stderr.flush()
-            finally:
-                os._exit(code)
-
-    def reconcile(self):
-        while True:  # reap finished children
-            try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-
-importlib.import_module("flwr.supercore.superexec.run_superexec").get_executor = lambda *a, **k: ForkExecutor()
-from flwr.supercore.cli import flower_superexec
-sys.argv[0] = "flower-superexec"
-sys.exit(flower_superexec())
-'''
+INSECURE_BANNER = ("*** INSECURE: TLS and SuperNode authentication are OFF (--insecure). Traffic is plain HTTP and any "
+                   "process that reaches the SuperLink can join as a site. Use only for debugging. ***")
 
 
 # --------------------------------------------------------------------------- processes
@@ -434,23 +333,65 @@ def _log_has(p: _Proc, text: str) -> Callable[[], bool]:
     return lambda: text in p.log.read_text(errors="replace")
 
 
-def _write_flwr_home(home: Path, port: int, tls: bool) -> None:
+def _write_flwr_home(home: Path, port: int, certs: CertBundle | None, federation: str = FEDERATION,
+                     note: str = "Written by launch.engines.local for one run.") -> None:
     """$FLWR_HOME/config.toml with one SuperLink connection (flwr 1.41 has no federations in pyproject)."""
     home.mkdir(parents=True, exist_ok=True)
     conn = [f'address = "{HOST}:{port}"']
-    if not tls:
-        conn.append("insecure = true")  # with TLS: root-certificates = "<ca.crt>"
+    conn.append("insecure = true" if certs is None else f'root-certificates = "{certs.ca_crt}"')
     (home / "config.toml").write_text(
-        "# Written by launch.engines.local for one run.\n"
-        f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\n' + "\n".join(conn) + "\n"
+        f"# {note}\n"
+        f'[superlink]\ndefault = "{federation}"\n\n[superlink.{federation}]\n' + "\n".join(conn) + "\n"
     )
 
 
-def _flwr_status(env: dict[str, str], run_id: int, timeout_s: float = 60.0) -> str:
+_NODE_ID = re.compile(r'"node-id":\s*(\d+)')
+
+
+def unregister_sites(node_ids: list[int], env: dict[str, str], timeout_s: float = 60.0,
+                     federation: str = FEDERATION) -> None:
+    """``flwr supernode unregister <node-id> <federation>``: that key can never connect again."""
+    for nid in node_ids:
+        out = subprocess.run([exe("flwr"), "supernode", "unregister", str(nid), federation], env=env, cwd=str(REPO_ROOT),
+                             stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout_s,
+                             start_new_session=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"flwr supernode unregister {nid} failed: {_ANSI.sub('', out.stdout + out.stderr)[-400:]}")
+
+
+def register_sites(certs: CertBundle, sites: list[str], env: dict[str, str], timeout_s: float = 60.0,
+                   federation: str = FEDERATION) -> dict[str, int]:
+    """``flwr supernode register <site>.pub <federation> --name <site>`` for every site (in parallel).
+
+    With ``--enable-supernode-auth`` the SuperLink admits only registered keys, and the node
+    id it returns here is the site's for good (a restarted SuperNode gets it back).
+    """
+    procs = {site: subprocess.Popen(
+        [exe("flwr"), "supernode", "register", str(certs.site_pub(site)), federation, "--name", site, "--format", "json"],
+        env=env, cwd=str(REPO_ROOT), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, start_new_session=True) for site in sites}
+    ids, failed = {}, []
+    for site, p in procs.items():
+        try:
+            out, _ = p.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            _signal_group(p.pid, signal.SIGKILL)
+            out, _ = p.communicate()
+        m = _NODE_ID.search(out or "")
+        if p.returncode == 0 and m:
+            ids[site] = int(m.group(1))
+        else:
+            failed.append(f"{site}: exit {p.returncode}: {_ANSI.sub('', out or '').strip()[-400:]}")
+    if failed:
+        raise RuntimeError("flwr supernode register failed for " + "; ".join(failed))
+    return ids
+
+
+def _flwr_status(env: dict[str, str], run_id: int, timeout_s: float = 60.0, federation: str = FEDERATION) -> str:
     """``flwr ls --run-id N --format json`` -> the run's status (e.g. ``finished:completed``)."""
     try:
         out = subprocess.run(
-            [exe("flwr"), "ls", FEDERATION, "--run-id", str(run_id), "--format", "json"],
+            [exe("flwr"), "ls", federation, "--run-id", str(run_id), "--format", "json"],
             env=env, cwd=str(REPO_ROOT), capture_output=True, text=True, timeout=timeout_s,
             stdin=subprocess.DEVNULL, start_new_session=True,
         )
@@ -474,11 +415,14 @@ def run_local(cfg: KumikiConfig, quiet: bool = False, *, overwrite: bool = False
         return _run_local(cfg, quiet, resume=resume, **kw)
 
 
-def _run_local(cfg: KumikiConfig, quiet: bool = False, *, tls: bool = False, timeout_s: float | None = None,
+def _run_local(cfg: KumikiConfig, quiet: bool = False, *, insecure: bool = False, timeout_s: float | None = None,
                ready_timeout_s: float = 90.0, tuning: Tuning | None = None,
                on_start: Callable[[list[int]], None] | None = None, resume: bool = False) -> dict[str, Any]:
     """Run ``cfg`` on a real SuperLink + one SuperNode per site on 127.0.0.1; return summary.json.
 
+    TLS and SuperNode authentication are on unless ``insecure``: a CA, the SuperLink's
+    certificate and one key per site are made for the run (``launch.certs``, under
+    ``<run_dir>/flwr/certs``), and every site's key is registered before its SuperNode starts.
     ``timeout_s`` bounds the ``flwr run`` (default ``default_timeout_s(cfg)``),
     ``ready_timeout_s`` each start-up wait. ``on_start(pids)`` is called with the PIDs (=
     process-group ids) of the daemons once they are up (tests use it to check clean-up).
@@ -504,17 +448,24 @@ def _run_local(cfg: KumikiConfig, quiet: bool = False, *, tls: bool = False, tim
     home = run_dir / "flwr"  # fresh per run: a reused SuperLink database would list last run's nodes
     shutil.rmtree(home, ignore_errors=True)
     link_port, *node_ports = free_ports(1 + cfg.total_sites)
-    _write_flwr_home(home, link_port, tls)
+    site_configs = node_configs(cfg, sim)
+    certs = None if insecure else make_certs(home / "certs", [nc["site"] for nc in site_configs])
+    if certs is None:
+        log.warning(INSECURE_BANNER)
+        if not quiet:
+            print(f"\n{INSECURE_BANNER}\n", file=sys.stderr)
+    _write_flwr_home(home, link_port, certs)
 
     env = {k: v for k, v in os.environ.items() if k not in _TUNING_ENV}
     env.update(FLWR_ENV)
     env["FLWR_HOME"] = str(home)
     env["PATH"] = f"{venv_bin()}{os.pathsep}{env.get('PATH', '')}"  # flwr spawns flower-superexec etc. by name
     env["PYTHONUNBUFFERED"] = "1"
-    if tuning.supernode_poll_s is not None:
-        env["KUMIKI_SUPERNODE_POLL_S"] = str(tuning.supernode_poll_s)
-    if tuning.pull_backoff_s is not None:
-        env["KUMIKI_PULL_BACKOFF_S"] = str(tuning.pull_backoff_s)
+    # launch/fastpath.py reads these; "off" where a knob is None (its defaults are for the images)
+    env["KUMIKI_SUPERNODE_POLL_S"] = "off" if tuning.supernode_poll_s is None else str(tuning.supernode_poll_s)
+    env["KUMIKI_PULL_BACKOFF_S"] = "off" if tuning.pull_backoff_s is None else str(tuning.pull_backoff_s)
+    env["KUMIKI_FORK"] = "1" if tuning.warm_superexec else "0"
+    env["KUMIKI_PRELOAD"] = ",".join(tuning.preload)
     env["KUMIKI_REPLY_POLL_MAX_S"] = str(tuning.reply_poll_max_s or 0)  # read by server/app.py
     link_env, site_env = dict(env), dict(env)
     if tuning.server_superexec_poll_s is not None:
@@ -524,43 +475,45 @@ def _run_local(cfg: KumikiConfig, quiet: bool = False, *, tls: bool = False, tim
     if tuning.client_threads is not None:
         site_env["OMP_NUM_THREADS"] = site_env["MKL_NUM_THREADS"] = str(tuning.client_threads)
     isolation = ["--isolation", "process"] if tuning.warm_superexec else []
-    preload = ",".join(tuning.preload)
+    secret = tuning.warm_superexec  # SuperExec authentication exists for process isolation only
+    launcher = [sys.executable, str(Path(fastpath.__file__).resolve())]
 
-    launcher = home / "kumiki_launcher.py"
-    launcher.write_text(_LAUNCHER.lstrip())
-
-    def superexec(name: str, port: int, env_: dict[str, str]) -> _Proc:
-        return cluster.start(name, [sys.executable, str(launcher), "superexec", preload,
-                                    *security_args("superexec", tls), "--runtime-api-address", f"{HOST}:{port}"], env_)
+    def superexec(name: str, port: int, env_: dict[str, str], role: str) -> _Proc:
+        return cluster.start(name, [*launcher, "superexec", *security_args(role, certs, secret=secret),
+                                    "--runtime-api-address", f"{HOST}:{port}"], env_)
 
     if timeout_s is None:
         timeout_s = default_timeout_s(cfg)
     cluster = _Cluster(logs)
     try:
         link = cluster.start("superlink", [
-            exe("flower-superlink"), *security_args("superlink", tls), *isolation,
+            exe("flower-superlink"), *security_args("superlink", certs, secret=secret), *isolation,
             "--host", HOST, "--port", str(link_port),
             *(["--database", str(home / "superlink.db")] if tuning.superlink_db else []),
             "--disable-runtime-dependency-installation",
         ], link_env)
         daemons = [link]
         if tuning.warm_superexec:
-            daemons.append(superexec("superexec-serverapp", link_port, link_env))
+            daemons.append(superexec("superexec-serverapp", link_port, link_env, "superexec-server"))
         _wait(f"the SuperLink on {HOST}:{link_port}", lambda: port_open(link_port), daemons, ready_timeout_s)
+        node_ids: dict[str, int] = {}
+        if certs is not None:
+            node_ids = register_sites(certs, [nc["site"] for nc in site_configs], env)
+            (home / "registered.json").write_text(json.dumps(node_ids, indent=2))
 
         nodes = []
-        for nc, port in zip(node_configs(cfg, sim), node_ports):
+        for nc, port in zip(site_configs, node_ports):
             Path(nc["state-dir"]).mkdir(parents=True, exist_ok=True)
-            args = [*security_args("supernode", tls), *isolation, "--superlink", f"{HOST}:{link_port}",
-                    "--host", HOST, "--port", str(port), "--node-config", config_arg(nc)]
-            cmd = ([sys.executable, str(launcher), "supernode"] if tuning.launcher_needed
-                   else [exe("flower-supernode")])
+            args = [*security_args("supernode", certs, site=nc["site"], secret=secret), *isolation,
+                    "--superlink", f"{HOST}:{link_port}", "--host", HOST, "--port", str(port),
+                    "--node-config", config_arg(nc)]
+            cmd = [*launcher, "supernode"] if tuning.launcher_needed else [exe("flower-supernode")]
             node = cluster.start(f"supernode-{nc['site']}", [*cmd, *args], site_env)
             node.site = nc["site"]
             nodes.append(node)
             daemons.append(node)
             if tuning.warm_superexec:
-                daemons.append(superexec(f"superexec-{nc['site']}", port, site_env))
+                daemons.append(superexec(f"superexec-{nc['site']}", port, site_env, "superexec-site"))
                 daemons[-1].site = nc["site"]
         for p in nodes:
             _wait(f"{p.name} to connect", _log_has(p, "SuperNode ID:"), daemons, ready_timeout_s)
@@ -572,7 +525,19 @@ def _run_local(cfg: KumikiConfig, quiet: bool = False, *, tls: bool = False, tim
         if on_start is not None:
             on_start([p.popen.pid for p in cluster.procs])
 
-        run_id = _flwr_run(cluster, env, config_path, quiet, timeout_s, daemons, resume)
+        def reregister(p: _Proc) -> None:
+            """A killed SuperNode's session stays "online" on the SuperLink until its heartbeat expires
+            (2 x 30 s in flwr 1.41), and its key cannot activate again before that. So the site gets a
+            new key (an unregistered key is never accepted again), registered under a new node id: it
+            is back at once, and the server maps the new node to the same site."""
+            if certs is None or p.site is None or not p.name.startswith("supernode-"):
+                return
+            unregister_sites([node_ids.pop(p.site)], env)
+            make_certs(certs.root, [], rotate=[p.site])
+            node_ids.update(register_sites(certs, [p.site], env))
+            (home / "registered.json").write_text(json.dumps(node_ids, indent=2))
+
+        run_id = _flwr_run(cluster, env, config_path, quiet, timeout_s, daemons, reregister, resume)
         status = _flwr_status(env, run_id) if run_id is not None else "not started"
         recorded = json.loads(summary_path.read_text()).get("status") if summary_path.is_file() else None
         if status != "finished:completed" or recorded in (None, "failed"):
@@ -588,7 +553,7 @@ def _run_local(cfg: KumikiConfig, quiet: bool = False, *, tls: bool = False, tim
 
 
 #: environment variables through which ``Tuning`` reaches our launchers and server/app.py
-_TUNING_ENV = ("KUMIKI_SUPERNODE_POLL_S", "KUMIKI_PULL_BACKOFF_S", "KUMIKI_REPLY_POLL_MAX_S",
+_TUNING_ENV = ("KUMIKI_SUPERNODE_POLL_S", "KUMIKI_PULL_BACKOFF_S", "KUMIKI_REPLY_POLL_MAX_S", "KUMIKI_FORK", "KUMIKI_PRELOAD",
                "FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "FLWR_HOME")
 
 _STARTED = re.compile(r"Successfully started run (\d+)")
@@ -597,8 +562,13 @@ MAX_RESTARTS = 3
 
 
 def _flwr_run(cluster: _Cluster, env: dict[str, str], config_path: Path, quiet: bool, timeout_s: float,
-              daemons: list[_Proc], resume: bool = False) -> int | None:
-    """``flwr run <repo> kumiki-local --stream``, bounded by ``timeout_s``; returns the run id."""
+              daemons: list[_Proc], before_restart: Callable[[_Proc], None] | None = None,
+              resume: bool = False) -> int | None:
+    """``flwr run <repo> kumiki-local --stream``, bounded by ``timeout_s``; returns the run id.
+
+    ``before_restart(proc)`` runs before a dead site process is started again; ``resume`` asks the
+    ServerApp to continue the run from its checkpoint.
+    """
     run_config = f"config={toml_str(str(config_path))}" + (" resume=true" if resume else "")
     proc = cluster.start("flwr-run", [
         exe("flwr"), "run", str(REPO_ROOT), FEDERATION, "--run-config", run_config, "--stream",
@@ -632,6 +602,8 @@ def _flwr_run(cluster: _Cluster, env: dict[str, str], config_path: Path, quiet: 
             # and the engine brings it back; its personal state is on disk, so it resumes where it left off.
             log.warning("%s exited (code %s); restarting it (%d of %d)", p.name, p.popen.returncode,
                         p.restarts + 1, MAX_RESTARTS)
+            if before_restart is not None:
+                before_restart(p)
             daemons[i] = cluster.restart(p)
         if time.monotonic() > deadline:
             raise RuntimeError(f"the Flower run did not finish within {timeout_s:.0f}s\n" + _logs_of([proc], 40))

@@ -1,0 +1,338 @@
+"""Kumiki's fast path: Flower 1.41's SuperLink, SuperNode and SuperExec without their fixed waits.
+
+A Flower 1.41 deployment round is dominated by fixed sleeps and by one fresh
+``flwr-clientapp`` interpreter per message (each imports flwr and torch, ~5 s of CPU).
+Flower's supported knobs come first and are plain settings, not code:
+``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` (how often a SuperExec asks for work) and the
+ServerApp's reply polling (``server/app.py``, part of the app, so it runs everywhere).
+What has no knob in 1.41 is done here, in this process and its forks only (nothing under
+site-packages is modified):
+
+``supernode-poll``
+    ``flwr.supernode.start_client_internal`` sleeps a fixed 3 s between idle Fleet pulls
+    and 0.5 s while waiting for a reply; its module-level ``time`` is replaced by one
+    whose ``sleep`` is capped at ``KUMIKI_SUPERNODE_POLL_S`` (default 0.2 s).
+``pull-backoff``
+    Object pulls start at a 1 s back-off (a message is pulled before its tensors have
+    arrived, at every hop); the ``initial_backoff`` keyword default of ``pull_objects`` and
+    ``pull_and_inflate_object_from_tree`` becomes ``KUMIKI_PULL_BACKOFF_S`` (default 0.05 s).
+``fork-executor``
+    The SuperExec's executor (``run_superexec.get_executor``; 1.41 selects executors by a
+    fixed enum, there is no plugin point) becomes ``ForkExecutor``: a ``SubprocessExecutor``
+    that runs each ClientApp/ServerApp task in a fork of this pre-warmed process (torch
+    already imported, ``KUMIKI_PRELOAD``), with exactly the command line Flower would have
+    exec'ed. The app itself is still installed from the FAB and imported in every child.
+``superlink-objects``
+    With ``--database`` (a long-lived SuperLink keeps its registered nodes and runs), Flower 1.41
+    puts the message objects (every tensor of every message, several SQL round trips each) in
+    the same SQLite file; the SuperLink's ``ObjectStoreFactory`` keeps them in memory instead
+    (``KUMIKI_SUPERLINK_OBJECTS=memory``, the default; ``database`` for Flower's behaviour). The
+    link state stays in the file. Objects are transient: a restarted SuperLink loses in-flight
+    messages either way, since its runs do not survive it.
+
+Usage (standalone: this file imports only the standard library and flwr, so the images
+copy it alone and the Flower-native commands run it from a checkout)::
+
+    python launch/fastpath.py superlink  <flower-superlink arguments>
+    python launch/fastpath.py supernode  <flower-supernode arguments>
+    python launch/fastpath.py superexec  <flower-superexec arguments>
+    python launch/fastpath.py check      # apply every patch in a scratch process, report, exit 1 if one fails
+
+Settings: ``KUMIKI_SUPERNODE_POLL_S``, ``KUMIKI_PULL_BACKOFF_S`` (a number, or ``off``),
+``KUMIKI_SUPERLINK_OBJECTS`` (``memory`` or ``database``),
+``KUMIKI_FORK`` (``0``: Flower's own executor), ``KUMIKI_PRELOAD`` (comma-separated modules),
+``KUMIKI_FASTPATH_STRICT=1`` (exit 78 instead of running stock when a patch no longer applies).
+A patch that no longer applies (a Flower upgrade moved a name) is reported on stderr and
+the process runs stock Flower; ``tests/test_fastpath.py`` fails in that case.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable
+
+DEFAULTS = {"KUMIKI_SUPERNODE_POLL_S": "0.2", "KUMIKI_PULL_BACKOFF_S": "0.05", "KUMIKI_FORK": "1",
+            "KUMIKI_SUPERLINK_OBJECTS": "memory"}
+#: third-party modules a warm SuperExec imports once; never the app's own packages (those come
+#: from the FAB in every child). Missing ones are skipped.
+DEFAULT_PRELOAD = ("numpy", "pydantic", "torch", "torch.nn", "torch.optim", "torch._dynamo",
+                   "flwr.app", "flwr.clientapp", "flwr.serverapp", "flwr.cli.install")
+EXIT_PATCH_FAILED = 78  # EX_CONFIG
+
+SUPERNODE_MODULE = "flwr.supernode.start_client_internal"
+INFLATABLE_MODULE = "flwr.supercore.inflatable.inflatable_utils"
+SUPEREXEC_MODULE = "flwr.supercore.superexec.run_superexec"
+CONFIG_LOADER_MODULE = "flwr.superlink.config_loader"
+#: modules whose calls to the pull functions must rely on the keyword default we lower
+PULL_CALLERS = (SUPERNODE_MODULE, "flwr.superlink.grid.http_grid", "flwr.supernode.runtime.run_clientapp")
+
+
+@dataclass
+class Patch:
+    name: str
+    applied: bool
+    detail: str
+
+
+def setting(name: str) -> float | None:
+    """A seconds setting from the environment (``DEFAULTS`` if unset); ``None`` if ``off``."""
+    raw = os.environ.get(name, DEFAULTS[name]).strip().lower()
+    return None if raw in ("", "off", "none") else float(raw)
+
+
+# --------------------------------------------------------------------------- supernode-poll
+class CappedTime:
+    """Stands in for the ``time`` module inside one flwr module: ``sleep`` is capped, the rest delegates."""
+
+    def __init__(self, cap_s: float, real: Any = time):
+        self.cap_s, self._real = cap_s, real
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def sleep(self, seconds: float) -> None:
+        self._real.sleep(min(seconds, self.cap_s))
+
+
+def patch_supernode_poll(cap_s: float) -> Patch:
+    sci = importlib.import_module(SUPERNODE_MODULE)
+    current = getattr(sci, "time", None)
+    if isinstance(current, CappedTime):
+        current.cap_s = cap_s
+        return Patch("supernode-poll", True, f"cap {cap_s}s (updated)")
+    if current is not time or "time.sleep(" not in inspect.getsource(sci):
+        return Patch("supernode-poll", False, f"{SUPERNODE_MODULE} no longer sleeps through its module-level `time`")
+    sci.time = CappedTime(cap_s)
+    return Patch("supernode-poll", True, f"sleeps in {SUPERNODE_MODULE} capped at {cap_s}s")
+
+
+# --------------------------------------------------------------------------- pull-backoff
+def patch_pull_backoff(backoff_s: float) -> Patch:
+    iu = importlib.import_module(INFLATABLE_MODULE)
+    missing = []
+    for fname in ("pull_objects", "pull_and_inflate_object_from_tree"):
+        kw = getattr(getattr(iu, fname, None), "__kwdefaults__", None) or {}
+        if "initial_backoff" not in kw:
+            missing.append(fname)
+    overridden = [m for m in PULL_CALLERS if "initial_backoff" in _source(m)]
+    if missing or overridden:
+        why = [f"{INFLATABLE_MODULE}.{f} has no initial_backoff keyword" for f in missing]
+        why += [f"{m} passes initial_backoff itself" for m in overridden]
+        return Patch("pull-backoff", False, "; ".join(why))
+    for fname in ("pull_objects", "pull_and_inflate_object_from_tree"):
+        getattr(iu, fname).__kwdefaults__["initial_backoff"] = backoff_s
+    return Patch("pull-backoff", True, f"initial back-off of object pulls {backoff_s}s")
+
+
+def _source(module: str) -> str:
+    try:
+        return inspect.getsource(importlib.import_module(module))
+    except (ImportError, OSError, TypeError):
+        return ""
+
+
+# --------------------------------------------------------------------------- fork-executor
+def _entry_points() -> dict[str, Callable[[], Any]]:
+    """Console-script name -> function, for the task commands Flower's SubprocessExecutor runs."""
+    from importlib.metadata import entry_points
+
+    from flwr.supercore.constant import TASK_TYPE_TO_COMMAND, TaskType
+
+    wanted = {TASK_TYPE_TO_COMMAND[t] for t in (TaskType.CLIENT_APP, TaskType.SERVER_APP)}
+    found = {ep.name: ep for ep in entry_points(group="console_scripts") if ep.name in wanted}
+    if set(found) != wanted:
+        raise LookupError(f"console scripts {sorted(wanted - set(found))} not found")
+    return {name: ep.load() for name, ep in found.items()}
+
+
+def task_argv(spec: Any) -> list[str]:
+    """The command line Flower 1.41's ``SubprocessExecutor.launch`` builds for ``spec``."""
+    from flwr.supercore.constant import TASK_TYPE_TO_APPIO_API_ADDRESS_ARG, TASK_TYPE_TO_COMMAND
+
+    argv = [TASK_TYPE_TO_COMMAND[spec.task_type], TASK_TYPE_TO_APPIO_API_ADDRESS_ARG[spec.task_type],
+            spec.runtime_api_address, "--token", spec.token]
+    if spec.insecure:
+        argv.append("--insecure")
+    elif spec.root_certificates_path is not None:
+        argv += ["--root-certificates", spec.root_certificates_path]
+    if spec.parent_pid is not None:
+        argv += ["--parent-pid", str(spec.parent_pid)]
+    if spec.runtime_dependency_install:
+        argv.append("--allow-runtime-dependency-installation")
+    return argv
+
+
+def make_fork_executor() -> type:
+    from flwr.supercore.exit import exit_handler
+    from flwr.supercore.superexec.executor import LaunchResult, SubprocessExecutor
+
+    entries = _entry_points()
+
+    class ForkExecutor(SubprocessExecutor):
+        """``SubprocessExecutor``, except that ClientApp/ServerApp tasks run in a fork of this process."""
+
+        def launch(self, spec):  # type: ignore[no-untyped-def]
+            argv = task_argv(spec)
+            entry = entries.get(argv[0])
+            if entry is None:
+                return super().launch(spec)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            if os.fork():
+                return LaunchResult.accepted()
+            code = 1
+            try:
+                if spec.suppress_output:
+                    devnull = os.open(os.devnull, os.O_WRONLY)
+                    os.dup2(devnull, 1)
+                    os.dup2(devnull, 2)
+                exit_handler.registered_exit_handlers.clear()  # the parent's (its Runtime API client)
+                sys.argv = argv
+                entry()
+                code = 0
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            except BaseException:  # noqa: BLE001 - a child must never return into the parent's loop
+                traceback.print_exc()
+            finally:
+                try:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                finally:
+                    os._exit(code)
+
+        def reconcile(self) -> None:
+            """Reap finished children (Flower's loop calls this between task polls)."""
+            while True:
+                try:
+                    pid, _ = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    return
+                if pid == 0:
+                    return
+
+    return ForkExecutor
+
+
+def patch_fork_executor() -> Patch:
+    rs = importlib.import_module(SUPEREXEC_MODULE)
+    from flwr.supercore.constant import ExecutorType
+
+    if not callable(getattr(rs, "get_executor", None)) or "get_executor" not in rs.run_superexec.__code__.co_names:
+        return Patch("fork-executor", False, f"{SUPEREXEC_MODULE}.run_superexec no longer calls its get_executor")
+    try:
+        fork_cls = make_fork_executor()
+    except (ImportError, LookupError, AttributeError) as e:
+        return Patch("fork-executor", False, f"cannot build the fork executor: {e}")
+    stock = rs.get_executor
+    if getattr(stock, "kumiki_fork", False):
+        return Patch("fork-executor", True, "already installed")
+
+    def get_executor(executor_type, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if executor_type == ExecutorType.SUBPROCESS:
+            return fork_cls()
+        return stock(executor_type, *args, **kwargs)  # e.g. --executor kubernetes: Flower's own
+
+    get_executor.kumiki_fork = True  # type: ignore[attr-defined]
+    rs.get_executor = get_executor
+    return Patch("fork-executor", True, "ClientApp/ServerApp tasks fork this pre-warmed SuperExec")
+
+
+# --------------------------------------------------------------------------- superlink-objects
+def patch_superlink_objects() -> Patch:
+    cl = importlib.import_module(CONFIG_LOADER_MODULE)
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
+    from flwr.supercore.object_store import ObjectStoreFactory
+
+    current = getattr(cl, "ObjectStoreFactory", None)
+    if getattr(current, "kumiki_in_memory", False):
+        return Patch("superlink-objects", True, "already installed")
+    fn = getattr(cl, "get_objectstore_linkstate_factories", None)
+    if current is not ObjectStoreFactory or fn is None or "ObjectStoreFactory(database)" not in inspect.getsource(fn):
+        return Patch("superlink-objects", False,
+                     f"{CONFIG_LOADER_MODULE}.get_objectstore_linkstate_factories no longer builds ObjectStoreFactory(database)")
+
+    class InMemoryObjects(ObjectStoreFactory):
+        """Message payloads in memory; the link state (registered nodes, runs) stays in --database."""
+
+        kumiki_in_memory = True
+
+        def __init__(self, database: str = FLWR_IN_MEMORY_DB_NAME) -> None:
+            super().__init__(FLWR_IN_MEMORY_DB_NAME)
+
+    cl.ObjectStoreFactory = InMemoryObjects
+    return Patch("superlink-objects", True, "message objects in memory, link state in --database")
+
+
+# --------------------------------------------------------------------------- entry points
+def preload(modules: list[str]) -> None:
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # noqa: BLE001 - optional: the child imports what it needs itself
+            print(f"kumiki fastpath: could not preload {name}: {e}", file=sys.stderr)
+
+
+def apply(mode: str) -> list[Patch]:
+    """Apply the patches ``mode`` (``supernode`` or ``superexec``) uses, per the environment."""
+    patches = []
+    if mode == "superlink":
+        objects = os.environ.get("KUMIKI_SUPERLINK_OBJECTS", DEFAULTS["KUMIKI_SUPERLINK_OBJECTS"])
+        return [patch_superlink_objects()] if objects == "memory" else []
+    poll = setting("KUMIKI_SUPERNODE_POLL_S")
+    if mode == "supernode" and poll is not None:
+        patches.append(patch_supernode_poll(poll))
+    backoff = setting("KUMIKI_PULL_BACKOFF_S")
+    if backoff is not None:
+        patches.append(patch_pull_backoff(backoff))
+    if mode == "superexec" and os.environ.get("KUMIKI_FORK", DEFAULTS["KUMIKI_FORK"]) != "0":
+        patches.append(patch_fork_executor())
+    return patches
+
+
+def report(patches: list[Patch], mode: str) -> None:
+    failed = [p for p in patches if not p.applied]
+    line = ", ".join(f"{p.name}: {'on' if p.applied else 'NOT APPLIED'}" for p in patches) or "nothing to patch"
+    print(f"kumiki fastpath ({mode}): {line}", file=sys.stderr)
+    for p in failed:
+        print(f"kumiki fastpath: {p.name} not applied ({p.detail}); this process runs Flower's stock behaviour",
+              file=sys.stderr)
+    if failed and os.environ.get("KUMIKI_FASTPATH_STRICT") == "1":
+        sys.exit(EXIT_PATCH_FAILED)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    mode = argv.pop(0) if argv else ""
+    if mode == "check":
+        patches = (apply("supernode") + [p for p in apply("superexec") if p.name == "fork-executor"]
+                   + apply("superlink"))
+        for p in patches:
+            print(f"{p.name:<14} {'ok' if p.applied else 'FAILED'}  {p.detail}")
+        sys.exit(0 if patches and all(p.applied for p in patches) else 1)
+    if mode not in ("supernode", "superexec", "superlink"):
+        sys.exit(f"usage: fastpath.py supernode|superexec|superlink <flwr arguments> | check   (got {mode!r})")
+    if mode == "superexec":
+        raw = os.environ.get("KUMIKI_PRELOAD")
+        preload([m for m in (raw.split(",") if raw is not None else DEFAULT_PRELOAD) if m])
+    report(apply(mode), mode)
+    if mode == "supernode":
+        from flwr.supernode.cli.flower_supernode import flower_supernode as entry
+    elif mode == "superlink":
+        from flwr.superlink.cli.flower_superlink import flower_superlink as entry
+    else:
+        from flwr.supercore.cli import flower_superexec as entry
+    sys.argv = [f"flower-{mode}", *argv]
+    sys.exit(entry())
+
+
+if __name__ == "__main__":
+    if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+        sys.path.pop(0)  # run as a file: its folder (launch/, or /opt/kumiki in images) is no place to import from
+    main()

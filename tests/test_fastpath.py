@@ -1,0 +1,176 @@
+"""launch/fastpath.py: every patch still applies to the pinned Flower and does what it says.
+
+A Flower upgrade that moves one of the patched names must fail here, not silently cost the
+deployment its speed (issue 13). The patches are applied in this process and undone after
+each test; the standalone check runs the file from a folder of its own, as the images do.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from launch import fastpath
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def flwr_modules(monkeypatch):
+    """The three patched flwr modules, restored after the test."""
+    sci = importlib.import_module(fastpath.SUPERNODE_MODULE)
+    iu = importlib.import_module(fastpath.INFLATABLE_MODULE)
+    rs = importlib.import_module(fastpath.SUPEREXEC_MODULE)
+    cl = importlib.import_module(fastpath.CONFIG_LOADER_MODULE)
+    monkeypatch.setattr(cl, "ObjectStoreFactory", cl.ObjectStoreFactory)
+    monkeypatch.setattr(sci, "time", sci.time)
+    monkeypatch.setattr(rs, "get_executor", rs.get_executor)
+    saved = {f: dict(getattr(iu, f).__kwdefaults__) for f in ("pull_objects", "pull_and_inflate_object_from_tree")}
+    yield sci, iu, rs
+    for f, kw in saved.items():
+        getattr(iu, f).__kwdefaults__.clear()
+        getattr(iu, f).__kwdefaults__.update(kw)
+
+
+def _spec(**kw):
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.superexec.executor import ExecutionSpec
+
+    base = dict(task_type=TaskType.CLIENT_APP, runtime_api_address="127.0.0.1:9094", token="tok", insecure=False,
+                root_certificates_path=None, runtime_dependency_install=False, parent_pid=None, suppress_output=False,
+                task_id=7)
+    return ExecutionSpec(**{**base, **kw})
+
+
+def test_every_patch_applies_to_the_pinned_flower_and_takes_effect(flwr_modules, monkeypatch, tmp_path):
+    sci, iu, rs = flwr_modules
+    from flwr.supercore.constant import ExecutorType
+    from flwr.supercore.superexec.executor import SubprocessExecutor
+
+    assert sci.time is time, "flwr's SuperNode no longer sleeps through the time module"
+    patches = {p.name: p for p in [fastpath.patch_supernode_poll(0.2), fastpath.patch_pull_backoff(0.05),
+                                    fastpath.patch_fork_executor(), fastpath.patch_superlink_objects()]}
+    assert all(p.applied for p in patches.values()), {n: p.detail for n, p in patches.items() if not p.applied}
+
+    slept = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    sci.time.sleep(3)  # the SuperNode's idle Fleet-pull sleep
+    sci.time.sleep(0.01)
+    assert slept == [0.2, 0.01]
+    assert abs(sci.time.monotonic() - time.monotonic()) < 1.0  # everything else is the real module
+
+    for f in ("pull_objects", "pull_and_inflate_object_from_tree"):
+        assert getattr(iu, f).__kwdefaults__["initial_backoff"] == 0.05, f
+
+    executor = rs.get_executor(ExecutorType.SUBPROCESS)
+    assert type(executor).__name__ == "ForkExecutor" and isinstance(executor, SubprocessExecutor)
+
+    # the SuperLink: link state (registered nodes, runs) in the --database file, message objects in memory
+    from flwr.server.superlink.linkstate.sql_linkstate import SqlLinkState
+    from flwr.superlink.config_loader import get_objectstore_linkstate_factories
+    from flwr.superlink.federation import NoOpFederationManager
+    from flwr.supercore.object_store.in_memory_object_store import InMemoryObjectStore
+
+    objects, links = get_objectstore_linkstate_factories(str(tmp_path / "superlink.db"), NoOpFederationManager())
+    assert isinstance(objects.store(), InMemoryObjectStore) and isinstance(links.state(), SqlLinkState)
+    assert (tmp_path / "superlink.db").is_file()
+
+
+def test_the_fork_executor_builds_flowers_own_command_line(monkeypatch):
+    """task_argv must equal what SubprocessExecutor.launch would have exec'ed, for every flag combination."""
+    import flwr.supercore.superexec.executor.subprocess_executor as se
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.superexec.executor import SubprocessExecutor
+
+    seen = []
+    monkeypatch.setattr(se.subprocess, "Popen", lambda args, **kw: seen.append(list(args)))
+    specs = [_spec(), _spec(insecure=True, parent_pid=42), _spec(root_certificates_path="/c/ca.crt"),
+             _spec(task_type=TaskType.SERVER_APP, runtime_dependency_install=True, root_certificates_path="/ca")]
+    for spec in specs:
+        SubprocessExecutor().launch(spec)
+        assert fastpath.task_argv(spec) == seen[-1]
+
+
+def test_the_fork_executor_runs_the_task_in_a_fork_with_that_command_line(tmp_path, monkeypatch):
+    out = tmp_path / "child.txt"
+
+    def fake_clientapp():  # stands in for flwr's flwr-clientapp entry point
+        out.write_text(f"{os.getpid()}\n{' '.join(sys.argv)}")
+
+    monkeypatch.setattr(fastpath, "_entry_points", lambda: {"flwr-clientapp": fake_clientapp})
+    spec = _spec(root_certificates_path="/c/ca.crt", parent_pid=5)
+    result = fastpath.make_fork_executor()().launch(spec)
+    assert result.status == "accepted"
+    deadline = time.monotonic() + 30
+    while not out.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    pid, argv = out.read_text().split("\n")
+    assert int(pid) != os.getpid()
+    assert argv.split() == fastpath.task_argv(spec)
+    os.waitpid(int(pid), 0)
+
+
+def test_a_flower_upgrade_that_moves_a_name_is_reported_not_silent(flwr_modules, monkeypatch, capsys):
+    sci, iu, rs = flwr_modules
+
+    monkeypatch.setattr(sci, "time", object())  # e.g. upstream switched to `from time import sleep`
+    assert not fastpath.patch_supernode_poll(0.2).applied
+
+    def pull_objects(object_ids, pull_object_fn, *, max_backoff=1.0):  # the keyword renamed upstream
+        return {}
+
+    monkeypatch.setattr(iu, "pull_objects", pull_objects)
+    assert not fastpath.patch_pull_backoff(0.05).applied
+
+    monkeypatch.setattr(rs, "run_superexec", lambda *a, **k: None)  # the executor chosen elsewhere
+    assert not fastpath.patch_fork_executor().applied
+
+    cl = importlib.import_module(fastpath.CONFIG_LOADER_MODULE)
+    monkeypatch.setattr(cl, "get_objectstore_linkstate_factories", lambda database, fm: (None, None))
+    assert not fastpath.patch_superlink_objects().applied
+
+    patches = fastpath.apply("supernode") + fastpath.apply("superexec") + fastpath.apply("superlink")
+    fastpath.report(patches, "test")
+    assert "NOT APPLIED" in capsys.readouterr().err
+    monkeypatch.setenv("KUMIKI_FASTPATH_STRICT", "1")
+    with pytest.raises(SystemExit) as e:
+        fastpath.report(patches, "test")
+    assert e.value.code == fastpath.EXIT_PATCH_FAILED
+
+
+def test_settings_come_from_the_environment(monkeypatch):
+    monkeypatch.delenv("KUMIKI_SUPERNODE_POLL_S", raising=False)
+    assert fastpath.setting("KUMIKI_SUPERNODE_POLL_S") == 0.2
+    monkeypatch.setenv("KUMIKI_SUPERNODE_POLL_S", "off")
+    assert fastpath.setting("KUMIKI_SUPERNODE_POLL_S") is None
+    monkeypatch.setenv("KUMIKI_FORK", "0")
+    assert [p.name for p in fastpath.apply("superexec")] == ["pull-backoff"]
+
+
+def test_the_module_runs_standalone_as_the_images_copy_it(tmp_path):
+    """Copied alone into a folder (as deploy/Dockerfile does), it imports only stdlib and flwr."""
+    alone = tmp_path / "opt" / "fastpath.py"
+    alone.parent.mkdir()
+    shutil.copy(ROOT / "launch" / "fastpath.py", alone)
+    probe = ("import runpy, sys\n"
+             f"sys.argv = [{str(alone)!r}, 'check']\n"
+             "try:\n"
+             f"    runpy.run_path({str(alone)!r}, run_name='__main__')\n"
+             "finally:\n"
+             "    ours = ('launch', 'kumiki', 'client', 'server', 'strategies', 'models')\n"
+             "    print('kumiki modules:', sorted(m for m in sys.modules if m.split('.')[0] in ours))\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-I", "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    assert [line.split()[:2] for line in lines[:4]] == [
+        ["supernode-poll", "ok"], ["pull-backoff", "ok"], ["fork-executor", "ok"], ["superlink-objects", "ok"]]
+    assert lines[4] == "kumiki modules: []", "the fast path must not need Kumiki's code installed"

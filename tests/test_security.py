@@ -1,0 +1,216 @@
+"""TLS and SuperNode authentication (issue 12 part 1).
+
+* ``kumiki certs``: a CA, a SuperLink certificate whose names a real TLS client accepts (and
+  only those), one OpenSSH ECDSA key per factory that flwr's own loader accepts; reruns,
+  new factories, rotation and renewal never lose a file.
+* One real cluster on loopback (the local engine, secure by default): while two registered
+  sites run, an unregistered site, a site without a key (it would register itself), an
+  impostor presenting a registered site's public key without its private key, and a
+  SuperNode without TLS are all refused and logged, and the run completes with exactly the
+  two registered sites.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import ssl
+import stat
+import subprocess
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+from launch.certs import CertError, make_certs, site_keypair, superlink_names
+from launch.engines import local
+from tests.conftest import make_config
+
+
+def _handshake(bundle, server_hostname: str) -> None:
+    """A real TLS handshake in memory: the SuperLink's certificate against a client trusting only ca.crt."""
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(bundle.superlink_crt, bundle.superlink_key)
+    client = ssl.create_default_context(cafile=str(bundle.ca_crt))
+    c_in, c_out, s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    c = client.wrap_bio(c_in, c_out, server_hostname=server_hostname)
+    s = server.wrap_bio(s_in, s_out, server_side=True)
+    for _ in range(10):
+        done = 0
+        for end, out, peer_in in ((c, c_out, s_in), (s, s_out, c_in)):
+            try:
+                end.do_handshake()
+                done += 1
+            except ssl.SSLWantReadError:
+                pass
+            peer_in.write(out.read())
+        if done == 2:
+            return
+    raise AssertionError("handshake did not complete")
+
+
+def test_certs_make_a_ca_a_superlink_certificate_and_one_key_per_factory(tmp_path):
+    b = make_certs(tmp_path / "certs", ["factory-a", "factory-b"], ["kumiki.example.com", "10.1.2.3"])
+    assert set(superlink_names(b.superlink_crt)) == {"superlink", "localhost", "127.0.0.1", "::1", "host.docker.internal",
+                                                     "kumiki.example.com", "10.1.2.3"}
+    ca = x509.load_pem_x509_certificate(b.ca_crt.read_bytes())
+    x509.load_pem_x509_certificate(b.superlink_crt.read_bytes()).verify_directly_issued_by(ca)
+    for name in ("superlink", "localhost", "127.0.0.1", "kumiki.example.com", "10.1.2.3"):
+        _handshake(b, name)
+    with pytest.raises(ssl.SSLCertVerificationError):
+        _handshake(b, "evil.example.com")  # a name the certificate does not carry
+    for site in ("factory-a", "factory-b"):
+        key = load_ssh_private_key(b.site_key(site).read_bytes(), None)  # what flower-supernode does
+        assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+        pub = load_ssh_public_key(b.site_pub(site).read_bytes())  # what `flwr supernode register` does
+        assert pub.public_numbers() == key.public_key().public_numbers()
+    for secret in (b.ca_key, b.superlink_key, b.site_key("factory-a"), b.superexec_secret,
+                   b.site_secret("factory-a")):
+        assert stat.S_IMODE(secret.stat().st_mode) == 0o600, secret
+
+
+def test_certs_rerun_add_rotate_and_renew_never_lose_a_file(tmp_path):
+    root = tmp_path / "certs"
+    first = make_certs(root, ["factory-a"], ["kumiki.example.com"])
+    before = {p: p.read_bytes() for p in first.created}
+    assert make_certs(root, ["factory-a"]).created == []  # a rerun writes nothing
+    added = make_certs(root, ["factory-d"])  # a new factory: only its files
+    assert {p.name for p in added.created} == {"factory-d.key", "factory-d.pub", "factory-d.superexec.secret"}
+    assert all(p.read_bytes() == data for p, data in before.items())
+
+    make_certs(root, [], rotate=["factory-a"])
+    olds = sorted(p.name for p in (root / "sites").glob("factory-a.*.old-*"))
+    assert [n.split(".old-")[0] for n in olds] == ["factory-a.key", "factory-a.pub"]
+    assert (root / "sites" / "factory-a.key").read_bytes() != before[first.site_key("factory-a")]
+
+    with pytest.raises(CertError, match="renew-superlink"):
+        make_certs(root, [], ["plant2.example.com"])
+    make_certs(root, [], ["plant2.example.com"], renew_superlink=True)
+    assert {"kumiki.example.com", "plant2.example.com"} <= set(superlink_names(root / "superlink.crt"))
+    assert (root / "ca.crt").read_bytes() == before[first.ca_crt]  # same CA: nothing to redistribute
+    with pytest.raises(CertError):
+        make_certs(root, ["Factory A"])
+    with pytest.raises(CertError):
+        make_certs(root, [], ["bad host!"])
+
+
+def test_security_flags_are_on_unless_insecure(tmp_path):
+    b = make_certs(tmp_path / "c", ["site-0"])
+    link = local.security_args("superlink", b, secret=True)
+    assert {"--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile", "--enable-supernode-auth",
+            "--superexec-auth-secret-file"} <= set(link) and "--insecure" not in link
+    node = local.security_args("supernode", b, site="site-0")
+    assert node[node.index("--auth-supernode-private-key") + 1] == str(b.site_key("site-0"))
+    assert "--root-certificates" in local.security_args("superexec-server", b)
+    for role in ("superlink", "supernode", "superexec-server"):
+        assert local.security_args(role, None) == ["--insecure"]
+
+
+# --------------------------------------------------------------------------- real processes
+def _intruders(home: Path) -> dict:
+    """Start the three refused clients against the running SuperLink; return their outcomes."""
+    from flwr.proto.fleet_pb2 import ActivateNodeRequest
+    from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpInterceptor
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+    from flwr.supernode.fleet_http_client import FleetHttpClient
+    from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
+    import httpx
+
+    address = tomllib.loads((home / "config.toml").read_text())["superlink"][local.FEDERATION]["address"]
+    certs = home / "certs"
+    stranger = home / "stranger.key"
+    stranger.write_bytes(site_keypair()[0])
+    stranger.chmod(0o600)
+    node = [local.exe("flower-supernode"), "--superlink", address, "--max-retries", "1", "--max-wait-time", "20",
+            "--isolation", "process"]  # no SuperExec of their own: nothing but the refused connection
+    procs = {
+        "unregistered": [*node, "--root-certificates", str(certs / "ca.crt"), "--auth-supernode-private-key",
+                         str(stranger), "--port", str(local.free_ports(1)[0])],
+        "keyless": [*node, "--root-certificates", str(certs / "ca.crt"), "--port", str(local.free_ports(1)[0])],
+        "no-tls": [*node, "--insecure", "--port", str(local.free_ports(1)[0])],
+    }
+    logs = {k: home / f"intruder-{k}.log" for k in procs}
+    running = {k: subprocess.Popen(v, stdout=logs[k].open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+                                   env={"PATH": str(local.venv_bin()), "FLWR_HOME": str(home)})
+               for k, v in procs.items()}
+    # The impostor: site-0's public key (public knowledge), signed with a key that is not site-0's.
+    site0 = load_ssh_public_key((certs / "sites" / "site-0.pub").read_bytes())
+    other = ec.generate_private_key(ec.SECP384R1())
+    out: dict = {}
+    with FleetHttpClient.from_server_address(
+            address, False, (certs / "ca.crt").read_bytes(),
+            interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperNode"),
+                          NodeAuthHttpInterceptor(other, site0)]) as client:
+        try:
+            client.ActivateNode(ActivateNodeRequest(public_key=public_key_to_bytes(site0), heartbeat_interval=30))
+            out["impostor"] = "accepted"
+        except httpx.HTTPStatusError as e:
+            out["impostor"] = e.response.status_code
+    deadline = time.monotonic() + 45  # refused clients exit within seconds; an admitted one would stay
+    for k, p in running.items():
+        try:
+            rc = p.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            rc = None  # still connected: it was let in
+        local._signal_group(p.pid, signal.SIGKILL)
+        p.wait()
+        out[k] = (rc, local.tail(logs[k], 60))
+    return out
+
+
+@pytest.mark.deploy
+def test_unregistered_impostor_and_plaintext_sites_are_refused_and_the_run_goes_on(tmp_path):
+    cfg = make_config(tmp_path, rounds=1, sites=2, arch="mlp", name="secure")
+    home = cfg.run_dir().resolve() / "flwr"
+    seen: dict = {}
+
+    def on_start(pids):  # the cluster is up and both registered sites have connected
+        seen.update(_intruders(home))
+
+    summary = local.run_local(cfg, quiet=True, timeout_s=300, ready_timeout_s=120, on_start=on_start)
+
+    rc, text = seen["unregistered"]
+    assert rc not in (0, None) and "Failed to activate SuperNode" in text, text[-1500:]
+    rc, text = seen["keyless"]  # would register itself with a fresh key if authentication were off
+    assert rc not in (0, None) and "could not establish a connection" in text, text[-1500:]
+    rc, text = seen["no-tls"]
+    assert rc not in (0, None) and "could not establish a connection" in text, text[-1500:]
+    assert seen["impostor"] == 401
+    link_log = (cfg.run_dir() / "logs" / "superlink.log").read_text(errors="replace")
+    assert "No SuperNode found with the given public key" in link_log  # the unregistered key, logged
+    assert '"POST /v1/fleet/activate-node HTTP/1.1" 401' in link_log  # the impostor, logged
+    assert "[/v1/fleet/register-node][ApiError:2001]" in link_log  # the keyless self-registration, logged
+
+    # the run is unaffected: exactly the two registered sites, every round complete
+    assert summary["status"] == "ok"
+    assert set(summary["personalized"]["per_site"]) == {"site-0", "site-1"}
+    registered = json.loads((home / "registered.json").read_text())
+    assert set(registered) == {"site-0", "site-1"}
+    supernode_log = (cfg.run_dir() / "logs" / "supernode-site-0.log").read_text(errors="replace")
+    assert f"SuperNode ID: {registered['site-0']}" in supernode_log  # the id fixed at registration
+
+
+def test_insecure_only_by_the_explicit_flag(tmp_path, monkeypatch):
+    """`kumiki run/pilot` are secure unless --insecure is given; the flag reaches the engine."""
+    from typer.testing import CliRunner
+
+    import launch.engines as engines
+    from launch.cli import cli
+    from tests.conftest import config_file
+
+    seen = []
+
+    def fake_run(cfg, engine, quiet=False, overwrite=False, insecure=False):
+        seen.append(insecure)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(engines, "run", fake_run)
+    conf = config_file(tmp_path, "flag", 1)
+    for extra in ([], ["--insecure"]):
+        CliRunner().invoke(cli, ["run", str(conf), "--engine", "local", *extra])
+    CliRunner().invoke(cli, ["pilot", "--engine", "local"])
+    assert seen == [False, True, False]
