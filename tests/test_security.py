@@ -204,7 +204,7 @@ def test_insecure_only_by_the_explicit_flag(tmp_path, monkeypatch):
 
     seen = []
 
-    def fake_run(cfg, engine, quiet=False, overwrite=False, insecure=False):
+    def fake_run(cfg, engine, quiet=False, overwrite=False, insecure=False, **kw):
         seen.append(insecure)
         raise RuntimeError("stop here")
 
