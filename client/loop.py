@@ -1,7 +1,8 @@
 """The one local training loop. Methods plug in a loss and the parameters to train.
 
 The loop owns batching, seeding, device placement, freezing, optimizer creation
-(a fresh SGD per call, so momentum never leaks between a method's stages),
+(a fresh optimizer per call, ``train.optimizer``: SGD by default; its momentum or Adam moments never
+leak between a method's stages),
 the non-finite-loss guard and metrics. A method stage is one ``Trainer.fit``
 call; DualFed's two stages or FedRep's head-then-body are two calls.
 """
@@ -104,14 +105,14 @@ class Trainer:
         before_step: StepHook | None = None,
         max_steps: int | None = None,
     ) -> dict[str, float]:
-        """Train only ``params`` (everything else frozen) with a fresh SGD; return mean loss.
+        """Train only ``params`` (everything else frozen) with a fresh ``train.optimizer``; return mean loss.
 
         ``eval_modules`` stay in eval mode, so a frozen part's BatchNorm layers normalize
         with their running statistics and do not update them (FedRep's head stage, a head
         fitted on a frozen body): frozen then means bit-identical, buffers included.
         ``data`` replaces the site's (x, y), e.g. by features a frozen encoder computed once.
         ``epochs=None`` means ``train.local_epochs``; ``epochs=0`` means no step at all.
-        ``params`` may be SGD parameter groups (dicts with their own ``lr``: FLoRAL's base,
+        ``params`` may be optimizer parameter groups (dicts with their own ``lr``: FLoRAL's base,
         adaptors and router); ``before_step`` edits gradients between backward and step
         (FLoRAL's preconditioning); ``max_steps`` stops early (a new site's router warm-up).
         """
@@ -152,6 +153,8 @@ class Trainer:
                             opts["private"].pre_step()  # clip per example, add noise: p.grad is now private
                         if before_step is not None:
                             before_step(model)
+                        if self.cfg.grad_clip is not None:
+                            nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], self.cfg.grad_clip)
                         for name, o in opts.items():
                             (o.original_optimizer if name == "private" else o).step()
                     if after_step is not None:
@@ -166,15 +169,24 @@ class Trainer:
                 p.requires_grad_(flags[n])
         return {"loss": total / max(count, 1), "examples": float(count)}
 
+    def _make_optimizer(self, lr: float | None) -> Callable[[list[dict]], torch.optim.Optimizer]:
+        """``train.optimizer`` over parameter groups: SGD (momentum) or Adam/AdamW (betas); fresh per call."""
+        c = self.cfg
+        kw = {"lr": lr or c.lr, "weight_decay": c.weight_decay}
+        if c.optimizer == "sgd":
+            return lambda groups: torch.optim.SGD(groups, momentum=c.momentum, **kw)
+        cls = torch.optim.Adam if c.optimizer == "adam" else torch.optim.AdamW
+        return lambda groups: cls(groups, betas=tuple(c.betas), **kw)
+
     def _optimizers(self, model: nn.Module, groups: list[dict], lr: float | None, tag: str):
-        """A fresh SGD per call: ``({name: optimizer}, GradSampleModule or None)``. With DP the private
-        parameters' SGD is wrapped in Opacus' DPOptimizer (per-example clipping and noise), and the
-        parameters a ``privacy.scope = "shared"`` run trains in the clear get a plain SGD."""
+        """A fresh optimizer per call: ``({name: optimizer}, GradSampleModule or None)``. With DP the private
+        parameters' optimizer is wrapped in Opacus' DPOptimizer (per-example clipping and noise), and the
+        parameters a ``privacy.scope = "shared"`` run trains in the clear get a plain one."""
         if not groups:
             return {}, None
-        kw = {"lr": lr or self.cfg.lr, "momentum": self.cfg.momentum, "weight_decay": self.cfg.weight_decay}
+        make = self._make_optimizer(lr)
         if self.dp is None:
-            return {"plain": torch.optim.SGD(groups, **kw)}, None
+            return {"plain": make(groups)}, None
         from opacus import GradSampleModule
         from opacus.optimizers import DPOptimizer
 
@@ -189,11 +201,11 @@ class Trainer:
             rest = [p for p, keep in zip(g["params"], is_private) if not keep]
             private += [{**g, "params": mine}] if mine else []
             clear += [{**g, "params": rest}] if rest else []
-        opts = {"plain": torch.optim.SGD(clear, **kw)} if clear else {}
+        opts = {"plain": make(clear)} if clear else {}
         if not private:
             return opts, None
         gsm = GradSampleModule(model, loss_reduction="mean")
-        opts["private"] = DPOptimizer(torch.optim.SGD(private, **kw), noise_multiplier=dp.noise_multiplier,
+        opts["private"] = DPOptimizer(make(private), noise_multiplier=dp.noise_multiplier,
                                       max_grad_norm=dp.max_grad_norm, expected_batch_size=dp.expected_batch_size,
                                       loss_reduction="mean", generator=dp.generator(tag))
         return opts, gsm

@@ -155,7 +155,20 @@ class TrainSection(_Section):
     lr: float = Field(0.05, gt=0.0, le=10.0)
     momentum: float = Field(0.0, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
+    optimizer: Literal["sgd", "adam", "adamw"] = Field(
+        "sgd", description="local optimizer, fresh per training stage: sgd (with momentum), adam or adamw (betas)")
+    betas: list[Annotated[float, Field(ge=0.0, lt=1.0)]] = Field(
+        default_factory=lambda: [0.9, 0.999], min_length=2, max_length=2, description="adam/adamw: [beta1, beta2]")
+    grad_clip: float | None = Field(None, gt=0.0, description="clip the total gradient norm of each step to this "
+                                                              "value (none: no clipping; DP-SGD clips per example)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda where the site has one")
+
+    @model_validator(mode="after")
+    def _momentum_is_sgd(self) -> TrainSection:
+        if self.momentum and self.optimizer != "sgd":
+            raise ValueError(f"train.momentum applies to sgd only; train.optimizer = {self.optimizer!r} uses "
+                             "train.betas (set train.momentum = 0)")
+        return self
 
 
 class EvalSection(_Section):
