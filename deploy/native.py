@@ -388,14 +388,13 @@ def cmd_demo_data(d: Deployment, a) -> None:
     from kumiki.data.sites import materialize
 
     sites = a.sites.split(",") if a.sites else list(DEFAULT_SITES)
-    cfg = load_config(str(ROOT / "deploy" / "pilot.toml"), [f"data.sites={len(sites)}", "data.unseen_sites=0"])
+    cfg = load_config(str(ROOT / "deploy" / "pilot.toml"),
+                      [f"data.sites={len(sites)}", "data.unseen_sites=0", f"data.site_names={json.dumps(sites)}"])
     out = Path(a.root).resolve()
     tmp = out / ".materialize"
     shutil.rmtree(tmp, ignore_errors=True)
     for i, folder in enumerate(materialize(cfg, tmp)):
         meta = json.loads((folder / "site.json").read_text())
-        meta["name"] = sites[i]
-        (folder / "site.json").write_text(json.dumps(meta, indent=2))
         dest = out / sites[i] / "data"
         shutil.rmtree(dest, ignore_errors=True)
         dest.parent.mkdir(parents=True, exist_ok=True)

@@ -99,3 +99,14 @@ def test_the_runbook_validates_first_and_uses_the_shipped_config():
 def test_the_checker_rejects_what_flower_would(argv, why):
     with pytest.raises(FlagError, match=why):
         check(argv)
+
+
+def test_demo_data_makes_the_shipped_factories_folders(tmp_path):
+    """The runbook's rehearsal starts with `native.py demo-data`: one checked site folder per shipped factory."""
+    from kumiki.data.sites import load_site
+
+    n = _native()
+    n.main(["demo-data", str(tmp_path / "data")])
+    for name in n.DEFAULT_SITES:
+        data = load_site(tmp_path / "data" / name / "data")
+        assert data.name == name and data.role == "train" and data.num_train > 0
