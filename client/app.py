@@ -42,10 +42,11 @@ class BadArrays(ValueError):
 
 
 def _fingerprint(split: ParamSplit, job: C.Job, model: torch.nn.Module, site: str = "") -> str:
-    """What a state file must have been written for: this split, model, site and run."""
+    """What a state file must have been written for: this split, model and site (the run is checked apart:
+    another run's state is archived, not refused; see ``load_state``)."""
     shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
     return split.fingerprint({"method": job.method.name, "variant": job.method.variant, "shapes": shapes,
-                              "site": site, "run": job.run})
+                              "site": site})
 
 
 def load_state(store: SiteStore, fingerprint: str, split: ParamSplit, info: sites.SiteInfo, job: C.Job,
@@ -54,6 +55,15 @@ def load_state(store: SiteStore, fingerprint: str, split: ParamSplit, info: site
     ``on_missing_state = reset``), and holding exactly the split's personal tensors. A training message passes
     ``before_round`` (its round): a round trained again after a server resume starts from the state before it."""
     store.claim(info.name)
+    other = store.run_of()
+    if other is not None and other != (job.run, job.run_id):
+        if completed > 0:
+            raise StateMismatch(
+                f"site {info.name}: {store.path} belongs to run {other[0]!r} (id {other[1]}), but the server says this "
+                f"site completed round {completed} of run {job.run!r} (id {job.run_id}); restore this run's state file")
+        dest = store.archive(other)
+        log.warning("site %s: the state of run %r (id %s) moved to %s; run %r (id %s) starts from fresh personal "
+                    "state", info.name, other[0], other[1], dest, job.run, job.run_id)
     policy = str(node_config.get("on-missing-state", job.site.on_missing_state))
     if not store.exists() and completed > 0:
         if policy != "reset":
@@ -64,6 +74,7 @@ def load_state(store: SiteStore, fingerprint: str, split: ParamSplit, info: site
         log.warning("site %s: state file %s missing after round %d; restarting from fresh personal state "
                     "(on_missing_state = reset)", info.name, store.path, completed)
     state = store.load(fingerprint, before_round)
+    state.run, state.run_id = job.run, job.run_id
     if state.personal and set(state.personal) != set(split.personal):
         missing, extra = sorted(set(split.personal) - set(state.personal)), sorted(set(state.personal) - set(split.personal))
         raise StateMismatch(f"site {info.name}: {store.path} lacks personal tensors {missing[:5]} or has unknown "

@@ -6,6 +6,10 @@ per site, ``<state-dir>/site_state.pt``, rewritten atomically (temp file, fsync,
 rename, fsync of the directory) after every completed round, so a site killed
 mid-round restarts bit-identical to its last completed round.
 
+A factory's state dir outlives runs. The file records the run it belongs to (name and id); when a new run
+reaches the site, the old run's files move to ``previous-runs/<run>.<run_id>/`` and the new run starts from
+fresh personal state (the privacy ledger, kept beside them, is never moved: epsilon spans runs).
+
 The state a save replaces is kept beside it (``site_state.prev.pt``, a hard link: no copy), so that a server
 resumed from its last checkpoint can send a round again that this site already trained: the site then trains
 it from the state it had before (``SiteStore.load(before_round=r)``), and the re-run equals the first run.
@@ -52,10 +56,13 @@ class SiteState:
     extra: dict[str, Any] = field(default_factory=dict)
     #: last_round of the state this one replaced (0: fresh state; None: not recorded, an older file)
     previous_round: int | None = None
+    #: the run (name and id, ``Job.run``/``Job.run_id``) this state belongs to
+    run: str = ""
+    run_id: str = ""
 
     def state_dict(self) -> dict[str, Any]:
         return {"fingerprint": self.fingerprint, "last_round": self.last_round, "personal": self.personal,
-                "extra": self.extra, "previous_round": self.previous_round}
+                "extra": self.extra, "previous_round": self.previous_round, "run": self.run, "run_id": self.run_id}
 
 
 class SiteStore:
@@ -89,7 +96,7 @@ class SiteStore:
             raw = torch.load(path, map_location="cpu", weights_only=True)
             prev = raw.get("previous_round")
             state = SiteState(raw["fingerprint"], int(raw["last_round"]), dict(raw["personal"]), dict(raw["extra"]),
-                              None if prev is None else int(prev))
+                              None if prev is None else int(prev), str(raw.get("run", "")), str(raw.get("run_id", "")))
         except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
             raise StateCorrupt(
                 f"site state {path} is unreadable ({type(exc).__name__}: {str(exc)[:200]}); it is truncated or "
@@ -102,6 +109,30 @@ class SiteStore:
                 f"{fingerprint}); move it away or point state-dir at a new folder"
             )
         return state
+
+    def run_of(self) -> tuple[str, str] | None:
+        """(run, run_id) the live state belongs to; None without a live file, or one too old (or too broken) to say."""
+        if not self.path.is_file():
+            return None
+        try:
+            raw = torch.load(self.path, map_location="cpu", weights_only=True)
+            return (str(raw["run"]), str(raw["run_id"])) if raw.get("run_id") else None
+        except Exception:  # noqa: BLE001 - load() reports an unreadable file with its fix
+            return None
+
+    def archive(self, run: tuple[str, str]) -> Path:
+        """Move another run's state files to ``previous-runs/<run>.<run_id>/`` (never deleted, never overwritten)."""
+        dest = self.root / "previous-runs" / f"{run[0]}.{run[1]}"
+        n = 1
+        while dest.exists():
+            n += 1
+            dest = self.root / "previous-runs" / f"{run[0]}.{run[1]}.{n}"
+        dest.mkdir(parents=True)
+        for f in (self.path, self.prev_path):
+            if f.is_file():
+                os.replace(f, dest / f.name)
+        self._live = None
+        return dest
 
     def load(self, fingerprint: str, before_round: int | None = None) -> SiteState:
         """The saved state, or a fresh one; refuses unreadable state and state written for another split.

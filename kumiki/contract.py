@@ -36,6 +36,7 @@ ERR_BUDGET = 4300
 
 _METHOD, _TRAIN, _MODEL, _PRIVACY, _SIM = "kumiki.method", "kumiki.train", "kumiki.model", "kumiki.privacy", "kumiki.sim"
 _EVAL, _SITE, _RUN, _ROUNDS = "kumiki.eval", "kumiki.site", "kumiki.run", "kumiki.rounds"
+_RUN_ID = "kumiki.run-id"
 #: per-site config entry: the last round the server accepted this site's update for (0: none yet)
 COMPLETED = "kumiki.completed"
 
@@ -54,6 +55,9 @@ class Job:
     site: SiteSection = field(default_factory=SiteSection)
     run: str = ""  # the run's name: part of each site state's fingerprint
     rounds: int = 0  # rounds the run plans (a DP site solves its noise multiplier over them)
+    #: this run's identity, drawn when it starts fresh and kept by a resume: a site whose state belongs to another
+    #: run (an earlier run, or a rerun under the same name) archives it and starts fresh (``client.state``)
+    run_id: str = ""
 
     def to_config(self) -> ConfigRecord:
         rec: dict[str, Any] = {
@@ -66,6 +70,7 @@ class Job:
             _SITE: self.site.model_dump_json(),
             _RUN: self.run,
             _ROUNDS: self.rounds,
+            _RUN_ID: self.run_id,
         }
         if self.sim is not None:
             rec[_SIM] = json.dumps(self.sim)
@@ -87,6 +92,7 @@ class Job:
                 site=SiteSection.model_validate_json(str(rec[_SITE])) if _SITE in rec else SiteSection(),
                 run=str(rec[_RUN]) if _RUN in rec else "",
                 rounds=int(rec[_ROUNDS]) if _ROUNDS in rec else 0,
+                run_id=str(rec[_RUN_ID]) if _RUN_ID in rec else "",
             )
         except (KeyError, ValueError) as e:
             raise ValueError(f"malformed job config in message: {e}") from None

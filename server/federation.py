@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +80,8 @@ def run_federation(grid: Grid, cfg: KumikiConfig, sim: dict | None = None, engin
         rnd, arrays, meta = read_resume_state(run_dir)
         strategy.load_state_dict(arrays, meta)
         log.warning("resuming %s after round %d of %d", run_dir, rnd, cfg.run.rounds)
+    else:  # a new run: sites archive any earlier run's state in their state dirs (client.state)
+        strategy.job = replace(strategy.job, run_id=uuid.uuid4().hex[:12])
     strategy.summary()
     recorder = Recorder(run_dir, cfg, engine, quiet=quiet, resume_from=start)
     timeout = cfg.server.round_timeout_s

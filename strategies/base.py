@@ -244,7 +244,8 @@ class KumikiStrategy(Strategy):
         arrays.update({f"server/{k}": v for k, v in self.server_state().items()})
         version, internal, gauss = self._rng.getstate()
         meta = {"completed": dict(self.completed), "budget_spent": dict(self.budget_spent),
-                "central_releases": self.central_releases, "rng": [version, list(internal), gauss]}
+                "central_releases": self.central_releases, "rng": [version, list(internal), gauss],
+                "run_id": self.job.run_id}
         return arrays, meta
 
     def load_state_dict(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
@@ -264,6 +265,7 @@ class KumikiStrategy(Strategy):
         self.completed = {str(k): int(v) for k, v in meta.get("completed", {}).items()}
         self.budget_spent = {str(k): int(v) for k, v in meta.get("budget_spent", {}).items()}
         self.central_releases = int(meta.get("central_releases", 0))
+        self.job = replace(self.job, run_id=str(meta.get("run_id", "")))  # the sites' state belongs to this run
         if meta.get("rng") is not None:
             version, internal, gauss = meta["rng"]
             self._rng.setstate((version, tuple(internal), gauss))

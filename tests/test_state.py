@@ -19,6 +19,7 @@ from client import app as client_app
 from client.state import FILE, SiteState, SiteStore, StateMismatch
 from kumiki import contract as C
 from kumiki.contract import Job
+from kumiki.split import ParamSplit
 from launch.engines import node_configs, prepare_sites
 from server.federation import model_spec
 from tests.conftest import make_config
@@ -165,3 +166,54 @@ def test_every_message_reloads_the_personal_tensors_from_the_state_file(tmp_path
     for k, v in saved.items():
         assert torch.equal(got[k].cpu(), v), f"{method}: personal tensor {k} was not reloaded from the state file"
     assert sj.state.last_round == 3
+
+
+def _long_lived_state_dirs(root: Path):
+    """A grid hook: every site keeps its state in ``root/<site>``, as a factory's state dir outlives runs."""
+    def hook(grid):
+        for ctx in grid.contexts.values():
+            ctx.node_config["state-dir"] = str(root / str(ctx.node_config["site"]))
+    return hook
+
+
+def test_a_new_run_archives_the_previous_runs_state_and_starts_fresh(tmp_path):
+    """A factory's state dir serves run after run: a new run (another name, or a rerun of the same name) moves the
+    earlier run's files to previous-runs/ and trains from fresh personal state; nothing is refused or lost."""
+    from launch.engines.inprocess import run_inprocess
+
+    states = tmp_path / "factory-state"
+    first = make_config(tmp_path, method="fedper", rounds=2, sites=2, name="first")
+    assert run_inprocess(first, quiet=True, grid_hook=_long_lived_state_dirs(states))["status"] == "ok"
+    live = torch.load(states / "site-0" / FILE, weights_only=True)
+    assert live["run"] == "first" and live["last_round"] == 2
+    for name, overwrite in (("second", False), ("second", True)):  # another run, then a rerun of the same name
+        cfg = make_config(tmp_path, method="fedper", rounds=1, sites=2, name=name)
+        assert run_inprocess(cfg, quiet=True, overwrite=overwrite,
+                             grid_hook=_long_lived_state_dirs(states))["status"] == "ok"
+        now = torch.load(states / "site-0" / FILE, weights_only=True)
+        assert now["run"] == name and now["run_id"] != live["run_id"] and now["last_round"] == 1
+        archived = torch.load(states / "site-0" / "previous-runs" / f"{live['run']}.{live['run_id']}" / FILE,
+                              weights_only=True)
+        assert archived["last_round"] == live["last_round"]
+        assert all(torch.equal(archived["personal"][k], live["personal"][k]) for k in live["personal"])
+        live = now
+
+
+def test_another_runs_state_is_refused_when_the_server_says_this_run_trained_here(tmp_path):
+    """Archiving is for a run's start: mid-run (the server counts this site's rounds) a foreign file is an error."""
+    from client.app import load_state
+    from client.site import SiteInfo
+
+    store = SiteStore(tmp_path / "s")
+    store.claim("site-0")
+    store.save(SiteState("fp", last_round=3, run="old", run_id="aaa"))
+    cfg = make_config(tmp_path, method="fedper")
+    job = Job(4, cfg.method, cfg.train, model_spec(cfg), cfg.privacy, run="new", run_id="bbb")
+    info = SiteInfo("site-0", "train", "", tmp_path, tmp_path / "s")
+    split = ParamSplit.from_rules(["w"], shared=["*"])
+    with pytest.raises(StateMismatch, match="belongs to run 'old'"):
+        load_state(store, "fp", split, info, job, completed=3, node_config={})
+    assert store.exists() and store.run_of() == ("old", "aaa")  # untouched
+    state = load_state(store, "fp", split, info, job, completed=0, node_config={})
+    assert state.last_round == 0 and (state.run, state.run_id) == ("new", "bbb")
+    assert (tmp_path / "s" / "previous-runs" / "old.aaa" / FILE).is_file()
