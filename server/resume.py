@@ -69,8 +69,15 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
 
 def config_changes(recorded: dict[str, Any], cfg) -> list[str]:
     """Keys (other than ``MAY_CHANGE``) whose value differs between a run's config.json and ``cfg``."""
+    from kumiki.config import ConfigError, validate
+
     now = _flat(json.loads(cfg.model_dump_json()))
-    then = _flat({k: v for k, v in recorded.items() if k != "engine"})
+    then = {k: v for k, v in recorded.items() if k != "engine"}
+    try:  # a key this Kumiki added since the run started takes its default (the run computed with it)
+        then = json.loads(validate(then).model_dump_json())
+    except ConfigError:
+        pass  # compared as recorded: every difference is reported
+    then = _flat(then)
     return sorted(k for k in set(now) | set(then) if k not in MAY_CHANGE and now.get(k) != then.get(k))
 
 

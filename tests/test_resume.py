@@ -208,3 +208,19 @@ def test_the_strategy_state_round_trips_fedhb_precision_and_refuses_another_mode
         wider.load_state_dict(arrays, meta)
     with pytest.raises(ValueError, match="keeps no server state"):
         build_strategy(make_config(tmp_path, method="fedavg", sites=3)).load_state_dict(arrays, meta)
+
+
+def test_a_key_added_by_a_newer_kumiki_does_not_block_resuming_at_its_default(tmp_path):
+    """config.json of a run started before train.optimizer existed: the key takes its default, so the run resumes;
+    a recorded key whose value really differs is still refused."""
+    from server.resume import config_changes
+
+    cfg = make_config(tmp_path, rounds=3, sites=2, name="old")
+    recorded = json.loads(cfg.model_dump_json())
+    for k in ("optimizer", "betas", "grad_clip"):
+        del recorded["train"][k]
+    assert config_changes(recorded, cfg) == []
+    recorded["train"]["lr"] = 0.5
+    assert config_changes(recorded, cfg) == ["train.lr"]
+    recorded["train"]["optimizer"] = "adam"
+    assert config_changes(recorded, cfg) == ["train.lr", "train.optimizer"]
