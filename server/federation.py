@@ -29,6 +29,9 @@ log = logging.getLogger("kumiki.server")
 
 
 def model_spec(cfg: KumikiConfig) -> ModelSpec:
+    if cfg.model.arch == "lm":  # language: bytes in, 256 next-byte logits out
+        return ModelSpec("lm", (cfg.model.context,), 256, cfg.model.hidden, "none", cfg.run.seed,
+                         dp_fix=False, blocks=cfg.model.blocks, heads=cfg.model.heads)
     if cfg.data.dataset == "site-folders":
         shape, classes = tuple(cfg.data.input_shape), cfg.data.num_classes
     else:

@@ -163,6 +163,9 @@ class Recorder:
             row["epsilon"] = dict(sorted(eps.items()))
         if self.cfg.privacy.central:
             row["central_epsilon"] = strategy.central_epsilon()
+        extra = strategy.record(rnd)
+        if extra:  # method-specific facts of the round (WorldLM: its phase, attention, sub-federation epsilons)
+            row["method"] = extra
         self._append(row)
         for site, m in sorted(ev.items()):
             task = tasks.get(site, "classification")
@@ -189,6 +192,13 @@ class Recorder:
     def privacy(self, strategy: KumikiStrategy) -> dict[str, Any] | None:
         """``privacy.epsilon_per_site`` (last reported), the budget, and when each site stopped."""
         p = self.cfg.privacy
+        groups = strategy.privacy_record()
+        if groups:  # privacy a method applies per sub-federation (WorldLM): per group, and each site's ledger
+            eps: dict[str, float] = {}
+            for h in self.history:
+                eps.update(h.get("epsilon", {}))
+            return {"accountant": p.accountant, "groups": groups, "epsilon_per_site": dict(sorted(eps.items())),
+                    "stopped_at_round": dict(sorted(strategy.budget_spent.items()))}
         if not (p.enabled or p.central):
             return None
         out: dict[str, Any] = {"target_epsilon": p.target_epsilon, "delta": p.delta, "accountant": p.accountant}

@@ -52,11 +52,16 @@ def node_configs(cfg: KumikiConfig, sim: dict[str, Any]) -> list[dict[str, Any]]
     The site's name is the one its site.json gives (what a deployment's operator would pass as ``site``), so
     logs, metrics and the report name the factories as their folders do, never by position.
     """
+    from kumiki import hierarchy
+
     dirs = sim.get("site_dirs") or partitioned_names(cfg.data)
+    tree = hierarchy.resolve(cfg)
     out = []
     for d in dirs:
         name = _site_json_name(Path(sim["sites_root"]) / d)
         nc = {"site": name, "data-dir": f"{sim['sites_root']}/{d}", "state-dir": f"{sim['state_root']}/{name}"}
+        if tree is not None and tree.group_of(name):  # the site's sub-federation, as an operator passes it
+            nc["group"] = tree.group_of(name)
         if "privacy_root" in sim:
             nc["privacy-dir"] = f"{sim['privacy_root']}/{name}"
         out.append(nc)
