@@ -68,6 +68,9 @@ class FederationSection(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     root_rounds: int | None = Field(None, ge=0, description="rounds of the root phase (default: run.rounds // 2)")
+    superlinks: Literal["one", "per_group"] = Field(
+        "one", description="deployment shape: one SuperLink whose sites are grouped by sub-federation (a), or a "
+                           "SuperLink per sub-federation bridged to the root by a regional aggregator (b)")
     groups: list[GroupPolicy] = Field(default_factory=list, description="the sub-federations (default: the "
                                                                         "dataset's natural tree, if it has one)")
 
@@ -154,6 +157,9 @@ def check(cfg) -> None:
     bad = [n for n in names if n in RESERVED]
     if bad:
         raise ValueError(f"federation.groups: {bad} are reserved names; choose others")
+    if fed.superlinks == "per_group" and method.name != "worldlm":
+        raise ValueError(f"federation.superlinks = 'per_group': only worldlm runs bridged sub-federations; use "
+                         f"superlinks = 'one' for {method.name}")
     honoured = method.tree_policy
     offending = [f"federation.groups[{g.name}].{k}" for g in fed.groups for k in g.policy_keys() if k not in honoured]
     if fed.root_rounds is not None and "root_rounds" not in honoured:

@@ -225,7 +225,7 @@ class Recorder:
             everyone_declined = h["sites"]["sampled"] and len(h["sites"].get("declined", [])) == h["sites"]["sampled"]
             if h["sites"]["rejected"] or not (h["sites"]["aggregated"] or everyone_declined):
                 incomplete.append(h["round"])
-        return {"configured": self.cfg.total_sites, "discovered": sorted(p.site for p in strategy.profiles.values()),
+        return {"configured": strategy.expected_nodes(), "discovered": sorted(p.site for p in strategy.profiles.values()),
                 "dropped": list(strategy.discovery_rejected), "trained_rounds": dict(sorted(trained.items())),
                 "incomplete_rounds": incomplete,
                 # what each site said of itself (query.profile): the report's factory table
@@ -269,7 +269,7 @@ class Recorder:
                                                **dict.fromkeys(SECTIONS)} for t in run_tasks},
         }
         part = self.participation(strategy)
-        complete = (len(part["discovered"]) == self.cfg.total_sites and not part["incomplete_rounds"]
+        complete = (len(part["discovered"]) == strategy.expected_nodes() and not part["incomplete_rounds"]
                     and (len(self.history) == self.cfg.run.rounds or self.ended is not None))
         if self.ended is not None:
             summary["ended"] = self.ended

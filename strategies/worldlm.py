@@ -96,6 +96,15 @@ class WorldLM(KumikiStrategy):
         self._for_eval = False
         self.last_alphas: dict[str, Any] = {}
 
+    @classmethod
+    def for_config(cls, cfg) -> type:
+        """``federation.superlinks = "per_group"``: the root of shape (b) (``strategies/worldlm_bridge.py``)."""
+        if cls is WorldLM and cfg.federation.superlinks == "per_group":
+            from strategies.worldlm_bridge import BridgedRoot
+
+            return BridgedRoot
+        return cls
+
     # ------------------------------------------------------------------ the tree
     def _node(self, name: str, model: dict[str, np.ndarray], keys: tuple[str, ...], groups: list[str]) -> Node:
         m = self.cfg.method
@@ -195,7 +204,7 @@ class WorldLM(KumikiStrategy):
     def payload(self, node_id: int) -> dict[str, np.ndarray]:
         """B of the node running the site's phase and the site's own K (unseen sites: the node's summary)."""
         p, g = self.profiles[node_id], self.group_of(node_id)
-        if not self.regions:
+        if self.phase(self._round or 1)[0] == 0:
             return self.root.model_for(g)
         node = self.regions[g]
         if p.role == "train" and p.site not in node.keys and node.key_names:  # a site the phase start did not know
@@ -206,7 +215,9 @@ class WorldLM(KumikiStrategy):
         """Evaluation of a training site: the node's summary Kbar (its "global" path is B + Kbar)."""
         if not self._for_eval or self.profiles[node_id].role != "train":
             return {}
-        node = self.root if not self.regions else self.regions[self.group_of(node_id)]
+        return self.kbar(self.root if self.phase(self._round)[0] == 0 else self.regions[self.group_of(node_id)])
+
+    def kbar(self, node: Node) -> dict[str, np.ndarray]:
         return {f"{self.cfg.method.kbar_prefix}{k}": v for k, v in node.summary.items()}
 
     def extra_config(self, node_id: int, server_round: int) -> dict:
@@ -268,7 +279,7 @@ class WorldLM(KumikiStrategy):
         return np.random.default_rng([self.cfg.run.seed, 7919, salt, self._round])
 
     def aggregate(self, updates: list[Update]) -> None:
-        if not self.regions:
+        if self.phase(self._round)[0] == 0:
             self._aggregate_root(updates)
         else:
             self._aggregate_regions(updates)

@@ -10,7 +10,7 @@ from typing import Any
 from kumiki.config import KumikiConfig
 from kumiki.data.sites import materialize, partitioned_names, site_folders
 
-ENGINES = ("simulation", "local", "inprocess")
+ENGINES = ("simulation", "local", "inprocess", "regions")
 
 
 def prepare_sites(cfg: KumikiConfig, resume: bool = False) -> dict[str, Any]:
@@ -76,6 +76,15 @@ def run(cfg: KumikiConfig, engine: str, quiet: bool = False, overwrite: bool = F
     ``insecure`` turns TLS and SuperNode authentication off in the ``local`` engine (the
     other engines open no Flower connection).
     """
+    bridged = cfg.federation.superlinks == "per_group"
+    if bridged != (engine == "regions"):
+        raise ValueError("federation.superlinks = 'per_group' runs on --engine regions (a SuperLink per "
+                         "sub-federation), and --engine regions needs it" if bridged else
+                         "--engine regions runs federation.superlinks = 'per_group' configs only")
+    if engine == "regions":
+        from launch.engines.regions import run_regions
+
+        return run_regions(cfg, quiet=quiet, overwrite=overwrite, resume=resume, insecure=insecure)
     if engine == "inprocess":
         from launch.engines.inprocess import run_inprocess
 
