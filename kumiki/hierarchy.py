@@ -173,7 +173,8 @@ def check(cfg) -> None:
     if tree is None:
         if method.hierarchical:
             raise ValueError(f"method {method.name} needs a federation tree: add [[federation.groups]] tables with "
-                             "name and sites (or use a dataset with a natural tree: fortunes, shakespeare, markov)")
+                             "name and sites, or use data.dataset = 'markov', 'fortunes' or 'shakespeare' (they bring "
+                             "their natural trees)")
         return
     listed = tree.sites
     twice = sorted({s for s in listed if listed.count(s) > 1})
