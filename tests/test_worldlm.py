@@ -350,3 +350,37 @@ def test_sub_federation_policy_is_refused_for_flat_methods(tmp_path):
         lm_config(tmp_path, method="fedavg", federation=fed)
     plain = {"groups": [{"name": "a", "sites": ["site-0", "site-1"]}, {"name": "b", "sites": ["site-2", "site-3"]}]}
     assert lm_config(tmp_path, method="fedavg", federation=plain).federation.groups[0].name == "a"
+
+
+def test_a_sub_federation_personalizes_its_own_key_layers_in_its_phase(tmp_path):
+    fed = {"root_rounds": 1, "groups": [{"name": "north", "sites": ["site-0", "site-1"]},
+                                        {"name": "south", "sites": ["site-2", "site-3"], "key_layers": ["head.*"]}]}
+    cfg = lm_config(tmp_path, rounds=2, federation=fed)
+    grids = []
+    summary = run_inprocess(cfg, quiet=True, grid_hook=grids.append)
+    assert summary["status"] == "ok"
+    south = [m for m in grids[0].sent if m.metadata.message_type == "evaluate" and C.EXTRA in m.content
+             and grids[0].contexts[m.metadata.dst_node_id].node_config["site"] in ("site-2", "site-3")]
+    assert {k for k in south[-1].content[C.EXTRA].keys()} == {"kbar/head.weight"}
+    north = [m for m in grids[0].sent if m.metadata.message_type == "evaluate" and C.EXTRA in m.content
+             and grids[0].contexts[m.metadata.dst_node_id].node_config["site"] == "site-0"]
+    assert len(north[-1].content[C.EXTRA].keys()) > 1
+    with pytest.raises(ValueError, match="match no tensor"):
+        build_strategy(lm_config(tmp_path, federation={"groups": [{"name": "a", "sites": ["site-0", "site-1"],
+                                                                    "key_layers": ["nope.*"]},
+                                                                   {"name": "b", "sites": ["site-2", "site-3"]}]}))
+
+
+def test_a_site_claiming_another_sub_federation_is_refused(tmp_path):
+    """Shape (a): a site's node config names its sub-federation; one that contradicts the tree never joins."""
+    cfg = lm_config(tmp_path, rounds=1)
+
+    def lie(grid):
+        ctx = next(c for c in grid.contexts.values() if c.node_config["site"] == "site-0")
+        assert ctx.node_config["group"] == "region-0"  # the engines pass the tree's group
+        ctx.node_config["group"] = "region-1"
+
+    summary = run_inprocess(cfg, quiet=True, grid_hook=lie)
+    dropped = summary["participation"]["dropped"]
+    assert [d["site"] for d in dropped] == ["site-0"] and "region-1" in dropped[0]["reason"]
+    assert summary["status"] == "incomplete" and "site-0" not in summary["personalized"]["per_site"]
