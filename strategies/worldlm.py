@@ -376,46 +376,47 @@ class WorldLM(KumikiStrategy):
         return out
 
     # ------------------------------------------------------------------ resume
-    def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        arrays, meta = super().state_dict()
-        root_a, root_m = self.root.state()
-        arrays.update({f"server/root/{k}": v for k, v in root_a.items()})
-        regions = {}
+    def server_state(self) -> dict[str, np.ndarray]:
+        """Every node's tensors (``root/...``, ``region/<g>/...``: the deployable models of the whole tree, also in
+        ``checkpoints/global.npz``) and the residuals (``res/<v>/<u>/...``)."""
+        arrays = {f"root/{k}": v for k, v in self.root.state()[0].items()}
         for g, node in self.regions.items():
-            a, mm = node.state()
-            arrays.update({f"server/region/{g}/{k}": v for k, v in a.items()})
-            regions[g] = {"meta": mm, "groups": sorted(node.keys), "keys": list(node.key_names)}
+            arrays.update({f"region/{g}/{k}": v for k, v in node.state()[0].items()})
         for v, res in self.residuals.items():
             for u, arrs in res.items():
-                arrays.update({f"server/res/{v}/{u}/{k}": a for k, a in arrs.items()})
-        meta["worldlm"] = {"root": root_m, "regions": regions, "residuals": {v: sorted(r) for v, r in
-                                                                               self.residuals.items()},
+                arrays.update({f"res/{v}/{u}/{k}": a for k, a in arrs.items()})
+        return arrays
+
+    def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        arrays, meta = super().state_dict()
+        meta["worldlm"] = {"root": self.root.state()[1],
+                           "regions": {g: {"meta": n.state()[1], "groups": sorted(n.keys), "keys": list(n.key_names)}
+                                       for g, n in self.regions.items()},
+                           "residuals": {v: sorted(r) for v, r in self.residuals.items()},
                            "group_releases": dict(self.group_releases),
                            "group_budget_spent": dict(self.group_budget_spent)}
         return arrays, meta
 
-    def server_state(self) -> dict[str, np.ndarray]:
-        return {}  # written by state_dict (it needs the JSON side too)
+    def load_server_state(self, arrays: dict[str, np.ndarray]) -> None:
+        self._loaded = arrays  # restored with the JSON side in load_state_dict
 
     def load_state_dict(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-        server = {k: v for k, v in arrays.items() if k.startswith("server/")}
-        super().load_state_dict({k: v for k, v in arrays.items() if not k.startswith("server/")}, meta)
         wl = meta.get("worldlm")
         if wl is None:
             raise ValueError("the checkpoint holds no WorldLM tree state: it was written by another method")
+        super().load_state_dict(arrays, meta)
+        server = self._loaded
 
         def part(prefix: str) -> dict[str, np.ndarray]:
             return {k[len(prefix):]: v for k, v in server.items() if k.startswith(prefix)}
 
-        self.root.load(part("server/root/"), wl["root"])
+        self.root.load(part("root/"), wl["root"])
         self.regions = {}
         for g, info in wl["regions"].items():
             node = self._node(g, self.template, tuple(info["keys"]), list(info["groups"]))
-            node.load(part(f"server/region/{g}/"), info["meta"])
+            node.load(part(f"region/{g}/"), info["meta"])
             self.regions[g] = node
-        self.residuals = {}
-        for v, us in wl["residuals"].items():
-            self.residuals[v] = {u: part(f"server/res/{v}/{u}/") for u in us}
+        self.residuals = {v: {u: part(f"res/{v}/{u}/") for u in us} for v, us in wl["residuals"].items()}
         self.group_releases = {g: int(wl["group_releases"].get(g, 0)) for g in self.tree.groups}
         self.group_budget_spent = {str(k): int(x) for k, x in wl.get("group_budget_spent", {}).items()}
         self.shared = self.root.backbone
@@ -427,12 +428,16 @@ class WorldLM(KumikiStrategy):
 
 
 def _alpha_summary(alphas: dict) -> dict:
-    """A round's attention, compact: per node, each group's weight on its own K (mean over key layers)."""
-    out = {}
+    """A round's attention, compact: per node, each group's weight on its own K and on the siblings' residuals
+    (means over key layers)."""
+    own, res = {}, {}
     for node, layers in alphas.items():
-        own: dict[str, list[float]] = {}
+        mine: dict[str, list[float]] = {}
+        onres: list[float] = []
         for a in layers.values():
             for g, row in a.items():
-                own.setdefault(g, []).append(row.get(g, 0.0))
-        out[node] = {g: round(float(np.mean(v)), 4) for g, v in own.items()}
-    return {"self_weight": out}
+                mine.setdefault(g, []).append(row.get(g, 0.0))
+                onres.append(sum(w for h, w in row.items() if h.startswith("residual:")))
+        own[node] = {g: round(float(np.mean(v)), 4) for g, v in mine.items()}
+        res[node] = round(float(np.mean(onres)), 4) if onres else 0.0
+    return {"self_weight": own, "residual_weight": res}

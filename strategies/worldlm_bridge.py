@@ -170,20 +170,23 @@ class BridgedRoot(WorldLM):
         return rec
 
     # ------------------------------------------------------------------ resume
+    def server_state(self) -> dict[str, np.ndarray]:
+        arrays = super().server_state()
+        arrays.update({f"sum/{g}/{k}": v for g, sm in self.summaries.items() for k, v in sm.items()})
+        return arrays
+
     def state_dict(self):
         arrays, meta = super().state_dict()
-        arrays.update({f"server/sum/{g}/{k}": v for g, s in self.summaries.items() for k, v in s.items()})
-        meta["worldlm"]["summaries"] = sorted(self.summaries)
         meta["worldlm"]["reported_epsilon"] = dict(self.reported_epsilon)
         return arrays, meta
 
     def load_state_dict(self, arrays, meta):
-        sums = {k: v for k, v in arrays.items() if k.startswith("server/sum/")}
-        super().load_state_dict({k: v for k, v in arrays.items() if k not in sums}, meta)
+        super().load_state_dict(arrays, meta)
         self.summaries = {}
-        for k, v in sums.items():
-            g, _, n = k[len("server/sum/"):].partition("/")
-            self.summaries.setdefault(g, {})[n] = np.array(v)
+        for k, v in self._loaded.items():
+            if k.startswith("sum/"):
+                g, _, n = k[len("sum/"):].partition("/")
+                self.summaries.setdefault(g, {})[n] = np.array(v)
         self.reported_epsilon = {str(g): float(e) for g, e in meta["worldlm"].get("reported_epsilon", {}).items()}
 
 

@@ -44,6 +44,7 @@ def test_language_method_on_the_default_image_config_is_refused_with_the_fix(met
         res = run_cell(Cell(data, "cnn-bn", method), tmp_path)
         assert verdict(res, None) == ("refused", []), res
         assert "data.dataset = 'markov'" in res["refused"]
+    assert verdict({**res, "refused": "invalid config:\n  - something else"}, None)[0] == "FAIL"  # no fix named
 
 
 def test_worldlm_learns_on_the_default_language_model(tmp_path):

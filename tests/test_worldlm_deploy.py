@@ -46,9 +46,9 @@ def _region_rows(cfg, g):
 
 
 def test_bridged_sub_federations_compute_what_one_superlink_computes(tmp_path, monkeypatch):
-    fed = {"root_rounds": 1}
-    a = make_lm_config(tmp_path, name="a", rounds=3, unseen=2, federation=fed)
-    b = make_lm_config(tmp_path, name="b", rounds=3, unseen=2, federation={**fed, "superlinks": "per_group"})
+    fed, hot = {"root_rounds": 1}, {"temperature": 1.0}  # T = 1: the residuals weigh enough to show in the models
+    a = make_lm_config(tmp_path, name="a", rounds=3, unseen=2, federation=fed, knobs=hot)
+    b = make_lm_config(tmp_path, name="b", rounds=3, unseen=2, federation={**fed, "superlinks": "per_group"}, knobs=hot)
     sa = run_inprocess(a, quiet=True)
     sb, root, regions, services = _bridged_inprocess(b, monkeypatch)
     assert sa["status"] == "ok" and sb["status"] == "ok", sb.get("participation")
@@ -68,6 +68,15 @@ def test_bridged_sub_federations_compute_what_one_superlink_computes(tmp_path, m
     assert last.keys() == sa["personalized"]["per_site"].keys()
     for s, v in sa["personalized"]["per_site"].items():
         assert last[s] == pytest.approx(v, rel=1e-4), s
+    # every sub-federation's node (B_g, each site's K, its FedAvg step) is the same, to float tolerance
+    with np.load(a.run_dir() / "checkpoints" / "global.npz") as z:
+        one = {k: z[k] for k in z.files if k.startswith("region/")}
+    for g in regions:
+        with np.load(b.run_dir() / "regions" / g / "state" / "state-r000003.npz") as z:
+            mine = {k[len("server/"):]: z[k] for k in z.files if k.startswith(f"server/region/{g}/")}
+        assert mine and mine.keys() == {k for k in one if k.startswith(f"region/{g}/")}
+        for k, v in mine.items():
+            assert np.allclose(v, one[k], atol=1e-6, rtol=0), k
     for g in regions:  # the region's per-site mean is what the root recorded for it
         mine = [v for s, v in sa["personalized"]["per_site"].items() if SITES[s] == g]
         assert sb["personalized"]["per_site"][g] == pytest.approx(np.mean(mine), rel=1e-4)
