@@ -137,3 +137,18 @@ def test_shape_b_a_superlink_per_sub_federation_bridged_by_aggregators(tmp_path)
     root_log = (cfg.run_dir() / "logs" / "superlink-root.log").read_text(errors="replace")
     assert "site-0" not in root_log
     assert spy.survivors() == set()
+
+
+def test_each_shape_runs_on_its_engines_only(tmp_path):
+    from launch.engines import run
+
+    bridged = make_lm_config(tmp_path, name="b", federation={"superlinks": "per_group"})
+    with pytest.raises(ValueError, match="--engine regions"):
+        run(bridged, "inprocess")
+    with pytest.raises(ValueError, match="per_group"):
+        run(make_lm_config(tmp_path, name="a"), "regions")
+    assert not (tmp_path / "runs").exists()
+    from kumiki.config import ConfigError
+
+    with pytest.raises(ConfigError, match="only worldlm runs bridged"):
+        make_lm_config(tmp_path, method="hierfavg", federation={"superlinks": "per_group"})
