@@ -387,3 +387,15 @@ def test_a_site_claiming_another_sub_federation_is_refused(tmp_path):
     dropped = summary["participation"]["dropped"]
     assert [d["site"] for d in dropped] == ["site-0"] and "region-1" in dropped[0]["reason"]
     assert summary["status"] == "incomplete" and "site-0" not in summary["personalized"]["per_site"]
+
+
+def test_local_dp_in_one_sub_federation_trains_only_its_sites_with_dp_sgd(tmp_path):
+    fed = {"root_rounds": 1, "groups": [{"name": "region-0", "sites": ["site-0", "site-1"], "dp": "local",
+                                         "dp_noise_multiplier": 1.0, "dp_target_epsilon": 50.0},
+                                        {"name": "region-1", "sites": ["site-2", "site-3"]}]}
+    summary = run_inprocess(lm_config(tmp_path, rounds=1, federation=fed), quiet=True)
+    assert summary["status"] == "ok"
+    priv = summary["privacy"]
+    assert set(priv["epsilon_per_site"]) == {"site-0", "site-1"} and all(0 < e <= 50 for e in
+                                                                          priv["epsilon_per_site"].values())
+    assert priv["groups"]["region-0"]["mode"] == "local" and "region-1" not in priv["groups"]

@@ -7,7 +7,6 @@ node config; (b) a SuperLink per sub-federation, bridged to the root by a region
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
