@@ -110,6 +110,14 @@ def test_outer_fedadam_follows_reddi_and_fedavg_is_a_plain_step():
     assert np.allclose(x2["w"], x["w"] + 0.01 * m / (np.sqrt(v) + 1e-3), atol=1e-6)
 
 
+def test_groups_absent_from_a_round_keep_their_key_layers():
+    node = Node("r", {"b": np.zeros(2)}, {"s1": {"k": np.zeros(3)}, "s2": {"k": np.full(3, 5.0)}}, ("k",),
+                OuterOptimizer())
+    node.step({"b": np.ones(2)}, {"s1": ({"k": np.ones(3)}, 1.0)}, {}, AttentionOptions())
+    assert np.array_equal(node.keys["s2"]["k"], np.full(3, 5.0)) and np.allclose(node.keys["s1"]["k"], 1.0)
+    assert np.allclose(node.backbone["b"], 1.0)
+
+
 def test_node_state_round_trips():
     node = Node("r", {"b": np.ones(3, np.float32)}, {"s1": {"k": np.zeros(2, np.float32)},
                                                       "s2": {"k": np.ones(2, np.float32)}}, ("k",),
