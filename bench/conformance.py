@@ -18,6 +18,15 @@ Rules (issue 6), checked per cell:
 * ``global``: a method with a zero-shot global path is at most 5 points below FedAvg on global and
   on unseen accuracy.
 
+Language methods (issue 10: WorldLM, and HierFAVG, which needs a federation tree) are refused on the image
+cells with a config error that names the fix (``data.dataset``): that is their verdict there, ``refused``
+(any other error is ``FAIL``). They join the **language cells** instead: ``markov`` (the synthetic byte-Markov
+tree, always installed: 4 training sites in 2 regions + 1 unseen, default 256 sequences of 128 bytes each) on
+the default ``[model]`` of language data (the byte-level LM: 4 blocks, d 256, context 128), 6 rounds, each
+method's own defaults, with ``fedavg``, ``fedper`` and ``local`` beside them. Language rules (perplexity: lower
+is better): ``learns`` (last personalized perplexity below round 1's, and falling train loss) and
+``personalizes`` (a personalization method at most 1% above FedAvg's perplexity).
+
 A failed rule that the README explains with numbers is listed in ``EXPLAINED`` and shown as
 ``explained``; any other failure is ``FAIL``. Cell results are cached as JSON under ``--workdir``
 (``--fresh`` ignores the cache), so a rerun only computes what is missing.
@@ -41,6 +50,12 @@ sys.path.insert(0, str(ROOT))
 MODELS = {"mlp": {"arch": "mlp", "norm": "batch"}, "cnn-bn": {"arch": "cnn", "norm": "batch"},
           "cnn-gn": {"arch": "cnn", "norm": "group"}}
 DATA = ("digits", "pilot")
+#: language cells (issue 10): the default language model on the synthetic Markov tree
+LANG_MODELS = {"lm": {}}
+LANG_DATA = ("markov",)
+#: the methods the language cells run (WorldLM, its hierarchical baseline and the bench's flat baselines)
+LANG_METHODS = ("fedavg", "fedper", "local", "hierfavg", "worldlm")
+PPL_TOL = 0.01
 #: Baselines without personalization (the "personalizes" rule does not apply to them).
 NON_PERSONAL = ("fedavg", "fedprox")
 LEARN_DIGITS = 0.85
@@ -72,7 +87,9 @@ class Cell:
     model: str
     method: str
     seed: int = 0
-    rounds: int | None = None  # None: the data's own (digits 15, pilot 10)
+    rounds: int | None = None  # None: the data's own (digits 15, pilot 10, markov 6)
+    #: CI's language cell: 3 sites + 1 unseen of 40 sequences, 2 local steps (the default model, 2 rounds)
+    quick: bool = False
 
     @property
     def key(self) -> str:
@@ -88,6 +105,15 @@ def cell_config(cell: Cell, out: Path):
     """The validated config of one cell (defaults everywhere except data, model and method)."""
     from kumiki.config import load_config, validate
 
+    if cell.data in LANG_DATA:
+        quick = {"sites": 3, "unseen_sites": 1, "samples_per_site": 40} if cell.quick else {}
+        method = {"name": cell.method}
+        if cell.quick and cell.method in ("worldlm", "hierfavg"):
+            method["local_steps"] = 2
+        raw = {"run": {"name": cell.run_key, "rounds": cell.rounds or 6, "seed": cell.seed, "output_dir": str(out)},
+               "method": method, "data": {"dataset": "markov", "sites": 4, "unseen_sites": 1, **quick},
+               "model": dict(LANG_MODELS[cell.model])}
+        return validate(raw)
     model = MODELS[cell.model]
     if cell.data == "pilot":
         sets = [f'method.name="{cell.method}"', f'run.name="{cell.run_key}"', f'run.output_dir="{out}"',
@@ -112,8 +138,14 @@ def run_cell(cell: Cell, out: Path) -> dict:
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
+    from kumiki.config import ConfigError
+
     try:
         cfg = cell_config(cell, out)
+    except ConfigError as exc:  # a language method on an image cell: refused, with the fix named (or a FAIL)
+        return {"cell": cell.key, "run": cell.run_key, "data": cell.data, "model": cell.model, "method": cell.method,
+                "refused": str(exc)}
+    try:
         summary = run_inprocess(cfg, quiet=True)
     except Exception as exc:  # noqa: BLE001 - a crashing cell is a red cell, not a crashed matrix
         return {"cell": cell.key, "run": cell.run_key, "data": cell.data, "model": cell.model, "method": cell.method,
@@ -131,7 +163,7 @@ def run_cell(cell: Cell, out: Path) -> dict:
         "unseen": mean(summary["unseen"]), "unseen_adapted": mean(summary["unseen_adapted"]),
         "round1_personalized": mean(rounds[0]["personalized"]),
         "loss_first": rounds[0]["train_loss"], "loss_last": rounds[-1]["train_loss"],
-        "rejections": sum(len(r["sites"]["rejected"]) for r in rounds),
+        "rejections": sum(len(r["sites"]["rejected"]) for r in rounds), "metric": summary["metric"],
         "train": json.loads(cfg.train.model_dump_json()), "seconds": time.perf_counter() - t0,
     }
 
@@ -142,7 +174,7 @@ NUMBERS = ("personalized", "global", "unseen", "unseen_adapted", "round1_persona
 
 def combine(runs: list[dict]) -> dict:
     """One cell from its seeds: the mean of each number (None where any seed has none); errors win."""
-    errors = [r for r in runs if "error" in r]
+    errors = [r for r in runs if "error" in r or "refused" in r]
     if errors:
         return errors[0]
     out = {k: runs[0][k] for k in ("cell", "data", "model", "method")}
@@ -150,6 +182,7 @@ def combine(runs: list[dict]) -> dict:
         vals = [r[k] for r in runs]
         out[k] = None if any(v is None for v in vals) else sum(vals) / len(vals)
     out["rejections"] = sum(r["rejections"] for r in runs)
+    out["metric"] = runs[0].get("metric", "accuracy")
     out["seeds"] = sorted(r["seed"] for r in runs)
     return out
 
@@ -164,8 +197,13 @@ def has_global_path(method: str) -> bool:
 def check(res: dict, fedavg: dict | None, learn_floor: float = LEARN_DIGITS) -> list[str]:
     """The rules this cell fails (empty: it passes). ``fedavg`` is FedAvg's result on the same data and model;
     ``learn_floor`` is the digits threshold (lower only for the few-round CI subset)."""
+    if "refused" in res:
+        ok = language_only(res["method"]) and res["data"] not in LANG_DATA and "data.dataset" in res["refused"]
+        return [] if ok else [f"error: refused: {res['refused']}"]
     if "error" in res:
         return [f"error: {res['error']}"]
+    if res.get("metric") == "perplexity":
+        return check_language(res, fedavg)
     fails = []
     pers, method = res["personalized"], res["method"]
     if res["rejections"]:
@@ -190,10 +228,35 @@ def check(res: dict, fedavg: dict | None, learn_floor: float = LEARN_DIGITS) -> 
     return fails
 
 
+def language_only(method: str) -> bool:
+    """Methods that need language data or a federation tree (refused on the image cells)."""
+    from kumiki.registry import entry
+
+    cfg = entry(method).config
+    return cfg.hierarchical or cfg.tasks_supported == ("language",)
+
+
+def check_language(res: dict, fedavg: dict | None) -> list[str]:
+    """The language rules: perplexity falls (below round 1's) with the train loss; a personalization method
+    is at most ``PPL_TOL`` above FedAvg's perplexity."""
+    fails = []
+    ppl, first = res["personalized"], res["round1_personalized"]
+    if res["rejections"]:
+        fails.append(f"rejections: {res['rejections']}")
+    if ppl is None or first is None or not ppl < first:
+        fails.append(f"learns: perplexity {first} -> {ppl} does not fall")
+    if res["loss_first"] is None or res["loss_last"] is None or not res["loss_last"] < res["loss_first"]:
+        fails.append(f"learns: train loss {res['loss_first']} -> {res['loss_last']} does not fall")
+    if (fedavg and "error" not in fedavg and "refused" not in fedavg and res["method"] not in NON_PERSONAL
+            and ppl is not None and ppl > fedavg["personalized"] * (1 + PPL_TOL)):
+        fails.append(f"personalizes: perplexity {ppl:.2f} > fedavg {fedavg['personalized']:.2f} x {1 + PPL_TOL}")
+    return fails
+
+
 def verdict(res: dict, fedavg: dict | None, learn_floor: float = LEARN_DIGITS) -> tuple[str, list[str]]:
     fails = check(res, fedavg, learn_floor)
     if not fails:
-        return "pass", []
+        return ("refused" if "refused" in res else "pass"), []
     unexplained = [f for f in fails if not is_explained(res.get("cell", ""), f.split(":")[0])]
     return ("FAIL" if unexplained else "explained"), fails
 
@@ -202,9 +265,14 @@ def _pct(v) -> str:
     return "–" if v is None else f"{100 * v:.1f}"
 
 
+def _ppl(v) -> str:
+    return "–" if v is None else f"{v:.2f} ppl"
+
+
 def render(results: dict[str, dict], cells: list[Cell], methods: list[str]) -> str:
     """Markdown: one pass/fail grid (method x data/model) and one detail table."""
-    cols = [(d, m) for d in DATA for m in MODELS if any(c.data == d and c.model == m for c in cells)]
+    cols = [(d, m) for d in (*DATA, *LANG_DATA) for m in (*MODELS, *LANG_MODELS)
+            if any(c.data == d and c.model == m for c in cells)]
     head = "| method | " + " | ".join(f"{d} {m}" for d, m in cols) + " |\n|---|" + "---|" * len(cols) + "\n"
     grid, detail = [], []
     for method in methods:
@@ -215,7 +283,7 @@ def render(results: dict[str, dict], cells: list[Cell], methods: list[str]) -> s
                 marks.append("–")
                 continue
             v, _ = verdict(res, results.get(f"{d}-{m}-fedavg"))
-            marks.append({"pass": "pass", "explained": "explained", "FAIL": "**FAIL**"}[v])
+            marks.append({"pass": "pass", "explained": "explained", "FAIL": "**FAIL**", "refused": "refused"}[v])
         grid.append(f"| {method} | " + " | ".join(marks) + " |")
     for d, m in cols:
         for method in methods:
@@ -223,12 +291,17 @@ def render(results: dict[str, dict], cells: list[Cell], methods: list[str]) -> s
             if res is None:
                 continue
             v, fails = verdict(res, results.get(f"{d}-{m}-fedavg"))
+            if "refused" in res:
+                why = res["refused"].splitlines()[-1].strip("- ")[:90]
+                detail.append(f"| {d} | {m} | {method} | – | – | – | – | – | {v}: {why} |")
+                continue
             if "error" in res:
                 detail.append(f"| {d} | {m} | {method} | – | – | – | – | – | {v}: {res['error'][:80]} |")
                 continue
             loss = f"{res['loss_first']:.2f} → {res['loss_last']:.2f}"
-            detail.append(f"| {d} | {m} | {method} | {_pct(res['personalized'])} | {_pct(res['global'])} | "
-                          f"{_pct(res['unseen'])} | {_pct(res['unseen_adapted'])} | {loss} | "
+            num = _ppl if res.get("metric") == "perplexity" else _pct
+            detail.append(f"| {d} | {m} | {method} | {num(res['personalized'])} | {num(res['global'])} | "
+                          f"{num(res['unseen'])} | {num(res['unseen_adapted'])} | {loss} | "
                           f"{v}{': ' + '; '.join(fails) if fails else ''} |")
     return (head + "\n".join(grid) + "\n\n"
             "| data | model | method | personalized | global | unseen | unseen adapted | train loss r1 → last | verdict |\n"
@@ -266,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default="/tmp/kumiki-conformance")
     ap.add_argument("--fresh", action="store_true", help="ignore cached results")
     ap.add_argument("--write", action="store_true", help="write the table into bench/RESULTS.md")
+    ap.add_argument("--language", action=argparse.BooleanOptionalAction, default=None,
+                    help="the language cells (markov, default LM; default: on in full mode)")
     args = ap.parse_args(argv)
 
     methods = list(dict.fromkeys(["fedavg", *args.methods]))  # every rule compares with FedAvg
@@ -276,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print("Fashion-MNIST is not installed: the pilot cells are skipped", file=sys.stderr)
     runs = [Cell(d, m, meth, seed) for d in seeds for m in args.models for meth in methods for seed in seeds[d]]
+    if args.language if args.language is not None else args.mode == "full":
+        runs += [Cell(d, m, meth, 0) for d in LANG_DATA for m in LANG_MODELS for meth in methods
+                 if meth in LANG_METHODS]
     work = Path(args.workdir)
     cache = work / "cells"
     cache.mkdir(parents=True, exist_ok=True)
@@ -308,7 +386,9 @@ def main(argv: list[str] | None = None) -> int:
              "one thread per run. Accuracies in %, last round.\n\n")
     print(stamp + table)
     if args.write:
-        _write_between(ROOT / "bench" / "RESULTS.md", stamp + table)
+        lang = any(c.data in LANG_DATA for c in cells)
+        _write_between(ROOT / "bench" / "RESULTS.md", stamp + table, "conformance-lm" if lang and not any(
+            c.data in DATA for c in cells) else "conformance")
     verdicts = [verdict(results[c.key], results.get(f"{c.data}-{c.model}-fedavg"))[0] for c in cells]
     return 1 if "FAIL" in verdicts else 0
 

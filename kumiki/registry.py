@@ -46,6 +46,8 @@ METHODS: dict[str, MethodEntry] = {
                                    "client.methods.floral_ensemble:FloralEnsembleObjective"),
     "local_adaptors": MethodEntry(m.LocalAdaptorsConfig, "strategies.local_adaptors:LocalAdaptors",
                                   "client.methods.local_adaptors:LocalAdaptorsObjective"),
+    "worldlm": MethodEntry(m.WorldLMConfig, "strategies.worldlm:WorldLM", "client.methods.worldlm:WorldLMObjective"),
+    "hierfavg": MethodEntry(m.HierFAVGConfig, "strategies.hierfavg:HierFAVG", "client.methods.hierfavg:HierFAVGObjective"),
 }
 
 

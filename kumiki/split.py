@@ -24,6 +24,10 @@ from typing import Any
 
 SHARED = "shared"
 PERSONAL = "personal"
+#: The group name of tensors that every group holds its own copy of (WorldLM's key layers: the same names in
+#: every sub-federation, different values). A site of any group sends and receives them; the server keeps one
+#: value per group.
+EVERY_GROUP = "*"
 
 
 class SplitError(ValueError):
@@ -119,7 +123,10 @@ class ParamSplit:
         return self._kind[name]
 
     def travelling(self, group: str | None = None) -> tuple[str, ...]:
-        """Names a site in ``group`` may send and receive: shared + its group's tensors."""
+        """Names a site in ``group`` may send and receive: shared + its group's tensors (+ its copy of the
+        ``EVERY_GROUP`` tensors, whatever its group)."""
+        if EVERY_GROUP in self.groups:
+            return self.shared + self.groups[EVERY_GROUP]
         if group is not None and group not in self.groups:
             return self.shared
         return self.shared + (self.groups[group] if group else ())

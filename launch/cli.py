@@ -150,7 +150,7 @@ def config_schema() -> None:
 def run_cmd(
     config: str,
     set_: SetOpt = None,
-    engine: Annotated[str, typer.Option(help="inprocess (default: no sockets, no Ray), local (real SuperLink + SuperNodes on 127.0.0.1), simulation (Flower/Ray)")] = "inprocess",
+    engine: Annotated[str, typer.Option(help="inprocess (default: no sockets, no Ray), local (real SuperLink + SuperNodes on 127.0.0.1), simulation (Flower/Ray), regions (WorldLM shape (b): a SuperLink per sub-federation)")] = "inprocess",
     verbose: bool = False,
     overwrite: OverwriteOpt = False,
     resume: Annotated[bool, typer.Option("--resume", help="continue the run in runs/<name>/ from its last server "

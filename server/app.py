@@ -84,6 +84,11 @@ def main(grid: Grid, context: Context) -> None:
     max_poll_s = float(os.environ.get("KUMIKI_REPLY_POLL_MAX_S", "0.5"))
     if max_poll_s > 0:
         grid = ReplyPollingGrid(grid, max_poll_s)
+    if context.run_config.get("region-dir"):  # WorldLM shape (b): a sub-federation's server (server/region.py)
+        from server.region import serve_region
+
+        serve_region(grid, cfg, str(context.run_config["region-dir"]))
+        return
     run_federation(grid, cfg, sim=sim, engine="deployment", resume=wants_resume(context.run_config.get("resume")))
 
 

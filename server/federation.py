@@ -31,6 +31,9 @@ log = logging.getLogger("kumiki.server")
 
 
 def model_spec(cfg: KumikiConfig) -> ModelSpec:
+    if cfg.model.arch == "lm":  # language: bytes in, 256 next-byte logits out
+        return ModelSpec("lm", (cfg.model.context,), 256, cfg.model.hidden, "none", cfg.run.seed,
+                         dp_fix=False, blocks=cfg.model.blocks, heads=cfg.model.heads)
     if cfg.data.dataset == "site-folders":
         shape, classes = tuple(cfg.data.input_shape), cfg.data.num_classes
     else:
@@ -45,7 +48,7 @@ def build_strategy(cfg: KumikiConfig, sim: dict | None = None):
     split = ParamSplit.build(model, cfg.method.split_rules())
     initial = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     job = Job(0, cfg.method, cfg.train, spec, cfg.privacy, sim, cfg.eval, cfg.site, cfg.run.name, cfg.run.rounds)
-    return entry(cfg.method.name).load_strategy()(cfg, job, split, initial)
+    return entry(cfg.method.name).load_strategy().for_config(cfg)(cfg, job, split, initial)
 
 
 def checkpoint(strategy, run_dir: Path, rnd: int) -> None:

@@ -163,6 +163,9 @@ class Recorder:
             row["epsilon"] = dict(sorted(eps.items()))
         if self.cfg.privacy.central:
             row["central_epsilon"] = strategy.central_epsilon()
+        extra = strategy.record(rnd)
+        if extra:  # method-specific facts of the round (WorldLM: its phase, attention, sub-federation epsilons)
+            row["method"] = extra
         self._append(row)
         for site, m in sorted(ev.items()):
             task = tasks.get(site, "classification")
@@ -189,6 +192,13 @@ class Recorder:
     def privacy(self, strategy: KumikiStrategy) -> dict[str, Any] | None:
         """``privacy.epsilon_per_site`` (last reported), the budget, and when each site stopped."""
         p = self.cfg.privacy
+        groups = strategy.privacy_record()
+        if groups:  # privacy a method applies per sub-federation (WorldLM): per group, and each site's ledger
+            eps: dict[str, float] = {}
+            for h in self.history:
+                eps.update(h.get("epsilon", {}))
+            return {"accountant": p.accountant, "groups": groups, "epsilon_per_site": dict(sorted(eps.items())),
+                    "stopped_at_round": dict(sorted(strategy.budget_spent.items()))}
         if not (p.enabled or p.central):
             return None
         out: dict[str, Any] = {"target_epsilon": p.target_epsilon, "delta": p.delta, "accountant": p.accountant}
@@ -215,7 +225,7 @@ class Recorder:
             everyone_declined = h["sites"]["sampled"] and len(h["sites"].get("declined", [])) == h["sites"]["sampled"]
             if h["sites"]["rejected"] or not (h["sites"]["aggregated"] or everyone_declined):
                 incomplete.append(h["round"])
-        return {"configured": self.cfg.total_sites, "discovered": sorted(p.site for p in strategy.profiles.values()),
+        return {"configured": strategy.expected_nodes(), "discovered": sorted(p.site for p in strategy.profiles.values()),
                 "dropped": list(strategy.discovery_rejected), "trained_rounds": dict(sorted(trained.items())),
                 "incomplete_rounds": incomplete,
                 # what each site said of itself (query.profile): the report's factory table
@@ -259,7 +269,7 @@ class Recorder:
                                                **dict.fromkeys(SECTIONS)} for t in run_tasks},
         }
         part = self.participation(strategy)
-        complete = (len(part["discovered"]) == self.cfg.total_sites and not part["incomplete_rounds"]
+        complete = (len(part["discovered"]) == strategy.expected_nodes() and not part["incomplete_rounds"]
                     and (len(self.history) == self.cfg.run.rounds or self.ended is not None))
         if self.ended is not None:
             summary["ended"] = self.ended

@@ -218,6 +218,23 @@ class KumikiStrategy(Strategy):
             stats.eval_sent.add(node_id)
         return Message(content, dst_node_id=node_id, message_type=mtype)
 
+    @classmethod
+    def for_config(cls, cfg) -> type:
+        """The strategy class that runs ``cfg`` (a method with several deployment shapes picks one)."""
+        return cls
+
+    def expected_nodes(self) -> int:
+        """How many nodes a complete run hears from (every site; a bridged WorldLM root: every sub-federation)."""
+        return self.cfg.total_sites
+
+    def record(self, rnd: int) -> dict[str, Any]:
+        """Method-specific facts of round ``rnd`` for its metrics.jsonl row (``"method"``; none by default)."""
+        return {}
+
+    def privacy_record(self) -> dict[str, Any] | None:
+        """Privacy a method applies beyond ``[privacy]`` (WorldLM's per-sub-federation DP), for summary.json."""
+        return None
+
     def server_state(self) -> dict[str, np.ndarray]:
         """Server-side method state a checkpoint keeps besides the model tensors (FedHB: its precision)."""
         return {}

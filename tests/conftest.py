@@ -31,6 +31,41 @@ def make_config(tmp_path: Path, method: str = "fedavg", rounds: int = 2, sites: 
     return validate(raw)
 
 
+#: the tiny LM of language tests (about 135k parameters): width 64, 2 blocks, 2 heads, 32-byte context
+TINY_LM = {"hidden": 64, "blocks": 2, "heads": 2, "context": 32}
+#: the baselines' optimizer on language data: WorldLM's (spec worldlm.md section 9)
+LM_TRAIN = {"optimizer": "adamw", "lr": 1e-3, "betas": [0.9, 0.95], "grad_clip": 1.0, "batch_size": 16}
+
+
+def make_lm_config(tmp_path: Path, method: str = "worldlm", rounds: int = 4, name: str | None = None,
+                   knobs: dict | None = None, federation: dict | None = None, sites: int = 4, unseen: int = 0,
+                   samples: int = 64, **sections) -> KumikiConfig:
+    """A small language config: the synthetic byte-Markov tree (pairs of sites per region), the tiny LM,
+    4 local steps for WorldLM and HierFAVG (one epoch of 51 sequences: the baselines' budget)."""
+    from kumiki.registry import entry
+
+    steps = "local_steps" in entry(method).config.model_fields
+    raw = {"run": {"name": name or method, "rounds": rounds, "seed": 0, "output_dir": str(tmp_path / "runs")},
+           "method": {"name": method, **({"local_steps": 4} if steps else {}), **(knobs or {})},
+           "data": {"dataset": "markov", "sites": sites, "unseen_sites": unseen, "samples_per_site": samples},
+           "model": dict(TINY_LM), "server": {"discovery_timeout_s": 20.0}}
+    if not steps:
+        raw["train"] = dict(LM_TRAIN)
+    if federation is not None:
+        raw["federation"] = federation
+    for sec, vals in sections.items():
+        raw.setdefault(sec, {}).update(vals)
+    return validate(raw)
+
+
+def language_method(method: str) -> bool:
+    """Methods that need language data or a federation tree (they run on the Markov tree in generic tests)."""
+    from kumiki.registry import entry
+
+    cfg = entry(method).config
+    return cfg.hierarchical or cfg.tasks_supported == ("language",)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread():
     """Tiny models on a shared 2-core box: one intra-op thread is several times faster."""

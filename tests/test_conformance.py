@@ -6,13 +6,17 @@ sites + 1 unseen, CNN-S with batch norm (the default ``[model]``), each method's
 same rules: the method learns (personalized >= 0.85, falling loss), a personalization method is
 at most 1 point below FedAvg's personalized mean, and a global path is within 5 points of
 FedAvg's unless the README explains the gap (``EXPLAINED``). About 4 minutes on one core.
+
+Language methods (WorldLM; HierFAVG needs a tree): on the default image config they are refused with a
+config error that names ``data.dataset``; their own cell is the language matrix's (synthetic Markov tree, the
+default LM, the method's defaults) made small: 3 sites + 1 unseen, 2 rounds of 2 local steps.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from bench.conformance import Cell, run_cell, verdict
+from bench.conformance import Cell, language_only, run_cell, verdict
 from kumiki.registry import METHODS
 
 
@@ -22,7 +26,8 @@ def fedavg(tmp_path_factory):
 
 
 #: FLoRAL's two baselines run in the bench matrix only (CI time); FLoRAL itself is here.
-CI_METHODS = sorted(set(METHODS) - {"floral_ensemble", "local_adaptors"})
+CI_METHODS = sorted(m for m in set(METHODS) - {"floral_ensemble", "local_adaptors"} if not language_only(m))
+LANGUAGE_METHODS = sorted(m for m in METHODS if language_only(m))
 
 
 @pytest.mark.parametrize("method", CI_METHODS)
@@ -31,3 +36,19 @@ def test_method_conforms_on_the_default_model(method, fedavg, tmp_path):
     assert "error" not in res, res.get("trace")
     v, fails = verdict(res, fedavg)
     assert v != "FAIL", fails
+
+
+@pytest.mark.parametrize("method", LANGUAGE_METHODS)
+def test_language_method_on_the_default_image_config_is_refused_with_the_fix(method, tmp_path):
+    for data in ("digits", "pilot"):
+        res = run_cell(Cell(data, "cnn-bn", method), tmp_path)
+        assert verdict(res, None) == ("refused", []), res
+        assert "data.dataset = 'markov'" in res["refused"]
+    assert verdict({**res, "refused": "invalid config:\n  - something else"}, None)[0] == "FAIL"  # no fix named
+
+
+def test_worldlm_learns_on_the_default_language_model(tmp_path):
+    res = run_cell(Cell("markov", "lm", "worldlm", rounds=2, quick=True), tmp_path)
+    assert "error" not in res, res.get("trace")
+    assert verdict(res, None) == ("pass", []), res
+    assert res["personalized"] < 256 and res["unseen_adapted"] < res["unseen"]  # below uniform; adapts

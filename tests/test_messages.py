@@ -11,12 +11,13 @@ from kumiki.split import ParamSplit
 from models import build_model
 from server.federation import model_spec
 from server.recorder import read_final
-from tests.conftest import make_config
+from tests.conftest import language_method, make_config, make_lm_config
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_no_personal_tensor_in_any_message(tmp_path, method):
-    cfg = make_config(tmp_path, method=method, rounds=2, sites=2, unseen=1)
+    make = make_lm_config if language_method(method) else make_config
+    cfg = make(tmp_path, method=method, rounds=2, sites=2, unseen=1)
     grids = []
     summary = run_inprocess(cfg, quiet=True, grid_hook=grids.append)
     grid = grids[0]

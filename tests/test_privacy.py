@@ -16,7 +16,7 @@ from kumiki.accounting import epsilon, solve_noise
 from kumiki.config import ConfigError, TrainSection
 from kumiki.registry import METHODS
 from launch.engines.inprocess import run_inprocess
-from tests.conftest import make_config
+from tests.conftest import make_config, language_method, make_lm_config
 
 GN = {"arch": "mlp", "norm": "group", "hidden": 64}
 #: methods whose DP run needs method knobs: DualFed trains privately without SupCon and with a fixed projector
@@ -25,6 +25,9 @@ KNOBS = {"dualfed": {"con_lambda": 0.0}}
 
 def dp_config(tmp_path, method="fedavg", name="t", rounds=2, **privacy):
     fix = {"fix_model": True} if method == "dualfed" else {}
+    if language_method(method):  # the byte-level LM on the Markov tree (LayerNorm: DP-SGD trains it as is)
+        return make_lm_config(tmp_path, method=method, name=name, rounds=rounds, sites=2,
+                              privacy={"enabled": True, "target_epsilon": 4.0, **privacy})
     return make_config(tmp_path, method=method, name=name, rounds=rounds, sites=2, model=GN, knobs=KNOBS.get(method),
                        privacy={"enabled": True, "target_epsilon": 4.0, **fix, **privacy})
 

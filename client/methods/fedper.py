@@ -26,7 +26,7 @@ def fresh_head_on_frozen_body(sj: SiteJob, epochs: int) -> nn.Module:
     model.to(sj.trainer.device)
     if epochs > 0:
         sj.trainer.fit(model, model.head.parameters(), epochs=epochs, tag=f"newhead{sj.job.round}",
-                       eval_modules=[model.encoder])
+                       eval_modules=[m for n, m in model.named_children() if n != "head"])
     return model
 
 

@@ -73,7 +73,12 @@ def site_name(i: int) -> str:
 
 
 def partitioned_names(data_cfg) -> list[str]:
-    """The names of a partitioned run's sites, training sites first: ``data.site_names``, else site-<i>."""
+    """The names of a partitioned run's sites, training sites first: ``data.site_names``, else site-<i>
+    (language data: its languages or roles, ``kumiki.data.text``)."""
+    from kumiki.data import text
+
+    if data_cfg.dataset in text.TEXT_DATASETS:
+        return text.text_site_names(data_cfg)
     return list(data_cfg.site_names) or [site_name(i) for i in range(data_cfg.sites + data_cfg.unseen_sites)]
 
 
@@ -121,6 +126,10 @@ def materialize(cfg, root: str | Path) -> list[Path]:
     """Partition the pooled dataset into ``sites + unseen_sites`` folders under ``root``."""
     data = cfg.data
     root = Path(root)
+    from kumiki.data import text
+
+    if data.dataset in text.TEXT_DATASETS:
+        return text.materialize_text(cfg, root)
     x, y = pool(data)
     rng = np.random.default_rng(cfg.run.seed if data.partition_seed is None else data.partition_seed)
     n_total = data.sites + data.unseen_sites

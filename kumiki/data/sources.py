@@ -45,4 +45,8 @@ def fashion_mnist_available(root: str | Path) -> bool:
 
 SHAPES = {"digits": ((1, 8, 8), 10), "fashion-mnist": ((1, 28, 28), 10)}
 #: the task every site of a pooled dataset learns unless the method assigns tasks (``kumiki/tasks.py``)
-DATASET_TASK = {"digits": "classification", "fashion-mnist": "classification"}
+DATASET_TASK = {"digits": "classification", "fashion-mnist": "classification", "fortunes": "language",
+                "shakespeare": "language", "markov": "language"}
+#: the datasets of each task, as a config error names them (a method that trains only some tasks)
+TASK_DATASETS = {"classification": "'digits' or 'fashion-mnist'",
+                 "language": "'markov' (always installed), 'fortunes' or 'shakespeare'"}

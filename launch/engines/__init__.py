@@ -10,7 +10,7 @@ from typing import Any
 from kumiki.config import KumikiConfig
 from kumiki.data.sites import materialize, partitioned_names, site_folders
 
-ENGINES = ("simulation", "local", "inprocess")
+ENGINES = ("simulation", "local", "inprocess", "regions")
 
 
 def prepare_sites(cfg: KumikiConfig, resume: bool = False) -> dict[str, Any]:
@@ -52,11 +52,16 @@ def node_configs(cfg: KumikiConfig, sim: dict[str, Any]) -> list[dict[str, Any]]
     The site's name is the one its site.json gives (what a deployment's operator would pass as ``site``), so
     logs, metrics and the report name the factories as their folders do, never by position.
     """
+    from kumiki import hierarchy
+
     dirs = sim.get("site_dirs") or partitioned_names(cfg.data)
+    tree = hierarchy.resolve(cfg)
     out = []
     for d in dirs:
         name = _site_json_name(Path(sim["sites_root"]) / d)
         nc = {"site": name, "data-dir": f"{sim['sites_root']}/{d}", "state-dir": f"{sim['state_root']}/{name}"}
+        if tree is not None and tree.group_of(name):  # the site's sub-federation, as an operator passes it
+            nc["group"] = tree.group_of(name)
         if "privacy_root" in sim:
             nc["privacy-dir"] = f"{sim['privacy_root']}/{name}"
         out.append(nc)
@@ -71,6 +76,15 @@ def run(cfg: KumikiConfig, engine: str, quiet: bool = False, overwrite: bool = F
     ``insecure`` turns TLS and SuperNode authentication off in the ``local`` engine (the
     other engines open no Flower connection).
     """
+    bridged = cfg.federation.superlinks == "per_group"
+    if bridged != (engine == "regions"):
+        raise ValueError("federation.superlinks = 'per_group' runs on --engine regions (a SuperLink per "
+                         "sub-federation), and --engine regions needs it" if bridged else
+                         "--engine regions runs federation.superlinks = 'per_group' configs only")
+    if engine == "regions":
+        from launch.engines.regions import run_regions
+
+        return run_regions(cfg, quiet=quiet, overwrite=overwrite, resume=resume, insecure=insecure)
     if engine == "inprocess":
         from launch.engines.inprocess import run_inprocess
 

@@ -1,0 +1,158 @@
+"""The regional aggregator of WorldLM's deployment shape (b): a SuperNode of the root, a ServerApp of its region.
+
+A sub-federation that must keep its sites off any server outside its legal domain runs its own SuperLink
+and one aggregator. The aggregator is an ordinary SuperNode on the root's SuperLink (its own key, TLS),
+started with the node config that names its region::
+
+    flower-supernode ... --node-config "site='romance' region-federation='romance' \\
+        region-flwr-home='/srv/romance/flwr' region-config='/srv/federation.toml' region-dir='/srv/romance/state'"
+
+This ClientApp mod (Flower's supported extension point) answers every message of the root for such a node:
+it writes the message into a job folder under ``region-dir/jobs`` and waits for the answer of the region's
+server: one long-lived Flower run on the region's own SuperLink (``flwr run <app> <region-federation>``
+with ``region-dir`` in the run config; the region's ``flwr`` connection config lives in
+``region-flwr-home``), which the mod starts when none is running (``server/region.py``: it trains or
+evaluates the region's sites and writes the answer, which goes back to the root). The sites only ever talk
+to their region's SuperLink; their data and state contracts are those of any Kumiki site. A node without
+``region-federation`` is an ordinary site: the mod passes its messages on.
+
+Optional node config: ``region-app`` (the app folder ``flwr run`` builds; default: this app), ``region-flwr``
+(the ``flwr`` executable; default: beside this Python), ``region-timeout-s`` (default 900).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+
+from kumiki import contract as C
+
+APP_DIR = Path(__file__).resolve().parents[1]
+ERR_REGION = 4500  # the region could not answer (its run failed or timed out)
+
+
+def is_bridge(context: Context) -> bool:
+    return bool(dict(context.node_config).get("region-federation"))
+
+
+def bridge_mod(msg: Message, context: Context, call_next) -> Message:
+    """Flower ClientApp mod: a regional aggregator's node answers through its region; any other node passes."""
+    if not is_bridge(context):
+        return call_next(msg, context)
+    try:
+        return answer(msg, dict(context.node_config))
+    except Exception as exc:  # noqa: BLE001 - the root gets a coded error reply, never a crash
+        return Message(Error(code=ERR_REGION, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+
+
+def _kind(msg: Message) -> str:
+    mtype = msg.metadata.message_type
+    if mtype.startswith("query"):
+        return "profile"
+    return "train" if mtype.startswith("train") else "evaluate"
+
+
+def write_job(job_dir: Path, msg: Message, node_config: dict) -> None:
+    content = msg.content
+    config = content[C.CONFIG] if C.CONFIG in content.config_records else ConfigRecord()
+    job = {"kind": _kind(msg), "round": int(config.get(C.ROUND, 0)), "group": str(node_config["site"]),
+           "region_dir": str(node_config["region-dir"]),
+           "config": {k: str(v) for k, v in config.items() if isinstance(v, (str, int, float))}}
+    arrays = {}
+    if C.ARRAYS in content.array_records:
+        arrays.update({f"arrays/{k}": v.numpy() for k, v in content[C.ARRAYS].items()})
+    if C.EXTRA in content.array_records:
+        arrays.update({f"extra/{k}": v.numpy() for k, v in content[C.EXTRA].items()})
+    with open(job_dir / "job.npz", "wb") as f:
+        np.savez(f, **arrays)
+    (job_dir / "job.json").write_text(json.dumps(job))
+
+
+def server_alive(region_dir: Path) -> bool:
+    """Whether the region's ServerApp runs: it holds ``server.lock`` while it lives (``server/region.py``)."""
+    path = region_dir / "server.lock"
+    if not path.is_file():
+        return False
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+
+def start_server(node_config: dict, region_dir: Path) -> None:
+    """``flwr run`` of the region's server (one long-lived run on the region's SuperLink); returns once submitted."""
+    flwr = str(node_config.get("region-flwr") or Path(sys.executable).parent / "flwr")
+    if not Path(flwr).is_file():
+        flwr = shutil.which("flwr") or flwr
+    app = str(node_config.get("region-app") or APP_DIR)
+    env = {**os.environ, "FLWR_HOME": str(node_config["region-flwr-home"])}
+    log = region_dir / "flwr-run.log"
+    with open(log, "ab") as out:
+        proc = subprocess.run([flwr, "run", app, str(node_config["region-federation"]), "--run-config",
+                               f"config='{node_config['region-config']}' region-dir='{region_dir}'"],
+                              env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=app,
+                              timeout=120, start_new_session=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"flwr run of the region's server failed (exit {proc.returncode}); see {log}")
+
+
+def run_region(job_dir: Path, node_config: dict) -> None:
+    """Make sure the region's server runs (starting it when it does not, at most 3 times), then wait for its
+    answer to the job, bounded by ``region-timeout-s``."""
+    region_dir = job_dir.parent.parent
+    timeout = float(node_config.get("region-timeout-s", 900))
+    deadline, starts, checked, boot = time.monotonic() + timeout, 0, 0.0, 0.0
+    while not (job_dir / "result.json").is_file():
+        now = time.monotonic()
+        if now > deadline:
+            raise RuntimeError(f"the region's server gave no answer within {timeout:.0f}s (see {region_dir})")
+        if now - checked > 1.0 and now - boot > 30.0:  # a server that was just submitted gets time to start
+            checked = now
+            if not server_alive(region_dir):
+                if starts >= 3:
+                    raise RuntimeError(f"the region's server stopped {starts} times without answering; see "
+                                       f"{region_dir / 'flwr-run.log'} and the region SuperLink's logs")
+                start_server(node_config, region_dir)
+                starts, boot = starts + 1, time.monotonic()
+        time.sleep(0.05)
+
+
+def answer(msg: Message, node_config: dict) -> Message:
+    missing = [k for k in ("site", "region-flwr-home", "region-config", "region-dir") if k not in node_config]
+    if missing:
+        raise ValueError(f"a regional aggregator's node config needs {missing}")
+    jobs = Path(str(node_config["region-dir"])) / "jobs"
+    jobs.mkdir(parents=True, exist_ok=True)
+    job_dir = Path(tempfile.mkdtemp(prefix=f"{_kind(msg)}-{time.strftime('%Y%m%d-%H%M%S')}-", dir=jobs))
+    write_job(job_dir, msg, node_config)
+    run_region(job_dir, node_config)
+    result = json.loads((job_dir / "result.json").read_text())
+    if result.get("error"):
+        err = result["error"]
+        return Message(Error(code=int(err.get("code", ERR_REGION)), reason=str(err.get("reason"))), reply_to=msg)
+    metrics = result["metrics"]
+    if _kind(msg) == "profile":
+        rec = ConfigRecord({"site": str(node_config["site"]), "role": "train", "group": str(node_config["site"]),
+                            "task": "language", "num-train": int(metrics["num-train"]),
+                            "num-test": int(metrics["num-test"])})
+        return Message(RecordDict({C.PROFILE: rec}), reply_to=msg)
+    content = RecordDict({C.METRICS: MetricRecord(metrics)})
+    if (job_dir / "result.npz").is_file():
+        with np.load(job_dir / "result.npz") as z:
+            content[C.ARRAYS] = C.to_record({k: z[k] for k in z.files})
+    elif _kind(msg) == "train":
+        content[C.ARRAYS] = ArrayRecord()
+    return Message(content, reply_to=msg)
