@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from kumiki.config import ConfigError, KumikiConfig, load_config, to_json
 
@@ -26,14 +27,14 @@ def _load(config: str, overrides: list[str] | None) -> KumikiConfig:
     try:
         return load_config(config, overrides)
     except ConfigError as e:
-        err.print(f"[red]{e}[/]")
+        err.print(f"[red]{escape(str(e))}[/]")
         raise typer.Exit(2) from None
 
 
 def _note_method_defaults(cfg: KumikiConfig) -> None:
     if cfg.train_from_method:
         keys = ", ".join(f"train.{k} = {v}" for k, v in cfg.train_from_method.items())
-        err.print(f"note: {keys} from {cfg.method.name}'s paper defaults (set them in [train] to override)")
+        err.print(f"note: {escape(keys)} from {cfg.method.name}'s paper defaults (set them in \\[train] to override)")
 
 
 def _logging(verbose: bool) -> None:
@@ -62,13 +63,13 @@ def _execute(cfg: KumikiConfig, engine: str, verbose: bool, overwrite: bool = Fa
     try:
         summary = run(cfg, engine, overwrite=overwrite, resume=resume, insecure=insecure)
     except (SiteDataError, DataUnavailable) as e:
-        err.print(f"[red]data error:[/] {e}")
+        err.print(f"[red]data error:[/] {escape(str(e))}")
         raise typer.Exit(EXIT_USAGE) from None
     except RunDirError as e:
-        err.print(f"[red]run dir:[/] {e}")
+        err.print(f"[red]run dir:[/] {escape(str(e))}")
         raise typer.Exit(EXIT_USAGE) from None
     except Exception as e:  # noqa: BLE001 - a failed run is reported as failed, never as done
-        err.print(f"[red]the run failed:[/] {type(e).__name__}: {e}")
+        err.print(f"[red]the run failed:[/] {type(e).__name__}: {escape(str(e))}")
         if (cfg.run_dir() / "summary.json").is_file():
             err.print(f"what it recorded (status 'failed'): {cfg.run_dir() / 'summary.json'}")
         raise typer.Exit(EXIT_FAILED) from None
@@ -80,7 +81,7 @@ def _execute(cfg: KumikiConfig, engine: str, verbose: bool, overwrite: bool = Fa
             render_report(cfg.run_dir())
         err.print(f"report: {report}")
     except Exception as e:  # noqa: BLE001 - a report failure must not hide a finished run
-        err.print(f"[yellow]report not written: {e}[/]")
+        err.print(f"[yellow]report not written: {escape(str(e))}[/]")
     p = summary.get("personalized") or {}
     g = summary.get("global") or {}
     u = summary.get("unseen") or {}
@@ -188,7 +189,7 @@ def report(run_dir: str,
         try:
             comp = compare_runs([run_dir, *(also or [])], list(compare))
         except ValueError as e:
-            err.print(f"[red]--compare: {e}[/]")
+            err.print(f"[red]--compare: {escape(str(e))}[/]")
             raise typer.Exit(2) from None
         write_comparison(run_dir, comp)
         err.print("\n".join(console_lines(comp)), markup=False)
@@ -307,7 +308,7 @@ def site_import(
         done = import_site(src, target, name, role, test_fraction, parse_size(size), grayscale, domain,
                            parse_classes(classes), seed, overwrite)
     except (SiteDataError, OSError, ValueError) as e:
-        err.print(f"[red]site import:[/] {e}")
+        err.print(f"[red]site import:[/] {escape(str(e))}")
         raise typer.Exit(2) from None
     per_class = ", ".join(f"{c} {a}/{b}" for c, (a, b) in done["per_class"].items())
     err.print(f"[green]site {done['name']}[/] ", end="")
@@ -344,7 +345,7 @@ def certs(
         bundle = make_certs(directory, list(site or DEFAULT_SITES), list(host or []), rotate=list(rotate or []),
                             renew_superlink=renew_superlink)
     except CertError as e:
-        err.print(f"[red]{e}[/]")
+        err.print(f"[red]{escape(str(e))}[/]")
         raise typer.Exit(2) from None
     for path in bundle.created:
         typer.echo(f"wrote {path}")
@@ -371,7 +372,7 @@ def main() -> None:
     try:
         cli()
     except KeyboardInterrupt as e:
-        err.print(f"[red]interrupted{f' ({e})' if str(e) else ''}[/]")
+        err.print(f"[red]interrupted{f' ({escape(str(e))})' if str(e) else ''}[/]")
         sys.exit(130)
 
 

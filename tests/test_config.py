@@ -171,3 +171,15 @@ def test_cluster_partition_errors_name_the_key(overrides, key, words):
     with pytest.raises(ConfigError) as e:
         load_config(CLUSTERS, overrides)
     assert any(p.startswith(key) and words in p for p in e.value.problems), e.value.problems
+
+
+def test_cli_messages_show_brackets_literally(tmp_path):
+    """The console renders markup: a [train] hint or a bracketed value inside an error must not vanish."""
+    cfg = tmp_path / "d.toml"
+    cfg.write_text(DUALFED)
+    r = subprocess.run([sys.executable, "-m", "launch.cli", "validate", str(cfg)], capture_output=True, text=True,
+                       cwd=ROOT)
+    assert r.returncode == 0 and "set them in [train] to override" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "launch.cli", "validate", str(cfg), "--set", 'data.domains=["bogus"]'],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "['bogus']" in r.stderr
