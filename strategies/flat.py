@@ -1,0 +1,331 @@
+"""One flat buffer per reply: a round's updates as the rows of one K x P matrix.
+
+Why: aggregation is a reduction over K replies of P parameters. Done per tensor name, it costs a Python
+loop, a float64 copy and a temporary per tensor per reply (and a second copy when Flower's ``Array.numpy()``
+deserializes each tensor). Here each reply's tensors go once, straight from the wire bytes, into its row; the
+finiteness check is one matrix-vector product over all rows, a weighted mean another (BLAS), and the robust
+rules work on column blocks of the same matrix.
+
+* :func:`read_npy`: a Flower ``Array``'s bytes as a read-only numpy view, without copying them; its header is
+  checked (a canonical header is compared as bytes, anything else parsed by numpy's own, bounded reader).
+* :class:`Layout`: where each floating tensor sits in a row. Integer tensors (BatchNorm's
+  ``num_batches_tracked``) stay aside, one copy per row, and are never averaged.
+* :class:`Stack`: the matrix and each row's integer tensors. It is a sequence of mappings (row k is a
+  :class:`RowView`: name -> view into row k), so code written for ``list[dict[str, ndarray]]`` reads it unchanged.
+
+Rows are in the layout's dtype: float32, or float64 when a tensor is float64. A reply sent in float16
+(``server.transport_dtype``) is widened to it as it is copied in: the server's math is never in float16.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+#: Largest .npy header read from a reply (numpy's own default bound for untrusted files).
+MAX_HEADER = 10_000
+#: Columns per block where a rule needs a float64 or sorted copy (K x BLOCK x 8 bytes at a time).
+BLOCK = 1 << 15
+
+
+class NpyError(ValueError):
+    """Bytes that are not the .npy serialization of one plain numeric array."""
+
+
+def _is_float(dtype: np.dtype) -> bool:
+    return np.issubdtype(dtype, np.floating)
+
+
+@lru_cache(maxsize=4096)
+def npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    """The header ``np.save`` writes for a C-ordered array of this dtype and shape (format 1.0)."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": tuple(shape)})
+    return buf.getvalue()
+
+
+def read_npy(data: Any, expect: tuple[np.dtype, tuple[int, ...], bytes] | None = None) -> np.ndarray:
+    """``data`` (the bytes of a Flower ``Array``, ``stype`` numpy.ndarray) as a read-only array view.
+
+    ``expect = (dtype, shape, header)``: when the data starts with exactly the header ``np.save`` writes for that
+    dtype and shape, nothing else is parsed. Otherwise the header is read with numpy's reader (format 1.0 or 2.0,
+    at most ``MAX_HEADER`` bytes) and the array is what it says (the caller compares dtype and shape). Object or
+    non-numeric dtypes and a data length other than the header promises raise :class:`NpyError`.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise NpyError(f"array data is {type(data).__name__}, not bytes")
+    if expect is not None and data[:len(expect[2])] == expect[2]:
+        dtype, shape, header = expect
+        dtype, offset, order = np.dtype(dtype), len(header), "C"
+    else:
+        fp = io.BytesIO(memoryview(data)[:MAX_HEADER + 16])
+        try:
+            version = np.lib.format.read_magic(fp)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp, max_header_size=MAX_HEADER)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp, max_header_size=MAX_HEADER)
+            else:
+                raise NpyError(f".npy format {version} is not supported (1.0 or 2.0)")
+        except NpyError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - numpy raises ValueError, SyntaxError, ...: all mean bad bytes
+            raise NpyError(f"not a .npy array ({type(exc).__name__}: {exc})") from None
+        if dtype.hasobject or dtype.kind not in "biufc":
+            raise NpyError(f"dtype {dtype} is not a plain numeric type")
+        offset, order = fp.tell(), "F" if fortran else "C"
+    count = int(np.prod(shape, dtype=np.int64))
+    if len(data) - offset != count * dtype.itemsize:
+        raise NpyError(f"{len(data) - offset} data bytes for {dtype}{list(shape)} ({count * dtype.itemsize} expected)")
+    return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape, order=order)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where every floating tensor of a set of named arrays sits in a flat row (in the arrays' order)."""
+
+    order: tuple[str, ...]  # every name, in the arrays' order (outputs keep it)
+    names: tuple[str, ...]  # floating tensors, in row order
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[np.dtype, ...]
+    offsets: tuple[int, ...]  # len(names) + 1; the last is the row size
+    ints: tuple[str, ...]  # non-floating tensors (never averaged)
+    dtype: np.dtype  # the rows' dtype
+    _pos: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def of(cls, arrays: Mapping[str, np.ndarray]) -> Layout:
+        names, shapes, dtypes, offsets, ints = [], [], [], [0], []
+        for k, v in arrays.items():
+            v = np.asarray(v)
+            if _is_float(v.dtype):
+                names.append(k)
+                shapes.append(tuple(v.shape))
+                dtypes.append(v.dtype)
+                offsets.append(offsets[-1] + int(v.size))
+            else:
+                ints.append(k)
+        dtype = np.result_type(np.float32, *dtypes)
+        return cls(tuple(arrays), tuple(names), tuple(shapes), tuple(dtypes), tuple(offsets), tuple(ints),
+                   np.dtype(dtype), {n: i for i, n in enumerate(names)})
+
+    @property
+    def size(self) -> int:
+        return self.offsets[-1]
+
+    def slice(self, name: str) -> slice:
+        i = self._pos[name]
+        return slice(self.offsets[i], self.offsets[i + 1])
+
+    def key(self) -> tuple:
+        return self.order, self.names, self.shapes, self.dtypes
+
+    def sub(self, names: Sequence[str]) -> tuple[Layout, np.ndarray | slice]:
+        """The layout of ``names`` (in this layout's order) and the columns that hold them: a slice when they
+        sit side by side (a view, no copy), else an index array."""
+        wanted = set(names)
+        unknown = wanted - set(self.order)
+        if unknown:
+            raise KeyError(f"no tensor {sorted(unknown)[0]!r} in these updates")
+        idx = [self._pos[n] for n in self.names if n in wanted]
+        sizes = [self.offsets[i + 1] - self.offsets[i] for i in idx]
+        offsets = tuple(int(x) for x in np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]))
+        floats = tuple(self.names[i] for i in idx)
+        sub = Layout(tuple(n for n in self.order if n in wanted), floats, tuple(self.shapes[i] for i in idx),
+                     tuple(self.dtypes[i] for i in idx), offsets, tuple(n for n in self.ints if n in wanted),
+                     self.dtype, {n: j for j, n in enumerate(floats)})
+        if not idx or idx == list(range(idx[0], idx[0] + len(idx))):
+            lo = self.offsets[idx[0]] if idx else 0
+            return sub, slice(lo, lo + sub.size)
+        return sub, np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in idx])
+
+    def flatten(self, arrays: Mapping[str, np.ndarray], out: np.ndarray | None = None, dtype=None) -> np.ndarray:
+        """The floating tensors of ``arrays`` as one row (a new one, in ``dtype`` or the rows' dtype, unless
+        ``out`` is given)."""
+        row = np.empty(self.size, dtype or self.dtype) if out is None else out
+        missing = [n for n in self.names if n not in arrays]
+        if missing:
+            raise KeyError(f"update lacks tensor {missing[0]!r}")
+        if self.names:
+            np.concatenate([np.asarray(arrays[n]).reshape(-1) for n in self.names], out=row)
+        return row
+
+    def views(self, row: np.ndarray) -> dict[str, np.ndarray]:
+        """The floating tensors of one row as reshaped views, in the row's own dtype (no cast, no copy)."""
+        return {n: row[self.offsets[i]:self.offsets[i + 1]].reshape(self.shapes[i]) for i, n in enumerate(self.names)}
+
+    def unflatten(self, row: np.ndarray, ints: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Named tensors of one row (views when the dtype matches, else cast copies), with ``ints`` copied in,
+        in the original order."""
+        out: dict[str, np.ndarray] = {}
+        for n in self.order:
+            if n in self._pos:
+                i = self._pos[n]
+                v = row[self.offsets[i]:self.offsets[i + 1]].reshape(self.shapes[i])
+                out[n] = v if v.dtype == self.dtypes[i] else v.astype(self.dtypes[i])
+            else:
+                out[n] = np.array(ints[n])
+        return out
+
+
+class RowView(Mapping):
+    """Row ``index`` of a :class:`Stack` as a mapping name -> array (views into the matrix, no copies);
+    ``names``: the tensors this update carried (a site of one group does not carry another group's)."""
+
+    __slots__ = ("stack", "index", "names")
+
+    def __init__(self, stack: Stack, index: int, names: tuple[str, ...] | None = None):
+        self.stack, self.index, self.names = stack, index, stack.layout.order if names is None else names
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        lay = self.stack.layout
+        if name not in self.names:
+            raise KeyError(name)
+        if name in lay._pos:
+            i = lay._pos[name]
+            v = self.stack.rows[self.index, lay.offsets[i]:lay.offsets[i + 1]].reshape(lay.shapes[i])
+            return v if v.dtype == lay.dtypes[i] else v.astype(lay.dtypes[i])
+        return self.stack.ints[self.index][name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names
+
+
+class Stack(Sequence):
+    """K updates: ``rows`` (K x P, floating tensors per :class:`Layout`) and each row's integer tensors."""
+
+    def __init__(self, layout: Layout, rows: np.ndarray, ints: list[dict[str, np.ndarray]]):
+        if rows.ndim != 2 or rows.shape[1] != layout.size or len(ints) != rows.shape[0]:
+            raise ValueError("rows do not fit the layout")
+        self.layout, self.rows, self.ints = layout, rows, ints
+
+    # ---------------------------------------------------------------- building
+    @classmethod
+    def of(cls, updates: Sequence[Mapping[str, np.ndarray]], names: Sequence[str] | None = None) -> Stack:
+        """``updates`` (every one with the same tensors) as a stack over ``names`` (default: all).
+
+        Rows of one stack (its :class:`RowView` s, as the server's updates hold them) are taken without copying
+        where the rows and the names' columns are contiguous; anything else is copied in once.
+        """
+        if isinstance(updates, Stack) and names is None:
+            return updates
+        if not len(updates):
+            raise ValueError("nothing to aggregate")
+        parent = getattr(updates[0], "stack", None)
+        if parent is not None and all(getattr(u, "stack", None) is parent for u in updates):
+            return parent.take([u.index for u in updates], list(updates[0]) if names is None else names)
+        first = updates[0]
+        keys = list(first) if names is None else list(names)
+        layout = Layout.of({k: first[k] for k in keys})
+        rows = np.empty((len(updates), layout.size), layout.dtype)
+        ints = []
+        for r, u in enumerate(updates):
+            if set(u) != set(first) and names is None:
+                raise ValueError("updates hold different tensors")
+            layout.flatten(u, out=rows[r])
+            ints.append({k: np.array(u[k]) for k in layout.ints})
+        return cls(layout, rows, ints)
+
+    @classmethod
+    def read(cls, layout: Layout, updates: Sequence[Mapping[str, np.ndarray]], fill: np.ndarray) -> Stack:
+        """The server's round batch: one row per update over the full ``layout`` (shared + every group).
+
+        A row's tensors come from its update; where an update does not carry a tensor (another group's), the row
+        holds ``fill`` (the server's current values), so a change computed over a whole row is the update's own.
+        """
+        rows = np.empty((len(updates), layout.size), layout.dtype)
+        runs_cache: dict[frozenset, list[tuple[bool, int, int]]] = {}
+        ints = []
+        for r, u in enumerate(updates):
+            present = frozenset(u)
+            runs = runs_cache.get(present)
+            if runs is None:
+                runs = runs_cache[present] = _runs(layout, present)
+            row = rows[r]
+            for carried, i, j in runs:
+                lo, hi = layout.offsets[i], layout.offsets[j]
+                if carried:
+                    np.concatenate([np.asarray(u[n]).reshape(-1) for n in layout.names[i:j]], out=row[lo:hi])
+                else:
+                    row[lo:hi] = fill[lo:hi]
+            ints.append({k: np.array(u[k]) for k in layout.ints if k in u})
+        return cls(layout, rows, ints)
+
+    def take(self, index: Sequence[int], names: Sequence[str] | None = None) -> Stack:
+        """Rows ``index`` over ``names``: views where both are contiguous, else one copy."""
+        index = list(index)
+        if names is None:
+            layout, cols = self.layout, slice(0, self.layout.size)
+        else:
+            layout, cols = self.layout.sub(names)
+        if index and index == list(range(index[0], index[0] + len(index))):
+            rows = self.rows[index[0]:index[0] + len(index)]
+        else:
+            rows = self.rows[index]
+        rows = rows[:, cols]
+        return Stack(layout, rows, [{k: v for k, v in self.ints[i].items() if k in layout.ints} for i in index])
+
+    # ---------------------------------------------------------------- reading
+    def __len__(self) -> int:
+        return self.rows.shape[0]
+
+    def __getitem__(self, k):  # type: ignore[override]
+        if isinstance(k, slice):
+            return self.take(range(len(self))[k])
+        return self.row(k)
+
+    def row(self, k: int, names: tuple[str, ...] | None = None) -> RowView:
+        if not -len(self) <= k < len(self):
+            raise IndexError(k)
+        return RowView(self, k % len(self), names)
+
+    def unflatten(self, row: np.ndarray) -> dict[str, np.ndarray]:
+        """One aggregated row as named tensors; integer tensors from the first update (never averaged)."""
+        return self.layout.unflatten(row, self.ints[0])
+
+    def nonfinite(self) -> dict[int, str]:
+        """Rows holding NaN or inf, each with the first such tensor's name.
+
+        One matrix-vector product flags them (a NaN or inf anywhere makes the row's sum non-finite); a flagged
+        row is then checked exactly (a finite row whose float32 sum overflows is not rejected)."""
+        if not self.layout.size or not len(self):
+            return {}
+        sums = self.rows @ np.ones(self.layout.size, self.rows.dtype)
+        bad = {}
+        for k in np.flatnonzero(~np.isfinite(sums)):
+            row = self.rows[k]
+            if np.isfinite(row).all():
+                continue
+            lay = self.layout
+            bad[int(k)] = next(n for i, n in enumerate(lay.names)
+                               if not np.isfinite(row[lay.offsets[i]:lay.offsets[i + 1]]).all())
+        return bad
+
+    def blocks(self) -> Iterator[slice]:
+        """Column blocks for rules that need float64 or sorted copies (bounded memory, no per-tensor loop)."""
+        for lo in range(0, self.layout.size, BLOCK):
+            yield slice(lo, min(lo + BLOCK, self.layout.size))
+
+
+def _runs(layout: Layout, present: frozenset) -> list[tuple[bool, int, int]]:
+    """Maximal runs [i, j) of layout positions that an update carries (True) or lacks (False)."""
+    runs: list[tuple[bool, int, int]] = []
+    for i, n in enumerate(layout.names):
+        carried = n in present
+        if runs and runs[-1][0] == carried:
+            runs[-1] = (carried, runs[-1][1], i + 1)
+        else:
+            runs.append((carried, i, i + 1))
+    return runs
