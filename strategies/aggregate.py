@@ -21,8 +21,10 @@ Updates = Sequence[Arrays] | Stack
 
 def weighted_mean(updates: Updates, weights: Sequence[float]) -> dict[str, np.ndarray]:
     """sum_k (w_k / sum_j w_j) * x_k per coordinate: one BLAS matrix-vector product over the K x P matrix,
-    accumulated in the rows' dtype (float32 for float32 models, as Flower's and PFLlib's FedAvg; float64 for a
-    float64 model), cast back to each tensor's dtype.
+    accumulated in the rows' dtype (float32 for float32 models, as Flower's and PFLlib's FedAvg do; float64 for
+    a float64 model), cast back to each tensor's dtype. The weights enter scaled by a power of two (exact: an
+    integer example count keeps every bit) and the sum is divided by their total once at the end, so a mean
+    of values a float32 holds exactly comes out exact (10 x 1 + 30 x 3 over 40 is 2.5, not 2.5000002).
 
     Integer tensors (BatchNorm ``num_batches_tracked``) are not averaged: the first
     update's value is taken (the baselines spec's choice).
@@ -35,7 +37,15 @@ def weighted_mean(updates: Updates, weights: Sequence[float]) -> dict[str, np.nd
     if (w < 0).any() or w.sum() <= 0:
         raise ValueError(f"weights must be non-negative with a positive sum, got {list(weights)}")
     stack = Stack.of(updates)
-    return stack.unflatten((w / w.sum()).astype(stack.rows.dtype) @ stack.rows)
+    return stack.unflatten(_mean_row(stack, w))
+
+
+def _mean_row(stack: Stack, w: np.ndarray) -> np.ndarray:
+    """The weighted mean of the stack's rows, as one row (``weighted_mean``'s arithmetic)."""
+    scale = 2.0 ** -np.ceil(np.log2(w.max()))
+    out = (w * scale).astype(stack.rows.dtype) @ stack.rows
+    out /= out.dtype.type(w.sum() * scale)
+    return out
 
 
 def weighted_sum(updates: Updates, weights: Sequence[float]) -> dict[str, np.ndarray]:
@@ -118,7 +128,7 @@ def central_dp_mean(updates: Updates, reference: Arrays, clip: float, noise_mult
     """
     stack = clip_to_norm(updates, reference, clip)
     std = noise_multiplier * clip / len(stack)
-    mean = (np.full(len(stack), 1.0 / len(stack))).astype(stack.rows.dtype) @ stack.rows
+    mean = _mean_row(stack, np.ones(len(stack)))
     noised = (mean.astype(np.float64) + rng.normal(0.0, std, mean.shape)).astype(mean.dtype)
     return stack.unflatten(noised)
 

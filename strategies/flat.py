@@ -302,7 +302,8 @@ class Stack(Sequence):
         row is then checked exactly (a finite row whose float32 sum overflows is not rejected)."""
         if not self.layout.size or not len(self):
             return {}
-        sums = self.rows @ np.ones(self.layout.size, self.rows.dtype)
+        with np.errstate(over="ignore", invalid="ignore"):
+            sums = self.rows @ np.ones(self.layout.size, self.rows.dtype)
         bad = {}
         for k in np.flatnonzero(~np.isfinite(sums)):
             row = self.rows[k]
