@@ -1,0 +1,43 @@
+"""A long in-process run does not grow with its rounds (issue 13 part 7): the grid keeps no message unless asked,
+the strategy keeps two rounds of stats, the recorder keeps no round rows. Counted in objects, never timed."""
+
+from __future__ import annotations
+
+import gc
+
+from flwr.app import Message
+
+from launch.engines.inprocess import InProcessGrid, run_inprocess
+from server import recorder as recorder_module
+from tests.conftest import make_config
+
+
+def _live(kind) -> int:
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if kind(o))
+
+
+def test_messages_round_stats_and_round_rows_do_not_accumulate(tmp_path, monkeypatch):
+    seen = []
+    record_round = recorder_module.Recorder.round
+
+    def counting(self, rnd, strategy, round_s):
+        row = record_round(self, rnd, strategy, round_s)
+        seen.append({"messages": _live(lambda o: type(o) is Message),
+                     "round rows": _live(lambda o: type(o) is dict and o.get("kind") == "round"),
+                     "round stats": len(strategy.rounds)})
+        return row
+
+    monkeypatch.setattr(recorder_module.Recorder, "round", counting)
+    grids = []
+    summary = run_inprocess(make_config(tmp_path, rounds=6, sites=2), quiet=True, grid_hook=grids.append, record=False)
+    assert summary["rounds"] == 6 and summary["status"] == "ok"
+    assert grids[0].sent == [] and grids[0].replies == []
+    assert seen[-1]["messages"] <= seen[1]["messages"], [s["messages"] for s in seen]
+    assert all(s["round rows"] <= 1 for s in seen), [s["round rows"] for s in seen]
+    assert all(s["round stats"] <= 2 for s in seen), [s["round stats"] for s in seen]
+
+
+def test_the_grid_records_only_when_asked():
+    assert InProcessGrid(lambda m, c: m, [{}]).record is False
+    assert InProcessGrid(lambda m, c: m, [{}], record=True).record is True
