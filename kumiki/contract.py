@@ -20,6 +20,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from kumiki.config import EvalSection, PrivacySection, SiteSection, TrainSection
 from kumiki.methods import MethodConfig
+from kumiki.npy import npy_bytes
 from kumiki.registry import entry
 from models.spec import ModelSpec
 
@@ -93,13 +94,19 @@ class Job:
 
 
 def to_record(arrays: dict[str, Any]) -> ArrayRecord:
-    """Named numpy arrays or torch tensors -> ArrayRecord (empty allowed: local-only sends nothing)."""
+    """Named numpy arrays or torch tensors -> ArrayRecord (empty allowed: local-only sends nothing).
+
+    Each ``Array`` holds exactly the bytes ``Array(ndarray)`` would (np.save's), made with one copy of the data
+    instead of np.save's two or three (``kumiki.npy.npy_bytes``).
+    """
     rec = ArrayRecord()
     for k, v in arrays.items():
         if hasattr(v, "detach"):
             v = v.detach().cpu().numpy()
         v = np.asarray(v)
-        rec[k] = Array(v if v.flags.c_contiguous else v.copy(order="C"))  # ascontiguousarray would make 0-d arrays 1-d
+        v = v if v.flags.c_contiguous else v.copy(order="C")  # ascontiguousarray would make 0-d arrays 1-d
+        rec[k] = Array(dtype=str(v.dtype), shape=tuple(int(d) for d in v.shape), stype="numpy.ndarray",
+                       data=npy_bytes(v))
     return rec
 
 

@@ -206,11 +206,17 @@ class KumikiStrategy(Strategy):
         """Non-model arrays a method sends under ``extra`` (none by default; FedHB sends its precision)."""
         return {}
 
-    def _message(self, node_id: int, mtype: str, server_round: int, stats: RoundStats,
-                 cache: dict | None = None) -> Message:
-        """One site's message; ``cache`` (one per configure call) serializes each tensor once for all sites."""
-        cache = {} if cache is None else cache
-        arrays, wire = self._record(self.payload(node_id), cache.setdefault("arrays", ({}, {})), convert=True)
+    def _cache(self, kind: str) -> tuple[dict, dict]:
+        """The serialized tensors of one kind ("wire": as sent, "model": the model as it is, "extra"), kept from
+        call to call: a tensor is serialized once while it stays the same array, however many sites and
+        messages carry it (with float32 transport the model's and the wire's are the same)."""
+        if kind == "model" and self.cfg.server.transport_dtype == "float32":
+            kind = "wire"
+        caches = self.__dict__.setdefault("_serialized", {})
+        return caches.setdefault(kind, ({}, {}))
+
+    def _message(self, node_id: int, mtype: str, server_round: int, stats: RoundStats) -> Message:
+        arrays, wire = self._record(self.payload(node_id), self._cache("wire"), convert=True)
         config = replace(self.job, round=server_round).to_config()
         config[C.COMPLETED] = self.completed.get(self.profiles[node_id].site, 0)
         for k, v in self.extra_config(node_id, server_round).items():
@@ -219,7 +225,7 @@ class KumikiStrategy(Strategy):
         stats.bytes_down += arrays.count_bytes()
         extra = self.extra_arrays(node_id, server_round)
         if extra:
-            content[C.EXTRA], _ = self._record(extra, cache.setdefault("extra", ({}, {})), convert=False)
+            content[C.EXTRA], _ = self._record(extra, self._cache("extra"), convert=False)
             stats.bytes_down += content[C.EXTRA].count_bytes()
         if mtype == MessageType.TRAIN:
             stats.sent[node_id] = wire
@@ -232,16 +238,18 @@ class KumikiStrategy(Strategy):
 
         ``convert``: floating tensors travel in ``server.transport_dtype`` (float16 halves the bytes; integer
         buffers never change). A tensor with values beyond float16's range travels in its own dtype (logged).
-        Each (name, array) is serialized once per ``cache``: every site of a round gets the same ``Array``
-        objects, so sending to many sites costs one serialization and one copy of the bytes.
+        Each (name, array) is serialized once per ``cache`` (see :meth:`_cache`): every site gets the same
+        ``Array`` objects, so sending to many sites costs one serialization and one copy of the bytes.
         """
         tensors, wires = cache
         rec = ArrayRecord()
         for k, v in arrays.items():
             hit = tensors.get(k)
-            if hit is None or hit[0] is not v:
+            if hit is None or hit[0] is not v:  # the entry holds v: its id cannot be reused while cached
                 wire = self._to_wire(k, v) if convert else np.asarray(v)
                 hit = tensors[k] = (v, C.to_record({k: wire})[k], wire.dtype)
+                if isinstance(v, np.ndarray):
+                    v.flags.writeable = False  # cached bytes stand for v: an in-place change must fail, not go stale
             rec[k] = hit[1]
         key = tuple((k, tensors[k][2]) for k in arrays)
         if key not in wires:  # one name -> dtype mapping per payload composition, shared by its sites
@@ -322,8 +330,7 @@ class KumikiStrategy(Strategy):
         if grid is not None and self.profiles:
             self.refresh(grid, server_round)
         stats = self._stats(server_round)
-        cache: dict = {}
-        return [self._message(n, MessageType.TRAIN, server_round, stats, cache)
+        return [self._message(n, MessageType.TRAIN, server_round, stats)
                 for n in self.sample(self._reachable(self.train_nodes(), server_round, stats))]
 
     #: rounds whose RoundStats are kept (the current one and the one before): the recorder writes each round's
@@ -405,7 +412,8 @@ class KumikiStrategy(Strategy):
         keys = set.intersection(*(set(u.metrics) for u in updates))
         agg = {k: sum(u.metrics[k] * u.num_examples for u in updates) / total for k in sorted(keys) if k != C.NUM_EXAMPLES}
         agg[C.NUM_EXAMPLES] = total
-        return C.to_record(self.shared), MetricRecord(agg)
+        # the new model as Flower's API returns it; with float32 transport the next round sends these bytes
+        return self._record(self.shared, self._cache("model"), convert=False)[0], MetricRecord(agg)
 
     def _reject(self, server_round: int, stats: RoundStats, site: str, exc: BaseException) -> None:
         reason = str(exc) if isinstance(exc, BadReply) else f"malformed reply ({type(exc).__name__}: {exc})"
@@ -426,7 +434,7 @@ class KumikiStrategy(Strategy):
         if not parsed:
             return []
         layout = self.layout()
-        batch = Stack.read(layout, [u.arrays for u, _ in parsed], layout.flatten(self.reference_arrays()))
+        batch = Stack.read(layout, [u.arrays for u, _ in parsed], lambda: layout.flatten(self.reference_arrays()))
         bad = batch.nonfinite()
         for k, name in sorted(bad.items()):
             self._reject(server_round, stats, parsed[k][0].profile.site, BadReply(f"tensor {name}: NaN or inf"))
@@ -509,8 +517,7 @@ class KumikiStrategy(Strategy):
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord | None, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         stats = self._stats(server_round)
-        cache: dict = {}
-        return [self._message(n, MessageType.EVALUATE, server_round, stats, cache)
+        return [self._message(n, MessageType.EVALUATE, server_round, stats)
                 for n in self._reachable(self.eval_nodes(), server_round, stats)]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:

@@ -6,8 +6,8 @@ deserializes each tensor). Here each reply's tensors go once, straight from the 
 finiteness check is one matrix-vector product over all rows, a weighted mean another (BLAS), and the robust
 rules work on column blocks of the same matrix.
 
-* :func:`read_npy`: a Flower ``Array``'s bytes as a read-only numpy view, without copying them; its header is
-  checked (a canonical header is compared as bytes, anything else parsed by numpy's own, bounded reader).
+* ``kumiki.npy.read_npy``: a Flower ``Array``'s bytes as a read-only numpy view, without copying them; its
+  header is checked (a canonical header is compared as bytes, anything else parsed by numpy's own reader).
 * :class:`Layout`: where each floating tensor sits in a row. Integer tensors (BatchNorm's
   ``num_batches_tracked``) stay aside, one copy per row, and are never averaged.
 * :class:`Stack`: the matrix and each row's integer tensors. It is a sequence of mappings (row k is a
@@ -19,71 +19,19 @@ Rows are in the layout's dtype: float32, or float64 when a tensor is float64. A 
 
 from __future__ import annotations
 
-import io
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
-from typing import Any
 
 import numpy as np
 
-#: Largest .npy header read from a reply (numpy's own default bound for untrusted files).
-MAX_HEADER = 10_000
 #: Columns per block where a rule needs a float64 or sorted copy (K x BLOCK x 8 bytes at a time).
 BLOCK = 1 << 15
-
-
-class NpyError(ValueError):
-    """Bytes that are not the .npy serialization of one plain numeric array."""
+#: Columns per step of a reply's copy into its row, summed while in cache (256 KB of float32: fits in L2).
+CHUNK = 1 << 16
 
 
 def _is_float(dtype: np.dtype) -> bool:
     return np.issubdtype(dtype, np.floating)
-
-
-@lru_cache(maxsize=4096)
-def npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
-    """The header ``np.save`` writes for a C-ordered array of this dtype and shape (format 1.0)."""
-    buf = io.BytesIO()
-    np.lib.format.write_array_header_1_0(
-        buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": tuple(shape)})
-    return buf.getvalue()
-
-
-def read_npy(data: Any, expect: tuple[np.dtype, tuple[int, ...], bytes] | None = None) -> np.ndarray:
-    """``data`` (the bytes of a Flower ``Array``, ``stype`` numpy.ndarray) as a read-only array view.
-
-    ``expect = (dtype, shape, header)``: when the data starts with exactly the header ``np.save`` writes for that
-    dtype and shape, nothing else is parsed. Otherwise the header is read with numpy's reader (format 1.0 or 2.0,
-    at most ``MAX_HEADER`` bytes) and the array is what it says (the caller compares dtype and shape). Object or
-    non-numeric dtypes and a data length other than the header promises raise :class:`NpyError`.
-    """
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise NpyError(f"array data is {type(data).__name__}, not bytes")
-    if expect is not None and data[:len(expect[2])] == expect[2]:
-        dtype, shape, header = expect
-        dtype, offset, order = np.dtype(dtype), len(header), "C"
-    else:
-        fp = io.BytesIO(memoryview(data)[:MAX_HEADER + 16])
-        try:
-            version = np.lib.format.read_magic(fp)
-            if version == (1, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp, max_header_size=MAX_HEADER)
-            elif version == (2, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp, max_header_size=MAX_HEADER)
-            else:
-                raise NpyError(f".npy format {version} is not supported (1.0 or 2.0)")
-        except NpyError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - numpy raises ValueError, SyntaxError, ...: all mean bad bytes
-            raise NpyError(f"not a .npy array ({type(exc).__name__}: {exc})") from None
-        if dtype.hasobject or dtype.kind not in "biufc":
-            raise NpyError(f"dtype {dtype} is not a plain numeric type")
-        offset, order = fp.tell(), "F" if fortran else "C"
-    count = int(np.prod(shape, dtype=np.int64))
-    if len(data) - offset != count * dtype.itemsize:
-        raise NpyError(f"{len(data) - offset} data bytes for {dtype}{list(shape)} ({count * dtype.itemsize} expected)")
-    return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape, order=order)
 
 
 @dataclass(frozen=True)
@@ -98,6 +46,7 @@ class Layout:
     ints: tuple[str, ...]  # non-floating tensors (never averaged)
     dtype: np.dtype  # the rows' dtype
     _pos: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
+    _plans: dict[None, list] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def of(cls, arrays: Mapping[str, np.ndarray]) -> Layout:
@@ -156,6 +105,26 @@ class Layout:
             np.concatenate([np.asarray(arrays[n]).reshape(-1) for n in self.names], out=row)
         return row
 
+    def plan(self) -> list[tuple[int, int, list[tuple[int, int, int]]]]:
+        """How to fill a row in ``CHUNK``-column steps: (lo, hi, [(tensor index, start, end), ...]) per step."""
+        key = None
+        if key not in self._plans:
+            steps, i = [], 0
+            for lo in range(0, self.size, CHUNK):
+                hi = min(lo + CHUNK, self.size)
+                pieces = []
+                while i < len(self.names) and self.offsets[i + 1] <= lo:
+                    i += 1
+                j = i
+                while j < len(self.names) and self.offsets[j] < hi:
+                    a, b = max(lo, self.offsets[j]), min(hi, self.offsets[j + 1])
+                    if b > a:
+                        pieces.append((j, a - self.offsets[j], b - self.offsets[j]))
+                    j += 1
+                steps.append((lo, hi, pieces))
+            self._plans[key] = steps
+        return self._plans[key]
+
     def views(self, row: np.ndarray) -> dict[str, np.ndarray]:
         """The floating tensors of one row as reshaped views, in the row's own dtype (no cast, no copy)."""
         return {n: row[self.offsets[i]:self.offsets[i + 1]].reshape(self.shapes[i]) for i, n in enumerate(self.names)}
@@ -210,6 +179,8 @@ class Stack(Sequence):
         if rows.ndim != 2 or rows.shape[1] != layout.size or len(ints) != rows.shape[0]:
             raise ValueError("rows do not fit the layout")
         self.layout, self.rows, self.ints = layout, rows, ints
+        #: each row's sum where :meth:`read` computed it while copying (else None: computed when asked)
+        self.sums: np.ndarray | None = None
 
     # ---------------------------------------------------------------- building
     @classmethod
@@ -239,29 +210,39 @@ class Stack(Sequence):
         return cls(layout, rows, ints)
 
     @classmethod
-    def read(cls, layout: Layout, updates: Sequence[Mapping[str, np.ndarray]], fill: np.ndarray) -> Stack:
+    def read(cls, layout: Layout, updates: Sequence[Mapping[str, np.ndarray]], fill: Callable[[], np.ndarray]) -> Stack:
         """The server's round batch: one row per update over the full ``layout`` (shared + every group).
 
         A row's tensors come from its update; where an update does not carry a tensor (another group's), the row
-        holds ``fill`` (the server's current values), so a change computed over a whole row is the update's own.
+        holds ``fill()`` (the server's current values), so a change computed over a whole row is the update's own.
+        The copy goes in blocks of ``CHUNK`` columns, each summed while it is in cache: the sums flag rows with
+        NaN or inf (:meth:`nonfinite`) without a second pass over the matrix.
         """
         rows = np.empty((len(updates), layout.size), layout.dtype)
-        runs_cache: dict[frozenset, list[tuple[bool, int, int]]] = {}
-        ints = []
+        sums = np.empty(len(updates))
+        ones = np.ones(min(CHUNK, max(layout.size, 1)), layout.dtype)
+        ints, fill_row = [], None
         for r, u in enumerate(updates):
             present = frozenset(u)
-            runs = runs_cache.get(present)
-            if runs is None:
-                runs = runs_cache[present] = _runs(layout, present)
-            row = rows[r]
-            for carried, i, j in runs:
-                lo, hi = layout.offsets[i], layout.offsets[j]
-                if carried:
-                    np.concatenate([np.asarray(u[n]).reshape(-1) for n in layout.names[i:j]], out=row[lo:hi])
-                else:
-                    row[lo:hi] = fill[lo:hi]
+            plan = layout.plan()
+            if fill_row is None and len(present.intersection(layout.names)) < len(layout.names):
+                fill_row = fill()
+            flat = [np.asarray(u[n]).reshape(-1) if n in present else fill_row[layout.slice(n)] for n in layout.names]
+            row, total = rows[r], 0.0
+            with np.errstate(over="ignore", invalid="ignore"):
+                for lo, hi, pieces in plan:
+                    dst = row[lo:hi]
+                    if len(pieces) == 1:
+                        i, a, b = pieces[0]
+                        np.copyto(dst, flat[i][a:b])
+                    else:
+                        np.concatenate([flat[i][a:b] for i, a, b in pieces], out=dst)
+                    total += float(np.dot(dst, ones[:hi - lo]))
+            sums[r] = total
             ints.append({k: np.array(u[k]) for k in layout.ints if k in u})
-        return cls(layout, rows, ints)
+        stack = cls(layout, rows, ints)
+        stack.sums = sums
+        return stack
 
     def take(self, index: Sequence[int], names: Sequence[str] | None = None) -> Stack:
         """Rows ``index`` over ``names``: views where both are contiguous, else one copy."""
@@ -302,8 +283,10 @@ class Stack(Sequence):
         row is then checked exactly (a finite row whose float32 sum overflows is not rejected)."""
         if not self.layout.size or not len(self):
             return {}
-        with np.errstate(over="ignore", invalid="ignore"):
-            sums = self.rows @ np.ones(self.layout.size, self.rows.dtype)
+        sums = self.sums
+        if sums is None:
+            with np.errstate(over="ignore", invalid="ignore"):
+                sums = self.rows @ np.ones(self.layout.size, self.rows.dtype)
         bad = {}
         for k in np.flatnonzero(~np.isfinite(sums)):
             row = self.rows[k]

@@ -27,7 +27,7 @@ import numpy as np
 from kumiki import contract as C
 from kumiki.data.sites import SITE_NAME_PATTERN
 from kumiki.tasks import TASKS, metric_of_key
-from strategies.flat import NpyError, npy_header, read_npy
+from kumiki.npy import NpyError, expect, read_npy
 
 #: Flower's ``Array.stype`` for numpy's .npy serialization (the only one a reply may use).
 NUMPY_STYPE = "numpy.ndarray"
@@ -100,7 +100,7 @@ def check_arrays(arrays: Any, reference: Mapping[str, np.ndarray], expected: Ite
         if stype != NUMPY_STYPE:
             raise BadReply(f"tensor {name}: serialization {stype!r} is not {NUMPY_STYPE!r}")
         try:
-            value = read_npy(array.data, (dtype, ref.shape, npy_header(dtype, ref.shape)))
+            value = read_npy(array.data, expect(dtype, ref.shape))
         except NpyError as exc:
             raise BadReply(f"tensor {name}: {exc}") from None
         if value.dtype != dtype:

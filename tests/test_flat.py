@@ -19,7 +19,8 @@ from kumiki.split import ParamSplit
 from models import build_model
 from server.federation import build_strategy, model_spec
 from strategies.base import KumikiStrategy, SiteProfile
-from strategies.flat import Layout, NpyError, Stack, npy_header, read_npy
+from kumiki.npy import NpyError, expect, npy_bytes, npy_header, read_npy
+from strategies.flat import Layout, Stack
 from tests.conftest import make_config
 
 
@@ -104,7 +105,7 @@ def test_the_updates_are_views_of_one_matrix_and_parts_take_no_copy():
     lay = Layout.of({"a": np.zeros((2, 3), np.float32), "n": np.zeros((), np.int64), "b": np.zeros(4, np.float32)})
     ups = [{"a": np.full((2, 3), k, np.float32), "n": np.array(k), "b": np.arange(4, dtype=np.float32) * k}
            for k in range(3)]
-    batch = Stack.read(lay, ups, np.zeros(lay.size, np.float32))
+    batch = Stack.read(lay, ups, lambda: np.zeros(lay.size, np.float32))
     assert batch.rows.shape == (3, 10) and [int(r["n"]) for r in batch] == [0, 1, 2]
     part = Stack.of([batch[0], batch[1], batch[2]], ["b"])
     assert np.shares_memory(part.rows, batch.rows) and np.array_equal(part[2]["b"], [0, 2, 4, 6])
@@ -112,15 +113,18 @@ def test_the_updates_are_views_of_one_matrix_and_parts_take_no_copy():
 
 
 def test_reply_bytes_are_read_as_numpy_wrote_them():
+    for y in (np.array(2.5, np.float32), np.arange(6, dtype=np.float16), np.arange(6, dtype=">f4").reshape(2, 3),
+              np.array([True, False]), np.zeros((0, 3), np.int64)):
+        assert npy_bytes(y) == Array(y).data, y.dtype  # the one-copy serializer writes exactly np.save's bytes
     x = np.arange(12, dtype=np.float32).reshape(3, 4)
     data = Array(x).data  # what Flower puts on the wire
     assert data.startswith(npy_header(x.dtype, x.shape)), "the canonical header (the fast path) matches np.save"
-    view = read_npy(data, (x.dtype, x.shape, npy_header(x.dtype, x.shape)))
+    view = read_npy(data, expect(x.dtype, x.shape))
     assert np.array_equal(view, x) and not view.flags.writeable  # a view of the bytes, not a copy
     for other in (np.asfortranarray(x), x.astype(np.float64)):
         buf = io.BytesIO()
         np.lib.format.write_array(buf, other, version=(2, 0))
-        got = read_npy(buf.getvalue(), (x.dtype, x.shape, npy_header(x.dtype, x.shape)))
+        got = read_npy(buf.getvalue(), expect(x.dtype, x.shape))
         assert np.array_equal(got, x) and got.dtype == other.dtype  # parsed: the caller compares the dtype
     with pytest.raises(NpyError, match="data bytes"):
         read_npy(data[:-4])

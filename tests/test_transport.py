@@ -14,7 +14,7 @@ from client.app import BadArrays, check_incoming, to_wire, widen
 from kumiki import contract as C
 from kumiki.config import ConfigError, load_config
 from launch.engines.inprocess import run_inprocess
-from strategies.flat import npy_header
+from kumiki.npy import npy_header
 from tests.conftest import make_config
 from tests.test_flat import _round, _strategy
 

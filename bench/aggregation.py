@@ -1,0 +1,207 @@
+"""Aggregation throughput (issue 13 part 5): K replies of P parameters through the server's real path, against a
+memory copy of the same bytes in the same process.
+
+    PYTHONPATH=. .venv/bin/python bench/aggregation.py [--mode quick|full] [--write]
+
+Each cell (K replies, a CNN-S of about P parameters with batch norm: 12 tensors, one integer buffer) runs in its
+own process, so its peak memory is its own. In the cell, K train replies are built as Flower messages (what a
+site sends: ``ArrayRecord`` of .npy bytes), then, interleaved, best of ``--repeat``:
+
+* ``copy``: every reply's tensor bytes copied into one freshly allocated buffer of the same size (numpy's
+  copy, the fastest a process touches every byte once): the yardstick;
+* ``kumiki``: ``KumikiStrategy.aggregate_train`` on those messages: every reply check (names, dtypes, shapes,
+  example counts, metrics, NaN/inf), the round's K x P matrix, FedAvg's weighted mean, the new model as the
+  ``ArrayRecord`` Flower's API returns;
+* ``per-tensor``: the path it replaced (``Array.numpy()`` per tensor, a finiteness check per tensor, a float64
+  accumulation per tensor per reply), reproduced here for the comparison.
+
+Goal: ``kumiki`` within 2x of ``copy``. One BLAS thread (``--threads``) for every path: the shared 2-core
+machine. ``quick``: K = 10 and 100 at P = 1M, and K = 10 at 25M; ``full`` adds K = 100 at 25M where the
+machine has the memory (the replies alone hold 10 GB; a cell that does not fit is reported, not run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CELLS = {"quick": [(10, 1_000_000), (100, 1_000_000), (10, 25_000_000)],
+         "full": [(10, 1_000_000), (100, 1_000_000), (10, 25_000_000), (100, 25_000_000)]}
+#: CNN-S on 28x28: conv layers + fc (3136 x hidden) + head (hidden x 10); hidden chosen for ~P parameters
+FC_IN = 3136
+
+
+def hidden_for(p: int) -> int:
+    return max(8, round((p - 18_816) / (FC_IN + 11)))
+
+
+def cell(k: int, p: int, repeat: int) -> dict:
+    import resource
+    import time
+
+    import numpy as np
+    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from kumiki import contract as C
+    from kumiki.config import validate
+    from kumiki.split import ParamSplit
+    from models import ModelSpec, build_model
+    from server.federation import build_strategy
+    from strategies.base import KumikiStrategy, SiteProfile
+
+    cfg = validate({"run": {"name": "agg", "rounds": 1}, "method": {"name": "fedavg"},
+                    "data": {"dataset": "digits", "sites": min(k, 89)}, "server": {"min_reply_fraction": 0.5}})
+    spec = ModelSpec("cnn", (1, 28, 28), 10, hidden_for(p), "batch", 0)
+    model = build_model(spec, cfg.method)
+    initial = {name: v.detach().numpy().copy() for name, v in model.state_dict().items()}
+    del model
+    job = build_strategy(cfg).job
+    strategy = KumikiStrategy(cfg, job, ParamSplit.build(list(initial), cfg.method.split_rules()), initial)
+    for nid in range(1, k + 1):
+        strategy.profiles[nid] = SiteProfile(nid, f"site-{nid:03d}", "train", "", 1000, 100)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    params = sum(v.size for v in initial.values() if v.dtype.kind == "f")
+
+    def replies(rnd: int) -> list[Message]:
+        msgs = strategy.configure_train(rnd, None, ConfigRecord(), None)
+        out = []
+        for i, m in enumerate(msgs):
+            arrays = {n: (v + np.float32(0.001 * (i + 1))) if v.dtype.kind == "f" else v for n, v in initial.items()}
+            content = RecordDict({C.ARRAYS: C.to_record(arrays),
+                                  C.METRICS: MetricRecord({C.NUM_EXAMPLES: 100 + i, "train-loss": 1.0})})
+            out.append(Message(content, reply_to=m))
+        return out
+
+    def copy(rs):
+        datas = [a.data for r in rs for a in r.content[C.ARRAYS].values()]
+        buf = np.empty(sum(len(d) for d in datas), np.uint8)
+        at = 0
+        for d in datas:
+            np.copyto(buf[at:at + len(d)], np.frombuffer(d, np.uint8))
+            at += len(d)
+        return buf
+
+    def per_tensor(rs):  # the replaced path (strategies/aggregate.py and replies.py before issue 13)
+        ups, w = [], []
+        for r in rs:
+            arrays = {}
+            for name, a in r.content[C.ARRAYS].items():
+                v = a.numpy()
+                if v.dtype.kind in "fc" and not np.isfinite(v).all():
+                    raise ValueError(name)
+                arrays[name] = v
+            ups.append(arrays)
+            w.append(float(r.content[C.METRICS][C.NUM_EXAMPLES]))
+        w = np.asarray(w) / sum(w)
+        out = {}
+        for name, first in ups[0].items():
+            if first.dtype.kind != "f":
+                out[name] = first.copy()
+                continue
+            acc = np.zeros(first.shape, dtype=np.float64)
+            for wk, u in zip(w, ups):
+                acc += wk * u[name].astype(np.float64)
+            out[name] = acc.astype(first.dtype)
+        return C.to_record(out)
+
+    times: dict[str, list[float]] = {"copy": [], "kumiki": [], "per-tensor": []}
+    for rep in range(repeat):
+        rs = replies(rep + 1)
+        for name, fn in (("copy", copy), ("kumiki", lambda x, r=rep + 1: strategy.aggregate_train(r, x)),
+                         ("per-tensor", per_tensor)):
+            t0 = time.perf_counter()
+            res = fn(rs)
+            times[name].append(time.perf_counter() - t0)
+            del res
+        assert strategy.rounds[rep + 1].accepted == k, strategy.rounds[rep + 1].rejected
+        del rs
+    best = {n: min(v) for n, v in times.items()}
+    return {"K": k, "P": int(params), "tensors": len(initial), "reply_mb": params * 4 / 1e6, **best,
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def run_cells(cells, repeat: int, threads: int) -> list[dict]:
+    from bench.perfdoc import mem_available
+
+    out = []
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": str(threads),
+           "MKL_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
+    for k, p in cells:
+        need = 2.3 * k * p * 4  # the replies' bytes, the K x P matrix, and slack
+        if mem_available() < need:
+            out.append({"K": k, "P": p, "skipped": f"needs ~{need / 2**30:.0f} GiB, {mem_available() / 2**30:.0f} "
+                                                    "GiB available"})
+            print(out[-1], flush=True)
+            continue
+        proc = subprocess.run([sys.executable, __file__, "--cell", str(k), str(p), "--repeat", str(repeat)],
+                              env=env, capture_output=True, text=True, timeout=3600)
+        if proc.returncode:
+            out.append({"K": k, "P": p, "skipped": f"failed: {proc.stderr.strip().splitlines()[-1:]}"})
+        else:
+            out.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(out[-1], flush=True)
+    return out
+
+
+def markdown(rows: list[dict], mode: str, threads: int, loads: tuple[str, str]) -> str:
+    from bench.perfdoc import machine, stamp
+
+    lines = [f"`bench/aggregation.py --mode {mode}` on {stamp()}: {machine()}; {threads} BLAS thread per path, "
+             f"each cell in its own process, best of the repeats, the three paths interleaved. Load average "
+             f"{loads[0]} at the start, {loads[1]} at the end (the machine is shared by five engineers).", "",
+             "| K replies | P parameters | MB per reply | memory copy s | Kumiki `aggregate_train` s | × copy | "
+             "per-tensor path s | per-tensor ÷ Kumiki | peak RSS GiB |", "|---|---|---|---|---|---|---|---|---|"]
+    worst = 0.0
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"| {r['K']} | {r['P'] / 1e6:.0f}M | – | – | – | – | – | – | not run: {r['skipped']} |")
+            continue
+        ratio = r["kumiki"] / r["copy"]
+        worst = max(worst, ratio)
+        lines.append(f"| {r['K']} | {r['P'] / 1e6:.2f}M | {r['reply_mb']:.1f} | {r['copy']:.3f} | {r['kumiki']:.3f} | "
+                     f"{ratio:.2f} | {r['per-tensor']:.3f} | {r['per-tensor'] / r['kumiki']:.1f} | "
+                     f"{r['peak_rss_gb']:.1f} |")
+    ran = [r for r in rows if "skipped" not in r]
+    lines += ["", f"- **Goal: within 2× of a memory copy of the same bytes: {'met' if ran and worst <= 2 else 'not met'}"
+                  f"** (worst cell {worst:.2f}×{'; cells not run are marked' if len(ran) < len(rows) else ''}). "
+                  "No Python loop over tensors does arithmetic: a reply's tensors go from their bytes into its row "
+                  "(one `np.concatenate` per reply), NaN/inf is one matrix-vector product over all rows, the "
+                  "weighted mean another.",
+              "- Peak RSS holds the replies' bytes and the K x P matrix (both K x P x 4 bytes): the server holds a "
+              "round's replies twice, as the per-tensor path did."]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--mode", choices=("quick", "full"), default="quick")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--write", action="store_true", help="write the table into bench/RESULTS.md and the README block")
+    ap.add_argument("--cell", nargs=2, type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.cell:
+        print(json.dumps(cell(*args.cell, args.repeat)))
+        return 0
+    from bench.perfdoc import RESULTS, load, update_readme, write_between
+
+    before = load()
+    rows = run_cells(CELLS[args.mode], args.repeat, args.threads)
+    text = markdown(rows, args.mode, args.threads, (before, load()))
+    print(text)
+    if args.write:
+        write_between(RESULTS, "aggregation", text)
+        update_readme()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
