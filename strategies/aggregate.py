@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 
-from strategies.flat import Stack
+from strategies.flat import Stack, scaled
 
 Arrays = Mapping[str, np.ndarray]
 Updates = Sequence[Arrays] | Stack
@@ -41,11 +41,14 @@ def weighted_mean(updates: Updates, weights: Sequence[float]) -> dict[str, np.nd
 
 
 def _mean_row(stack: Stack, w: np.ndarray) -> np.ndarray:
-    """The weighted mean of the stack's rows, as one row (``weighted_mean``'s arithmetic)."""
-    scale = 2.0 ** -np.ceil(np.log2(w.max()))
-    out = (w * scale).astype(stack.rows.dtype) @ stack.rows
-    out /= out.dtype.type(w.sum() * scale)
-    return out
+    """The weighted mean of the stack's rows, as one row (``weighted_mean``'s arithmetic); the sum is the one
+    the round's read already took where it used the same weights (``Stack.premean``)."""
+    ws = scaled(w)
+    w32 = ws.astype(stack.layout.dtype)
+    total = stack.premean(w32)
+    if total is None:
+        total = w32 @ stack.rows
+    return np.divide(total, total.dtype.type(ws.sum()))
 
 
 def weighted_sum(updates: Updates, weights: Sequence[float]) -> dict[str, np.ndarray]:
@@ -110,6 +113,7 @@ def clip_to_norm(updates: Updates, reference: Arrays, limit: float, norms: np.nd
     with np.errstate(divide="ignore", invalid="ignore"):
         scale = np.where((norms <= limit) | (norms == 0), 1.0, limit / norms)
     rows = np.flatnonzero(scale < 1.0)
+    stack._premean = None  # the rows change: a sum taken before no longer holds
     if len(rows):
         ref = stack.layout.flatten(reference).astype(np.float64)
         for cols in stack.blocks():

@@ -247,7 +247,7 @@ class KumikiStrategy(Strategy):
             hit = tensors.get(k)
             if hit is None or hit[0] is not v:  # the entry holds v: its id cannot be reused while cached
                 wire = self._to_wire(k, v) if convert else np.asarray(v)
-                hit = tensors[k] = (v, C.to_record({k: wire})[k], wire.dtype)
+                hit = tensors[k] = (v, C.to_array(wire), wire.dtype)
                 if isinstance(v, np.ndarray):
                     v.flags.writeable = False  # cached bytes stand for v: an in-place change must fail, not go stale
             rec[k] = hit[1]
@@ -434,7 +434,13 @@ class KumikiStrategy(Strategy):
         if not parsed:
             return []
         layout = self.layout()
-        batch = Stack.read(layout, [u.arrays for u, _ in parsed], lambda: layout.flatten(self.reference_arrays()))
+        # where the round's update is the plain weighted mean (FedAvg and the methods that only choose weights),
+        # its sum is taken in the same pass as the NaN/inf check and no K x P matrix is made
+        plain = (self.cfg.server.aggregation == "mean" and not self.cfg.privacy.central
+                 and type(self).aggregate_shared is KumikiStrategy.aggregate_shared
+                 and type(self).combine is KumikiStrategy.combine)
+        batch = Stack.read(layout, [u.arrays for u, _ in parsed], lambda: layout.flatten(self.reference_arrays()),
+                           weights=self.weights([u for u, _ in parsed]) if plain else None)
         bad = batch.nonfinite()
         for k, name in sorted(bad.items()):
             self._reject(server_round, stats, parsed[k][0].profile.site, BadReply(f"tensor {name}: NaN or inf"))

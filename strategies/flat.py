@@ -34,6 +34,11 @@ def _is_float(dtype: np.dtype) -> bool:
     return np.issubdtype(dtype, np.floating)
 
 
+def scaled(w: np.ndarray) -> np.ndarray:
+    """``w`` times the power of two that brings its largest entry into (1/2, 1]: exact, every bit kept."""
+    return w * 2.0 ** -np.ceil(np.log2(w.max()))
+
+
 @dataclass(frozen=True)
 class Layout:
     """Where every floating tensor of a set of named arrays sits in a flat row (in the arrays' order)."""
@@ -173,14 +178,35 @@ class RowView(Mapping):
 
 
 class Stack(Sequence):
-    """K updates: ``rows`` (K x P, floating tensors per :class:`Layout`) and each row's integer tensors."""
+    """K updates: ``rows`` (K x P, floating tensors per :class:`Layout`) and each row's integer tensors.
 
-    def __init__(self, layout: Layout, rows: np.ndarray, ints: list[dict[str, np.ndarray]]):
-        if rows.ndim != 2 or rows.shape[1] != layout.size or len(ints) != rows.shape[0]:
+    A stack :meth:`read` for a plain weighted mean keeps its rows' sources (views of the replies' bytes) and
+    copies them into the matrix only when something asks for ``rows``: FedAvg's round never does.
+    """
+
+    def __init__(self, layout: Layout, rows: np.ndarray | None, ints: list[dict[str, np.ndarray]],
+                 sources: list[list[np.ndarray]] | None = None):
+        if rows is not None and (rows.ndim != 2 or rows.shape[1] != layout.size or len(ints) != rows.shape[0]):
             raise ValueError("rows do not fit the layout")
-        self.layout, self.rows, self.ints = layout, rows, ints
+        if rows is None and (sources is None or len(sources) != len(ints)):
+            raise ValueError("a stack needs its rows or their sources")
+        self.layout, self.ints = layout, ints
+        self._rows, self._sources = rows, sources
         #: each row's sum where :meth:`read` computed it while copying (else None: computed when asked)
         self.sums: np.ndarray | None = None
+        #: (scaled weights, their weighted sum of the rows) where :meth:`read` computed it (see :meth:`premean`)
+        self._premean: tuple[np.ndarray, np.ndarray] | None = None
+
+    @property
+    def rows(self) -> np.ndarray:
+        """The K x P matrix (made from the sources on first use)."""
+        if self._rows is None:
+            rows = np.empty((len(self.ints), self.layout.size), self.layout.dtype)
+            for r, src in enumerate(self._sources):
+                if src:
+                    np.concatenate(src, out=rows[r])
+            self._rows, self._sources = rows, None
+        return self._rows
 
     # ---------------------------------------------------------------- building
     @classmethod
@@ -210,57 +236,85 @@ class Stack(Sequence):
         return cls(layout, rows, ints)
 
     @classmethod
-    def read(cls, layout: Layout, updates: Sequence[Mapping[str, np.ndarray]], fill: Callable[[], np.ndarray]) -> Stack:
+    def read(cls, layout: Layout, updates: Sequence[Mapping[str, np.ndarray]], fill: Callable[[], np.ndarray],
+             weights: Sequence[float] | None = None) -> Stack:
         """The server's round batch: one row per update over the full ``layout`` (shared + every group).
 
         A row's tensors come from its update; where an update does not carry a tensor (another group's), the row
         holds ``fill()`` (the server's current values), so a change computed over a whole row is the update's own.
-        The copy goes in blocks of ``CHUNK`` columns, each summed while it is in cache: the sums flag rows with
-        NaN or inf (:meth:`nonfinite`) without a second pass over the matrix.
+        One pass over the replies, in blocks of ``CHUNK`` columns that stay in cache, sums each row (the sums
+        flag NaN or inf: :meth:`nonfinite`) and
+
+        * without ``weights``: copies each block into the matrix;
+        * with ``weights`` (what the round's plain weighted mean will use): adds each block, weighted, into
+          that mean's sum (:meth:`premean`) and copies nothing: the matrix is made only if asked for.
         """
-        rows = np.empty((len(updates), layout.size), layout.dtype)
-        sums = np.empty(len(updates))
-        ones = np.ones(min(CHUNK, max(layout.size, 1)), layout.dtype)
-        ints, fill_row = [], None
-        for r, u in enumerate(updates):
-            present = frozenset(u)
-            plan = layout.plan()
-            if fill_row is None and len(present.intersection(layout.names)) < len(layout.names):
+        k = len(updates)
+        ints, sources, fill_row = [], [], None
+        for u in updates:  # each row's sources, in layout order: the update's tensors, else the server's
+            if fill_row is None and any(n not in u for n in layout.names):
                 fill_row = fill()
-            flat = [np.asarray(u[n]).reshape(-1) if n in present else fill_row[layout.slice(n)] for n in layout.names]
-            row, total = rows[r], 0.0
-            with np.errstate(over="ignore", invalid="ignore"):
-                for lo, hi, pieces in plan:
-                    dst = row[lo:hi]
+            sources.append([np.asarray(u[n]).reshape(-1) if n in u else fill_row[layout.slice(n)]
+                            for n in layout.names])
+            ints.append({n: np.array(u[n]) for n in layout.ints if n in u})
+        stack = cls(layout, None, ints, sources)
+        stack.sums = sums = np.zeros(k)
+        w = None if weights is None else scaled(np.asarray(weights, np.float64)).astype(layout.dtype)
+        rows = np.empty((k, layout.size), layout.dtype) if w is None else None
+        acc = np.zeros(layout.size, layout.dtype) if w is not None else None
+        step = np.empty(min(CHUNK, max(layout.size, 1)), layout.dtype)
+        ones = np.ones_like(step)
+        with np.errstate(over="ignore", invalid="ignore"):
+            for lo, hi, pieces in layout.plan():
+                for r, src in enumerate(sources):
+                    dst = rows[r, lo:hi] if rows is not None else step[:hi - lo]
                     if len(pieces) == 1:
                         i, a, b = pieces[0]
-                        np.copyto(dst, flat[i][a:b])
+                        np.copyto(dst, src[i][a:b])
                     else:
-                        np.concatenate([flat[i][a:b] for i, a, b in pieces], out=dst)
-                    total += float(np.dot(dst, ones[:hi - lo]))
-            sums[r] = total
-            ints.append({k: np.array(u[k]) for k in layout.ints if k in u})
-        stack = cls(layout, rows, ints)
-        stack.sums = sums
+                        np.concatenate([src[i][a:b] for i, a, b in pieces], out=dst)
+                    sums[r] += float(np.dot(dst, ones[:hi - lo]))
+                    if acc is not None:
+                        np.multiply(dst, w[r], out=dst)
+                        np.add(acc[lo:hi], dst, out=acc[lo:hi])
+        if rows is not None:
+            stack._rows, stack._sources = rows, None
+        else:
+            stack._premean = (w, acc)
         return stack
 
+    def premean(self, w: np.ndarray) -> np.ndarray | None:
+        """``w @ rows`` where :meth:`read` already summed it with exactly these (scaled) weights, else None."""
+        if self._premean is not None and np.array_equal(self._premean[0], w):
+            return self._premean[1]
+        return None
+
     def take(self, index: Sequence[int], names: Sequence[str] | None = None) -> Stack:
-        """Rows ``index`` over ``names``: views where both are contiguous, else one copy."""
+        """Rows ``index`` over ``names``: views where both are contiguous, else one copy (all rows of a stack
+        not yet copied: its sources, no copy)."""
         index = list(index)
         if names is None:
             layout, cols = self.layout, slice(0, self.layout.size)
         else:
             layout, cols = self.layout.sub(names)
-        if index and index == list(range(index[0], index[0] + len(index))):
-            rows = self.rows[index[0]:index[0] + len(index)]
+        ints = [{k: v for k, v in self.ints[i].items() if k in layout.ints} for i in index]
+        everything = index == list(range(len(self)))
+        if self._rows is None and everything:
+            pos = [self.layout._pos[n] for n in layout.names]
+            out = Stack(layout, None, ints, [[src[p] for p in pos] for src in self._sources])
         else:
-            rows = self.rows[index]
-        rows = rows[:, cols]
-        return Stack(layout, rows, [{k: v for k, v in self.ints[i].items() if k in layout.ints} for i in index])
+            if index and index == list(range(index[0], index[0] + len(index))):
+                rows = self.rows[index[0]:index[0] + len(index)]
+            else:
+                rows = self.rows[index]
+            out = Stack(layout, rows[:, cols], ints)
+        if self._premean is not None and everything:
+            out._premean = (self._premean[0], self._premean[1][cols])
+        return out
 
     # ---------------------------------------------------------------- reading
     def __len__(self) -> int:
-        return self.rows.shape[0]
+        return len(self.ints)
 
     def __getitem__(self, k):  # type: ignore[override]
         if isinstance(k, slice):
@@ -279,8 +333,9 @@ class Stack(Sequence):
     def nonfinite(self) -> dict[int, str]:
         """Rows holding NaN or inf, each with the first such tensor's name.
 
-        One matrix-vector product flags them (a NaN or inf anywhere makes the row's sum non-finite); a flagged
-        row is then checked exactly (a finite row whose float32 sum overflows is not rejected)."""
+        The rows' sums flag them (a NaN or inf anywhere makes a sum non-finite; :meth:`read` took them in its
+        pass, else one matrix-vector product does); a flagged row is then checked exactly (a finite row whose
+        float32 sum overflows is not rejected)."""
         if not self.layout.size or not len(self):
             return {}
         sums = self.sums
@@ -288,28 +343,16 @@ class Stack(Sequence):
             with np.errstate(over="ignore", invalid="ignore"):
                 sums = self.rows @ np.ones(self.layout.size, self.rows.dtype)
         bad = {}
+        lay = self.layout
         for k in np.flatnonzero(~np.isfinite(sums)):
-            row = self.rows[k]
-            if np.isfinite(row).all():
-                continue
-            lay = self.layout
-            bad[int(k)] = next(n for i, n in enumerate(lay.names)
-                               if not np.isfinite(row[lay.offsets[i]:lay.offsets[i + 1]]).all())
+            parts = (self._sources[k] if self._rows is None else
+                     [self._rows[k, lay.offsets[i]:lay.offsets[i + 1]] for i in range(len(lay.names))])
+            first = next((n for n, v in zip(lay.names, parts) if not np.isfinite(v).all()), None)
+            if first is not None:
+                bad[int(k)] = first
         return bad
 
     def blocks(self) -> Iterator[slice]:
         """Column blocks for rules that need float64 or sorted copies (bounded memory, no per-tensor loop)."""
         for lo in range(0, self.layout.size, BLOCK):
             yield slice(lo, min(lo + BLOCK, self.layout.size))
-
-
-def _runs(layout: Layout, present: frozenset) -> list[tuple[bool, int, int]]:
-    """Maximal runs [i, j) of layout positions that an update carries (True) or lacks (False)."""
-    runs: list[tuple[bool, int, int]] = []
-    for i, n in enumerate(layout.names):
-        carried = n in present
-        if runs and runs[-1][0] == carried:
-            runs[-1] = (carried, runs[-1][1], i + 1)
-        else:
-            runs.append((carried, i, i + 1))
-    return runs
