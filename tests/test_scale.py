@@ -1,5 +1,6 @@
-"""A long in-process run does not grow with its rounds (issue 13 part 7): the grid keeps no message unless asked,
-the strategy keeps two rounds of stats, the recorder keeps no round rows. Counted in objects, never timed."""
+"""Scale (issue 13 part 7): a long in-process run does not grow with its rounds (the grid keeps no message unless
+asked, the strategy keeps two rounds of stats, the recorder keeps no round rows; counted in objects, never timed),
+and the simulation engine can run on an existing Ray cluster."""
 
 from __future__ import annotations
 
@@ -41,3 +42,15 @@ def test_messages_round_stats_and_round_rows_do_not_accumulate(tmp_path, monkeyp
 def test_the_grid_records_only_when_asked():
     assert InProcessGrid(lambda m, c: m, [{}]).record is False
     assert InProcessGrid(lambda m, c: m, [{}], record=True).record is True
+
+
+def test_the_simulation_engine_joins_an_existing_ray_cluster_when_named(monkeypatch):
+    from launch.engines.simulation import RAY_ADDRESS_ENV, ray_init_args
+
+    monkeypatch.delenv(RAY_ADDRESS_ENV, raising=False)
+    local = ray_init_args()
+    assert local["num_cpus"] >= 1 and "address" not in local
+    monkeypatch.setenv(RAY_ADDRESS_ENV, "auto")
+    cluster = ray_init_args()
+    # Ray refuses num_cpus (and a node address) when it joins a cluster: the cluster's nodes bring their CPUs
+    assert cluster["address"] == "auto" and "num_cpus" not in cluster and "_node_ip_address" not in cluster
