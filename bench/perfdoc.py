@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "RESULTS.md"
 README = ROOT / "README.md"
 #: RESULTS.md sections the README block summarizes, with their headings there
-SECTIONS = {"aggregation": "Aggregation throughput", "wire": "Bytes on the wire", "scale": "1,000 sites"}
+SECTIONS = {"aggregation": "Aggregation throughput", "wire": "Bytes on the wire", "scale": "1,000 sites",
+            "ray": "Past one machine"}
 
 
 def load() -> str:
@@ -75,10 +76,12 @@ def section(tag: str, path: Path = RESULTS) -> str | None:
 def update_readme() -> None:
     """The README's block: every goal line of the three RESULTS.md sections, under their headings."""
     parts = ["Generated from `bench/RESULTS.md` (sections \"Aggregation throughput\", \"Bytes on the wire\", "
-             "\"1,000 sites\"; machine, load and every figure there) by the benchmarks' `--write`."]
+             "\"1,000 sites\", \"Past one machine\"; machine, load and every figure there) by the benchmarks' "
+             "`--write`."]
     for tag, title in SECTIONS.items():
         text = section(tag)
-        goals = [ln for ln in (text or "").splitlines() if ln.startswith("- **")]
+        goals = [ln.replace("(table above)", "(table in `bench/RESULTS.md`)")
+                 for ln in (text or "").splitlines() if ln.startswith("- **")]
         cmd = re.search(r"`(bench/\S+\.py[^`]*)`", text or "")
         parts.append(f"\n**{title}** ({'`' + cmd.group(1) + '`' if cmd else 'not measured yet'}):\n")
         parts.extend(goals or ["- not measured yet"])

@@ -19,8 +19,10 @@ remainder, in both), one local epoch, 10 % of the sites sampled per round, every
   result file, is replaced by a stub when absent.
 
 Both run one torch thread (``OMP_NUM_THREADS=1``), one after the other on the same machine; per-round time
-is the mean over the rounds after the first; memory is each process's peak RSS and its RSS after every
-round (growth = last round's RSS minus the second round's). ``--runs N`` repeats the pair and reports each.
+is the mean over the rounds after the first, in wall seconds and in the CPU seconds of the process; memory is
+each process's peak RSS and its RSS after every round (growth: the slope from the second round on). ``--runs N``
+repeats the three, alternating their order; every run's raw figures go to ``OUT/scale-results.json``, and
+``--from-results FILE...`` rebuilds the section from such files.
 """
 
 from __future__ import annotations
@@ -82,14 +84,15 @@ def run_kumiki(sites: int, rounds: int, out: Path) -> dict:
     def logged(self, rnd, strategy, round_s):
         row = record(self, rnd, strategy, round_s)
         now = time.perf_counter()  # round to round: training, aggregation, evaluation, records, checkpoint
+        cpu = time.process_time()
         per_round.append({"round": rnd, "round_s": now - (per_round[-1]["t"] if per_round else t0), "t": now,
-                          "rss": rss()})
+                          "cpu_s": cpu - (per_round[-1]["cpu"] if per_round else c0), "cpu": cpu, "rss": rss()})
         print(json.dumps({"kumiki_round": per_round[-1]}), flush=True)
         return row
 
     rec.Recorder.round = logged
     cfg = config(sites, rounds, out)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     summary = run_inprocess(cfg, quiet=True)
     state = cfg.run_dir() / "state"
     files = [p for p in state.rglob("*") if p.is_file()]
@@ -168,14 +171,16 @@ def run_pfllib(sites: int, rounds: int, pfllib: Path, work: Path, evaluation: st
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     server = FedPer(args, 0)
     per_round = []
     aggregate = server.aggregate_parameters
 
     def logged():  # the last step of each of PFLlib's rounds
         aggregate()
-        per_round.append({"round": len(per_round) + 1, "rss": rss()})
+        cpu = time.process_time()
+        per_round.append({"round": len(per_round) + 1, "cpu_s": cpu - (per_round[-1]["cpu"] if per_round else c0),
+                          "cpu": cpu, "rss": rss()})
         print(json.dumps({"pfllib_round": per_round[-1]}), flush=True)
 
     server.aggregate_parameters = logged
@@ -212,24 +217,33 @@ def summarize(res: dict) -> dict:
         xs, ys = [r["round"] for r in rounds[1:]], [r["rss"] / 2**20 for r in rounds[1:]]
         mx, my = statistics.mean(xs), statistics.mean(ys)
         slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    cpu = [r["cpu_s"] for r in rounds[1:] if "cpu_s" in r]
     return {"per_round_s": statistics.mean(later) if later else None, "peak_gb": res.get("peak_rss", 0) / 2**30,
+            "cpu_per_round_s": statistics.mean(cpu) if cpu else None,
             "growth_per_round_mb": slope, "rss_mb": [round(r["rss"] / 2**20) for r in rounds]}
 
 
-def markdown(mode: str, sites: int, rounds: int, runs: list[dict], loads: list[tuple[str, str]], pfllib: Path | None,
+def _x(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}" if a and b else "–"
+
+
+def markdown(mode: str, sites: int, rounds: int, runs: list[dict], loads: list[dict], pfllib: Path | None,
              commit: str | None) -> str:
     from bench.perfdoc import machine, stamp
 
     lines = [f"`bench/scale.py --mode {mode}{' --pfllib PATH' if pfllib else ''}` on {stamp()}: {machine()}; "
              f"{sites} sites (10 % sampled per round), {rounds} rounds, FedPer, CNN-S (hidden 128, no norm), "
              f"Fashion-MNIST IID ({60000 // sites} examples a site), batch 16, one torch thread per process; Kumiki, "
-             f"then PFLlib{f' (commit {commit})' if commit else ''} as shipped, then PFLlib evaluating what Kumiki "
-             "evaluates, one after the other. s / round: round end to round end, rounds 2 and later.", "",
-             "| run | framework | s / round | Kumiki ÷ this | peak RSS GiB | Kumiki ÷ this | RSS after each round, MiB | "
-             "growth, MiB / round (slope, rounds 2+) | load average start → end |", "|---|---|---|---|---|---|---|---|---|"]
+             f"PFLlib{f' (commit {commit})' if commit else ''} as shipped and PFLlib evaluating what Kumiki "
+             "evaluates, one after the other (the order alternates between runs). Per round, rounds 2 and later: "
+             "wall seconds round end to round end, and the CPU seconds the process used (on a machine five "
+             "engineers share, wall time also measures their load: the load average each process met is given).",
+             "", "| run | framework | wall s / round | Kumiki ÷ this | CPU s / round | Kumiki ÷ this | peak RSS GiB | "
+             "Kumiki ÷ this | RSS after each round, MiB | growth, MiB / round (slope, rounds 2+) | load average "
+             "start → end |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     names = {"kumiki": "Kumiki", "pfllib": "PFLlib as shipped (evaluates every client's test and train split, "
              "with AUC)", "pfllib-test": "PFLlib, test split only (its train-loss pass skipped)"}
-    ratios: dict[str, list[tuple[float, float]]] = {"pfllib": [], "pfllib-test": []}
+    ratios: dict[str, list[tuple]] = {"pfllib": [], "pfllib-test": []}
     growths = []
     for i, (run, load) in enumerate(zip(runs, loads), 1):
         ks = summarize(run["kumiki"])
@@ -239,15 +253,19 @@ def markdown(mode: str, sites: int, rounds: int, runs: list[dict], loads: list[t
             if res is None:
                 continue
             if "rounds" not in res:
-                lines.append(f"| {i} | {names[key]} | {res.get('status')} | | | | | | |")
+                lines.append(f"| {i} | {names[key]} | {res.get('status')} | | | | | | | | |")
                 continue
             st = summarize(res)
-            rt, rm = ks["per_round_s"] / st["per_round_s"], ks["peak_gb"] / st["peak_gb"]
             if key != "kumiki":
-                ratios[key].append((rt, rm))
-            lines.append(f"| {i} | {names[key]} | {st['per_round_s']:.2f} | {rt:.2f} | {st['peak_gb']:.2f} | {rm:.2f} | "
-                         f"{', '.join(map(str, st['rss_mb']))} | {st['growth_per_round_mb']:+.1f} | "
-                         f"{load[0] + ' → ' + load[1] if key == 'kumiki' else ''} |")
+                ratios[key].append((ks["per_round_s"] / st["per_round_s"],
+                                    ks["cpu_per_round_s"] / st["cpu_per_round_s"]
+                                    if ks["cpu_per_round_s"] and st["cpu_per_round_s"] else None,
+                                    ks["peak_gb"] / st["peak_gb"]))
+            cpu = f"{st['cpu_per_round_s']:.2f}" if st["cpu_per_round_s"] else "–"
+            lines.append(f"| {i} | {names[key]} | {st['per_round_s']:.2f} | {_x(ks['per_round_s'], st['per_round_s'])} | "
+                         f"{cpu} | {_x(ks['cpu_per_round_s'], st['cpu_per_round_s'])} | {st['peak_gb']:.2f} | "
+                         f"{_x(ks['peak_gb'], st['peak_gb'])} | {', '.join(map(str, st['rss_mb']))} | "
+                         f"{st['growth_per_round_mb']:+.1f} | {load.get(key, ('', ''))[0]} → {load.get(key, ('', ''))[1]} |")
     k = runs[-1]["kumiki"]
     lines += ["",
               f"Site state on disk after the run: {k['sites_with_state']} of {k['site_dirs']} sites hold a state file "
@@ -257,13 +275,17 @@ def markdown(mode: str, sites: int, rounds: int, runs: list[dict], loads: list[t
               f"the run's fingerprint, written atomically (temp, fsync, rename) after every round the site trains. "
               f"PFLlib keeps every client's model in memory and writes nothing per client.", ""]
     for key, label in (("pfllib", "as shipped"), ("pfllib-test", "evaluating the same as Kumiki")):
-        if ratios[key]:
-            t = [r[0] for r in ratios[key]]
-            m = [r[1] for r in ratios[key]]
-            lines.append(f"- **Goal: per-round time within 1.1× of PFLlib ({label}): "
-                         f"{'met' if max(t) <= 1.1 else 'not met'}** ({', '.join(f'{r:.2f}×' for r in t)}); "
-                         f"**peak memory within 2×: {'met' if max(m) <= 2 else 'not met'}** "
-                         f"({', '.join(f'{r:.2f}×' for r in m)}).")
+        if not ratios[key]:
+            continue
+        wall = [r[0] for r in ratios[key]]
+        cpu = [r[1] for r in ratios[key] if r[1] is not None]
+        mem = [r[2] for r in ratios[key]]
+        decisive = cpu or wall
+        lines.append(f"- **Goal: per-round time within 1.1× of PFLlib ({label}): "
+                     f"{'met' if max(decisive) <= 1.1 else 'not met'}** (CPU seconds per round: "
+                     f"{', '.join(f'{r:.2f}×' for r in cpu) or 'not recorded'}; wall seconds: "
+                     f"{', '.join(f'{r:.2f}×' for r in wall)}); **peak memory within 2×: "
+                     f"{'met' if max(mem) <= 2 else 'not met'}** ({', '.join(f'{r:.2f}×' for r in mem)}).")
     if not any(ratios.values()):
         lines.append("- **Goals against PFLlib: not measured** (no PFLlib checkout given).")
     flat = all(g is not None and g < GROWTH_MB for g in growths)
@@ -281,6 +303,8 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--write", action="store_true", help="write the section into bench/RESULTS.md and the README block")
+    ap.add_argument("--from-results", type=Path, nargs="+", help="rebuild the section from saved "
+                    "scale-results.json files (written into --out by every run)")
     ap.add_argument("--child", choices=("kumiki", "pfllib"), help=argparse.SUPPRESS)
     ap.add_argument("--sites", type=int, help="override the mode's number of sites")
     ap.add_argument("--rounds", type=int, help="override the mode's number of rounds")
@@ -295,6 +319,17 @@ def main(argv=None) -> int:
 
     from bench.perfdoc import RESULTS, load, update_readme, write_between
 
+    if args.from_results:  # rebuild the section from saved runs (several files: their runs side by side)
+        saved = [json.loads(p.read_text()) for p in args.from_results]
+        first = saved[0]
+        text = markdown(first["mode"], first["sites"], first["rounds"], [r for s in saved for r in s["runs"]],
+                        [x for s in saved for x in s["loads"]], Path("pfllib") if first["pfllib"] else None,
+                        first["commit"])
+        print(text)
+        if args.write:
+            write_between(RESULTS, "scale", text)
+            update_readme()
+        return 0
     sites, rounds = args.sites or MODES[args.mode]["sites"], args.rounds or MODES[args.mode]["rounds"]
     out = args.out or Path(tempfile.mkdtemp(prefix="kumiki-scale-"))
     pfllib = args.pfllib.resolve() if args.pfllib else None
@@ -308,17 +343,23 @@ def main(argv=None) -> int:
     work = export_partition(sites, rounds, out) if pfllib else None
     runs, loads = [], []
     for i in range(args.runs):
-        before = load()
-        shutil.rmtree(out / "kumiki", ignore_errors=True)
-        run = {"kumiki": _child("kumiki", sites, rounds, out / "kumiki", None)}
-        print(json.dumps({"kumiki": summarize(run["kumiki"]) if "rounds" in run["kumiki"] else run["kumiki"]}),
-              flush=True)
-        if pfllib:
-            for key, evaluation in (("pfllib", "shipped"), ("pfllib-test", "test")):
-                run[key] = _child("pfllib", sites, rounds, work, pfllib, evaluation)
-                print(json.dumps({key: summarize(run[key]) if "rounds" in run[key] else run[key]}), flush=True)
+        run, loaded = {}, {}
+        order = ["kumiki", "pfllib", "pfllib-test"] if pfllib else ["kumiki"]
+        for key in order if i % 2 == 0 else order[::-1]:
+            before = load()
+            if key == "kumiki":
+                shutil.rmtree(out / "kumiki", ignore_errors=True)
+                run[key] = _child("kumiki", sites, rounds, out / "kumiki", None)
+            else:
+                run[key] = _child("pfllib", sites, rounds, work, pfllib, "shipped" if key == "pfllib" else "test")
+            loaded[key] = (before, load())
+            print(json.dumps({key: summarize(run[key]) if "rounds" in run[key] else run[key], "load": loaded[key]}),
+                  flush=True)
         runs.append(run)
-        loads.append((before, load()))
+        loads.append(loaded)
+        (out / "scale-results.json").write_text(json.dumps(
+            {"mode": args.mode, "sites": sites, "rounds": rounds, "commit": commit, "pfllib": bool(pfllib),
+             "runs": runs, "loads": loads}))
     if "rounds" not in runs[-1]["kumiki"]:
         print(runs[-1]["kumiki"])
         return 1

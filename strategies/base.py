@@ -13,9 +13,10 @@ It implements Flower's Message-API ``Strategy`` once for all methods:
 * **aggregation**: shared tensors over all valid replies, each group's tensors
   over that group's sites only. Subclasses change ``weights`` or
   ``aggregate_shared`` (the math itself lives in ``strategies.aggregate``). A round's
-  accepted replies are read once, without an intermediate copy, into one K x P matrix
-  (``strategies.flat.Stack``; each update's ``arrays`` are views of its row), checked for
-  NaN/inf in one pass and reduced in one call, never tensor by tensor;
+  replies are read from their bytes without a copy and go through one pass in cache-sized
+  blocks (``strategies.flat.Stack.read``) that checks each for NaN/inf and, where the round's
+  update is the plain weighted mean, sums it; other rules get the replies as one K x P matrix.
+  Nothing is computed tensor by tensor;
 * **accounting**: bytes of every ArrayRecord sent and received, per round.
 """
 
@@ -429,8 +430,8 @@ class KumikiStrategy(Strategy):
         return self._layout
 
     def _batch(self, server_round: int, stats: RoundStats, parsed: list[tuple[Update, int]]) -> list[Update]:
-        """The parsed updates copied into one K x P matrix (site order), those with NaN or inf rejected; each
-        accepted update's ``arrays`` become views of its row."""
+        """The parsed updates (site order) as the round's :class:`Stack`, those with NaN or inf rejected; each
+        accepted update's ``arrays`` become its row of it (a K x P matrix made only if some rule asks for rows)."""
         if not parsed:
             return []
         layout = self.layout()

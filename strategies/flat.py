@@ -2,9 +2,12 @@
 
 Why: aggregation is a reduction over K replies of P parameters. Done per tensor name, it costs a Python
 loop, a float64 copy and a temporary per tensor per reply (and a second copy when Flower's ``Array.numpy()``
-deserializes each tensor). Here each reply's tensors go once, straight from the wire bytes, into its row; the
-finiteness check is one matrix-vector product over all rows, a weighted mean another (BLAS), and the robust
-rules work on column blocks of the same matrix.
+deserializes each tensor). Here each reply is a row, read straight from its wire bytes: one pass over the
+replies, in blocks of columns that stay in cache, sums each row (a NaN or inf anywhere makes the sum
+non-finite: the reply check) and, where the round's update is a plain weighted mean (FedAvg and the methods
+that only choose weights), adds the row into that mean, so no K x P matrix is made at all. Rules that need
+the rows (trimmed mean, median, norm bounding, central DP, FedHB, FLoRAL) get them as one matrix, and work
+on blocks of its columns.
 
 * ``kumiki.npy.read_npy``: a Flower ``Array``'s bytes as a read-only numpy view, without copying them; its
   header is checked (a canonical header is compared as bytes, anything else parsed by numpy's own reader).
@@ -51,7 +54,7 @@ class Layout:
     ints: tuple[str, ...]  # non-floating tensors (never averaged)
     dtype: np.dtype  # the rows' dtype
     _pos: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
-    _plans: dict[None, list] = field(default_factory=dict, compare=False, repr=False)
+    _plan: list = field(default_factory=list, compare=False, repr=False)  # filled once by plan()
 
     @classmethod
     def of(cls, arrays: Mapping[str, np.ndarray]) -> Layout:
@@ -76,9 +79,6 @@ class Layout:
     def slice(self, name: str) -> slice:
         i = self._pos[name]
         return slice(self.offsets[i], self.offsets[i + 1])
-
-    def key(self) -> tuple:
-        return self.order, self.names, self.shapes, self.dtypes
 
     def sub(self, names: Sequence[str]) -> tuple[Layout, np.ndarray | slice]:
         """The layout of ``names`` (in this layout's order) and the columns that hold them: a slice when they
@@ -112,8 +112,7 @@ class Layout:
 
     def plan(self) -> list[tuple[int, int, list[tuple[int, int, int]]]]:
         """How to fill a row in ``CHUNK``-column steps: (lo, hi, [(tensor index, start, end), ...]) per step."""
-        key = None
-        if key not in self._plans:
+        if not self._plan and self.size:
             steps, i = [], 0
             for lo in range(0, self.size, CHUNK):
                 hi = min(lo + CHUNK, self.size)
@@ -127,8 +126,8 @@ class Layout:
                         pieces.append((j, a - self.offsets[j], b - self.offsets[j]))
                     j += 1
                 steps.append((lo, hi, pieces))
-            self._plans[key] = steps
-        return self._plans[key]
+            self._plan.extend(steps)
+        return self._plan
 
     def views(self, row: np.ndarray) -> dict[str, np.ndarray]:
         """The floating tensors of one row as reshaped views, in the row's own dtype (no cast, no copy)."""

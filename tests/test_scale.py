@@ -5,6 +5,7 @@ and the simulation engine can run on an existing Ray cluster."""
 from __future__ import annotations
 
 import gc
+import os
 
 from flwr.app import Message
 
@@ -54,3 +55,19 @@ def test_the_simulation_engine_joins_an_existing_ray_cluster_when_named(monkeypa
     cluster = ray_init_args()
     # Ray refuses num_cpus (and a node address) when it joins a cluster: the cluster's nodes bring their CPUs
     assert cluster["address"] == "auto" and "num_cpus" not in cluster and "_node_ip_address" not in cluster
+
+
+def test_the_site_data_cache_is_bounded_and_follows_a_rewritten_folder(tmp_path, monkeypatch):
+    from client import site
+    from kumiki.data.sites import materialize
+
+    folders = materialize(make_config(tmp_path, sites=3), tmp_path / "sites")
+    monkeypatch.setattr(site, "_CACHE", type(site._CACHE)())
+    one = site._nbytes(site.load_cached(folders[0]))
+    monkeypatch.setattr(site, "CACHE_BYTES", int(1.5 * one))  # room for one site's data
+    for f in folders:
+        site.load_cached(f)
+    assert list(site._CACHE) == [str(folders[-1].resolve())], "the least recently used sites were dropped"
+    before = site.load_cached(folders[-1])
+    os.utime(folders[-1] / "train.npz", (1, 1))  # the folder's data changed: read again, no second entry
+    assert site.load_cached(folders[-1]) is not before and len(site._CACHE) == 1
