@@ -74,15 +74,22 @@ def section(tag: str, path: Path = RESULTS) -> str | None:
 
 
 def update_readme() -> None:
-    """The README's block: every goal line of the three RESULTS.md sections, under their headings."""
+    """The README's block: every table of the four RESULTS.md sections with the paragraph just before it (what
+    was run, on what machine, under what load), and every goal line, under the sections' headings."""
     parts = ["Generated from `bench/RESULTS.md` (sections \"Aggregation throughput\", \"Bytes on the wire\", "
-             "\"1,000 sites\", \"Past one machine\"; machine, load and every figure there) by the benchmarks' "
-             "`--write`."]
+             "\"1,000 sites\", \"Past one machine\"; their notes are there) by the benchmarks' `--write`."]
     for tag, title in SECTIONS.items():
-        text = section(tag)
-        goals = [ln.replace("(table above)", "(table in `bench/RESULTS.md`)")
-                 for ln in (text or "").splitlines() if ln.startswith("- **")]
-        cmd = re.search(r"`(bench/\S+\.py[^`]*)`", text or "")
-        parts.append(f"\n**{title}** ({'`' + cmd.group(1) + '`' if cmd else 'not measured yet'}):\n")
-        parts.extend(goals or ["- not measured yet"])
+        text = section(tag) or ""
+        cmd = re.search(r"`(bench/\S+\.py[^`]*)`", text)
+        parts.append(f"\n**{title}** ({'`' + cmd.group(1) + '`' if cmd else 'not measured yet'}):")
+        blocks = [b for b in re.split(r"\n\s*\n", text) if b.strip()]
+        kept = []
+        for i, block in enumerate(blocks):
+            if block.startswith("|"):
+                if i and not blocks[i - 1].startswith(("|", "- ")):
+                    kept.append(blocks[i - 1])
+                kept.append(block)
+            elif block.startswith("- **"):
+                kept.append("\n".join(ln for ln in block.splitlines() if ln.startswith("- **")))
+        parts.extend(["", *"\n\n".join(kept).splitlines()] if kept else ["", "- not measured yet"])
     write_between(README, "scale-perf", "\n".join(parts))
