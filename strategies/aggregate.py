@@ -2,8 +2,8 @@
 
 Unit-tested against hand-computed values; strategies only choose the weights. Every function takes the updates
 as a sequence of ``name -> array`` mappings or, on the server's hot path, as a :class:`~strategies.flat.Stack`
-(the round's replies as one K x P matrix, no copy); the math runs over the whole matrix at once, never tensor
-by tensor (``strategies/flat.py`` says why).
+(the round's replies as rows read from their bytes; a K x P matrix only where a rule needs one); the math
+runs over all rows at once, never tensor by tensor (``strategies/flat.py`` says why).
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ Updates = Sequence[Arrays] | Stack
 
 
 def weighted_mean(updates: Updates, weights: Sequence[float]) -> dict[str, np.ndarray]:
-    """sum_k (w_k / sum_j w_j) * x_k per coordinate: one BLAS matrix-vector product over the K x P matrix,
-    accumulated in the rows' dtype (float32 for float32 models, as Flower's and PFLlib's FedAvg do; float64 for
-    a float64 model), cast back to each tensor's dtype. The weights enter scaled by a power of two (exact: an
+    """sum_k (w_k / sum_j w_j) * x_k per coordinate: one weighted sum over the rows (on the server, taken in the
+    same pass that reads and checks the replies; else one BLAS matrix-vector product), accumulated in the rows'
+    dtype (float32 for float32 models, as Flower's and PFLlib's FedAvg do; float64 for a float64 model), cast back
+    to each tensor's dtype. The weights enter scaled by a power of two (exact: an
     integer example count keeps every bit) and the sum is divided by their total once at the end, so a mean
     of values a float32 holds exactly comes out exact (10 x 1 + 30 x 3 over 40 is 2.5, not 2.5000002).
 
