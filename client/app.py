@@ -91,8 +91,32 @@ def check_incoming(received: dict[str, torch.Tensor], model: torch.nn.Module, al
     for k, v in received.items():
         if tuple(v.shape) != tuple(own[k].shape):
             raise BadArrays(f"tensor {k}: shape {tuple(v.shape)} != model's {tuple(own[k].shape)}")
+        mine = own[k].dtype
+        if v.dtype != mine and not (mine.is_floating_point and v.dtype == torch.float16):
+            raise BadArrays(f"tensor {k}: dtype {v.dtype}, but the model holds {mine} (servers send {mine}, or "
+                            "float16 for floating tensors with server.transport_dtype = 'float16')")
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise BadArrays(f"tensor {k}: contains NaN or inf")
+
+
+def widen(received: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Received tensors in the model's own dtypes (float16 transport: the site computes in float32)."""
+    own = model.state_dict()
+    return {k: v if v.dtype == own[k].dtype else v.to(own[k].dtype) for k, v in received.items()}
+
+
+def to_wire(out: dict[str, torch.Tensor], wire: dict[str, torch.dtype]) -> dict[str, torch.Tensor]:
+    """Each outgoing tensor in the dtype it arrived in (the server accepts exactly that dtype)."""
+    res = {}
+    for k, v in out.items():
+        dtype = wire.get(k, v.dtype)
+        if dtype != v.dtype:
+            v = v.to(dtype)
+            if not torch.isfinite(v).all():
+                raise FloatingPointError(f"local update of {k} exceeds {dtype}'s range (server.transport_dtype = "
+                                         "'float16'); the server drops this update")
+        res[k] = v
+    return res
 
 
 def prepare(msg: Message, context: Context, for_training: bool) -> tuple[SiteJob, object, SiteStore, sites.SiteInfo]:
@@ -111,6 +135,8 @@ def prepare(msg: Message, context: Context, for_training: bool) -> tuple[SiteJob
                        before_round=job.round if for_training else None)
     received = msg.content[C.ARRAYS].to_torch_state_dict() if C.ARRAYS in msg.content else {}
     check_incoming(received, model, split.travelling(info.group or None))
+    wire = {k: v.dtype for k, v in received.items()}
+    received = widen(received, model)
     model.load_state_dict({**state.personal, **received}, strict=False)
     device = resolve_device(job.train.device)
     model.to(device)
@@ -118,7 +144,7 @@ def prepare(msg: Message, context: Context, for_training: bool) -> tuple[SiteJob
     trainer = Trainer(data.x_train, data.y_train, job.train, seed=seed, device=device)
     extra = msg.content[C.EXTRA].to_torch_state_dict() if C.EXTRA in msg.content else {}
     sj = SiteJob(model, split, trainer, data, state, job, received, role=info.role, extra=extra,
-                 task=task_for(data.task))
+                 task=task_for(data.task), wire=wire)
     return sj, objective, store, info
 
 
@@ -170,7 +196,7 @@ def train(msg: Message, context: Context) -> Message:
                 return _decline(msg, info, exc)
             metrics.update({"epsilon": spent, "noise-multiplier": dp.noise_multiplier, "dp-steps": float(dp.steps)})
         state = {k: v.detach().cpu() for k, v in sj.model.state_dict().items()}
-        out = sj.split.outgoing(state, info.group or None)
+        out = to_wire(sj.split.outgoing(state, info.group or None), sj.wire)
         for k, v in out.items():
             if v.is_floating_point() and not torch.isfinite(v).all():
                 raise FloatingPointError(f"local update of {k} is not finite")

@@ -11,6 +11,8 @@ Deployment: the SuperNode's node config names everything::
 
 from __future__ import annotations
 
+import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +28,10 @@ class SiteInfo:
     state_dir: Path
 
 
-_CACHE: dict[tuple[str, float], SiteData] = {}
+#: folder -> (train.npz's mtime, its data), least recently used first; bounded by ``CACHE_BYTES``
+_CACHE: OrderedDict[str, tuple[float, SiteData]] = OrderedDict()
+#: Site data one process keeps in memory (a SuperNode holds one site; an in-process or simulation worker many)
+CACHE_BYTES = int(os.environ.get("KUMIKI_SITE_CACHE_BYTES", 2 << 30))
 
 
 def resolve(node_config: dict, sim: dict | None, model=None) -> tuple[SiteInfo, SiteData]:
@@ -58,9 +63,24 @@ def resolve(node_config: dict, sim: dict | None, model=None) -> tuple[SiteInfo, 
 
 
 def load_cached(data_dir: Path) -> SiteData:
-    """Site data is read-only; a process that serves many messages reads it once."""
+    """Site data is read-only; a process that serves many messages reads it once (again when the folder's
+    train.npz changes). At most ``CACHE_BYTES`` of it stay in memory: the least recently used site goes first,
+    so a process serving many runs or sites does not grow without bound."""
     meta = data_dir / "train.npz"
-    key = (str(data_dir.resolve()), meta.stat().st_mtime if meta.exists() else 0.0)
-    if key not in _CACHE:
-        _CACHE[key] = load_site(data_dir)
-    return _CACHE[key]
+    key, mtime = str(data_dir.resolve()), meta.stat().st_mtime if meta.exists() else 0.0
+    hit = _CACHE.get(key)
+    if hit is not None and hit[0] == mtime:
+        _CACHE.move_to_end(key)
+        return hit[1]
+    data = load_site(data_dir)
+    _CACHE[key] = (mtime, data)
+    _CACHE.move_to_end(key)
+    total = sum(_nbytes(d) for _, d in _CACHE.values())
+    while total > CACHE_BYTES and len(_CACHE) > 1:
+        _, (_, old) = _CACHE.popitem(last=False)
+        total -= _nbytes(old)
+    return data
+
+
+def _nbytes(d: SiteData) -> int:
+    return sum(getattr(a, "nbytes", 0) for a in (d.x_train, d.y_train, d.x_test, d.y_test))

@@ -278,6 +278,9 @@ class ServerSection(_Section):
         "mean", description="how updates combine: the method's mean, or a robust rule (see README, Robustness)")
     trim_fraction: float = Field(0.2, ge=0.0, lt=0.5, description="trimmed_mean: share cut at each end, per coordinate")
     norm_bound: float = Field(3.0, ge=1.0, description="norm_bound: an update's change is capped at this x the median")
+    transport_dtype: Literal["float32", "float16"] = Field(
+        "float32", description="dtype of shared floating tensors on the wire, down and up (float16 halves the bytes; "
+                               "integer buffers never change; sites and server compute in float32)")
     round_timeout_s: float = Field(600.0, gt=0.0, description="how long a round waits for replies")
     discovery_timeout_s: float = Field(180.0, gt=0.0, description="how long the server waits for all sites to connect")
 

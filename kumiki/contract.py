@@ -20,6 +20,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from kumiki.config import EvalSection, PrivacySection, SiteSection, TrainSection
 from kumiki.methods import MethodConfig
+from kumiki.npy import npy_bytes
 from kumiki.registry import entry
 from models.spec import ModelSpec
 
@@ -98,14 +99,21 @@ class Job:
             raise ValueError(f"malformed job config in message: {e}") from None
 
 
+def to_array(value: Any) -> Array:
+    """A numpy array or torch tensor as a Flower ``Array``: exactly the bytes ``Array(ndarray)`` would hold
+    (np.save's), made with one copy of the data instead of np.save's two or three (``kumiki.npy.npy_bytes``)."""
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    v = np.asarray(value)
+    v = v if v.flags.c_contiguous else v.copy(order="C")  # ascontiguousarray would make 0-d arrays 1-d
+    return Array(dtype=str(v.dtype), shape=tuple(int(d) for d in v.shape), stype="numpy.ndarray", data=npy_bytes(v))
+
+
 def to_record(arrays: dict[str, Any]) -> ArrayRecord:
     """Named numpy arrays or torch tensors -> ArrayRecord (empty allowed: local-only sends nothing)."""
     rec = ArrayRecord()
     for k, v in arrays.items():
-        if hasattr(v, "detach"):
-            v = v.detach().cpu().numpy()
-        v = np.asarray(v)
-        rec[k] = Array(v if v.flags.c_contiguous else v.copy(order="C"))  # ascontiguousarray would make 0-d arrays 1-d
+        rec[k] = to_array(v)
     return rec
 
 

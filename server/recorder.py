@@ -12,6 +12,7 @@ import json
 import math
 import os
 import time
+from collections import Counter, deque
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +101,9 @@ class Recorder:
         write_json(self.dir / "config.json", resolved)
         self.metrics_path = self.dir / "metrics.jsonl"
         self.t0 = time.perf_counter()
-        self.history: list[dict[str, Any]] = []
+        #: running totals of the rounds so far (their rows are in metrics.jsonl; none is kept in memory but
+        #: the last, so a run's memory does not grow with its rounds)
+        self.totals = _Totals()
         #: wall time of the earlier segments of a resumed run, and the rounds after which it was resumed
         self.wall_offset = 0.0
         self.resumed: list[int] = []
@@ -123,11 +126,11 @@ class Recorder:
                 continue
             kept.append(obj)
             if kind == "round":
-                self.history.append(obj)
+                self.totals.add(obj)
             elif kind == "resume":
                 self.resumed.append(int(obj["after_round"]))
-        if self.history:
-            self.wall_offset = float(self.history[-1]["time"]["wall_s"])
+        if self.totals.last:
+            self.wall_offset = float(self.totals.last["time"]["wall_s"])
         self.resumed.append(k)
         kept.append({"kind": "resume", "after_round": k, "engine": self.engine,
                      "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
@@ -175,7 +178,7 @@ class Recorder:
                           "epsilon": m.get("epsilon"),
                           "train_loss": st.train_metrics.get(site, {}).get("train-loss"),
                           "num_examples": st.train_metrics.get(site, {}).get("num-examples")})
-        self.history.append(row)
+        self.totals.add(row)
         if not self.quiet:
             def fmt(d):
                 return f"{d['mean']:.3f}" if d and d["mean"] is not None else "  -  "
@@ -194,18 +197,14 @@ class Recorder:
         p = self.cfg.privacy
         groups = strategy.privacy_record()
         if groups:  # privacy a method applies per sub-federation (WorldLM): per group, and each site's ledger
-            eps: dict[str, float] = {}
-            for h in self.history:
-                eps.update(h.get("epsilon", {}))
+            eps = self.totals.epsilon
             return {"accountant": p.accountant, "groups": groups, "epsilon_per_site": dict(sorted(eps.items())),
                     "stopped_at_round": dict(sorted(strategy.budget_spent.items()))}
         if not (p.enabled or p.central):
             return None
         out: dict[str, Any] = {"target_epsilon": p.target_epsilon, "delta": p.delta, "accountant": p.accountant}
         if p.enabled:
-            eps: dict[str, float] = {}
-            for h in self.history:
-                eps.update(h.get("epsilon", {}))
+            eps = self.totals.epsilon
             out.update({"epsilon_per_site": dict(sorted(eps.items())), "max_grad_norm": p.max_grad_norm,
                         "scope": p.scope, "stopped_at_round": dict(sorted(strategy.budget_spent.items()))})
         if p.central:
@@ -218,13 +217,9 @@ class Recorder:
         """Who took part: configured vs discovered sites, nodes dropped at discovery, accepted rounds per site,
         and each site's profile (role, group, camera/domain, train and test examples)."""
         trained: dict[str, int] = {p.site: 0 for p in strategy.profiles.values() if p.role == "train"}
-        incomplete = []
-        for h in self.history:
-            for site in h["sites"]["took_part"]:
-                trained[site] = trained.get(site, 0) + 1
-            everyone_declined = h["sites"]["sampled"] and len(h["sites"].get("declined", [])) == h["sites"]["sampled"]
-            if h["sites"]["rejected"] or not (h["sites"]["aggregated"] or everyone_declined):
-                incomplete.append(h["round"])
+        for site, n in self.totals.trained.items():
+            trained[site] = trained.get(site, 0) + n
+        incomplete = list(self.totals.incomplete)
         return {"configured": strategy.expected_nodes(), "discovered": sorted(p.site for p in strategy.profiles.values()),
                 "dropped": list(strategy.discovery_rejected), "trained_rounds": dict(sorted(trained.items())),
                 "incomplete_rounds": incomplete,
@@ -237,13 +232,12 @@ class Recorder:
         """Write the final record and summary.json; ``status`` is ok only when every configured site took
         part in every round and the server did not fail (``error``)."""
         wall = self.wall_offset + time.perf_counter() - self.t0
-        last = self.history[-1] if self.history else {}
-        n = max(len(self.history), 1)
-        up = [h["bytes"]["up"] for h in self.history]
-        down = [h["bytes"]["down"] for h in self.history]
+        tot = self.totals
+        last = tot.last
+        n = max(tot.rounds, 1)
 
         def last5(key):
-            vals = [h[key]["mean"] for h in self.history[-5:] if h.get(key) and h[key]["mean"] is not None]
+            vals = [m[key] for m in tot.last5 if m.get(key) is not None]
             return float(np.mean(vals)) if vals else None
 
         pers = last.get("personalized")
@@ -255,22 +249,22 @@ class Recorder:
             "method": self.cfg.method.name,
             "dataset": self.cfg.data.dataset,
             "metric": TASKS[run_tasks[0]].metric if len(run_tasks) == 1 else "multi-task",
-            "rounds": len(self.history),
+            "rounds": tot.rounds,
             "sites": self.cfg.data.sites,
             "personalized": pers or {"mean": None, "std": None, "bottom10": None, "per_site": {}},
             "global": {"mean": glob["mean"], "per_site": glob["per_site"]} if glob else {"mean": None, "per_site": {}},
             "unseen": uns or None,
             "unseen_adapted": ada or None,
-            "bytes": {"up_per_round": int(sum(up) / n), "down_per_round": int(sum(down) / n),
-                      "up_total": int(sum(up)), "down_total": int(sum(down))},
-            "time": {"wall_s": wall, "per_round_s": sum(h["time"]["round_s"] for h in self.history) / n},
+            "bytes": {"up_per_round": int(tot.up / n), "down_per_round": int(tot.down / n),
+                      "up_total": int(tot.up), "down_total": int(tot.down)},
+            "time": {"wall_s": wall, "per_round_s": tot.round_s / n},
             "privacy": self.privacy(strategy),
             "tasks": last.get("tasks") or {t: {"metric": TASKS[t].metric, "higher_is_better": TASKS[t].higher_is_better,
                                                **dict.fromkeys(SECTIONS)} for t in run_tasks},
         }
         part = self.participation(strategy)
         complete = (len(part["discovered"]) == strategy.expected_nodes() and not part["incomplete_rounds"]
-                    and (len(self.history) == self.cfg.run.rounds or self.ended is not None))
+                    and (tot.rounds == self.cfg.run.rounds or self.ended is not None))
         if self.ended is not None:
             summary["ended"] = self.ended
         if self.resumed:
@@ -284,7 +278,38 @@ class Recorder:
                                                         "unseen_adapted": ada and ada["mean"]},
                       "last5_mean": {"personalized": last5("personalized"), "global": last5("global"),
                                      "unseen": last5("unseen"), "unseen_adapted": last5("unseen_adapted")},
-                      "rejections": sum(len(h["sites"]["rejected"]) for h in self.history),
+                      "rejections": tot.rejections,
                       "status": summary["status"]})
         write_json(self.dir / "summary.json", summary)
         return summary
+
+
+class _Totals:
+    """What the summary needs from every round so far, folded in as each round ends (constant memory in the
+    number of rounds, apart from the list of incomplete rounds)."""
+
+    def __init__(self):
+        self.rounds = 0
+        self.up = self.down = 0
+        self.round_s = 0.0
+        self.rejections = 0
+        self.epsilon: dict[str, float] = {}  # last reported per site
+        self.trained: Counter = Counter()  # site -> rounds it took part in
+        self.incomplete: list[int] = []
+        self.last5: deque = deque(maxlen=5)  # section -> mean, for the last five rounds
+        self.last: dict[str, Any] = {}  # the last round's full row
+
+    def add(self, row: dict[str, Any]) -> None:
+        sites = row["sites"]
+        self.rounds += 1
+        self.up += row["bytes"]["up"]
+        self.down += row["bytes"]["down"]
+        self.round_s += row["time"]["round_s"]
+        self.rejections += len(sites["rejected"])
+        self.epsilon.update(row.get("epsilon", {}))
+        self.trained.update(sites["took_part"])
+        everyone_declined = sites["sampled"] and len(sites.get("declined", [])) == sites["sampled"]
+        if sites["rejected"] or not (sites["aggregated"] or everyone_declined):
+            self.incomplete.append(row["round"])
+        self.last5.append({sec: row[sec]["mean"] for sec in SECTIONS if row.get(sec)})
+        self.last = row

@@ -12,7 +12,11 @@ It implements Flower's Message-API ``Strategy`` once for all methods:
   with too few valid replies keeps the previous model;
 * **aggregation**: shared tensors over all valid replies, each group's tensors
   over that group's sites only. Subclasses change ``weights`` or
-  ``aggregate_shared`` (the math itself lives in ``strategies.aggregate``);
+  ``aggregate_shared`` (the math itself lives in ``strategies.aggregate``). A round's
+  replies are read from their bytes without a copy and go through one pass in cache-sized
+  blocks (``strategies.flat.Stack.read``) that checks each for NaN/inf and, where the round's
+  update is the plain weighted mean, sums it; other rules get the replies as one K x P matrix.
+  Nothing is computed tensor by tensor;
 * **accounting**: bytes of every ArrayRecord sent and received, per round.
 """
 
@@ -22,7 +26,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -36,6 +40,7 @@ from kumiki.accounting import epsilon
 from kumiki.split import ParamSplit
 from strategies.aggregate import (central_dp_mean, clip_to_median_norm, coordinate_median, trimmed_mean,
                                  weighted_mean)
+from strategies.flat import Layout, Stack
 from strategies.replies import BadReply, check_arrays, eval_metrics, parse_profile, train_metrics
 
 log = logging.getLogger("kumiki.server")
@@ -57,17 +62,19 @@ class SiteProfile:
 
 @dataclass
 class Update:
-    """One accepted training reply."""
+    """One accepted training reply (``arrays``: read-only views of the reply's bytes, then of its row in the
+    round's :class:`~strategies.flat.Stack`)."""
 
     profile: SiteProfile
-    arrays: dict[str, np.ndarray]
+    arrays: Mapping[str, np.ndarray]
     num_examples: int
     metrics: dict[str, float]
 
 
 @dataclass
 class RoundStats:
-    sent: dict[int, tuple[str, ...]] = field(default_factory=dict)
+    #: node -> the tensors sent to it for training, each with the dtype it travelled in (its reply must match)
+    sent: dict[int, Mapping[str, np.dtype]] = field(default_factory=dict)
     eval_sent: set[int] = field(default_factory=set)
     accepted: int = 0
     rejected: list[dict] = field(default_factory=list)
@@ -200,8 +207,17 @@ class KumikiStrategy(Strategy):
         """Non-model arrays a method sends under ``extra`` (none by default; FedHB sends its precision)."""
         return {}
 
+    def _cache(self, kind: str) -> tuple[dict, dict]:
+        """The serialized tensors of one kind ("wire": as sent, "model": the model as it is, "extra"), kept from
+        call to call: a tensor is serialized once while it stays the same array, however many sites and
+        messages carry it (with float32 transport the model's and the wire's are the same)."""
+        if kind == "model" and self.cfg.server.transport_dtype == "float32":
+            kind = "wire"
+        caches = self.__dict__.setdefault("_serialized", {})
+        return caches.setdefault(kind, ({}, {}))
+
     def _message(self, node_id: int, mtype: str, server_round: int, stats: RoundStats) -> Message:
-        arrays = C.to_record(self.payload(node_id))
+        arrays, wire = self._record(self.payload(node_id), self._cache("wire"), convert=True)
         config = replace(self.job, round=server_round).to_config()
         config[C.COMPLETED] = self.completed.get(self.profiles[node_id].site, 0)
         for k, v in self.extra_config(node_id, server_round).items():
@@ -210,10 +226,10 @@ class KumikiStrategy(Strategy):
         stats.bytes_down += arrays.count_bytes()
         extra = self.extra_arrays(node_id, server_round)
         if extra:
-            content[C.EXTRA] = C.to_record(extra)
+            content[C.EXTRA], _ = self._record(extra, self._cache("extra"), convert=False)
             stats.bytes_down += content[C.EXTRA].count_bytes()
         if mtype == MessageType.TRAIN:
-            stats.sent[node_id] = tuple(arrays.keys())
+            stats.sent[node_id] = wire
         else:
             stats.eval_sent.add(node_id)
         return Message(content, dst_node_id=node_id, message_type=mtype)
@@ -234,6 +250,41 @@ class KumikiStrategy(Strategy):
     def privacy_record(self) -> dict[str, Any] | None:
         """Privacy a method applies beyond ``[privacy]`` (WorldLM's per-sub-federation DP), for summary.json."""
         return None
+
+    def _record(self, arrays: dict[str, np.ndarray], cache: tuple[dict, dict], convert: bool) -> tuple[ArrayRecord, dict]:
+        """``arrays`` as an ArrayRecord, and name -> the dtype each tensor travels in (what its reply must use).
+
+        ``convert``: floating tensors travel in ``server.transport_dtype`` (float16 halves the bytes; integer
+        buffers never change). A tensor with values beyond float16's range travels in its own dtype (logged).
+        Each (name, array) is serialized once per ``cache`` (see :meth:`_cache`): every site gets the same
+        ``Array`` objects, so sending to many sites costs one serialization and one copy of the bytes.
+        """
+        tensors, wires = cache
+        rec = ArrayRecord()
+        for k, v in arrays.items():
+            hit = tensors.get(k)
+            if hit is None or hit[0] is not v:  # the entry holds v: its id cannot be reused while cached
+                wire = self._to_wire(k, v) if convert else np.asarray(v)
+                hit = tensors[k] = (v, C.to_array(wire), wire.dtype)
+                if isinstance(v, np.ndarray):
+                    v.flags.writeable = False  # cached bytes stand for v: an in-place change must fail, not go stale
+            rec[k] = hit[1]
+        key = tuple((k, tensors[k][2]) for k in arrays)
+        if key not in wires:  # one name -> dtype mapping per payload composition, shared by its sites
+            wires[key] = dict(key)
+        return rec, wires[key]
+
+    def _to_wire(self, name: str, value: np.ndarray) -> np.ndarray:
+        value = np.asarray(value)
+        if self.cfg.server.transport_dtype != "float16" or value.dtype.kind != "f" or value.dtype == np.float16:
+            return value
+        with np.errstate(over="ignore"):
+            half = value.astype(np.float16)
+        if np.isfinite(half).all() or not np.isfinite(value).all():
+            return half
+        log.warning("tensor %s has values beyond float16's range (max |x| = %.3g); it travels as %s",
+                    name, float(np.abs(value).max()), value.dtype)
+        return value
 
     def server_state(self) -> dict[str, np.ndarray]:
         """Server-side method state a checkpoint keeps besides the model tensors (FedHB: its precision)."""
@@ -298,9 +349,19 @@ class KumikiStrategy(Strategy):
             self.shared.update(C.from_record(arrays))
         if grid is not None and self.profiles:
             self.refresh(grid, server_round)
-        stats = self.rounds.setdefault(server_round, RoundStats())
+        stats = self._stats(server_round)
         return [self._message(n, MessageType.TRAIN, server_round, stats)
                 for n in self.sample(self._reachable(self.train_nodes(), server_round, stats))]
+
+    #: rounds whose RoundStats are kept (the current one and the one before): the recorder writes each round's
+    #: row right after it, so older stats would only grow the server's memory with every round
+    KEEP_ROUNDS = 2
+
+    def _stats(self, server_round: int) -> RoundStats:
+        """This round's stats; those of rounds before the last ``KEEP_ROUNDS`` are dropped."""
+        for old in [r for r in self.rounds if r <= server_round - self.KEEP_ROUNDS]:
+            del self.rounds[old]
+        return self.rounds.setdefault(server_round, RoundStats())
 
     def _reachable(self, nodes: list[int], server_round: int, stats: RoundStats) -> list[int]:
         """The nodes still connected (when the grid says); an offline site is logged, not waited for."""
@@ -317,7 +378,7 @@ class KumikiStrategy(Strategy):
         """Every tensor the server sends (shared + all groups): the names, dtypes and shapes replies must match."""
         return {**self.shared, **{k: v for g in self.group_arrays.values() for k, v in g.items()}}
 
-    def parse_update(self, reply: Message, expected: tuple[str, ...] | None) -> Update:
+    def parse_update(self, reply: Message, expected: Mapping[str, np.dtype] | None) -> Update:
         """The reply as an accepted update, or :class:`BadReply` saying why it must be dropped."""
         if reply.has_error():
             raise BadReply(f"site error: {reply.error.reason}")
@@ -329,12 +390,13 @@ class KumikiStrategy(Strategy):
             raise BadReply("reply lacks its 'arrays' record")
         profile = self.profiles[nid]
         n, metrics = train_metrics(content, announced=profile.num_train)
-        arrays = check_arrays(content[C.ARRAYS], self.reference_arrays(), expected)
+        arrays = check_arrays(content[C.ARRAYS], self.reference_arrays(), expected, finite=False,
+                              wire=expected if isinstance(expected, Mapping) else None)
         return Update(profile, arrays, n, metrics)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        stats = self.rounds.setdefault(server_round, RoundStats())
-        updates: list[Update] = []
+        stats = self._stats(server_round)
+        parsed: list[tuple[Update, int]] = []
         seen: set[int] = set()
         for r in replies:
             nid = r.metadata.src_node_id
@@ -349,21 +411,16 @@ class KumikiStrategy(Strategy):
                     stats.declined.append({"site": site, "reason": r.error.reason})
                     continue
                 update = self.parse_update(r, stats.sent.get(nid))
-                stats.bytes_up += r.content[C.ARRAYS].count_bytes()
+                parsed.append((update, r.content[C.ARRAYS].count_bytes()))
             except Exception as exc:  # noqa: BLE001 - no reply may raise in the server
-                reason = str(exc) if isinstance(exc, BadReply) else f"malformed reply ({type(exc).__name__}: {exc})"
-                log.warning("round %d: rejected update from %s: %s", server_round, site, reason)
-                stats.rejected.append({"site": site, "reason": reason})
-                continue
-            updates.append(update)
-            stats.train_metrics[site] = update.metrics
-            self.completed[site] = server_round
+                self._reject(server_round, stats, site, exc)
         for n in sorted(set(stats.sent) - seen):
             log.warning("round %d: no reply from %s (timed out or disconnected)", server_round, self.profiles[n].site)
             stats.rejected.append({"site": self.profiles[n].site, "reason": "no reply"})
         # Replies arrive in any order; aggregate in site order so the model never depends on it
         # (float sums are order-sensitive in the last bits, integer buffers come from the first update).
-        updates.sort(key=lambda u: u.profile.site)
+        parsed.sort(key=lambda p: p[0].profile.site)
+        updates = self._batch(server_round, stats, parsed)
         stats.accepted = len(updates)
         needed = math.ceil(self.cfg.server.min_reply_fraction * max(len(stats.sent) - len(stats.declined), 1))
         if len(updates) < needed:
@@ -375,7 +432,55 @@ class KumikiStrategy(Strategy):
         keys = set.intersection(*(set(u.metrics) for u in updates))
         agg = {k: sum(u.metrics[k] * u.num_examples for u in updates) / total for k in sorted(keys) if k != C.NUM_EXAMPLES}
         agg[C.NUM_EXAMPLES] = total
-        return C.to_record(self.shared), MetricRecord(agg)
+        # the new model as Flower's API returns it; with float32 transport the next round sends these bytes
+        return self._record(self.shared, self._cache("model"), convert=False)[0], MetricRecord(agg)
+
+    def _reject(self, server_round: int, stats: RoundStats, site: str, exc: BaseException) -> None:
+        reason = str(exc) if isinstance(exc, BadReply) else f"malformed reply ({type(exc).__name__}: {exc})"
+        log.warning("round %d: rejected update from %s: %s", server_round, site, reason)
+        stats.rejected.append({"site": site, "reason": reason})
+
+    def layout(self) -> Layout:
+        """Where each tensor the server sends sits in a reply's row (shared, then each group's)."""
+        ref = self.reference_arrays()
+        key = tuple((k, v.shape, v.dtype) for k, v in ref.items())
+        if getattr(self, "_layout_key", None) != key:
+            self._layout_key, self._layout = key, Layout.of(ref)
+        return self._layout
+
+    def _batch(self, server_round: int, stats: RoundStats, parsed: list[tuple[Update, int]]) -> list[Update]:
+        """The parsed updates (site order) as the round's :class:`Stack`, those with NaN or inf rejected; each
+        accepted update's ``arrays`` become its row of it (a K x P matrix made only if some rule asks for rows)."""
+        if not parsed:
+            return []
+        layout = self.layout()
+        # where the round's update is the plain weighted mean (FedAvg and the methods that only choose weights),
+        # its sum is taken in the same pass as the NaN/inf check and no K x P matrix is made
+        plain = (self.cfg.server.aggregation == "mean" and not self.cfg.privacy.central
+                 and type(self).aggregate_shared is KumikiStrategy.aggregate_shared
+                 and type(self).combine is KumikiStrategy.combine)
+        batch = Stack.read(layout, [u.arrays for u, _ in parsed], lambda: layout.flatten(self.reference_arrays()),
+                           weights=self.weights([u for u, _ in parsed]) if plain else None)
+        bad = batch.nonfinite()
+        for k, name in sorted(bad.items()):
+            self._reject(server_round, stats, parsed[k][0].profile.site, BadReply(f"tensor {name}: NaN or inf"))
+        keep = [k for k in range(len(parsed)) if k not in bad]
+        if bad:
+            batch = batch.take(keep)
+        updates = []
+        for row, k in enumerate(keep):
+            update, nbytes = parsed[k]
+            update = replace(update, arrays=batch.row(row, tuple(n for n in layout.order if n in update.arrays)))
+            updates.append(update)
+            stats.bytes_up += nbytes
+            stats.train_metrics[update.profile.site] = update.metrics
+            self.completed[update.profile.site] = server_round
+        return updates
+
+    @staticmethod
+    def part(updates: list[Update], names: Iterable[str]) -> Stack:
+        """The updates' tensors ``names`` as a :class:`Stack`: a view of the round's matrix where possible."""
+        return Stack.of([u.arrays for u in updates], list(names))
 
     def aggregate(self, updates: list[Update]) -> None:
         """Shared tensors over all updates; each group's tensors over its own sites."""
@@ -384,16 +489,15 @@ class KumikiStrategy(Strategy):
             return
         server = self.cfg.server
         if server.aggregation == "norm_bound":  # a pre-step for every method: cap each update's change
-            clipped = clip_to_median_norm([u.arrays for u in updates], self.reference_arrays(), server.norm_bound)
+            clipped = clip_to_median_norm(self.part(updates, self.layout().order), self.reference_arrays(),
+                                          server.norm_bound)
             updates = [replace(u, arrays=a) for u, a in zip(updates, clipped)]
         if self.shared:
             self.shared = self.aggregate_shared(updates)
         for g in self.group_arrays:
             members = [u for u in updates if u.profile.group == g]
             if members:
-                names = self.group_arrays[g]
-                self.group_arrays[g] = self.combine([{k: u.arrays[k] for k in names} for u in members],
-                                                    self.weights(members))
+                self.group_arrays[g] = self.combine(self.part(members, self.group_arrays[g]), self.weights(members))
 
     def aggregate_central(self, updates: list[Update]) -> None:
         """``privacy.central``: each part (shared, each group) becomes the noised uniform mean of clipped changes."""
@@ -405,8 +509,7 @@ class KumikiStrategy(Strategy):
         for g, ref, members in parts:
             if not ref or not members:
                 continue
-            new = central_dp_mean([{k: u.arrays[k] for k in ref} for u in members], ref, p.central_clip,
-                                  p.central_noise_multiplier, rng)
+            new = central_dp_mean(self.part(members, ref), ref, p.central_clip, p.central_noise_multiplier, rng)
             if g:
                 self.group_arrays[g] = new
             else:
@@ -425,7 +528,7 @@ class KumikiStrategy(Strategy):
         """n-weighted by default (FedAvg)."""
         return [float(u.num_examples) for u in updates]
 
-    def combine(self, arrays: list[dict[str, np.ndarray]], weights: list[float]) -> dict[str, np.ndarray]:
+    def combine(self, arrays: Stack | list[Mapping[str, np.ndarray]], weights: list[float]) -> dict[str, np.ndarray]:
         """The method's weighted mean, or the operator's coordinate-wise robust rule (``server.aggregation``)."""
         server = self.cfg.server
         if server.aggregation == "trimmed_mean":
@@ -435,16 +538,16 @@ class KumikiStrategy(Strategy):
         return weighted_mean(arrays, weights)
 
     def aggregate_shared(self, updates: list[Update]) -> dict[str, np.ndarray]:
-        return self.combine([{k: u.arrays[k] for k in self.shared} for u in updates], self.weights(updates))
+        return self.combine(self.part(updates, self.shared), self.weights(updates))
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord | None, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        stats = self.rounds.setdefault(server_round, RoundStats())
+        stats = self._stats(server_round)
         return [self._message(n, MessageType.EVALUATE, server_round, stats)
                 for n in self._reachable(self.eval_nodes(), server_round, stats)]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        stats = self.rounds.setdefault(server_round, RoundStats())
+        stats = self._stats(server_round)
         for r in replies:
             nid = r.metadata.src_node_id
             site = self.profiles[nid].site if nid in self.profiles else f"node-{nid}"

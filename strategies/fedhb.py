@@ -45,6 +45,7 @@ import numpy as np
 from models import build_model
 from strategies.aggregate import uniform_mean
 from strategies.base import KumikiStrategy, Update
+from strategies.flat import Stack
 
 
 @dataclass
@@ -69,20 +70,27 @@ def auto_psi0(nu: float, mu_max: float, n_mean: float) -> float:
 
 def niw_diag_update(ms: Sequence[Mapping[str, np.ndarray]], lambda0: float,
                     mu0: float | Mapping[str, np.ndarray], nu0: float, psi0: float, eps: float) -> NIGPosterior:
-    """The exact minimizer of the negative ELBO over L_0 given the sites' m_i (module docstring)."""
-    if not ms:
+    """The exact minimizer of the negative ELBO over L_0 given the sites' m_i (module docstring), in float64
+    over column blocks of the sites' K x P matrix (``strategies/flat.py``), never tensor by tensor."""
+    if not len(ms):
         raise ValueError("nothing to aggregate")
-    n = len(ms)
+    stack = Stack.of(ms)
+    lay = stack.layout
+    n = len(stack)
     l, nu = lambda0 + n, nu0 + n
     shrink = lambda0 * n / (lambda0 + n)
-    m, psi = {}, {}
-    for k in ms[0]:
-        stack = np.stack([np.asarray(mi[k], dtype=np.float64) for mi in ms])
-        prior = np.asarray(mu0[k] if isinstance(mu0, Mapping) else mu0, dtype=np.float64)
-        m_bar = stack.mean(axis=0)
-        m[k] = (lambda0 * prior + stack.sum(axis=0)) / l
-        psi[k] = psi0 + n * eps**2 + ((stack - m_bar) ** 2).sum(axis=0) + shrink * (m_bar - prior) ** 2
-    return NIGPosterior(m, psi, l, nu)
+    if isinstance(mu0, Mapping):  # per tensor, each an array of its shape or a scalar
+        prior = lay.flatten({k: np.broadcast_to(np.asarray(mu0[k], dtype=np.float64), lay.shapes[i])
+                             for i, k in enumerate(lay.names)}, dtype=np.float64)
+    else:
+        prior = np.full(lay.size, float(mu0))
+    m, psi = np.empty(lay.size), np.empty(lay.size)
+    for cols in stack.blocks():
+        block = stack.rows[:, cols].astype(np.float64)
+        m_bar = block.mean(axis=0)
+        m[cols] = (lambda0 * prior[cols] + block.sum(axis=0)) / l
+        psi[cols] = psi0 + n * eps**2 + ((block - m_bar) ** 2).sum(axis=0) + shrink * (m_bar - prior[cols]) ** 2
+    return NIGPosterior(lay.views(m), lay.views(psi), l, nu)
 
 
 class FedHB(KumikiStrategy):
@@ -118,12 +126,11 @@ class FedHB(KumikiStrategy):
     def aggregate_shared(self, updates: list[Update]) -> dict[str, np.ndarray]:
         h = self.method
         others = [k for k in self.shared if k not in self.coords]
-        plain = uniform_mean([{k: u.arrays[k] for k in others} for u in updates]) if others else {}
+        plain = uniform_mean(self.part(updates, others)) if others else {}
         nu = h.nu0 + len(updates)
         n_mean = float(np.mean([u.num_examples for u in updates]))
         psi0 = auto_psi0(nu, h.mu_max, n_mean) if h.psi0 == "auto" else h.psi0
-        post = niw_diag_update([{k: u.arrays[k] for k in self.coords} for u in updates],
-                               h.lambda0, self.mu0, h.nu0, psi0, h.eps)
+        post = niw_diag_update(self.part(updates, self.coords), h.lambda0, self.mu0, h.nu0, psi0, h.eps)
         if h.fixed_precision is None:
             self.precision = {k: w.astype(np.float32) for k, w in post.w.items()}
         return {k: (post.m[k].astype(self.shared[k].dtype) if k in post.m else plain[k]) for k in self.shared}

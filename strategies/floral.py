@@ -20,7 +20,8 @@ import re
 
 import numpy as np
 
-from strategies.aggregate import weighted_mean
+from strategies.aggregate import weighted_mean, weighted_sum
+from strategies.flat import Stack
 from strategies.base import KumikiStrategy, Update
 from strategies.replies import BadReply
 
@@ -71,10 +72,13 @@ class FLoRAL(KumikiStrategy):
 
 def floral_mean(arrays: list[dict[str, np.ndarray]], num_examples: list[float], pis: list[list[float]],
                 cluster_of: dict[str, int], previous: dict[str, np.ndarray], absent: str = "keep") -> dict[str, np.ndarray]:
-    """The module docstring's rule: tensors in ``cluster_of`` with p(k|c) of their cluster, the rest with p(k)."""
+    """The module docstring's rule: tensors in ``cluster_of`` with p(k|c) of their cluster, the rest with p(k)
+    (each a single matrix-vector product over the sites' rows; ``strategies/flat.py``)."""
     pk, pc, pkc = cluster_weights(num_examples, pis)
+    stack = Stack.of(arrays)
+    rows = range(len(stack))
     base = [k for k in previous if k not in cluster_of]
-    out = weighted_mean([{k: a[k] for k in base} for a in arrays], pk) if base else {}
+    out = weighted_mean(stack.take(rows, base), pk) if base else {}
     for j in range(len(pc)):
         names = [k for k, cj in cluster_of.items() if cj == j]
         if not names:
@@ -83,11 +87,6 @@ def floral_mean(arrays: list[dict[str, np.ndarray]], num_examples: list[float], 
             out.update({k: previous[k] for k in names})
             continue
         w = pkc[:, j] if absent == "keep" else pk * np.asarray(pis, dtype=np.float64)[:, j] / (pc[j] + CODE_EPS)
-        out.update(_weighted_sum([{k: a[k] for k in names} for a in arrays], w))
+        # p(k|c) sums to 1 already; the code's eps variant must not be renormalized
+        out.update(weighted_sum(stack.take(rows, names), w))
     return out
-
-
-def _weighted_sum(arrays: list[dict[str, np.ndarray]], w: np.ndarray) -> dict[str, np.ndarray]:
-    """sum_k w_k x_k without renormalizing (p(k|c) sums to 1 already; the code's eps variant must not)."""
-    return {k: sum(float(wk) * a[k].astype(np.float64) for wk, a in zip(w, arrays)).astype(arrays[0][k].dtype)
-            for k in arrays[0]}

@@ -27,7 +27,10 @@ import numpy as np
 from kumiki import contract as C
 from kumiki.data.sites import SITE_NAME_PATTERN
 from kumiki.tasks import TASKS, metric_of_key
+from kumiki.npy import NpyError, expect, read_npy
 
+#: Flower's ``Array.stype`` for numpy's .npy serialization (the only one a reply may use).
+NUMPY_STYPE = "numpy.ndarray"
 #: Upper bound on any example count a site may announce (a sanity bound, not a quota).
 MAX_EXAMPLES = 10**9
 SITE_NAME = re.compile(SITE_NAME_PATTERN)
@@ -79,21 +82,32 @@ def parse_profile(node_id: int, content: Any) -> dict[str, Any]:
             "domain": domain}
 
 
-def check_arrays(arrays: Any, reference: Mapping[str, np.ndarray], expected: Iterable[str]) -> dict[str, np.ndarray]:
-    """The reply's tensors as numpy arrays, or BadReply: names, dtypes and shapes as sent; finite values."""
+def check_arrays(arrays: Any, reference: Mapping[str, np.ndarray], expected: Iterable[str], *,
+                 wire: Mapping[str, np.dtype] | None = None, finite: bool = True) -> dict[str, np.ndarray]:
+    """The reply's tensors as read-only numpy views of its bytes (no copy), or BadReply: exactly the names
+    sent, each in the dtype it was sent in (``wire``: name -> dtype; default the reference's) and with the
+    reference's shape; finite values, unless ``finite=False`` (the server then checks a whole round's replies
+    in one pass, ``Stack.nonfinite``). Complex tensors are always checked here."""
     names = set(arrays.keys())
     expected = set(expected)
     if names != expected:
         raise BadReply(f"reply tensors differ from the ones sent: {sorted(names ^ expected)[:5]}")
     out = {}
     for name in sorted(names):
-        value = arrays[name].numpy()
-        ref = reference[name]
-        if value.dtype != ref.dtype:
-            raise BadReply(f"tensor {name}: dtype {value.dtype} != {ref.dtype} (as sent)")
+        array, ref = arrays[name], reference[name]
+        dtype = np.dtype(wire.get(name, ref.dtype)) if wire else ref.dtype
+        stype = getattr(array, "stype", None)
+        if stype != NUMPY_STYPE:
+            raise BadReply(f"tensor {name}: serialization {stype!r} is not {NUMPY_STYPE!r}")
+        try:
+            value = read_npy(array.data, expect(dtype, ref.shape))
+        except NpyError as exc:
+            raise BadReply(f"tensor {name}: {exc}") from None
+        if value.dtype != dtype:
+            raise BadReply(f"tensor {name}: dtype {value.dtype} != {dtype} (as sent)")
         if value.shape != ref.shape:
             raise BadReply(f"tensor {name}: shape {value.shape} != {ref.shape}")
-        if value.dtype.kind in "fc" and not np.isfinite(value).all():
+        if (value.dtype.kind == "c" or (finite and value.dtype.kind == "f")) and not np.isfinite(value).all():
             raise BadReply(f"tensor {name}: NaN or inf")
         out[name] = value
     return out

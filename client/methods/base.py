@@ -49,6 +49,8 @@ class SiteJob:
     extra: dict[str, torch.Tensor] | None = None
     #: What the site learns (its data's ``task``): the loss every objective trains on, and the metric.
     task: Task = field(default_factory=Classification)
+    #: The dtype each received tensor travelled in (float16 under ``server.transport_dtype``): the reply's dtypes.
+    wire: dict[str, torch.dtype] = field(default_factory=dict)
 
     @property
     def task_loss(self) -> LossFn:

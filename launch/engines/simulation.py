@@ -33,6 +33,22 @@ RAY_EXPOSURE = ("the simulation engine's Ray services listen on all network inte
                 "option); use it on a trusted network, or use --engine inprocess (no sockets) or local (127.0.0.1)")
 
 
+#: Environment variable naming an existing Ray cluster to run on (``ray start --head`` on one machine,
+#: ``ray start --address=HEAD:6379`` on the others): "auto", "HEAD:6379" or "ray://HEAD:10001". Unset, the engine
+#: starts a private Ray instance on this machine. README, "Past one machine".
+RAY_ADDRESS_ENV = "KUMIKI_RAY_ADDRESS"
+
+
+def ray_init_args() -> dict:
+    """``ray.init`` arguments: this machine's CPUs, or the cluster ``KUMIKI_RAY_ADDRESS`` names (its nodes bring
+    their own CPUs; Flower places one virtual site per CPU across them)."""
+    address = os.environ.get(RAY_ADDRESS_ENV)
+    if address:
+        return {"address": address, "logging_level": "ERROR", "log_to_driver": False, "include_dashboard": False}
+    return {"num_cpus": os.cpu_count() or 2, "logging_level": "ERROR", "log_to_driver": False,
+            "_node_ip_address": "127.0.0.1", "include_dashboard": False}
+
+
 def _run_sim(cfg, quiet: bool, resume: bool = False) -> dict:
     from flwr.simulation import run_simulation
 
@@ -57,11 +73,7 @@ def _run_sim(cfg, quiet: bool, resume: bool = False) -> dict:
         server_app=server_app,
         client_app=client_app,
         num_supernodes=cfg.total_sites,
-        backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"num_cpus": os.cpu_count() or 2, "logging_level": "ERROR", "log_to_driver": False,
-                          "_node_ip_address": "127.0.0.1", "include_dashboard": False},
-        },
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": ray_init_args()},
     )
     if not result:
         summary = cfg.run_dir() / "summary.json"
