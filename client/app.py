@@ -9,9 +9,11 @@ the server logs and drops, never a half-written state.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 import traceback
+from dataclasses import replace
 
 import torch
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -102,12 +104,16 @@ def prepare(msg: Message, context: Context, for_training: bool) -> tuple[SiteJob
     model.load_state_dict({**state.personal, **received}, strict=False)
     device = resolve_device(job.train.device)
     model.to(device)
-    seed = f"{job.model.seed}:{info.name}:{job.round}"  # deterministic across processes (unlike hash())
-    trainer = Trainer(data.x_train, data.y_train, job.train, seed=seed, device=device)
+    trainer = Trainer(data.x_train, data.y_train, job.train, seed=_seed(job, info), device=device)
     extra = msg.content[C.EXTRA].to_torch_state_dict() if C.EXTRA in msg.content else {}
     sj = SiteJob(model, split, trainer, data, state, job, received, role=info.role, extra=extra,
                  task=task_for(data.task))
     return sj, objective, store, info
+
+
+def _seed(job: C.Job, info: sites.SiteInfo) -> str:
+    """The site's seed for one round's message: deterministic across processes (unlike hash())."""
+    return f"{job.model.seed}:{info.name}:{job.round}"
 
 
 def _privacy_dir(context: Context, info: sites.SiteInfo, sim: dict | None) -> str:
@@ -140,6 +146,13 @@ def train(msg: Message, context: Context) -> Message:
         sj, objective, store, info = prepare(msg, context, for_training=True)
     except Exception as exc:  # noqa: BLE001 - every failure becomes a logged error reply
         return _error(msg, ERR_SITE, exc)
+    evaluation, eval_s = None, 0.0
+    if C.EVALUATE_ROUND in msg.content[C.CONFIG]:  # one message per round: evaluate what arrived, then train
+        t1 = time.perf_counter()
+        evaluation = evaluate_first(sj, objective, info, msg.content[C.CONFIG][C.EVALUATE_ROUND], context)
+        eval_s = time.perf_counter() - t1
+        if evaluation is not None:
+            evaluation["eval-time-s"] = eval_s
     dp = None
     if sj.job.privacy.enabled:
         try:
@@ -170,10 +183,33 @@ def train(msg: Message, context: Context) -> Message:
     m = {
         C.NUM_EXAMPLES: sj.data.num_train,
         "train-loss": float(metrics.get("loss", 0.0)),
-        "fit-time-s": time.perf_counter() - t0,
+        "fit-time-s": time.perf_counter() - t0 - eval_s,  # the site's compute for training (evaluation apart)
     }
     m.update({f"train-{k}": float(v) for k, v in metrics.items() if k not in ("loss", "examples")})
-    return Message(RecordDict({C.ARRAYS: C.to_record(out), C.METRICS: MetricRecord(m)}), reply_to=msg)
+    content = RecordDict({C.ARRAYS: C.to_record(out), C.METRICS: MetricRecord(m)})
+    if evaluation is not None:
+        content[C.EVALUATION] = MetricRecord(evaluation)
+    return Message(content, reply_to=msg)
+
+
+def evaluate_first(sj: SiteJob, objective, info: sites.SiteInfo, rnd, context: Context) -> dict | None:
+    """Round ``rnd``'s evaluation inside a training message, equal to what round ``rnd``'s evaluate message
+    computes: the received model is that round's aggregate and the personal state the one after it. It runs on a
+    copy of the model, with that message's seeds, without a DP context and with the global RNG restored after, so
+    training then goes on exactly as without it and the privacy ledger never sees it. None (logged) when it fails:
+    the server then asks with an evaluate message of its own."""
+    try:
+        job = replace(sj.job, round=int(rnd))
+        trainer = Trainer(sj.data.x_train, sj.data.y_train, job.train, seed=_seed(job, info), device=sj.trainer.device)
+        ev = replace(sj, model=copy.deepcopy(sj.model), trainer=trainer, job=job)
+        with torch.random.fork_rng(devices=[]):
+            m = evaluation_metrics(ev, objective, info)
+        if job.privacy.enabled:
+            m["epsilon"] = privacy.spent(ev, _privacy_dir(context, info, job.sim))
+        return m
+    except Exception as exc:  # noqa: BLE001 - the training part of the message goes on
+        log.error("site %s: evaluation of round %s failed: %s: %s", info.name, rnd, type(exc).__name__, exc)
+        return None
 
 
 def evaluation_metrics(sj: SiteJob, objective, info: sites.SiteInfo) -> dict[str, float | int]:
@@ -182,14 +218,19 @@ def evaluation_metrics(sj: SiteJob, objective, info: sites.SiteInfo) -> dict[str
     d, task = sj.data, sj.task.name
     m: dict[str, float | int] = {C.NUM_EXAMPLES: len(d.y_test), "unseen": int(info.role == "unseen")}
 
-    def put(path: str, model, predict) -> None:
-        r = evaluate(model, d.x_test, d.y_test, predict, task=sj.task)
+    def put(path: str, model, predict, r: dict | None = None) -> dict:
+        r = r or evaluate(model, d.x_test, d.y_test, predict, task=sj.task)
         m.update({metric_key(path, task): r["score"], f"{path}-loss": r["loss"]})
+        return r
 
+    personal = done = None
     if info.role == "train":
-        put("personalized", objective.personalized_model(sj), objective.predict_personal)
+        personal = objective.personalized_model(sj)
+        done = put("personalized", personal, objective.predict_personal)
     if objective.has_global:
-        put("global", objective.global_model(sj), objective.predict_global)
+        shared = objective.global_model(sj)
+        same = done is not None and objective.global_is_personal(personal, shared)  # FedAvg: evaluated once
+        put("global", shared, objective.predict_global, done if same else None)
     epochs = sj.job.eval.unseen_adapt_epochs
     if info.role == "unseen" and epochs > 0:
         adapted = objective.adapt_unseen(sj, epochs)
@@ -200,6 +241,7 @@ def evaluation_metrics(sj: SiteJob, objective, info: sites.SiteInfo) -> dict[str
 
 @app.evaluate()
 def evaluate_(msg: Message, context: Context) -> Message:
+    t0 = time.perf_counter()
     try:
         sj, objective, _, info = prepare(msg, context, for_training=False)
         m = evaluation_metrics(sj, objective, info)
@@ -207,6 +249,7 @@ def evaluate_(msg: Message, context: Context) -> Message:
             m["epsilon"] = privacy.spent(sj, _privacy_dir(context, info, sj.job.sim))
     except Exception as exc:  # noqa: BLE001
         return _error(msg, ERR_SITE, exc)
+    m["eval-time-s"] = time.perf_counter() - t0
     return Message(RecordDict({C.METRICS: MetricRecord(m)}), reply_to=msg)
 
 

@@ -152,7 +152,9 @@ class Recorder:
         row = {
             "kind": "round", "round": rnd, **sections, "tasks": per_task,
             "bytes": {"up": st.bytes_up, "down": st.bytes_down},
-            "time": {"round_s": round_s, "wall_s": self.wall_offset + time.perf_counter() - self.t0},
+            "time": {"round_s": round_s, "wall_s": self.wall_offset + time.perf_counter() - self.t0,
+                     # the slowest site's reported compute per exchange, summed: round_s minus it is the framework's
+                     "site_compute_s": st.compute_s},
             "sites": {"sampled": len(st.sent), "accepted": st.accepted, "aggregated": st.aggregated,
                       "took_part": sorted(st.train_metrics), "evaluated": sorted(ev), "rejected": st.rejected,
                       "declined": st.declined},
@@ -171,7 +173,10 @@ class Recorder:
                           "global": m.get(metric_key("global", task)), "adapted": m.get(metric_key("adapted", task)),
                           "epsilon": m.get("epsilon"),
                           "train_loss": st.train_metrics.get(site, {}).get("train-loss"),
-                          "num_examples": st.train_metrics.get(site, {}).get("num-examples")})
+                          "num_examples": st.train_metrics.get(site, {}).get("num-examples"),
+                          # seconds the site computed for this round: training it, and evaluating its model
+                          "fit_time_s": st.train_metrics.get(site, {}).get("fit-time-s"),
+                          "eval_time_s": m.get("eval-time-s")})
         self.history.append(row)
         if not self.quiet:
             def fmt(d):
