@@ -25,6 +25,7 @@ from client.loop import Trainer, evaluate, resolve_device
 from client.methods.base import SiteJob
 from client.state import SiteState, SiteStore, StateMismatch, StateMissing
 from client.tasks import task_for
+from client.threads import apply_site_threads
 from kumiki import contract as C
 from kumiki.tasks import metric_key
 from kumiki.registry import entry
@@ -88,6 +89,7 @@ def check_incoming(received: dict[str, torch.Tensor], model: torch.nn.Module, al
 def prepare(msg: Message, context: Context, for_training: bool) -> tuple[SiteJob, object, SiteStore, sites.SiteInfo]:
     job = C.Job.from_config(msg.content[C.CONFIG])
     node_config = dict(context.node_config)
+    apply_site_threads(node_config, job.sim)  # this site's share of the machine's cores (client/threads.py)
     info, data = sites.resolve(node_config, job.sim, job.model)
     if for_training and info.role != "train":
         raise ValueError(f"site {info.name} is an unseen site: it evaluates only and never trains")

@@ -140,6 +140,7 @@ def run_federation(grid: Grid, cfg: KumikiConfig, sim: dict | None = None, engin
                         pending, None, ConfigRecord(), grid, only=again)), timeout)
                 strategy.aggregate_evaluate(pending, evaluated)
             strategy.aggregate_train(rnd, trained)
+            strategy.rounds[rnd].central_releases = strategy.central_releases  # its row may be written later
             if pending is not None:
                 recorder.round(pending, strategy, strategy.rounds[pending].round_s)
                 pending = None

@@ -164,7 +164,7 @@ class Recorder:
         if eps:  # privacy: what each site has spent so far (its ledger; never decreases)
             row["epsilon"] = dict(sorted(eps.items()))
         if self.cfg.privacy.central:
-            row["central_epsilon"] = strategy.central_epsilon()
+            row["central_epsilon"] = strategy.central_epsilon(st.central_releases)
         self._append(row)
         for site, m in sorted(ev.items()):
             task = tasks.get(site, "classification")

@@ -85,6 +85,8 @@ class RoundStats:
     round_s: float = 0.0
     #: the slowest site's compute (seconds it reported) summed over the round's exchanges: the critical path
     compute_s: float = 0.0
+    #: central DP releases after this round (its row reports their epsilon)
+    central_releases: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """JSON-able (a checkpoint keeps the stats of a round whose row waits for its evaluation)."""

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+# one torch thread per site process (client/threads.py honours it; so do the processes tests start)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from kumiki.config import KumikiConfig, validate  # noqa: E402
 
