@@ -136,6 +136,14 @@ class Tuning:
                        supernode_poll_s=auto(self.supernode_poll_s, 0.1, 0.2, 1.0))
 
 
+def thread_config(tuning: Tuning, sites: int) -> dict[str, int]:
+    """Node config entries that set each site's torch threads (``client/threads.py``): all ``sites`` share this
+    machine (``local-sites``), or an explicit ``threads``; nothing for torch's default (``Tuning.stock()``)."""
+    if tuning.client_threads == "auto":
+        return {"local-sites": sites}
+    return {} if tuning.client_threads is None else {"threads": int(tuning.client_threads)}
+
+
 # --------------------------------------------------------------------------- helpers
 def venv_bin() -> Path:
     """The bin dir of the interpreter running us (console scripts of the same venv)."""
@@ -452,11 +460,8 @@ def _run_local(cfg: KumikiConfig, quiet: bool = False, *, insecure: bool = False
     shutil.rmtree(home, ignore_errors=True)
     link_port, *node_ports = free_ports(1 + cfg.total_sites)
     site_configs = node_configs(cfg, sim)
-    for nc in site_configs:  # how many threads each site computes with (client/threads.py)
-        if tuning.client_threads == "auto":
-            nc["local-sites"] = cfg.total_sites
-        elif tuning.client_threads is not None:
-            nc["threads"] = tuning.client_threads
+    for nc in site_configs:
+        nc.update(thread_config(tuning, cfg.total_sites))
     certs = None if insecure else make_certs(home / "certs", [nc["site"] for nc in site_configs])
     if certs is None:
         log.warning(INSECURE_BANNER)
