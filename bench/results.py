@@ -77,3 +77,20 @@ def read_section(tag: str, path: Path = RESULTS) -> str | None:
     if start not in doc or end not in doc:
         return None
     return doc[doc.index(start) + len(start): doc.index(end)].strip("\n")
+
+
+def run_rows(cfg, engine: str, **kw) -> tuple[dict, list[dict], list[dict]]:
+    """Run ``cfg`` on ``engine``; (summary.json, its round rows, its site rows) from metrics.jsonl."""
+    import json
+
+    from launch.engines import run
+
+    if engine == "local":
+        from launch.engines.local import run_local
+
+        summary = run_local(cfg, quiet=True, overwrite=True, **kw)
+    else:
+        summary = run(cfg, engine, quiet=True, overwrite=True)
+    records = [json.loads(x) for x in (cfg.run_dir() / "metrics.jsonl").read_text().splitlines()]
+    return (summary, [r for r in records if r.get("kind") == "round"],
+            [r for r in records if r.get("kind") == "site"])
