@@ -1,8 +1,8 @@
 """One message per site per round (issue 13 part 2): the latency it saves, and each method's share of a round
 spent evaluating.
 
-    PYTHONPATH=. .venv/bin/python bench/eval_share.py --mode quick [--write]   # digits MLP, ~5 min
-    PYTHONPATH=. .venv/bin/python bench/eval_share.py --mode full  [--write]   # the pilot config, ~30 min
+    .venv/bin/python bench/eval_share.py --mode quick [--write]   # digits MLP, ~5 min
+    .venv/bin/python bench/eval_share.py --mode full  [--write]   # the pilot config, ~30 min
 
 * **Share spent evaluating** (in-process engine: no transport, the sites take turns, so a round's wall time is
   its sites' compute): every method on the same config with its own defaults, FedHB first; from metrics.jsonl,

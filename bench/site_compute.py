@@ -1,8 +1,8 @@
 """Site compute (issue 13 part 4): Kumiki's training loop against a plain PyTorch loop, and what a message
 costs beyond its SGD steps.
 
-    PYTHONPATH=. .venv/bin/python bench/site_compute.py --mode quick [--write]   # ~2 min
-    PYTHONPATH=. .venv/bin/python bench/site_compute.py --mode full  [--write]   # ~10 min
+    .venv/bin/python bench/site_compute.py --mode quick [--write]   # ~2 min
+    .venv/bin/python bench/site_compute.py --mode full  [--write]   # ~10 min
 
 1. **Per step**: one pilot site's training split (``deploy/pilot.toml``: Fashion-MNIST, 480 training images),
    the pilot model (CNN-S, hidden 128) and a ~1M-parameter one (the same CNN, hidden 320; full mode), the
