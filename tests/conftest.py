@@ -44,6 +44,12 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
+def untimed(record) -> dict:
+    """A reply's metrics without the seconds the site took (``fit-time-s``, ``eval-time-s``): what a replay must
+    reproduce exactly."""
+    return {k: v for k, v in dict(record).items() if not str(k).endswith("-time-s")}
+
+
 def personalized_means(tmp_path: Path, methods: tuple[str, ...], **kw) -> dict[str, float]:
     """Last-round personalized mean accuracy of each method on the same small config."""
     from launch.engines.inprocess import run_inprocess

@@ -158,14 +158,18 @@ def test_fedavg_evaluates_its_one_model_once(tmp_path, monkeypatch, method, pass
 
 
 def test_site_compute_is_recorded_per_site_and_per_round(tmp_path, monkeypatch):
-    """Also: the ClientApp sets its share of the cores at every message (in-process: a site alone)."""
+    """Also: the ClientApp sets its share of the cores at every message (in-process: a site alone, here on a
+    machine of one usable core)."""
+    import client.threads
+
     cfg = make_config(tmp_path, rounds=2, sites=2, name="times")
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(client.threads, "usable_cores", lambda: 1)
     before = torch.get_num_threads()
-    torch.set_num_threads(usable_cores() + 1)
+    torch.set_num_threads(3)
     try:
         run_inprocess(cfg, quiet=True)
-        assert torch.get_num_threads() == usable_cores()
+        assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
     records = [json.loads(x) for x in (cfg.run_dir() / "metrics.jsonl").read_text().splitlines()]
