@@ -9,10 +9,12 @@ spent evaluating.
   the seconds the sites spent evaluating (``eval_time_s``) over the rounds' wall time, and over the sites'
   whole compute. The same run with ``eval.in_train_reply = false`` (a separate evaluate message after every
   aggregation, as before) gives the in-process saving: one message fewer per site per round and, for FedAvg
-  and FedProx, one evaluation pass instead of two.
+  and FedProx, one evaluation pass instead of two. Each pair runs twice, in alternating order (one message,
+  separate, separate, one message), and each figure is the mean of its two runs.
 * **Latency saved per round on real processes** (``--engine local``: SuperLink, one SuperNode per site, TLS):
   the same config with the evaluation in the training reply and with a separate evaluate message, one after the
-  other. Steady state = the median round before the last (the last round sends its evaluate messages in both).
+  other, also twice in alternating order. Steady state = the median round before the last (the last round
+  sends its evaluate messages in both).
 
 ``--write`` puts the section between the ``eval-share`` markers of bench/RESULTS.md (then run
 ``bench/readme_sync.py``).
@@ -49,6 +51,10 @@ def config(mode: str, method: str, fused: bool, out: Path, name: str, every: int
     return load_config(str(ROOT / "deploy" / "pilot.toml"), sets)
 
 
+def mean_of(runs: list[dict]) -> dict:
+    return {k: sum(r[k] for r in runs) / len(runs) for k in runs[0] if isinstance(runs[0][k], (int, float))}
+
+
 def shares(rounds: list[dict], sites: list[dict]) -> dict:
     wall = sum(r["time"]["round_s"] for r in rounds)
     ev = sum(s.get("eval_time_s") or 0.0 for s in sites)
@@ -80,9 +86,13 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for m in methods:
-        one = run_rows(config(a.mode, m, True, a.out, f"{m}-one"), "inprocess")
-        two = run_rows(config(a.mode, m, False, a.out, f"{m}-two"), "inprocess")
-        rows.append({"method": m, "one": shares(one[1], one[2]), "two": shares(two[1], two[2]),
+        runs: dict[bool, list] = {True: [], False: []}
+        for fused in (True, False, False, True):  # alternating: load drifts over minutes on a shared machine
+            runs[fused].append(run_rows(config(a.mode, m, fused, a.out, f"{m}-{'one' if fused else 'two'}"),
+                                        "inprocess"))
+        one, two = runs[True][0], runs[False][0]
+        rows.append({"method": m, "one": mean_of([shares(r[1], r[2]) for r in runs[True]]),
+                     "two": mean_of([shares(r[1], r[2]) for r in runs[False]]),
                      "same": one[0]["personalized"] == two[0]["personalized"] and one[0]["global"] == two[0]["global"]})
         print(json.dumps(rows[-1]), flush=True)
     every = None
@@ -92,11 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     load1 = load()
     local_rows = []
     for m in local_methods:
-        res = {}
-        for fused in (True, False):
+        res: dict[bool, list] = {True: [], False: []}
+        for fused in (True, False, False, True):
             s, r, _ = run_rows(config(a.mode, m, fused, a.out, f"{m}-local-{'one' if fused else 'two'}"), "local")
-            res[fused] = {"per_round_s": s["time"]["per_round_s"], "steady_s": steady(r), "status": s["status"]}
-        local_rows.append({"method": m, **{("one" if k else "two"): v for k, v in res.items()}})
+            res[fused].append({"per_round_s": s["time"]["per_round_s"], "steady_s": steady(r),
+                               "ok": float(s["status"] == "ok")})
+        local_rows.append({"method": m, **{("one" if k else "two"): mean_of(v) for k, v in res.items()}})
         print(json.dumps(local_rows[-1]), flush=True)
     text = render(a.mode, rows, every, local_rows, load0, load1, load())
     print("\n" + text)
@@ -113,14 +124,15 @@ def render(mode: str, rows, every, local_rows, load0, load1, load2) -> str:
              "(other engineers at work on the same 2 cores: read the ratios).", "",
              "**Share of a round spent evaluating** (in-process: the sites take turns, so the round's wall time is "
              "their compute), and what the evaluation in the training reply saves there:", "",
-             "| method | evaluating, % of the round | % of the sites' compute | s/round, one message | "
-             "s/round, separate evaluate | saved | same metrics |", "|---|---|---|---|---|---|---|"]
+             "| method | evaluating, % of the round | % of the sites' compute | the same, separate evaluate "
+             "(before) | s/round, one message | s/round, separate evaluate | saved | same metrics |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         o, t = r["one"], r["two"]
         saved = 1 - o["per_round_s"] / t["per_round_s"]
-        lines.append(f"| {r['method']} | {100 * o['eval_of_round']:.0f} | {100 * o['eval_of_compute']:.0f} | "
-                     f"{o['per_round_s']:.2f} | {t['per_round_s']:.2f} | {100 * saved:.0f} % | "
-                     f"{'yes' if r['same'] else 'NO'} |")
+        lines.append(f"| {r['method']} | {100 * o['eval_of_round']:.0f} % | {100 * o['eval_of_compute']:.0f} % | "
+                     f"{100 * t['eval_of_round']:.0f} % | {o['per_round_s']:.2f} | {t['per_round_s']:.2f} | "
+                     f"{100 * saved:.0f} % | {'yes' if r['same'] else 'NO'} |")
     if every:
         fedhb = next(r for r in rows if r["method"] == "fedhb")["one"]
         lines += ["", f"FedHB with `eval.every = 2` (rounds 2 and 3 evaluated): {every['per_round_s']:.2f} s/round "
@@ -134,7 +146,8 @@ def render(mode: str, rows, every, local_rows, load0, load1, load2) -> str:
             o, t = r["one"], r["two"]
             lines.append(f"| {r['method']} | {o['steady_s']:.2f} | {t['steady_s']:.2f} | "
                          f"{t['steady_s'] - o['steady_s']:.2f} s ({100 * (1 - o['steady_s'] / t['steady_s']):.0f} %) | "
-                         f"{o['per_round_s']:.2f} / {t['per_round_s']:.2f} |")
+                         f"{o['per_round_s']:.2f} / {t['per_round_s']:.2f} |"
+                         + ("" if o["ok"] == t["ok"] == 1 else " (a run did not end ok)"))
     return "\n".join(lines)
 
 
