@@ -38,6 +38,7 @@ import argparse
 import fnmatch
 import json
 import multiprocessing as mp
+import os
 import sys
 import time
 import traceback
@@ -137,6 +138,7 @@ def run_cell(cell: Cell, out: Path) -> dict:
     from launch.engines.inprocess import run_inprocess
 
     torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"  # the sites' threads (client/threads.py)
     t0 = time.perf_counter()
     from kumiki.config import ConfigError
 

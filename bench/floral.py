@@ -15,6 +15,7 @@ are scarce. ``--write`` puts the table between the ``floral`` markers of bench/R
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     from launch.engines import run
 
     torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"  # the sites' threads (client/threads.py)
     t0 = time.time()
     rows = []
     for data in args.data:

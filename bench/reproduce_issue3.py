@@ -202,6 +202,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the sites' threads (client/threads.py)
     args.workdir.mkdir(parents=True, exist_ok=True)
     results = args.workdir / ("estimate.jsonl" if args.estimate else "results.jsonl")
     done = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []

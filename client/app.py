@@ -9,9 +9,11 @@ the server logs and drops, never a half-written state.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 import traceback
+from dataclasses import replace
 
 import torch
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -24,11 +26,12 @@ from client.loop import Trainer, evaluate, resolve_device
 from client.methods.base import SiteJob
 from client.state import SiteState, SiteStore, StateMismatch, StateMissing
 from client.tasks import task_for
+from client.threads import apply_site_threads
 from kumiki import contract as C
 from kumiki.tasks import metric_key
 from kumiki.registry import entry
 from kumiki.split import ParamSplit
-from models import build_model
+from models import build_model, fill
 
 log = logging.getLogger("kumiki.client")
 app = ClientApp(mods=[bridge_mod])  # a regional aggregator's node answers through its region (WorldLM)
@@ -83,6 +86,21 @@ def load_state(store: SiteStore, fingerprint: str, split: ParamSplit, info: site
     return state
 
 
+def non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating tensor holding a NaN or an inf, or None.
+
+    One sum per tensor instead of an element-wise test (about 20x cheaper): a NaN or an inf anywhere makes the
+    sum NaN or inf, so a finite sum proves the tensor finite. Only where a sum is not finite (a non-finite
+    value, or finite values whose sum overflows) does the exact per-element test decide."""
+    floats = [(k, v.detach()) for k, v in tensors.items() if v.is_floating_point()]
+    if not floats:
+        return None
+    sums = torch.stack([v.sum().float() for _, v in floats])
+    if bool(torch.isfinite(sums).all()):
+        return None
+    return next((k for k, v in floats if not bool(torch.isfinite(v).all())), None)
+
+
 def check_incoming(received: dict[str, torch.Tensor], model: torch.nn.Module, allowed: tuple[str, ...]) -> None:
     own = model.state_dict()
     extra = sorted(set(received) - set(allowed))
@@ -95,8 +113,9 @@ def check_incoming(received: dict[str, torch.Tensor], model: torch.nn.Module, al
         if v.dtype != mine and not (mine.is_floating_point and v.dtype == torch.float16):
             raise BadArrays(f"tensor {k}: dtype {v.dtype}, but the model holds {mine} (servers send {mine}, or "
                             "float16 for floating tensors with server.transport_dtype = 'float16')")
-        if v.is_floating_point() and not torch.isfinite(v).all():
-            raise BadArrays(f"tensor {k}: contains NaN or inf")
+    bad = non_finite(received)
+    if bad is not None:
+        raise BadArrays(f"tensor {bad}: contains NaN or inf")
 
 
 def widen(received: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -122,30 +141,40 @@ def to_wire(out: dict[str, torch.Tensor], wire: dict[str, torch.dtype]) -> dict[
 def prepare(msg: Message, context: Context, for_training: bool) -> tuple[SiteJob, object, SiteStore, sites.SiteInfo]:
     job = C.Job.from_config(msg.content[C.CONFIG])
     node_config = dict(context.node_config)
+    apply_site_threads(node_config, job.sim)  # this site's share of the machine's cores (client/threads.py)
     info, data = sites.resolve(node_config, job.sim, job.model)
     if for_training and info.role != "train":
         raise ValueError(f"site {info.name} is an unseen site: it evaluates only and never trains")
     method = entry(job.method.name)
     objective = method.load_objective()(job.method)
-    model = build_model(job.model, job.method)
-    split = ParamSplit.build(model, job.method.split_rules())
+    skeleton = build_model(job.model, job.method, init=False)  # names and shapes only: no random init yet
+    split = ParamSplit.build(skeleton, job.method.split_rules())
     store = SiteStore(info.state_dir)
     completed = int(msg.content[C.CONFIG].get(C.COMPLETED, 0))
-    state = load_state(store, _fingerprint(split, job, model, info.name), split, info, job, completed, node_config,
-                       before_round=job.round if for_training else None)
+    state = load_state(store, _fingerprint(split, job, skeleton, info.name), split, info, job, completed,
+                       node_config, before_round=job.round if for_training else None)
     received = msg.content[C.ARRAYS].to_torch_state_dict() if C.ARRAYS in msg.content else {}
-    check_incoming(received, model, split.travelling(info.group or None))
+    check_incoming(received, skeleton, split.travelling(info.group or None))
     wire = {k: v.dtype for k, v in received.items()}
-    received = widen(received, model)
-    model.load_state_dict({**state.personal, **received}, strict=False)
+    received = widen(received, skeleton)
     device = resolve_device(job.train.device)
+    loaded = {**state.personal, **received}
+    # every tensor arrived or is in the state: no random init; else the seeded initial values fill the gaps
+    model = fill(skeleton, loaded, device)
+    if model is None:
+        model = build_model(job.model, job.method)
+        model.load_state_dict(loaded, strict=False)
     model.to(device)
-    seed = f"{job.model.seed}:{info.name}:{job.round}"  # deterministic across processes (unlike hash())
-    trainer = Trainer(data.x_train, data.y_train, job.train, seed=seed, device=device)
+    trainer = Trainer(data.x_train, data.y_train, job.train, seed=_seed(job, info), device=device)
     extra = msg.content[C.EXTRA].to_torch_state_dict() if C.EXTRA in msg.content else {}
     sj = SiteJob(model, split, trainer, data, state, job, received, role=info.role, extra=extra,
                  task=task_for(data.task), wire=wire)
     return sj, objective, store, info
+
+
+def _seed(job: C.Job, info: sites.SiteInfo) -> str:
+    """The site's seed for one round's message: deterministic across processes (unlike hash())."""
+    return f"{job.model.seed}:{info.name}:{job.round}"
 
 
 def _privacy_dir(context: Context, info: sites.SiteInfo, sim: dict | None) -> str:
@@ -178,6 +207,13 @@ def train(msg: Message, context: Context) -> Message:
         sj, objective, store, info = prepare(msg, context, for_training=True)
     except Exception as exc:  # noqa: BLE001 - every failure becomes a logged error reply
         return _error(msg, ERR_SITE, exc)
+    evaluation, eval_s = None, 0.0
+    if C.EVALUATE_ROUND in msg.content[C.CONFIG]:  # one message per round: evaluate what arrived, then train
+        t1 = time.perf_counter()
+        evaluation = evaluate_first(sj, objective, info, msg.content[C.CONFIG][C.EVALUATE_ROUND], context)
+        eval_s = time.perf_counter() - t1
+        if evaluation is not None:
+            evaluation["eval-time-s"] = eval_s
     dp = None
     if sj.job.privacy.enabled:
         try:
@@ -197,9 +233,9 @@ def train(msg: Message, context: Context) -> Message:
             metrics.update({"epsilon": spent, "noise-multiplier": dp.noise_multiplier, "dp-steps": float(dp.steps)})
         state = {k: v.detach().cpu() for k, v in sj.model.state_dict().items()}
         out = to_wire(sj.split.outgoing(state, info.group or None), sj.wire)
-        for k, v in out.items():
-            if v.is_floating_point() and not torch.isfinite(v).all():
-                raise FloatingPointError(f"local update of {k} is not finite")
+        bad = non_finite(out)
+        if bad is not None:
+            raise FloatingPointError(f"local update of {bad} is not finite")
         sj.state.personal = {k: state[k].clone() for k in sj.split.personal}
         sj.state.last_round = sj.job.round
         store.save(sj.state)
@@ -208,10 +244,33 @@ def train(msg: Message, context: Context) -> Message:
     m = {
         C.NUM_EXAMPLES: sj.data.num_train,
         "train-loss": float(metrics.get("loss", 0.0)),
-        "fit-time-s": time.perf_counter() - t0,
+        "fit-time-s": time.perf_counter() - t0 - eval_s,  # the site's compute for training (evaluation apart)
     }
     m.update({f"train-{k}": float(v) for k, v in metrics.items() if k not in ("loss", "examples")})
-    return Message(RecordDict({C.ARRAYS: C.to_record(out), C.METRICS: MetricRecord(m)}), reply_to=msg)
+    content = RecordDict({C.ARRAYS: C.to_record(out), C.METRICS: MetricRecord(m)})
+    if evaluation is not None:
+        content[C.EVALUATION] = MetricRecord(evaluation)
+    return Message(content, reply_to=msg)
+
+
+def evaluate_first(sj: SiteJob, objective, info: sites.SiteInfo, rnd, context: Context) -> dict | None:
+    """Round ``rnd``'s evaluation inside a training message, equal to what round ``rnd``'s evaluate message
+    computes: the received model is that round's aggregate and the personal state the one after it. It runs on a
+    copy of the model, with that message's seeds, without a DP context and with the global RNG restored after, so
+    training then goes on exactly as without it and the privacy ledger never sees it. None (logged) when it fails:
+    the server then asks with an evaluate message of its own."""
+    try:
+        job = replace(sj.job, round=int(rnd))
+        trainer = Trainer(sj.data.x_train, sj.data.y_train, job.train, seed=_seed(job, info), device=sj.trainer.device)
+        ev = replace(sj, model=copy.deepcopy(sj.model), trainer=trainer, job=job)
+        with torch.random.fork_rng(devices=[]):
+            m = evaluation_metrics(ev, objective, info)
+        if job.privacy.enabled:
+            m["epsilon"] = privacy.spent(ev, _privacy_dir(context, info, job.sim))
+        return m
+    except Exception as exc:  # noqa: BLE001 - the training part of the message goes on
+        log.error("site %s: evaluation of round %s failed: %s: %s", info.name, rnd, type(exc).__name__, exc)
+        return None
 
 
 def evaluation_metrics(sj: SiteJob, objective, info: sites.SiteInfo) -> dict[str, float | int]:
@@ -220,14 +279,19 @@ def evaluation_metrics(sj: SiteJob, objective, info: sites.SiteInfo) -> dict[str
     d, task = sj.data, sj.task.name
     m: dict[str, float | int] = {C.NUM_EXAMPLES: len(d.y_test), "unseen": int(info.role == "unseen")}
 
-    def put(path: str, model, predict) -> None:
-        r = evaluate(model, d.x_test, d.y_test, predict, task=sj.task)
+    def put(path: str, model, predict, r: dict | None = None) -> dict:
+        r = r or evaluate(model, d.x_test, d.y_test, predict, task=sj.task)
         m.update({metric_key(path, task): r["score"], f"{path}-loss": r["loss"]})
+        return r
 
+    personal = done = None
     if info.role == "train":
-        put("personalized", objective.personalized_model(sj), objective.predict_personal)
+        personal = objective.personalized_model(sj)
+        done = put("personalized", personal, objective.predict_personal)
     if objective.has_global:
-        put("global", objective.global_model(sj), objective.predict_global)
+        shared = objective.global_model(sj)
+        same = done is not None and objective.global_is_personal(personal, shared)  # FedAvg: evaluated once
+        put("global", shared, objective.predict_global, done if same else None)
     epochs = sj.job.eval.unseen_adapt_epochs
     if info.role == "unseen" and epochs > 0:
         adapted = objective.adapt_unseen(sj, epochs)
@@ -238,6 +302,7 @@ def evaluation_metrics(sj: SiteJob, objective, info: sites.SiteInfo) -> dict[str
 
 @app.evaluate()
 def evaluate_(msg: Message, context: Context) -> Message:
+    t0 = time.perf_counter()
     try:
         sj, objective, _, info = prepare(msg, context, for_training=False)
         m = evaluation_metrics(sj, objective, info)
@@ -245,6 +310,7 @@ def evaluate_(msg: Message, context: Context) -> Message:
             m["epsilon"] = privacy.spent(sj, _privacy_dir(context, info, sj.job.sim))
     except Exception as exc:  # noqa: BLE001
         return _error(msg, ERR_SITE, exc)
+    m["eval-time-s"] = time.perf_counter() - t0
     return Message(RecordDict({C.METRICS: MetricRecord(m)}), reply_to=msg)
 
 

@@ -20,6 +20,11 @@ from torch.nn import functional as F
 
 from client.tasks import Classification, score
 
+# The first torch.optim optimizer imports torch._dynamo (~2.5 s of CPU in torch 2.13). A site process pays it
+# here, when it loads the ClientApp, rather than inside its first training message (warm SuperExecs have it
+# preloaded already: launch/fastpath.py DEFAULT_PRELOAD).
+import torch._dynamo  # noqa: E402,F401  isort: skip
+
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 PredictFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 StepHook = Callable[[nn.Module], None]

@@ -96,11 +96,14 @@ def server_superexec_cmd(d: Deployment, port: int, secure: bool) -> list[str]:
     return ["python", FASTPATH, "superexec", *sec, "--runtime-api-address", f"{HOST}:{port}"]
 
 
-def supernode_cmd(d: Deployment, site: str, link_port: int, port: int, data: Path, secure: bool) -> list[str]:
+def supernode_cmd(d: Deployment, site: str, link_port: int, port: int, data: Path, secure: bool,
+                  local_sites: int = 1) -> list[str]:
     sec = local.security_args("supernode", d.certs if secure else None, site=site)
     if secure:
         sec += ["--superexec-auth-secret-file", str(d.certs.site_secret(site))]
-    node_config = {"site": site, "data-dir": str(data), "state-dir": str(d.root / "state" / site)}
+    # local-sites: the factories share this machine's cores (client/threads.py)
+    node_config = {"site": site, "data-dir": str(data), "state-dir": str(d.root / "state" / site),
+                   "local-sites": local_sites}
     return ["python", FASTPATH, "supernode", *sec, "--superlink", f"{HOST}:{link_port}", "--isolation", "process",
             "--host", HOST, "--port", str(port), "--node-config", local.config_arg(node_config)]
 
@@ -221,7 +224,7 @@ def start_site(d: Deployment, info: dict, site: str, data: Path, n_sites: int) -
     deadline = time.monotonic() + 90
     while True:
         seen = log.stat().st_size if log.exists() else 0  # logs are appended to across up/down
-        start(d, info, name, supernode_cmd(d, site, info["superlink_port"], port, data, secure), env)
+        start(d, info, name, supernode_cmd(d, site, info["superlink_port"], port, data, secure, n_sites), env)
         wait_for(f"{site} to connect (see {log})",
                  lambda: "SuperNode ID:" in log.read_bytes()[seen:].decode(errors="replace")
                  or not alive(info["processes"][name]["pid"]))
@@ -234,8 +237,7 @@ def start_site(d: Deployment, info: dict, site: str, data: Path, n_sites: int) -
         del info["processes"][name]
         time.sleep(5)
     start(d, info, f"superexec-{site}", site_superexec_cmd(d, site, port, secure),
-          {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": polls["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"],
-           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+          {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": polls["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"]})
     print(f"{site} connected")
 
 

@@ -238,6 +238,17 @@ class EvalSection(_Section):
         description="epochs of each method's new-site protocol on unseen sites before the adapted evaluation "
                     "(0 = zero-shot only; unseen_adapted is then null)",
     )
+    every: int = Field(
+        1, ge=1, le=100_000,
+        description="evaluate after every k-th round (and always after the last one); rounds in between have no "
+                    "evaluation sections in metrics.jsonl",
+    )
+    in_train_reply: bool = Field(
+        True,
+        description="training sites evaluate the received model inside the next training message (one message per "
+                    "site per round; unseen sites and the last round keep a separate evaluate message); false: a "
+                    "separate evaluate message to every site after every aggregation",
+    )
 
 
 class SiteSection(_Section):

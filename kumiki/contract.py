@@ -5,7 +5,10 @@ A train or evaluate message holds:
   ``config``  ConfigRecord: ``server-round`` and the job knobs below, as JSON strings
   ``extra``   optional ArrayRecord: server-side method state a site needs (FedHB's precision)
 A site replies with ``arrays`` (train only: the same names it received) and
-``metrics`` (MetricRecord with ``num-examples``). ``query.profile`` asks a site
+``metrics`` (MetricRecord with ``num-examples``). A train message whose config holds
+``kumiki.evaluate-round = k`` also asks the site to evaluate the received model first, as the evaluate
+message of round k would (the model it receives is round k's aggregate); the reply then carries that
+evaluation as a second MetricRecord, ``evaluation`` (one message per site per round). ``query.profile`` asks a site
 who it is (name, role, group, example counts) without sending any tensor.
 """
 
@@ -40,6 +43,10 @@ _EVAL, _SITE, _RUN, _ROUNDS = "kumiki.eval", "kumiki.site", "kumiki.run", "kumik
 _RUN_ID = "kumiki.run-id"
 #: per-site config entry: the last round the server accepted this site's update for (0: none yet)
 COMPLETED = "kumiki.completed"
+#: train-message config entry: evaluate the received model as round k's evaluation before training
+EVALUATE_ROUND = "kumiki.evaluate-round"
+#: MetricRecord of a train reply holding that evaluation (the keys of an evaluate reply's ``metrics``)
+EVALUATION = "evaluation"
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,8 @@ class MethodConfig(BaseModel):
     coordinatewise_ok: ClassVar[bool] = True
     #: The tasks (``kumiki/tasks.py``) the method can train; None: any task its model variant has an output for.
     tasks_supported: ClassVar[tuple[str, ...] | None] = None
+    #: False where an evaluate message carries more than a training message (``eval.in_train_reply`` is then off)
+    eval_in_train_reply: ClassVar[bool] = True
     #: True for methods that run the federation tree's levels (``kumiki/hierarchy.py``; WorldLM, HierFAVG).
     hierarchical: ClassVar[bool] = False
     #: The ``[federation]`` policy keys the method honours (``root_rounds``, a group's ``rounds``, ``dp``...).
@@ -348,6 +350,8 @@ class WorldLMConfig(MethodConfig):
     tasks_supported: ClassVar[tuple[str, ...] | None] = ("language",)
     coordinatewise_ok: ClassVar[bool] = False  # attention-weighted key layers, an outer optimizer on the backbone
     hierarchical: ClassVar[bool] = True
+    #: its evaluate message carries the node summary Kbar and the model the phase deploys (not a training payload)
+    eval_in_train_reply: ClassVar[bool] = False
     tree_policy: ClassVar[tuple[str, ...]] = ("root_rounds", "rounds", "key_layers", "fraction_train", "dp",
                                               "share_residuals")
     train_defaults: ClassVar[dict[str, Any]] = {"optimizer": "adamw", "lr": 1e-3, "betas": [0.9, 0.95],

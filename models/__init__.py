@@ -5,6 +5,6 @@ so that the server's initial shared tensors and every site's initial personal
 tensors come from the same draw.
 """
 
-from models.spec import ModelSpec, build_model, VARIANTS
+from models.spec import ModelSpec, build_model, fill, VARIANTS
 
-__all__ = ["ModelSpec", "build_model", "VARIANTS"]
+__all__ = ["ModelSpec", "build_model", "fill", "VARIANTS"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -76,16 +76,21 @@ VARIANTS["floral"] = _floral  # FLoRAL: base.* + adaptors.<c>.* + router.theta
 VARIANTS["floral_ensemble"] = _floral_ensemble  # FLoRAL's ensemble baseline: copies.<c>.* + router.theta
 
 
-def build_model(spec: ModelSpec, variant: Any = "plain") -> nn.Module:
+def build_model(spec: ModelSpec, variant: Any = "plain", init: bool = True) -> nn.Module:
     """Same spec and seed -> bit-identical initial tensors on every machine.
 
     ``variant`` is a variant name, or a method config whose ``variant`` names one and whose
     ``model_options()`` parameterize it (FLoRAL's adaptor count, rank budget and layers).
+    ``init=False``: a skeleton on the meta device (names and shapes, no memory, no random init), for a
+    model whose every tensor is about to be overwritten (:func:`fill`).
     """
     options = {} if isinstance(variant, str) else variant.model_options()
     variant = variant if isinstance(variant, str) else variant.variant
     if variant not in VARIANTS:
         raise KeyError(f"unknown model variant {variant!r}; known: {sorted(VARIANTS)}")
+    if not init:
+        with torch.device("meta"):
+            return build_model(spec, variant if not options else _Variant(variant, options))
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(spec.seed)
     try:
@@ -97,3 +102,27 @@ def build_model(spec: ModelSpec, variant: Any = "plain") -> nn.Module:
         return model
     finally:
         torch.random.set_rng_state(gen_state)
+
+
+@dataclass(frozen=True)
+class _Variant:
+    """A variant name with its options, as a method config passes them (for the meta-device build)."""
+
+    variant: str
+    options: dict
+
+    def model_options(self) -> dict:
+        return dict(self.options)
+
+
+def fill(skeleton: nn.Module, tensors: Mapping[str, torch.Tensor], device: torch.device | str = "cpu") -> nn.Module | None:
+    """``skeleton`` (``build_model(init=False)``) made real with every tensor taken from ``tensors``, or None when
+    ``tensors`` do not cover all of them (the missing ones need their seeded initial values: build it seeded) or
+    the model keeps state outside its state dict (a non-persistent buffer would stay uninitialized)."""
+    names = set(skeleton.state_dict())
+    held = {n for n, _ in skeleton.named_parameters()} | {n for n, _ in skeleton.named_buffers()}
+    if not names <= set(tensors) or not held <= names:
+        return None
+    skeleton.to_empty(device=device)
+    skeleton.load_state_dict({k: tensors[k] for k in names}, strict=True)
+    return skeleton

@@ -3,6 +3,14 @@
 It drives a ``KumikiStrategy`` through Flower's Strategy API on any ``Grid``
 (simulation, deployment, or the in-process grid tests use), and adds what
 ``Strategy.start`` lacks: site discovery, run outputs, checkpoints, resume, the report.
+
+One message per site per round (``eval.in_train_reply``, the default): round k's evaluation travels in round
+k + 1's training messages (each site evaluates the model it receives, which is round k's aggregate, before it
+trains), and the sites that do not train then (unseen sites, sites not sampled, sites out of privacy budget) get
+an evaluate message in the same exchange. So round k's row in metrics.jsonl is written during round k + 1, with
+the same numbers a separate evaluate message after round k would have given. The last round, and a round after
+which the run stops, are evaluated by evaluate messages before their checkpoint; ``eval.every = n`` evaluates
+every n-th round only.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord
+from flwr.app import ConfigRecord, Message, MessageType
 from flwr.serverapp import Grid
 
 from kumiki.config import KumikiConfig
@@ -72,6 +80,40 @@ def write_report(run_dir: Path) -> None:
         log.warning("report.html not written: %s: %s", type(exc).__name__, exc)
 
 
+def evaluates(cfg: KumikiConfig, rnd: int, last: bool) -> bool:
+    """Whether round ``rnd`` is evaluated: every ``eval.every``-th round, and the run's last one."""
+    return last or rnd % cfg.eval.every == 0
+
+
+def in_train_reply(cfg: KumikiConfig) -> bool:
+    """Whether round k's evaluation rides in round k + 1's training messages: ``eval.in_train_reply``, for methods
+    whose evaluate message carries what a training message does (WorldLM's does not: it evaluates the model its
+    phase deploys, with the node summary; it keeps a separate evaluate message)."""
+    return cfg.eval.in_train_reply and entry(cfg.method.name).config.eval_in_train_reply
+
+
+def _exchange(grid: Grid, strategy, rnd: int, messages: list[Message], timeout: float) -> list[Message]:
+    """One send-and-receive; the slowest site's reported compute goes to round ``rnd``'s critical path."""
+    if not messages:
+        return []
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    strategy.note_compute(rnd, replies)
+    return replies
+
+
+def _evaluate(grid: Grid, strategy, rnd: int, eval_round: int, timeout: float, only=None) -> None:
+    """Evaluate messages for ``eval_round`` (the model the strategy holds now), sent during round ``rnd``."""
+    messages = list(strategy.configure_evaluate(eval_round, None, ConfigRecord(), grid, only=only))
+    strategy.aggregate_evaluate(eval_round, _exchange(grid, strategy, rnd, messages, timeout))
+
+
+def _pending_after_resume(cfg: KumikiConfig, start: int | None, recorder: Recorder) -> int | None:
+    """A resumed run whose last checkpointed round has no row yet (its evaluation was to travel in the next
+    round's messages): evaluate it in the first resumed round."""
+    recorded = recorder.totals.last.get("round")  # rows are written in round order: the last is the newest
+    return start if start and in_train_reply(cfg) and recorded != start else None
+
+
 def run_federation(grid: Grid, cfg: KumikiConfig, sim: dict | None = None, engine: str = "deployment",
                    quiet: bool = False, resume: bool = False) -> dict[str, Any]:
     """Run ``cfg``'s rounds on ``grid``; ``resume`` continues the run in its run dir after its last checkpoint
@@ -88,6 +130,7 @@ def run_federation(grid: Grid, cfg: KumikiConfig, sim: dict | None = None, engin
     strategy.summary()
     recorder = Recorder(run_dir, cfg, engine, quiet=quiet, resume_from=start)
     timeout = cfg.server.round_timeout_s
+    pending = _pending_after_resume(cfg, start, recorder)  # a round whose evaluation rides in this round's messages
     try:
         strategy.discover(grid, cfg.total_sites, cfg.server.discovery_timeout_s)
         for rnd in range((start or 0) + 1, cfg.run.rounds + 1):
@@ -97,18 +140,46 @@ def run_federation(grid: Grid, cfg: KumikiConfig, sim: dict | None = None, engin
                 recorder.ended = f"central privacy budget spent (after round {rnd - 1})"
                 break
             t0 = time.perf_counter()
-            replies = grid.send_and_receive(strategy.configure_train(rnd, None, ConfigRecord(), grid), timeout=timeout)
-            strategy.aggregate_train(rnd, replies)
-            replies = grid.send_and_receive(strategy.configure_evaluate(rnd, None, ConfigRecord(), grid),
-                                            timeout=timeout)
-            strategy.aggregate_evaluate(rnd, replies)
-            # metrics first: a checkpoint of round k always has round k's row (a resume drops rows after it)
-            recorder.round(rnd, strategy, time.perf_counter() - t0)
+            messages = list(strategy.configure_train(rnd, None, ConfigRecord(), grid, evaluate=pending))
+            if pending is not None:  # the sites that do not train this round evaluate in the same exchange
+                messages += strategy.configure_evaluate(pending, None, ConfigRecord(), grid,
+                                                        skip={m.metadata.dst_node_id for m in messages})
+            replies = _exchange(grid, strategy, rnd, messages, timeout)
+            trained = [r for r in replies if r.metadata.message_type == MessageType.TRAIN]
+            if pending is not None:
+                evaluated = [r for r in replies if r.metadata.message_type != MessageType.TRAIN]
+                again = strategy.take_evaluations(pending, trained)
+                if again:  # an error or a declined round carries no evaluation: ask before the model changes
+                    evaluated += _exchange(grid, strategy, rnd, list(strategy.configure_evaluate(
+                        pending, None, ConfigRecord(), grid, only=again)), timeout)
+                strategy.aggregate_evaluate(pending, evaluated)
+            strategy.aggregate_train(rnd, trained)
+            # its row may be written later (its evaluation rides in the next round's messages): keep what it reports
+            strategy.rounds[rnd].central_releases = strategy.central_releases
+            strategy.rounds[rnd].method_record = strategy.record(rnd)
+            if pending is not None:
+                recorder.round(pending, strategy, strategy.rounds[pending].round_s)
+                pending = None
+            budget_spent = not strategy.train_nodes() and bool(strategy.budget_spent)
+            last = rnd == cfg.run.rounds or budget_spent or not strategy.central_budget_left()
+            if evaluates(cfg, rnd, last):
+                if in_train_reply(cfg) and not last:
+                    pending = rnd
+                else:
+                    _evaluate(grid, strategy, rnd, rnd, timeout)
+            strategy.rounds[rnd].round_s = time.perf_counter() - t0
+            # metrics first: a checkpoint of round k has round k's row, or keeps what that row needs until
+            # its evaluation arrives with the next round (a resume drops rows after the checkpoint)
+            if pending != rnd:
+                recorder.round(rnd, strategy, strategy.rounds[rnd].round_s)
             checkpoint(strategy, run_dir, rnd)
-            if not strategy.train_nodes() and strategy.budget_spent:
+            if budget_spent:
                 log.warning("every training site has spent its privacy budget; the run ends after round %d", rnd)
                 recorder.ended = f"every training site spent its privacy budget (after round {rnd})"
                 break
+        if pending is not None:  # resumed with an evaluation due, and no round left to carry it
+            _evaluate(grid, strategy, pending, pending, timeout)
+            recorder.round(pending, strategy, strategy.rounds[pending].round_s)
     except BaseException as exc:  # the run is over: record how it ended (status "failed"), then re-raise
         recorder.finish(strategy, error=f"{type(exc).__name__}: {exc}")
         write_report(run_dir)

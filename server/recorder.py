@@ -155,7 +155,9 @@ class Recorder:
         row = {
             "kind": "round", "round": rnd, **sections, "tasks": per_task,
             "bytes": {"up": st.bytes_up, "down": st.bytes_down},
-            "time": {"round_s": round_s, "wall_s": self.wall_offset + time.perf_counter() - self.t0},
+            "time": {"round_s": round_s, "wall_s": self.wall_offset + time.perf_counter() - self.t0,
+                     # the slowest site's reported compute per exchange, summed: round_s minus it is the framework's
+                     "site_compute_s": st.compute_s},
             "sites": {"sampled": len(st.sent), "accepted": st.accepted, "aggregated": st.aggregated,
                       "took_part": sorted(st.train_metrics), "evaluated": sorted(ev), "rejected": st.rejected,
                       "declined": st.declined},
@@ -165,10 +167,9 @@ class Recorder:
         if eps:  # privacy: what each site has spent so far (its ledger; never decreases)
             row["epsilon"] = dict(sorted(eps.items()))
         if self.cfg.privacy.central:
-            row["central_epsilon"] = strategy.central_epsilon()
-        extra = strategy.record(rnd)
-        if extra:  # method-specific facts of the round (WorldLM: its phase, attention, sub-federation epsilons)
-            row["method"] = extra
+            row["central_epsilon"] = strategy.central_epsilon(st.central_releases)
+        if st.method_record:  # method-specific facts of the round (WorldLM: its phase, attention, group epsilons)
+            row["method"] = st.method_record
         self._append(row)
         for site, m in sorted(ev.items()):
             task = tasks.get(site, "classification")
@@ -177,7 +178,10 @@ class Recorder:
                           "global": m.get(metric_key("global", task)), "adapted": m.get(metric_key("adapted", task)),
                           "epsilon": m.get("epsilon"),
                           "train_loss": st.train_metrics.get(site, {}).get("train-loss"),
-                          "num_examples": st.train_metrics.get(site, {}).get("num-examples")})
+                          "num_examples": st.train_metrics.get(site, {}).get("num-examples"),
+                          # seconds the site computed for this round: training it, and evaluating its model
+                          "fit_time_s": st.train_metrics.get(site, {}).get("fit-time-s"),
+                          "eval_time_s": m.get("eval-time-s")})
         self.totals.add(row)
         if not self.quiet:
             def fmt(d):

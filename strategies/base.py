@@ -17,7 +17,10 @@ It implements Flower's Message-API ``Strategy`` once for all methods:
   blocks (``strategies.flat.Stack.read``) that checks each for NaN/inf and, where the round's
   update is the plain weighted mean, sums it; other rules get the replies as one K x P matrix.
   Nothing is computed tensor by tensor;
-* **accounting**: bytes of every ArrayRecord sent and received, per round.
+* **accounting**: bytes of every ArrayRecord sent and received, per round;
+* **evaluation in the training message** (``configure_train(evaluate=k)``): each training site evaluates round
+  k's model before it trains round k + 1 and replies with both (``take_evaluations``); the other sites get an
+  evaluate message in the same exchange, so a round is one message per site.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from kumiki.split import ParamSplit
 from strategies.aggregate import (central_dp_mean, clip_to_median_norm, coordinate_median, trimmed_mean,
                                  weighted_mean)
 from strategies.flat import Layout, Stack
-from strategies.replies import BadReply, check_arrays, eval_metrics, parse_profile, train_metrics
+from strategies.replies import BadReply, check_arrays, eval_metrics, parse_profile, site_seconds, train_metrics
 
 log = logging.getLogger("kumiki.server")
 
@@ -85,6 +88,28 @@ class RoundStats:
     bytes_up: int = 0
     train_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     eval_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: the round's wall time (its messages, aggregation and any evaluation sent in it; set by the round driver)
+    round_s: float = 0.0
+    #: the slowest site's compute (seconds it reported) summed over the round's exchanges: the critical path
+    compute_s: float = 0.0
+    #: central DP releases after this round (its row reports their epsilon)
+    central_releases: int = 0
+    #: the method's own facts of the round (``record``), taken when it aggregated: its row may be written later
+    method_record: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-able (a checkpoint keeps the stats of a round whose row waits for its evaluation)."""
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d["sent"] = {str(n): list(names) for n, names in self.sent.items()}
+        d["eval_sent"] = sorted(self.eval_sent)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> RoundStats:
+        d = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        d["sent"] = {int(n): tuple(names) for n, names in d.get("sent", {}).items()}
+        d["eval_sent"] = {int(n) for n in d.get("eval_sent", [])}
+        return cls(**d)
 
 
 def _restored(current: dict[str, np.ndarray], saved: dict[str, np.ndarray], what: str) -> dict[str, np.ndarray]:
@@ -216,10 +241,14 @@ class KumikiStrategy(Strategy):
         caches = self.__dict__.setdefault("_serialized", {})
         return caches.setdefault(kind, ({}, {}))
 
-    def _message(self, node_id: int, mtype: str, server_round: int, stats: RoundStats) -> Message:
+    def _message(self, node_id: int, mtype: str, server_round: int, stats: RoundStats,
+                 evaluate: int | None = None) -> Message:
         arrays, wire = self._record(self.payload(node_id), self._cache("wire"), convert=True)
         config = replace(self.job, round=server_round).to_config()
         config[C.COMPLETED] = self.completed.get(self.profiles[node_id].site, 0)
+        if evaluate is not None:  # the site evaluates what it receives (round `evaluate`'s model) before training
+            config[C.EVALUATE_ROUND] = evaluate
+            self.rounds.setdefault(evaluate, RoundStats()).eval_sent.add(node_id)
         for k, v in self.extra_config(node_id, server_round).items():
             config[k] = v
         content = RecordDict({C.ARRAYS: arrays, C.CONFIG: config})
@@ -314,6 +343,9 @@ class KumikiStrategy(Strategy):
         meta = {"completed": dict(self.completed), "budget_spent": dict(self.budget_spent),
                 "central_releases": self.central_releases, "rng": [version, list(internal), gauss],
                 "run_id": self.job.run_id}
+        if self.rounds:  # its row may wait for its evaluation (next round's messages): a resume writes it then
+            last = max(self.rounds)
+            meta["round_stats"] = {"round": last, **self.rounds[last].to_json()}
         return arrays, meta
 
     def load_state_dict(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
@@ -337,6 +369,9 @@ class KumikiStrategy(Strategy):
         if meta.get("rng") is not None:
             version, internal, gauss = meta["rng"]
             self._rng.setstate((version, tuple(internal), gauss))
+        if meta.get("round_stats"):
+            stats = dict(meta["round_stats"])
+            self.rounds[int(stats.pop("round"))] = RoundStats.from_json(stats)
 
     def sample(self, nodes: list[int]) -> list[int]:
         k = max(1, math.ceil(self.cfg.server.fraction_train * len(nodes)))
@@ -344,13 +379,15 @@ class KumikiStrategy(Strategy):
 
     # ------------------------------------------------------------- Flower Strategy API
     def configure_train(self, server_round: int, arrays: ArrayRecord | None, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
+                        grid: Grid, evaluate: int | None = None) -> Iterable[Message]:
+        """Training messages; ``evaluate = k``: each also asks its site to evaluate round k's model (the one it
+        receives, nothing has been aggregated since) before training (``take_evaluations`` reads the replies)."""
         if arrays is not None and len(arrays):  # Strategy.start() hands back what aggregate_train returned
             self.shared.update(C.from_record(arrays))
         if grid is not None and self.profiles:
             self.refresh(grid, server_round)
         stats = self._stats(server_round)
-        return [self._message(n, MessageType.TRAIN, server_round, stats)
+        return [self._message(n, MessageType.TRAIN, server_round, stats, evaluate)
                 for n in self.sample(self._reachable(self.train_nodes(), server_round, stats))]
 
     #: rounds whose RoundStats are kept (the current one and the one before): the recorder writes each round's
@@ -362,6 +399,34 @@ class KumikiStrategy(Strategy):
         for old in [r for r in self.rounds if r <= server_round - self.KEEP_ROUNDS]:
             del self.rounds[old]
         return self.rounds.setdefault(server_round, RoundStats())
+
+    def take_evaluations(self, eval_round: int, replies: Iterable[Message]) -> list[int]:
+        """Round ``eval_round``'s evaluations from training replies (``configure_train(evaluate=...)``); returns the
+        nodes that answered without one (an error, a declined round, a failed evaluation): send them an evaluate
+        message before the model changes. A malformed evaluation is dropped and logged, as an evaluate reply's."""
+        stats = self.rounds.setdefault(eval_round, RoundStats())
+        again = []
+        for r in replies:
+            nid = r.metadata.src_node_id
+            if nid not in stats.eval_sent or nid not in self.profiles or nid in again:
+                continue
+            site = self.profiles[nid].site
+            if r.has_error() or C.EVALUATION not in r.content.metric_records:
+                again.append(nid)
+                continue
+            try:
+                stats.eval_metrics[site] = eval_metrics(r.content, self.profiles[nid].num_test, C.EVALUATION)
+            except Exception as exc:  # noqa: BLE001 - no reply may raise in the server
+                reason = str(exc) if isinstance(exc, BadReply) else f"malformed reply ({type(exc).__name__}: {exc})"
+                log.warning("round %d: evaluation from %s dropped: %s", eval_round, site, reason)
+                stats.rejected.append({"site": site, "reason": f"evaluate: {reason}"})
+        return sorted(again)
+
+    def note_compute(self, server_round: int, replies: Iterable[Message]) -> None:
+        """Add one exchange's slowest site compute (what the sites report) to the round's critical path."""
+        times = [t for r in replies if (t := site_seconds(r)) is not None]
+        if times:
+            self.rounds.setdefault(server_round, RoundStats()).compute_s += max(times)
 
     def _reachable(self, nodes: list[int], server_round: int, stats: RoundStats) -> list[int]:
         """The nodes still connected (when the grid says); an offline site is logged, not waited for."""
@@ -541,10 +606,14 @@ class KumikiStrategy(Strategy):
         return self.combine(self.part(updates, self.shared), self.weights(updates))
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord | None, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
+                           grid: Grid, skip: Iterable[int] = (), only: Iterable[int] | None = None) -> Iterable[Message]:
+        """Evaluate messages for every site (``only``: those nodes), except ``skip`` (asked in a training message)."""
         stats = self._stats(server_round)
+        skip = set(skip)
+        nodes = [n for n in (self.eval_nodes() if only is None else sorted(set(only) & set(self.profiles)))
+                 if n not in skip]
         return [self._message(n, MessageType.EVALUATE, server_round, stats)
-                for n in self._reachable(self.eval_nodes(), server_round, stats)]
+                for n in self._reachable(nodes, server_round, stats)]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         stats = self._stats(server_round)

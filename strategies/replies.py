@@ -132,11 +132,12 @@ def train_metrics(content: Any, announced: int) -> tuple[int, dict[str, float]]:
     return n, scalar_metrics(rec)
 
 
-def eval_metrics(content: Any, announced_test: int) -> dict[str, float]:
-    """An evaluation reply's metrics, range-checked: each task metric in its range, losses >= 0, a bounded count."""
-    if C.METRICS not in content.metric_records:
-        raise BadReply("evaluation reply lacks its 'metrics' record")
-    rec = content[C.METRICS]
+def eval_metrics(content: Any, announced_test: int, record: str = C.METRICS) -> dict[str, float]:
+    """An evaluation's metrics (an evaluate reply's ``metrics``, or a train reply's ``evaluation``), range-checked:
+    each task metric in its range, losses >= 0, a bounded count."""
+    if record not in content.metric_records:
+        raise BadReply(f"evaluation reply lacks its {record!r} record")
+    rec = content[record]
     positive_int(rec.get(C.NUM_EXAMPLES), "num-examples", upper=announced_test)
     out = {}
     for k, v in rec.items():
@@ -150,3 +151,24 @@ def eval_metrics(content: Any, announced_test: int) -> dict[str, float]:
             raise BadReply(f"metric {k!r} = {f} is negative")
         out[str(k)] = f
     return out
+
+
+#: Longest compute time (s) a reply may report; beyond it the figure is ignored (it only feeds benchmarks).
+MAX_SECONDS = 7 * 24 * 3600.0
+
+
+def site_seconds(reply: Any) -> float | None:
+    """Seconds of compute a site reports for one message (``fit-time-s`` + ``eval-time-s``), or None when the reply
+    reports none or nonsense. For the round's critical path in metrics.jsonl; never used to weigh anything."""
+    try:
+        if reply.has_error():
+            return None
+        total, found = 0.0, False
+        for name, key in ((C.METRICS, "fit-time-s"), (C.METRICS, "eval-time-s"), (C.EVALUATION, "eval-time-s")):
+            if name in reply.content.metric_records:
+                v = _number(reply.content[name].get(key))
+                if v is not None and math.isfinite(v) and 0.0 <= v <= MAX_SECONDS:
+                    total, found = total + v, True
+        return total if found else None
+    except Exception:  # noqa: BLE001 - a malformed reply reports nothing
+        return None

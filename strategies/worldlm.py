@@ -225,17 +225,17 @@ class WorldLM(KumikiStrategy):
         return local_dp_config(self.policy(g), self.cfg.privacy.accountant) if g else {}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord | None, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
+                        grid: Grid, evaluate: int | None = None) -> Iterable[Message]:
         self._round = server_round
         self._ensure_phase(server_round)
         self._spend_budgets(server_round)
-        return super().configure_train(server_round, arrays, config, grid)
+        return super().configure_train(server_round, arrays, config, grid, evaluate)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord | None, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
+                           grid: Grid, skip=(), only=None) -> Iterable[Message]:
         self._round, self._for_eval = server_round, True
         try:
-            return super().configure_evaluate(server_round, arrays, config, grid)
+            return super().configure_evaluate(server_round, arrays, config, grid, skip, only)
         finally:
             self._for_eval = False
 

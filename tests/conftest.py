@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+# one torch thread per site process (client/threads.py honours it; so do the processes tests start)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from kumiki.config import KumikiConfig, validate  # noqa: E402
 
@@ -75,6 +77,12 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def untimed(record) -> dict:
+    """A reply's metrics without the seconds the site took (``fit-time-s``, ``eval-time-s``): what a replay must
+    reproduce exactly."""
+    return {k: v for k, v in dict(record).items() if not str(k).endswith("-time-s")}
 
 
 def personalized_means(tmp_path: Path, methods: tuple[str, ...], **kw) -> dict[str, float]:

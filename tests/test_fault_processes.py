@@ -43,7 +43,7 @@ def test_a_site_that_goes_offline_and_reconnects_resumes_with_its_state(tmp_path
         get_ids = grid.get_node_ids
 
         def node_ids():  # site-1 (node 2) is offline in round 2, then back as node 7 (a restarted SuperNode)
-            evaluated = {int(m.content[C.CONFIG][C.ROUND]) for m in grid.sent if m.metadata.message_type == "evaluate"}
+            evaluated = {int(m.content[C.CONFIG][C.ROUND]) for m in grid.sent if m.metadata.message_type == "train"}
             if len(evaluated) == 1 and 2 not in grid.offline:
                 grid.offline.add(2)
                 state = Path(grid.contexts[2].node_config["state-dir"]) / "site_state.pt"

@@ -32,7 +32,8 @@ def _global(cfg):
 
 
 def _hook(kind: str, change, node: int = HOSTILE, rounds=(1,)):
-    """Rewrite one node's replies of one message kind ('train', 'evaluate', 'query.profile')."""
+    """Rewrite one node's replies of one message kind ('train', 'evaluate', 'query.profile'). 'evaluate' covers
+    both ways an evaluation travels: an evaluate reply, and a train reply's ``evaluation`` record."""
     def hook(grid):
         send = grid.send_and_receive
 
@@ -44,10 +45,26 @@ def _hook(kind: str, change, node: int = HOSTILE, rounds=(1,)):
                 rnd = int(msg.content[C.CONFIG][C.ROUND])
                 if md.message_type == kind and md.dst_node_id == node and (kind == "query.profile" or rnd in rounds):
                     change(rep)
+                fused = msg.content[C.CONFIG].get(C.EVALUATE_ROUND)
+                if kind == "evaluate" and md.message_type == "train" and md.dst_node_id == node and fused in rounds \
+                        and not rep.has_error():
+                    _as_evaluate_reply(rep, change)
             return replies
 
         grid.send_and_receive = wrapped
     return hook
+
+
+def _as_evaluate_reply(rep, change) -> None:
+    """Apply an evaluate-reply ``change`` to the evaluation a train reply carries."""
+    records = rep.content.metric_records
+    train = records.pop(C.METRICS)
+    if C.EVALUATION in records:
+        rep.content[C.METRICS] = records.pop(C.EVALUATION)
+    change(rep)
+    if C.METRICS in records:
+        rep.content[C.EVALUATION] = records.pop(C.METRICS)
+    rep.content[C.METRICS] = train
 
 
 def _arrays(change):

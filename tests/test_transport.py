@@ -37,12 +37,12 @@ def test_float16_round_trips_through_real_sites_and_the_model_stays_float32(tmp_
     with np.load(cfg.run_dir() / "checkpoints" / "global.npz") as z:
         model = {k: z[k] for k in z.files if k != "__round__"}
     assert all(v.dtype == np.float32 and np.isfinite(v).all() for k, v in model.items() if "num_batches" not in k)
-    # every message (3 train + 3 evaluate a round) carries half the float32 bytes, plus each tensor's name and
-    # .npy header
+    # every message (3 train a round, 3 evaluate after the last) carries half the float32 bytes, plus each
+    # tensor's name and .npy header
     half = sum(v.nbytes // 2 if v.dtype.kind == "f" else v.nbytes for v in model.values())
     overhead = sum(len(k) + len(npy_header(np.float16 if v.dtype.kind == "f" else v.dtype, v.shape))
                    for k, v in model.items())
-    assert summary["bytes"]["down_per_round"] == 6 * (half + overhead)
+    assert len(downs) == 9 and summary["bytes"]["down_total"] == len(downs) * (half + overhead)
     assert summary["personalized"]["mean"] > 0.3
 
 

@@ -92,6 +92,13 @@ class SiteObjective:
     def predict_global(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return forward(model, x)
 
+    def global_is_personal(self, personal: nn.Module, shared: nn.Module) -> bool:
+        """True when both paths are one model with the same plain forward (FedAvg, FedProx on a training site):
+        the site then evaluates it once and reports it under both names."""
+        cls = type(self)
+        return (personal is shared and cls.predict_personal is SiteObjective.predict_personal
+                and cls.predict_global is SiteObjective.predict_global)
+
     # -- new sites ----------------------------------------------------------
     def adapt_unseen(self, sj: SiteJob, epochs: int) -> nn.Module | None:
         """A private model adapted to an unseen site by the method's protocol; None if it has none."""

@@ -33,8 +33,9 @@ What this engine does about it:
   fork each ``flwr-clientapp``/``flwr-serverapp`` from a pre-warmed process instead of
   exec'ing a new interpreter. If the flwr internals change, they say so in the log and
   run stock; ``tests/test_fastpath.py`` fails.
-* ``OMP_NUM_THREADS=1`` for site processes, so concurrent ClientApps do not
-  oversubscribe a small machine.
+* each site computes with its share of the cores (``client/threads.py``: the node config
+  ``local-sites`` says how many sites share this machine), so concurrent ClientApps do
+  not oversubscribe it.
 
 Security (``security_args``): TLS on the SuperLink's one port (Fleet, Control and
 Runtime API), SuperNode authentication with one registered key per site, and
@@ -104,8 +105,10 @@ class Tuning:
     #: process. Every local run starts a fresh Flower home, so the file would only serve a
     #: post-mortem; a long-lived deployment (docker-compose.yml) keeps its database.
     superlink_db: bool = False
-    #: torch/OpenMP threads per site process (None: torch's default, all cores).
-    client_threads: int | None = 1
+    #: torch threads per site process: "auto" = ``client/threads.py``'s rule (usable cores // sites on this
+    #: machine, via the node config ``local-sites``); a number (node config ``threads``); None: torch's
+    #: default (all cores in every site process).
+    client_threads: int | Literal["auto"] | None = "auto"
     #: SuperLink/SuperNodes with ``--isolation process`` and our forking, pre-imported
     #: SuperExecs (False: each spawns the stock ``flower-superexec``, one fresh
     #: interpreter per ClientApp/ServerApp).
@@ -131,6 +134,14 @@ class Tuning:
 
         return replace(self, superexec_poll_s=auto(self.superexec_poll_s, 0.05, 0.1, 0.5),
                        supernode_poll_s=auto(self.supernode_poll_s, 0.1, 0.2, 1.0))
+
+
+def thread_config(tuning: Tuning, sites: int) -> dict[str, int]:
+    """Node config entries that set each site's torch threads (``client/threads.py``): all ``sites`` share this
+    machine (``local-sites``), or an explicit ``threads``; nothing for torch's default (``Tuning.stock()``)."""
+    if tuning.client_threads == "auto":
+        return {"local-sites": sites}
+    return {} if tuning.client_threads is None else {"threads": int(tuning.client_threads)}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -449,6 +460,8 @@ def _run_local(cfg: KumikiConfig, quiet: bool = False, *, insecure: bool = False
     shutil.rmtree(home, ignore_errors=True)
     link_port, *node_ports = free_ports(1 + cfg.total_sites)
     site_configs = node_configs(cfg, sim)
+    for nc in site_configs:
+        nc.update(thread_config(tuning, cfg.total_sites))
     certs = None if insecure else make_certs(home / "certs", [nc["site"] for nc in site_configs])
     if certs is None:
         log.warning(INSECURE_BANNER)
@@ -472,8 +485,6 @@ def _run_local(cfg: KumikiConfig, quiet: bool = False, *, insecure: bool = False
         link_env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = str(tuning.server_superexec_poll_s)
     if tuning.superexec_poll_s is not None:
         site_env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = str(tuning.superexec_poll_s)
-    if tuning.client_threads is not None:
-        site_env["OMP_NUM_THREADS"] = site_env["MKL_NUM_THREADS"] = str(tuning.client_threads)
     isolation = ["--isolation", "process"] if tuning.warm_superexec else []
     secret = tuning.warm_superexec  # SuperExec authentication exists for process isolation only
     launcher = [sys.executable, str(Path(fastpath.__file__).resolve())]

@@ -15,6 +15,7 @@ import tempfile
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from client.threads import site_threads, usable_cores
 from launch.engines import prepare_sites
 
 log = logging.getLogger("kumiki")
@@ -58,6 +59,10 @@ def _run_sim(cfg, quiet: bool, resume: bool = False) -> dict:
     from server.federation import run_federation
 
     sim = prepare_sites(cfg, resume)
+    # Ray runs one virtual site per CPU it is given: each gets its share of the cores (client/threads.py),
+    # and Ray, given that many CPUs per site, runs as many sites at once as fit.
+    sim["local_sites"] = min(cfg.total_sites, usable_cores())
+    threads = site_threads(None, sim)
     # Ray's AF_UNIX sockets live under RAY_TMPDIR and must stay under 107 bytes: keep it short.
     if "RAY_TMPDIR" not in os.environ:
         os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="kray-", dir="/tmp")
@@ -73,7 +78,7 @@ def _run_sim(cfg, quiet: bool, resume: bool = False) -> dict:
         server_app=server_app,
         client_app=client_app,
         num_supernodes=cfg.total_sites,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": ray_init_args()},
+        backend_config={"client_resources": {"num_cpus": threads, "num_gpus": 0.0}, "init_args": ray_init_args()},
     )
     if not result:
         summary = cfg.run_dir() / "summary.json"
