@@ -275,6 +275,7 @@ class KumikiConfig(_Section):
     @model_validator(mode="after")
     def _combinations(self) -> KumikiConfig:
         self._check_tasks()
+        self.method.check_run(self)
         if self.privacy.enabled:
             self._check_privacy()
         if self.privacy.central:

@@ -46,6 +46,7 @@ METHODS: dict[str, MethodEntry] = {
                                    "client.methods.floral_ensemble:FloralEnsembleObjective"),
     "local_adaptors": MethodEntry(m.LocalAdaptorsConfig, "strategies.local_adaptors:LocalAdaptors",
                                   "client.methods.local_adaptors:LocalAdaptorsObjective"),
+    "mfed": MethodEntry(m.MFedConfig, "strategies.mfed:MFed", "client.methods.mfed:MFedObjective"),
 }
 
 
