@@ -33,7 +33,7 @@ def _load(config: str, overrides: list[str] | None) -> KumikiConfig:
 def _note_method_defaults(cfg: KumikiConfig) -> None:
     if cfg.train_from_method:
         keys = ", ".join(f"train.{k} = {v}" for k, v in cfg.train_from_method.items())
-        err.print(f"note: {keys} from {cfg.method.name}'s paper defaults (set them in [train] to override)")
+        err.print(f"note: {keys} from {cfg.method.name}'s paper defaults (set them in \\[train] to override)")
 
 
 def _logging(verbose: bool) -> None:
