@@ -59,6 +59,7 @@ EXPLAINED: list[tuple[str, str, str]] = [
     ("digits-cnn-bn-floral", "personalizes", "README, 'Known gaps': FLoRAL without clusters, seed 0"),
     ("*-floral_ensemble", "personalizes", "README, 'Known gaps': FLoRAL's ensemble baseline"),
     ("*-floral_ensemble", "global", "README, 'Known gaps': FLoRAL's ensemble baseline"),
+    ("digits-*-mfed", "global", "README, 'Known gaps': M-Fed's classifier learns from half the sites"),
 ]
 
 
