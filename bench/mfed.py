@@ -60,6 +60,22 @@ def config(data: str, setup: str, method: str, seed: int, rounds: int, samples: 
     })
 
 
+def finished(cfg) -> dict | None:
+    """The summary of a finished, complete run of exactly this config in its run dir, else None."""
+    import json
+
+    from server.resume import config_changes
+
+    d = cfg.run_dir()
+    try:
+        summary = json.loads((d / "summary.json").read_text())
+        recorded = json.loads((d / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    same = not config_changes(recorded, cfg) and summary.get("rounds") == cfg.run.rounds
+    return summary if summary.get("status") == "ok" and same else None
+
+
 def delta(scores: dict[str, float], local: dict[str, float]) -> float:
     """The MTL summary (Maninis et al. 2019): mean relative gain over local, sign by each metric's direction."""
     from kumiki.tasks import TASKS as INFO
@@ -77,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=500, help="cap on each site's examples (train + test)")
     ap.add_argument("--out", default="/tmp/kumiki-bench-mfed")
     ap.add_argument("--write", action="store_true")
+    ap.add_argument("--reuse", action="store_true", help="take a finished run of the same config from --out instead "
+                                                          "of running it again")
     args = ap.parse_args(argv)
 
     import torch
@@ -97,12 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     for setup in args.setups:
         per: dict[str, dict[str, list[float]]] = {}
         poor: dict[str, dict[str, list[float]]] = {}
+        unequal = False  # do a task's sites differ in size (Dirichlet without a binding samples cap)?
         glob: dict[str, dict[str, list[float]]] = {}
         secs: dict[str, float] = {}
         for method in METHODS:
             for seed in args.seeds:
                 cfg = config(data, setup, method, seed, args.rounds, args.samples, Path(args.out))
-                s = run(cfg, "inprocess", quiet=True, overwrite=True)
+                s = (args.reuse and finished(cfg)) or run(cfg, "inprocess", quiet=True, overwrite=True)
                 secs[method] = secs.get(method, 0.0) + s["time"]["wall_s"]
                 sizes = s["participation"]["profiles"]
                 for task, e in s["tasks"].items():
@@ -110,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                     if e["global"]:
                         glob.setdefault(method, {}).setdefault(task, []).append(e["global"]["mean"])
                     smallest = min(e["personalized"]["per_site"], key=lambda site: sizes[site]["num_train"])
+                    unequal |= len({sizes[site]["num_train"] for site in e["personalized"]["per_site"]}) > 1
                     poor.setdefault(method, {}).setdefault(task, []).append(e["personalized"]["per_site"][smallest])
                 print(f"{setup} {method} seed {seed}: " + ", ".join(
                     f"{t} {e['personalized']['mean']:.3f}" for t, e in s["tasks"].items()), flush=True)
@@ -129,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
                      + f" | {delta(mean[m], mean['local']):+.1f} | "
                      + (" / ".join(fmt(t, g.get(t)) for t in TASKS) if g else "–")
                      + f" | {secs[m] / len(args.seeds):.0f} |\n")
+        if not unequal:
+            text += "\nEvery site holds the same number of examples (the samples cap binds): no data-poor site.\n"
+            continue
         text += ("\nData-poorest site of each task (fewest training examples), personalized, and its gain over "
                  "local:\n\n| method | " + " | ".join(TASKS) + " |\n|---|" + "---|" * len(TASKS) + "\n")
         for m in METHODS:
@@ -140,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.write:
         from bench.conformance import _write_between
 
-        _write_between(ROOT / "bench" / "RESULTS.md", text, tag="mfed")
+        _write_between(ROOT / "bench" / "RESULTS.md", text, tag=f"mfed-{data}")
     return 0
 
 
