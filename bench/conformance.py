@@ -75,6 +75,7 @@ EXPLAINED: list[tuple[str, str, str]] = [
     ("digits-cnn-bn-floral", "personalizes", "README, 'Known gaps': FLoRAL without clusters, seed 0"),
     ("*-floral_ensemble", "personalizes", "README, 'Known gaps': FLoRAL's ensemble baseline"),
     ("*-floral_ensemble", "global", "README, 'Known gaps': FLoRAL's ensemble baseline"),
+    ("digits-*-mfed", "global", "README, 'Known gaps': M-Fed's classifier learns from half the sites"),
 ]
 
 
@@ -167,7 +168,87 @@ def run_cell(cell: Cell, out: Path) -> dict:
         "loss_first": rounds[0]["train_loss"], "loss_last": rounds[-1]["train_loss"],
         "rejections": sum(len(r["sites"]["rejected"]) for r in rounds), "metric": summary["metric"],
         "train": json.loads(cfg.train.model_dump_json()), "seconds": time.perf_counter() - t0,
+        "tasks": task_results(summary, rounds[0]),
     }
+
+
+# ----------------------------------------------------------------------------- multi-task methods (M-Fed)
+# A run whose sites learn different tasks has no one personalized mean (an accuracy and an mIoU do not
+# average): it is judged per task. Its classification sites face the rules above against FedAvg's
+# numbers on the same sites (FedAvg trains every site on classification), each other task must improve
+# on its own round 1.
+TASK_SECTIONS = ("personalized", "global", "unseen", "unseen_adapted")
+
+
+def task_results(summary: dict, round1: dict) -> dict:
+    """Per task: its metric, direction, per-site values of each section, and round 1's personalized mean."""
+    return {t: {"metric": e["metric"], "higher_is_better": e["higher_is_better"],
+                **{sec: (e.get(sec) or {}).get("per_site") for sec in TASK_SECTIONS},
+                "round1": ((round1.get("tasks") or {}).get(t, {}).get("personalized") or {}).get("mean")}
+            for t, e in (summary.get("tasks") or {}).items()}
+
+
+def combine_tasks(runs: list[dict]) -> dict:
+    """Seeds of one cell: each site's value averaged over the seeds (sites keep their tasks across seeds)."""
+    out = {}
+    for t, first in runs[0].items():
+        entry = {k: first[k] for k in ("metric", "higher_is_better")}
+        for sec in TASK_SECTIONS:
+            vals = [r[t][sec] for r in runs if t in r]
+            entry[sec] = None if any(v is None for v in vals) else {
+                s: sum(v[s] for v in vals) / len(vals) for s in vals[0]}
+        r1 = [r[t]["round1"] for r in runs if t in r]
+        entry["round1"] = None if any(v is None for v in r1) else sum(r1) / len(r1)
+        out[t] = entry
+    return out
+
+
+def multitask(res: dict) -> bool:
+    return len(res.get("tasks") or {}) > 1
+
+
+def _over(per_site: dict | None, sites) -> float | None:
+    vals = [per_site[s] for s in sites if per_site and s in per_site]
+    return sum(vals) / len(vals) if vals else None
+
+
+def check_multitask(res: dict, fedavg: dict | None, learn_floor: float) -> list[str]:
+    fails = []
+    for task, t in res["tasks"].items():
+        pers, r1 = _over(t["personalized"], t["personalized"] or {}), t["round1"]
+        if pers is None:
+            fails.append(f"learns: no personalized {t['metric']} for {task}")
+        elif r1 is not None and not (pers > r1 if t["higher_is_better"] else pers < r1):
+            fails.append(f"learns: {task} {t['metric']} {r1:.3f} in round 1 -> {pers:.3f}")
+    cls = res["tasks"].get("classification")
+    if cls is None or not cls["personalized"]:
+        return fails
+    pers = _over(cls["personalized"], cls["personalized"])
+    if res["data"] == "digits" and pers < learn_floor:
+        fails.append(f"learns: classification sites {pers:.3f} < {learn_floor}")
+    ref = ((fedavg or {}).get("tasks") or {}).get("classification")
+    if not ref or "error" in fedavg:
+        return fails
+    mine_sites = cls["personalized"]
+    theirs = _over(ref["personalized"], mine_sites)
+    if theirs is not None and pers < theirs - PERS_TOL:
+        fails.append(f"personalizes: classification sites {pers:.3f} < fedavg on them {theirs:.3f} - {PERS_TOL}")
+    for key in ("global", "unseen"):
+        mine, ref_v = _over(cls[key], cls[key] or {}), _over(ref[key], cls[key] or {})
+        if ref_v is not None and (mine is None or mine < ref_v - GLOBAL_TOL):
+            fails.append(f"global: classification {key} {mine if mine is None else round(mine, 3)} < fedavg on the "
+                         f"same sites {ref_v:.3f} - {GLOBAL_TOL}")
+    return fails
+
+
+def task_note(res: dict) -> str:
+    """The detail table's line for a multi-task cell: each task's personalized / global / unseen means."""
+    parts = []
+    for task, t in res["tasks"].items():
+        vals = [_over(t[sec], t[sec] or {}) for sec in ("personalized", "global", "unseen")]
+        scale = 100 if t["metric"] in ("accuracy", "miou", "fscore") else 1
+        parts.append(f"{task} {t['metric']} " + "/".join("–" if v is None else f"{scale * v:.1f}" for v in vals))
+    return "; ".join(parts) + " (personalized/global/unseen)"
 
 
 NUMBERS = ("personalized", "global", "unseen", "unseen_adapted", "round1_personalized", "loss_first", "loss_last",
@@ -186,6 +267,8 @@ def combine(runs: list[dict]) -> dict:
     out["rejections"] = sum(r["rejections"] for r in runs)
     out["metric"] = runs[0].get("metric", "accuracy")
     out["seeds"] = sorted(r["seed"] for r in runs)
+    if all(r.get("tasks") for r in runs):
+        out["tasks"] = combine_tasks([r["tasks"] for r in runs])
     return out
 
 
@@ -210,6 +293,8 @@ def check(res: dict, fedavg: dict | None, learn_floor: float = LEARN_DIGITS) -> 
     pers, method = res["personalized"], res["method"]
     if res["rejections"]:
         fails.append(f"rejections: {res['rejections']}")
+    if multitask(res):
+        return fails + check_multitask(res, fedavg, learn_floor) + _loss_falls(res)
     if pers is None:
         return fails + ["learns: no personalized accuracy"]
     if res["data"] == "digits" and pers < learn_floor:
@@ -217,8 +302,7 @@ def check(res: dict, fedavg: dict | None, learn_floor: float = LEARN_DIGITS) -> 
     floor = (fedavg or {}).get("round1_personalized")
     if res["data"] != "digits" and floor is not None and not pers > floor:
         fails.append(f"learns: personalized {pers:.3f} <= fedavg's round 1 {floor:.3f}")
-    if res["loss_first"] is None or res["loss_last"] is None or not res["loss_last"] < res["loss_first"]:
-        fails.append(f"learns: train loss {res['loss_first']} -> {res['loss_last']} does not fall")
+    fails += _loss_falls(res)
     if fedavg and "error" not in fedavg and method not in NON_PERSONAL:
         if pers < fedavg["personalized"] - PERS_TOL:
             fails.append(f"personalizes: {pers:.3f} < fedavg {fedavg['personalized']:.3f} - {PERS_TOL}")
@@ -247,12 +331,17 @@ def check_language(res: dict, fedavg: dict | None) -> list[str]:
         fails.append(f"rejections: {res['rejections']}")
     if ppl is None or first is None or not ppl < first:
         fails.append(f"learns: perplexity {first} -> {ppl} does not fall")
-    if res["loss_first"] is None or res["loss_last"] is None or not res["loss_last"] < res["loss_first"]:
-        fails.append(f"learns: train loss {res['loss_first']} -> {res['loss_last']} does not fall")
+    fails += _loss_falls(res)
     if (fedavg and "error" not in fedavg and "refused" not in fedavg and res["method"] not in NON_PERSONAL
             and ppl is not None and ppl > fedavg["personalized"] * (1 + PPL_TOL)):
         fails.append(f"personalizes: perplexity {ppl:.2f} > fedavg {fedavg['personalized']:.2f} x {1 + PPL_TOL}")
     return fails
+
+
+def _loss_falls(res: dict) -> list[str]:
+    if res["loss_first"] is None or res["loss_last"] is None or not res["loss_last"] < res["loss_first"]:
+        return [f"learns: train loss {res['loss_first']} -> {res['loss_last']} does not fall"]
+    return []
 
 
 def verdict(res: dict, fedavg: dict | None, learn_floor: float = LEARN_DIGITS) -> tuple[str, list[str]]:
@@ -302,9 +391,10 @@ def render(results: dict[str, dict], cells: list[Cell], methods: list[str]) -> s
                 continue
             loss = f"{res['loss_first']:.2f} → {res['loss_last']:.2f}"
             num = _ppl if res.get("metric") == "perplexity" else _pct
+            note = f" ({task_note(res)})" if multitask(res) else ""
             detail.append(f"| {d} | {m} | {method} | {num(res['personalized'])} | {num(res['global'])} | "
                           f"{num(res['unseen'])} | {num(res['unseen_adapted'])} | {loss} | "
-                          f"{v}{': ' + '; '.join(fails) if fails else ''} |")
+                          f"{v}{': ' + '; '.join(fails) if fails else ''}{note} |")
     return (head + "\n".join(grid) + "\n\n"
             "| data | model | method | personalized | global | unseen | unseen adapted | train loss r1 → last | verdict |\n"
             "|---|---|---|---|---|---|---|---|---|\n" + "\n".join(detail) + "\n")

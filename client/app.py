@@ -25,7 +25,6 @@ from client import site as sites
 from client.loop import Trainer, evaluate, resolve_device
 from client.methods.base import SiteJob
 from client.state import SiteState, SiteStore, StateMismatch, StateMissing
-from client.tasks import task_for
 from client.threads import apply_site_threads
 from kumiki import contract as C
 from kumiki.tasks import metric_key
@@ -142,7 +141,7 @@ def prepare(msg: Message, context: Context, for_training: bool) -> tuple[SiteJob
     job = C.Job.from_config(msg.content[C.CONFIG])
     node_config = dict(context.node_config)
     apply_site_threads(node_config, job.sim)  # this site's share of the machine's cores (client/threads.py)
-    info, data = sites.resolve(node_config, job.sim, job.model)
+    info, data = sites.resolve(node_config, job.sim, job.model, job.method)
     if for_training and info.role != "train":
         raise ValueError(f"site {info.name} is an unseen site: it evaluates only and never trains")
     method = entry(job.method.name)
@@ -168,7 +167,7 @@ def prepare(msg: Message, context: Context, for_training: bool) -> tuple[SiteJob
     trainer = Trainer(data.x_train, data.y_train, job.train, seed=_seed(job, info), device=device)
     extra = msg.content[C.EXTRA].to_torch_state_dict() if C.EXTRA in msg.content else {}
     sj = SiteJob(model, split, trainer, data, state, job, received, role=info.role, extra=extra,
-                 task=task_for(data.task), wire=wire)
+                 task=objective.make_task(data.task), group=info.group, wire=wire)
     return sj, objective, store, info
 
 
@@ -319,7 +318,7 @@ def profile(msg: Message, context: Context) -> Message:
     """Who am I: the server maps node ids to site names, roles and groups with this."""
     try:
         job = C.Job.from_config(msg.content[C.CONFIG])
-        info, data = sites.resolve(dict(context.node_config), job.sim, job.model)
+        info, data = sites.resolve(dict(context.node_config), job.sim, job.model, job.method)
     except Exception as exc:  # noqa: BLE001
         return _error(msg, ERR_SITE, exc)
     rec = ConfigRecord({

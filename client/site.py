@@ -34,8 +34,9 @@ _CACHE: OrderedDict[str, tuple[float, SiteData]] = OrderedDict()
 CACHE_BYTES = int(os.environ.get("KUMIKI_SITE_CACHE_BYTES", 2 << 30))
 
 
-def resolve(node_config: dict, sim: dict | None, model=None) -> tuple[SiteInfo, SiteData]:
-    """Who this site is and its data; with ``model`` (a ModelSpec), the data must fit that model."""
+def resolve(node_config: dict, sim: dict | None, model=None, method=None) -> tuple[SiteInfo, SiteData]:
+    """Who this site is and its data; with ``model`` (a ModelSpec), the data must fit that model; with ``method``
+    (a MethodConfig), the method fills in a group the site does not name (M-Fed: its task's group)."""
     if "data-dir" in node_config:
         data_dir = Path(str(node_config["data-dir"]))
         state_dir = Path(str(node_config.get("state-dir", data_dir / "state")))
@@ -48,10 +49,11 @@ def resolve(node_config: dict, sim: dict | None, model=None) -> tuple[SiteInfo, 
     else:
         raise ValueError("this SuperNode has no data: start it with --node-config \"data-dir='/path/to/site'\"")
     data = load_cached(data_dir)
+    group = str(node_config.get("group", data.meta.get("group", "")))
     info = SiteInfo(
         name=str(node_config.get("site", data.name)),
         role=str(node_config.get("role", data.role)),
-        group=str(node_config.get("group", data.meta.get("group", ""))),
+        group=method.site_group(data.task, group) if method is not None else group,
         data_dir=data_dir,
         state_dir=state_dir,
     )

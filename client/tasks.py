@@ -4,6 +4,9 @@ A ``Task`` gives the one loop its loss (``loss(output, y)``) and scores a predic
 a whole test split. Metrics are computed from dataset-level sums, never as a mean of per-batch
 values: accuracy = correct / N; perplexity = exp(total next-token CE / total scored tokens), so a
 long sequence weighs more than a short one (``tokens`` targets equal to -100 are not scored).
+Dense tasks (M-Fed, ``../shared/methods/mfed.md`` section 3) sum pixel counts over the split:
+mIoU from the split's true/false positives and negatives, the edge F-score from the split's matched
+and total edge pixels at each threshold, PSNR from the split's total squared error.
 A new task is one ``Task`` subclass here and one line in ``TASK_CLASSES``.
 """
 
@@ -78,13 +81,131 @@ class Language(Task):
         return math.exp(nll), nll
 
 
-TASK_CLASSES: dict[str, type[Task]] = {"classification": Classification, "language": Language}
+class Segmentation(Task):
+    """Foreground masks: ``output`` (B, 1, H, W) logits, ``y`` 0/1 masks; BCE with logits; mIoU over {bg, fg}.
+
+    IoU_c = TP_c / (TP_c + FP_c + FN_c) from the split's pixel counts (a class absent from both the
+    target and the prediction scores 1); a pixel is foreground where its logit is > 0."""
+
+    name = "segmentation"
+
+    def loss(self, output, y):
+        return F.binary_cross_entropy_with_logits(output, y)
+
+    def start(self):
+        return {"loss": 0.0, "n": 0.0, "tp": 0.0, "fp": 0.0, "fn": 0.0, "tn": 0.0}
+
+    def add(self, acc, output, y):
+        acc["loss"] += float(F.binary_cross_entropy_with_logits(output, y, reduction="sum"))
+        pred, truth = output > 0, y > 0.5
+        acc["tp"] += float((pred & truth).sum())
+        acc["fp"] += float((pred & ~truth).sum())
+        acc["fn"] += float((~pred & truth).sum())
+        acc["tn"] += float((~pred & ~truth).sum())
+        acc["n"] += float(y.numel())
+
+    @staticmethod
+    def _iou(hit: float, wrong: float, missed: float) -> float:
+        union = hit + wrong + missed
+        return hit / union if union else 1.0
+
+    def result(self, acc):
+        fg = self._iou(acc["tp"], acc["fp"], acc["fn"])
+        bg = self._iou(acc["tn"], acc["fn"], acc["fp"])
+        return (fg + bg) / 2, acc["loss"] / max(acc["n"], 1.0)
 
 
-def task_for(name: str) -> Task:
+def balanced_bce(output: torch.Tensor, y: torch.Tensor, reduction: str = "mean", per: str = "batch") -> torch.Tensor:
+    """BCE with logits whose edge pixels weigh #non-edge / #edge (HED's class balancing), counted over the
+    batch (``per = "batch"``) or over each example (``"example"``: no example's loss depends on another's,
+    as DP-SGD needs). A batch or example without edge pixels weighs 1."""
+    dims = tuple(range(1, y.dim())) if per == "example" else tuple(range(y.dim()))
+    pos = y.sum(dim=dims, keepdim=True)
+    neg = y[0].numel() * (len(y) if per == "batch" else 1) - pos
+    weight = torch.where(pos > 0, neg / pos.clamp(min=1), torch.ones_like(pos))
+    pixel = torch.where(y > 0.5, weight, torch.ones_like(y))
+    loss = F.binary_cross_entropy_with_logits(output, y, weight=pixel, reduction="none")
+    return loss.sum() if reduction == "sum" else loss.mean()
+
+
+class Edges(Task):
+    """Edge maps: ``output`` (B, 1, H, W) logits, ``y`` 0/1 maps; class-balanced BCE; the ODS F-score.
+
+    ODS F: the best, over fixed thresholds 0.01 .. 0.99 of sigmoid(output), of the split-level F1,
+    with P = (predicted edge pixels within ``tolerance`` of a true one) / (predicted edge pixels)
+    and R = (true edge pixels within ``tolerance`` of a predicted one) / (true edge pixels); "within"
+    is the (2 t + 1)^2 square around a pixel. The benchmark odsF matches pixels one to one
+    (bipartite) with a distance tolerance: this is an approximation of it, and scores higher."""
+
+    name = "edges"
+    thresholds = torch.arange(1, 100) / 100
+
+    def __init__(self, tolerance: int = 1, balance: str = "batch") -> None:
+        super().__init__()
+        self.tolerance, self.balance = tolerance, balance
+
+    def loss(self, output, y):
+        return balanced_bce(output, y, per=self.balance)
+
+    def start(self):
+        t = len(self.thresholds)
+        return {"loss": 0.0, "n": 0.0, "true": 0.0, "pred": [0.0] * t, "pred_hit": [0.0] * t, "true_hit": [0.0] * t}
+
+    def _near(self, m: torch.Tensor) -> torch.Tensor:
+        r = self.tolerance
+        return F.max_pool2d(m.float(), 2 * r + 1, stride=1, padding=r) > 0 if r else m
+
+    def add(self, acc, output, y):
+        acc["loss"] += float(balanced_bce(output, y, reduction="sum", per=self.balance))
+        acc["n"] += float(y.numel())
+        truth = y > 0.5
+        near_truth = self._near(truth)
+        acc["true"] += float(truth.sum())
+        prob = torch.sigmoid(output)
+        for i, t in enumerate(self.thresholds.tolist()):
+            pred = prob > t
+            acc["pred"][i] += float(pred.sum())
+            acc["pred_hit"][i] += float((pred & near_truth).sum())
+            acc["true_hit"][i] += float((truth & self._near(pred)).sum())
+
+    def result(self, acc):
+        best = 0.0
+        for pred, pred_hit, true_hit in zip(acc["pred"], acc["pred_hit"], acc["true_hit"]):
+            p = pred_hit / pred if pred else 0.0
+            r = true_hit / acc["true"] if acc["true"] else 0.0
+            best = max(best, 2 * p * r / (p + r) if p + r else 0.0)
+        return best, acc["loss"] / max(acc["n"], 1.0)
+
+
+class Denoising(Task):
+    """Clean images from noisy ones: ``output`` and ``y`` (B, C, H, W) in [0, 1]; MSE; PSNR (peak 1).
+
+    PSNR = 10 log10(1 / MSE) with MSE the split's total squared error over its pixel count (not a mean of
+    per-image PSNRs), at most 100 dB (an exact reconstruction)."""
+
+    name = "denoising"
+
+    def loss(self, output, y):
+        return F.mse_loss(output, y)
+
+    def add(self, acc, output, y):
+        acc["loss"] += float(F.mse_loss(output, y, reduction="sum"))
+        acc["n"] += float(y.numel())
+
+    def result(self, acc):
+        mse = acc["loss"] / max(acc["n"], 1.0)
+        return min(100.0, 10 * math.log10(1.0 / mse)) if mse > 0 else 100.0, mse
+
+
+TASK_CLASSES: dict[str, type[Task]] = {"classification": Classification, "language": Language,
+                                       "segmentation": Segmentation, "edges": Edges, "denoising": Denoising}
+
+
+def task_for(name: str, **options) -> Task:
+    """The task's implementation; ``options`` go to its constructor (Edges' ``tolerance``)."""
     if name not in TASK_CLASSES:
         raise ValueError(f"task {name!r} has no implementation (known: {', '.join(sorted(TASK_CLASSES))})")
-    return TASK_CLASSES[name]()
+    return TASK_CLASSES[name](**options)
 
 
 Predict = Callable[[nn.Module, torch.Tensor], torch.Tensor]

@@ -387,6 +387,7 @@ class KumikiConfig(_Section):
 
         self._check_tasks()
         hierarchy.check(self)
+        self.method.check_run(self)
         if self.privacy.enabled:
             self._check_privacy()
         if self.privacy.central:

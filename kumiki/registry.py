@@ -48,6 +48,7 @@ METHODS: dict[str, MethodEntry] = {
                                   "client.methods.local_adaptors:LocalAdaptorsObjective"),
     "worldlm": MethodEntry(m.WorldLMConfig, "strategies.worldlm:WorldLM", "client.methods.worldlm:WorldLMObjective"),
     "hierfavg": MethodEntry(m.HierFAVGConfig, "strategies.hierfavg:HierFAVG", "client.methods.hierfavg:HierFAVGObjective"),
+    "mfed": MethodEntry(m.MFedConfig, "strategies.mfed:MFed", "client.methods.mfed:MFedObjective"),
 }
 
 

@@ -22,16 +22,21 @@ def _norm1d(kind: str, width: int) -> nn.Module:
     return nn.Identity()
 
 
+def cnn_trunk(channels: int, norm: str = "batch") -> nn.Sequential:
+    """CNN-S's convolutions: (C, H, W) -> a (64, H/4, W/4) feature map (M-Fed's dense decoders read it)."""
+    return nn.Sequential(
+        nn.Conv2d(channels, 32, 3, padding=1), _norm2d(norm, 32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), _norm2d(norm, 64), nn.ReLU(), nn.MaxPool2d(2),
+    )
+
+
 class CNNEncoder(nn.Module):
     """CNN-S: two conv-norm-ReLU-pool blocks, then Linear to d (the DualFed spec's small encoder)."""
 
     def __init__(self, input_shape: tuple[int, int, int], hidden: int = 128, norm: str = "batch"):
         super().__init__()
         c, h, w = input_shape
-        self.features = nn.Sequential(
-            nn.Conv2d(c, 32, 3, padding=1), _norm2d(norm, 32), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), _norm2d(norm, 64), nn.ReLU(), nn.MaxPool2d(2),
-        )
+        self.features = cnn_trunk(c, norm)
         flat = 64 * (h // 4) * (w // 4)
         self.fc = nn.Linear(flat, hidden)
         self.out_dim = hidden

@@ -76,6 +76,15 @@ VARIANTS["floral"] = _floral  # FLoRAL: base.* + adaptors.<c>.* + router.theta
 VARIANTS["floral_ensemble"] = _floral_ensemble  # FLoRAL's ensemble baseline: copies.<c>.* + router.theta
 
 
+def _mfed(spec: ModelSpec, decoders: dict) -> nn.Module:
+    from models.mfed import build
+
+    return build(spec, decoders)
+
+
+VARIANTS["mfed"] = _mfed  # M-Fed: encoder.* + decoders.<task group>.*
+
+
 def build_model(spec: ModelSpec, variant: Any = "plain", init: bool = True) -> nn.Module:
     """Same spec and seed -> bit-identical initial tensors on every machine.
 

@@ -186,13 +186,16 @@ class Recorder:
         if not self.quiet:
             def fmt(d):
                 return f"{d['mean']:.3f}" if d and d["mean"] is not None else "  -  "
+            scores = (f" | personalized {fmt(row['personalized'])} | global {fmt(row['global'])}"
+                      f" | unseen {fmt(row['unseen'])}"
+                      + (f" (adapted {fmt(row['unseen_adapted'])})" if row["unseen_adapted"] else ""))
+            if len(per_task) > 1:  # sites of different tasks: each task's personalized / global metric
+                scores = "".join(f" | {t} {e['metric']} {fmt(e['personalized'])}/{fmt(e['global'])}"
+                                 for t, e in per_task.items())
             console.print(
                 f"[bold]round {rnd:>3}/{self.cfg.run.rounds}[/] sites {st.accepted}/{len(st.sent)}"
                 f"{' [red](' + str(len(st.rejected)) + ' rejected)[/]' if st.rejected else ''}"
-                f" | personalized {fmt(row['personalized'])} | global {fmt(row['global'])}"
-                f" | unseen {fmt(row['unseen'])}"
-                + (f" (adapted {fmt(row['unseen_adapted'])})" if row["unseen_adapted"] else "")
-                + f" | loss {row['train_loss'] or 0:.3f} | {round_s:.1f}s"
+                + scores + f" | loss {row['train_loss'] or 0:.3f} | {round_s:.1f}s"
             )
         return row
 

@@ -401,6 +401,27 @@ def _factory_sections(run_dir: Path, summary: dict, config: dict) -> list[str]:
     return out
 
 
+def _task_sections(rows: list[dict], tasks: dict) -> list[str]:
+    """One section per task for a run whose sites learn different tasks (M-Fed): an accuracy and an mIoU are never
+    drawn on one axis. Each task's curves and last-round sites come from the rows' ``tasks`` blocks."""
+    out = []
+    for task, entry in sorted(tasks.items()):
+        metric = str(entry.get("metric") or task)
+        trows = [{"round": r.get("round"), **((r.get("tasks") or {}).get(task) or {})} for r in rows]
+        b64 = plot_accuracy(trows, metric)
+        body = _img(b64, f"{task}: {metric} per round") if b64 else _missing("no per-round evaluation recorded")
+        last = trows[-1] if trows else entry
+        pers, glob, uns = (per_site(last.get(k)) for k in ("personalized", "global", "unseen"))
+        b64 = plot_sites(pers, glob, uns, metric)
+        body += _img(b64, f"{task}: per-site {metric}") if b64 else _missing("no per-site values recorded")
+        cells = "".join(f'<tr><td>{esc(k)}</td><td class="n">{fmt_acc(mean_of(last.get(k)))}</td></tr>'
+                        for k in ("personalized", "global", "unseen", "unseen_adapted"))
+        body += f"<table><thead><tr><th>{esc(metric)} (last round)</th><th>mean</th></tr></thead><tbody>{cells}</tbody></table>"
+        out.append(_section(f"{task}: {metric} ({'higher' if entry.get('higher_is_better', True) else 'lower'} is "
+                            "better)", body))
+    return out
+
+
 def build_html(run_dir: Path) -> str:
     summary = _read_json(run_dir / "summary.json")
     config = _read_json(run_dir / "config.json")
@@ -469,42 +490,47 @@ def build_html(run_dir: Path) -> str:
         parts.insert(1, f'<p class="bad"><strong>Status: {esc(status)}</strong> &middot; '
                         f"{esc(summary.get('error') or 'not every configured site took part in every round')}</p>")
 
-    # 2. accuracy per round
-    b64 = plot_accuracy(rows, metric)
-    parts.append(_section(f"{metric} per round", _img(b64, f"{metric} per round") if b64 else
-                          _missing("no per-round evaluation recorded")))
+    # 2.-4. the metric per round, per site, and global vs personalized: per task where sites learn different tasks
+    tasks = summary.get("tasks") if isinstance(summary.get("tasks"), dict) else {}
+    if len(tasks) > 1:
+        parts += _task_sections(rows, tasks)
+        p_last = _last_block(rows, summary, "personalized")
+    else:
+        b64 = plot_accuracy(rows, metric)
+        parts.append(_section(f"{metric} per round", _img(b64, f"{metric} per round") if b64 else
+                              _missing("no per-round evaluation recorded")))
 
-    # 3./4. last-round per-site values: the last round row, else summary.json
-    p_last = _last_block(rows, summary, "personalized")
-    g_last = _last_block(rows, summary, "global")
-    u_last = _last_block(rows, summary, "unseen")
-    pers_ps, glob_ps, uns_ps = per_site(p_last), per_site(g_last), per_site(u_last)
-    if rows and not (pers_ps or glob_ps or uns_ps) and site_rows:  # fall back to the site rows
-        last_r = rows[-1].get("round")
-        for s in site_rows:
-            if s.get("round") != last_r or not s.get("site"):
-                continue
-            if s.get("role") == "unseen":
-                if num(s.get("global")) is not None:
-                    uns_ps[str(s["site"])] = s["global"]
-            else:
-                if num(s.get("personalized")) is not None:
-                    pers_ps[str(s["site"])] = s["personalized"]
-                if num(s.get("global")) is not None:
-                    glob_ps[str(s["site"])] = s["global"]
-    b64 = plot_sites(pers_ps, glob_ps, uns_ps, metric)
-    notes = []
-    if not glob_ps:
-        notes.append("no global-model evaluation in this run (e.g. a local-only method)")
-    if not uns_ps:
-        notes.append("no unseen sites evaluated")
-    body = (_img(b64, f"per-site {metric}") if b64 else _missing("no per-site values recorded"))
-    body += "".join(_missing(n) for n in notes)
-    parts.append(_section(f"per-site {metric} at the last round", body))
+        # 3./4. last-round per-site values: the last round row, else summary.json
+        p_last = _last_block(rows, summary, "personalized")
+        g_last = _last_block(rows, summary, "global")
+        u_last = _last_block(rows, summary, "unseen")
+        pers_ps, glob_ps, uns_ps = per_site(p_last), per_site(g_last), per_site(u_last)
+        if rows and not (pers_ps or glob_ps or uns_ps) and site_rows:  # fall back to the site rows
+            last_r = rows[-1].get("round")
+            for s in site_rows:
+                if s.get("round") != last_r or not s.get("site"):
+                    continue
+                if s.get("role") == "unseen":
+                    if num(s.get("global")) is not None:
+                        uns_ps[str(s["site"])] = s["global"]
+                else:
+                    if num(s.get("personalized")) is not None:
+                        pers_ps[str(s["site"])] = s["personalized"]
+                    if num(s.get("global")) is not None:
+                        glob_ps[str(s["site"])] = s["global"]
+        b64 = plot_sites(pers_ps, glob_ps, uns_ps, metric)
+        notes = []
+        if not glob_ps:
+            notes.append("no global-model evaluation in this run (e.g. a local-only method)")
+        if not uns_ps:
+            notes.append("no unseen sites evaluated")
+        body = (_img(b64, f"per-site {metric}") if b64 else _missing("no per-site values recorded"))
+        body += "".join(_missing(n) for n in notes)
+        parts.append(_section(f"per-site {metric} at the last round", body))
 
-    b64 = plot_scatter(pers_ps, glob_ps, metric)
-    parts.append(_section("global vs personalized", _img(b64, "global vs personalized") if b64 else
-                          _missing("needs both personalized and global values for the same sites")))
+        b64 = plot_scatter(pers_ps, glob_ps, metric)
+        parts.append(_section("global vs personalized", _img(b64, "global vs personalized") if b64 else
+                              _missing("needs both personalized and global values for the same sites")))
 
     # 5. bytes and time
     privacy = summary.get("privacy") if isinstance(summary.get("privacy"), dict) else None

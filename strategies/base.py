@@ -196,6 +196,7 @@ class KumikiStrategy(Strategy):
                 if r.has_error():
                     raise BadReply(f"the site answered with an error: {r.error.reason}")
                 p = parse_profile(nid, r.content)
+                self.check_profile(p)
             except Exception as exc:  # noqa: BLE001 - a bad profile drops that node, never the run
                 reason = str(exc) if isinstance(exc, BadReply) else f"malformed profile ({type(exc).__name__}: {exc})"
                 log.error("site on node %s dropped at discovery: %s", nid, reason)
@@ -217,6 +218,9 @@ class KumikiStrategy(Strategy):
             elif server_round:
                 log.warning("site %s joined at round %d", p["site"], server_round)
             self.profiles[nid] = SiteProfile(**p)
+
+    def check_profile(self, profile: dict[str, Any]) -> None:
+        """A method's own admission rule for a site's profile (M-Fed: its task group); raise BadReply to refuse it."""
 
     # ------------------------------------------------------------- payloads
     def payload(self, node_id: int) -> dict[str, np.ndarray]:

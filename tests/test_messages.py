@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from kumiki import contract as C
@@ -22,16 +25,23 @@ def test_no_personal_tensor_in_any_message(tmp_path, method):
     summary = run_inprocess(cfg, quiet=True, grid_hook=grids.append)
     grid = grids[0]
     split = ParamSplit.build(build_model(model_spec(cfg), cfg.method), cfg.method.split_rules())
-    travelling = set(split.travelling(None))
     model_names = set(split.names)
+
+    def travelling(node: int) -> set[str]:
+        """The shared tensors and the node's own group's (its site.json or node config names the group)."""
+        nc = grid.contexts[node].node_config
+        meta = json.loads((Path(nc["data-dir"]) / "site.json").read_text())
+        group = cfg.method.site_group(meta.get("task", "classification"), nc.get("group", meta.get("group", "")))
+        return set(split.travelling(group or None))
     trains = [m for m in grid.sent if m.metadata.message_type == "train"]
     assert len(trains) == 2 * 2, "two sites x two rounds of training"
     replies = [r for r in grid.replies if not r.has_error()]
     assert len(replies) == len(grid.sent), [r.error.reason for r in grid.replies if r.has_error()]
-    for msg in list(grid.sent) + replies:
+    for msg, node in [(m, m.metadata.dst_node_id) for m in grid.sent] + [(r, r.metadata.src_node_id) for r in replies]:
         content = msg.content
         names = set(content[C.ARRAYS].keys()) if C.ARRAYS in content.array_records else set()
-        assert names <= travelling, f"{method}: {sorted(names - travelling)} left a site or the server"
+        allowed = travelling(node)
+        assert names <= allowed, f"{method}: {sorted(names - allowed)} left a site or the server"
         assert not names & set(split.personal)
         if C.EXTRA in content.array_records:  # method state, never a model tensor
             assert not set(content[C.EXTRA].keys()) & model_names

@@ -139,7 +139,7 @@ def test_a_crash_while_saving_leaves_the_previous_state_intact(tmp_path, monkeyp
 
 @pytest.mark.parametrize("method, knobs", [("fedper", {}), ("fedrep", {}), ("dualfed", {}), ("local", {}), ("floral", {}),
                                            ("local_adaptors", {}),
-                                           ("fedhb", {"bn_stats": "personal"})])
+                                           ("fedhb", {"bn_stats": "personal"}), ("mfed", {"encoder_bn_stats": "personal"})])
 def test_every_message_reloads_the_personal_tensors_from_the_state_file(tmp_path, method, knobs):
     """Whatever the site's memory holds, the model a message builds carries exactly the saved personal tensors."""
     from client.app import _fingerprint, prepare

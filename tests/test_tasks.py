@@ -168,3 +168,66 @@ def test_a_method_that_trains_classification_only_refuses_other_tasks(monkeypatc
         validate(raw)
     raw["method"] = {"name": "fedavg"}
     assert validate(raw).site_tasks() == ["segmentation", "segmentation"]
+
+
+# ----------------------------------------------------------------------------- dense tasks (M-Fed, issue 9)
+class _ByIndex(_Fixed):
+    """Returns the outputs of the examples whose indices the inputs hold (so batches can split the split)."""
+
+    def forward(self, x):
+        return self.logits[x.flatten().long()] + 0 * self.w
+
+
+def _dense(task, logits, y, batch_size=512):
+    x = np.arange(len(y), dtype=np.float32).reshape(-1, 1, 1, 1)
+    return score(task, _ByIndex(logits), x, y, lambda m, xb: m(xb), batch_size=batch_size)
+
+
+def test_miou_averages_the_foreground_and_background_iou_of_the_whole_split():
+    from client.tasks import Segmentation
+
+    y = np.array([[[[1, 1], [0, 0]]], [[[0, 0], [0, 1]]]], np.float32)  # 3 foreground, 5 background pixels
+    logits = torch.tensor([[[[5.0, -5.0], [5.0, -5.0]]], [[[-5.0, -5.0], [-5.0, 5.0]]]])
+    # fg: 2 hits, 1 false alarm, 1 miss -> 2/4; bg: 4 hits, 1 false alarm, 1 miss -> 4/6
+    r = _dense(Segmentation(), logits, y)
+    assert r["score"] == pytest.approx((2 / 4 + 4 / 6) / 2)
+    # the mean of per-image mIoUs would be ((1/3 + 1/3) / 2 + 1) / 2 = 0.667: the split's counts are summed first
+    assert _dense(Segmentation(), logits, y, batch_size=1)["score"] == pytest.approx(r["score"])
+
+
+def test_edge_fscore_takes_the_best_threshold_and_counts_near_misses_within_the_tolerance():
+    from client.tasks import Edges
+
+    y = np.zeros((1, 1, 5, 5), np.float32)
+    y[0, 0, 2, 2] = 1.0  # one true edge pixel
+    logits = torch.full((1, 1, 5, 5), -10.0)
+    logits[0, 0, 2, 3] = 10.0  # predicted one pixel to the right
+    assert _dense(Edges(tolerance=1), logits, y)["score"] == pytest.approx(1.0)
+    assert _dense(Edges(tolerance=0), logits, y)["score"] == 0.0
+    logits[0, 0, 2, 2] = 0.0  # p = 0.5 on the true pixel: at thresholds < 0.5 both are predicted (P = 1/2 at tol 0)
+    assert _dense(Edges(tolerance=0), logits, y)["score"] == pytest.approx(2 * 0.5 * 1 / 1.5)
+
+
+def test_class_balanced_edge_loss_per_batch_and_per_example():
+    from client.tasks import balanced_bce
+
+    y = torch.zeros(2, 1, 2, 2)
+    y[0, 0, 0, 0] = 1.0  # example 0: 1 edge of 4; example 1: none
+    out = torch.zeros(2, 1, 2, 2)
+    base = math.log(2)  # BCE of logit 0
+    # batch: 1 edge, 7 others -> the edge weighs 7: (7 + 7) / 8 pixels
+    assert float(balanced_bce(out, y)) == pytest.approx(base * 14 / 8)
+    # per example: the edge weighs 3 in example 0, example 1 has none: (3 + 3 + 4) / 8
+    assert float(balanced_bce(out, y, per="example")) == pytest.approx(base * 10 / 8)
+
+
+def test_psnr_comes_from_the_splits_total_squared_error():
+    from client.tasks import Denoising
+
+    y = np.zeros((2, 1, 2, 2), np.float32)
+    out = torch.zeros(2, 1, 2, 2)
+    out[0] += 0.1  # squared error 0.01 on 4 pixels, 0 on the other image
+    r = _dense(Denoising(), out, y)
+    assert r["loss"] == pytest.approx(0.005) and r["score"] == pytest.approx(10 * math.log10(1 / 0.005))
+    # the mean of per-image PSNRs would be (20 + 100) / 2 = 60 dB: a perfect image must not hide a bad one
+    assert r["score"] == pytest.approx(23.01, abs=0.01)

@@ -25,7 +25,7 @@ from torch import nn
 from client.bn import has_personal_bn, reestimate_bn
 from client.loop import LossFn, Trainer, forward
 from client.state import SiteState
-from client.tasks import Classification, Task
+from client.tasks import Classification, Task, task_for
 from kumiki.contract import Job
 from kumiki.data.sites import SiteData
 from kumiki.split import ParamSplit
@@ -51,6 +51,8 @@ class SiteJob:
     task: Task = field(default_factory=Classification)
     #: The dtype each received tensor travelled in (float16 under ``server.transport_dtype``): the reply's dtypes.
     wire: dict[str, torch.dtype] = field(default_factory=dict)
+    #: The site's group (node config / site.json ``group``; M-Fed: its task group): which group tensors it gets.
+    group: str = ""
 
     @property
     def task_loss(self) -> LossFn:
@@ -65,6 +67,10 @@ class SiteObjective:
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
+
+    def make_task(self, name: str) -> Task:
+        """The site's task object (a method may pass options: M-Fed's edge tolerance)."""
+        return task_for(name)
 
     # -- training ---------------------------------------------------------
     def loss(self, sj: SiteJob) -> LossFn:

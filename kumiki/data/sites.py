@@ -131,12 +131,14 @@ def materialize(cfg, root: str | Path) -> list[Path]:
     if data.dataset in text.TEXT_DATASETS:
         return text.materialize_text(cfg, root)
     x, y = pool(data)
-    rng = np.random.default_rng(cfg.run.seed if data.partition_seed is None else data.partition_seed)
+    seed = cfg.run.seed if data.partition_seed is None else data.partition_seed
+    rng = np.random.default_rng(seed)
     n_total = data.sites + data.unseen_sites
     names = partitioned_names(data)
     parts = partition.partition(y, n_total, data.partition, rng)
     shape, num_classes = list(x.shape[1:]), int(y.max()) + 1
     tasks = cfg.site_tasks() or ["classification"] * n_total
+    groups = cfg.method.site_groups(n_total)
     out = []
     for i, idx in enumerate(parts):
         idx = rng.permutation(idx)
@@ -146,7 +148,8 @@ def materialize(cfg, root: str | Path) -> list[Path]:
         xs = domains.apply(x[idx], domain, rng)
         ys = y[idx]
         xs, ys, cluster_meta = _cluster_shift(data.partition, i, xs, ys, num_classes, rng)
-        xs, ys = targets.derive(tasks[i], xs, ys, rng)
+        # a generator of the site's own (the denoising noise): every site's examples stay those of any method's run
+        xs, ys = targets.derive(tasks[i], xs, ys, np.random.default_rng([seed, 9, i]))
         n_test = max(1, int(round(len(idx) * data.test_fraction)))
         role = "train" if i < data.sites else "unseen"
         meta = {
@@ -154,6 +157,8 @@ def materialize(cfg, root: str | Path) -> list[Path]:
             "derived": domain != "identity" or cluster_meta.get("cluster", 0) != 0 or targets.is_derived(tasks[i]),
             "num_classes": num_classes, "input_shape": shape, "source": data.dataset, **cluster_meta,
         }
+        if groups:
+            meta["group"] = groups[i]
         out.append(write_site(root / names[i], meta, xs[n_test:], ys[n_test:], xs[:n_test], ys[:n_test]))
     return out
 
