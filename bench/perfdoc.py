@@ -1,9 +1,8 @@
 """Shared by the issue-13 part 5-7 benchmarks: the machine line, the load, and writing sections.
 
 Each benchmark writes its own section of bench/RESULTS.md between ``<!-- TAG:start -->`` and
-``<!-- TAG:end -->``; the README's "Aggregation, bytes on the wire and scale" block (between
-``<!-- scale-perf:start/end -->``) is regenerated from those sections' goal lines, so the README never
-says something RESULTS.md does not.
+``<!-- TAG:end -->``; ``bench/readme_sync.py`` copies each into the README's ``<!-- results:TAG -->`` block,
+so the README never says something RESULTS.md does not.
 """
 
 from __future__ import annotations
@@ -16,10 +15,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "RESULTS.md"
-README = ROOT / "README.md"
-#: RESULTS.md sections the README block summarizes, with their headings there
-SECTIONS = {"aggregation": "Aggregation throughput", "wire": "Bytes on the wire", "scale": "1,000 sites",
-            "ray": "Past one machine"}
 
 
 def load() -> str:
@@ -74,22 +69,7 @@ def section(tag: str, path: Path = RESULTS) -> str | None:
 
 
 def update_readme() -> None:
-    """The README's block: every table of the four RESULTS.md sections with the paragraph just before it (what
-    was run, on what machine, under what load), and every goal line, under the sections' headings."""
-    parts = ["Generated from `bench/RESULTS.md` (sections \"Aggregation throughput\", \"Bytes on the wire\", "
-             "\"1,000 sites\", \"Past one machine\"; their notes are there) by the benchmarks' `--write`."]
-    for tag, title in SECTIONS.items():
-        text = section(tag) or ""
-        cmd = re.search(r"`(bench/\S+\.py[^`]*)`", text)
-        parts.append(f"\n**{title}** ({'`' + cmd.group(1) + '`' if cmd else 'not measured yet'}):")
-        blocks = [b for b in re.split(r"\n\s*\n", text) if b.strip()]
-        kept = []
-        for i, block in enumerate(blocks):
-            if block.startswith("|"):
-                if i and not blocks[i - 1].startswith(("|", "- ")):
-                    kept.append(blocks[i - 1])
-                kept.append(block)
-            elif block.startswith("- **"):
-                kept.append("\n".join(ln for ln in block.splitlines() if ln.startswith("- **")))
-        parts.extend(["", *"\n\n".join(kept).splitlines()] if kept else ["", "- not measured yet"])
-    write_between(README, "scale-perf", "\n".join(parts))
+    """Refill the README's copies of the RESULTS.md sections (``bench/readme_sync.py``)."""
+    from bench.readme_sync import main
+
+    main([])
