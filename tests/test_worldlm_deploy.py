@@ -29,14 +29,14 @@ def _bridged_inprocess(cfg, monkeypatch):
     with claim_run_dir(cfg):
         sim = prepare_sites(cfg)
         ncs = node_configs(cfg, sim)
-        regions = {g: InProcessGrid(client_app, [nc for nc in ncs if nc["group"] == g])
+        regions = {g: InProcessGrid(client_app, [nc for nc in ncs if nc["group"] == g], record=True)
                    for g in sorted(set(SITES.values()))}
         aggregators = [{"site": g, "region-federation": "region", "region-flwr-home": "unused",
                         "region-config": "unused", "region-dir": str(cfg.run_dir() / "regions" / g / "state")}
                        for g in regions]
         services = {g: RegionService(regions[g], cfg, cfg.run_dir() / "regions" / g / "state") for g in regions}
         monkeypatch.setattr(bridge, "run_region", lambda job_dir, nc: services[nc["site"]].serve_pending())
-        root = InProcessGrid(client_app, aggregators)
+        root = InProcessGrid(client_app, aggregators, record=True)
         return run_federation(root, cfg, engine="inprocess", quiet=True), root, regions, services
 
 
