@@ -401,14 +401,9 @@ def render(results: dict[str, dict], cells: list[Cell], methods: list[str]) -> s
 
 
 def _write_between(path: Path, text: str, tag: str = "conformance") -> None:
-    start, end = f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
-    doc = path.read_text() if path.exists() else ""
-    block = f"{start}\n{text.rstrip()}\n{end}"
-    if start in doc and end in doc:
-        doc = doc[: doc.index(start)] + block + doc[doc.index(end) + len(end):]
-    else:
-        doc = doc.rstrip() + "\n\n" + block + "\n"
-    path.write_text(doc)
+    from bench.results import write_section
+
+    write_section(tag, text, path)
 
 
 def _work(args: tuple[Cell, str]) -> dict:

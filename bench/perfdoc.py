@@ -9,17 +9,12 @@ from __future__ import annotations
 
 import os
 import platform
-import re
 import time
 from pathlib import Path
 
+from bench.results import RESULTS, load, write_section  # noqa: F401 - load is part of this module's API
+
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "RESULTS.md"
-
-
-def load() -> str:
-    """The 1/5/15-minute load averages, as a string."""
-    return " / ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def machine() -> str:
@@ -52,20 +47,7 @@ def stamp() -> str:
 
 
 def write_between(path: Path, tag: str, text: str) -> None:
-    start, end = f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
-    doc = path.read_text() if path.exists() else ""
-    block = f"{start}\n{text.rstrip()}\n{end}"
-    if start in doc and end in doc:
-        doc = doc[: doc.index(start)] + block + doc[doc.index(end) + len(end):]
-    else:
-        doc = doc.rstrip() + "\n\n" + block + "\n"
-    path.write_text(doc)
-
-
-def section(tag: str, path: Path = RESULTS) -> str | None:
-    doc = path.read_text() if path.exists() else ""
-    m = re.search(rf"<!-- {tag}:start -->\n(.*?)\n<!-- {tag}:end -->", doc, re.S)
-    return m.group(1) if m else None
+    write_section(tag, text, path)
 
 
 def update_readme() -> None:
