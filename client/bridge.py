@@ -22,7 +22,6 @@ Optional node config: ``region-app`` (the app folder ``flwr run`` builds; defaul
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
@@ -36,6 +35,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 
 from kumiki import contract as C
+from kumiki.locks import held
 
 APP_DIR = Path(__file__).resolve().parents[1]
 ERR_REGION = 4500  # the region could not answer (its run failed or timed out)
@@ -80,16 +80,7 @@ def write_job(job_dir: Path, msg: Message, node_config: dict) -> None:
 
 def server_alive(region_dir: Path) -> bool:
     """Whether the region's ServerApp runs: it holds ``server.lock`` while it lives (``server/region.py``)."""
-    path = region_dir / "server.lock"
-    if not path.is_file():
-        return False
-    with open(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(f, fcntl.LOCK_UN)
-        return False
+    return held(region_dir / "server.lock")
 
 
 def start_server(node_config: dict, region_dir: Path) -> None:

@@ -34,6 +34,7 @@ from flwr.serverapp import Grid
 
 from kumiki import contract as C
 from kumiki.config import KumikiConfig
+from kumiki.locks import held
 from kumiki.split import ParamSplit
 from kumiki.tasks import metric_key
 from models import build_model
@@ -220,16 +221,7 @@ def serve_region(grid: Grid, cfg: KumikiConfig, region_dir: str | Path, idle_s: 
 
 def server_alive(region_dir: str | Path) -> bool:
     """Whether a server of this region holds its lock (the lock dies with its process)."""
-    path = Path(region_dir) / LOCK
-    if not path.is_file():
-        return False
-    with open(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(f, fcntl.LOCK_UN)
-        return False
+    return held(Path(region_dir) / LOCK)
 
 
 def region_metrics(strategy, ev: dict[str, dict[str, float]]) -> dict[str, float]:

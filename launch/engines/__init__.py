@@ -39,6 +39,22 @@ def prepare_sites(cfg: KumikiConfig, resume: bool = False) -> dict[str, Any]:
             "site_dirs": dirs}
 
 
+def process_run_dir(cfg: KumikiConfig, resume: bool) -> tuple[Path, Path, Path, dict[str, Any]]:
+    """What an engine of real processes prepares in the run dir: (run dir, its logs/, summary.json, the resolved
+    config with an absolute output_dir). A fresh run starts with empty logs; only this run's summary.json counts
+    as its success, so an earlier one is removed."""
+    run_dir = cfg.run_dir().resolve()
+    logs = run_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    for old in [] if resume else logs.glob("*.log"):
+        old.unlink()
+    summary_path = run_dir / "summary.json"
+    summary_path.unlink(missing_ok=True)
+    resolved = json.loads(cfg.model_dump_json())
+    resolved["run"]["output_dir"] = str(run_dir.parent)
+    return run_dir, logs, summary_path, resolved
+
+
 def _site_json_name(folder: Path) -> str:
     try:
         return str(json.loads((folder / "site.json").read_text()).get("name") or folder.name)

@@ -65,7 +65,7 @@ from typing import IO, Any, Literal
 from kumiki.config import KumikiConfig
 from launch import fastpath
 from launch.certs import CertBundle, make_certs
-from launch.engines import node_configs, prepare_sites
+from launch.engines import node_configs, prepare_sites, process_run_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 log = logging.getLogger("kumiki.local")
@@ -443,16 +443,7 @@ def _run_local(cfg: KumikiConfig, quiet: bool = False, *, insecure: bool = False
     """
     tuning = (tuning or Tuning()).resolved(cfg.total_sites)
     sim = prepare_sites(cfg, resume)
-    run_dir = cfg.run_dir().resolve()
-    logs = run_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    for old in [] if resume else logs.glob("*.log"):
-        old.unlink()
-    summary_path = run_dir / "summary.json"
-    summary_path.unlink(missing_ok=True)  # only this run's summary counts as success
-
-    resolved = json.loads(cfg.model_dump_json())
-    resolved["run"]["output_dir"] = str(run_dir.parent)
+    run_dir, logs, summary_path, resolved = process_run_dir(cfg, resume)
     config_path = run_dir / "resolved_config.json"
     config_path.write_text(json.dumps(resolved, indent=2))
 

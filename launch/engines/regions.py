@@ -26,7 +26,7 @@ from kumiki import hierarchy
 from kumiki.config import KumikiConfig
 from launch import fastpath
 from launch.certs import make_certs
-from launch.engines import node_configs, prepare_sites
+from launch.engines import node_configs, prepare_sites, process_run_dir
 from launch.engines.local import (FEDERATION, FLWR_ENV, HOST, INSECURE_BANNER, REPO_ROOT, Tuning, _Cluster, _Proc,
                                   _flwr_run, _flwr_status, _log_has, _logs_of, _TUNING_ENV, _wait, _write_flwr_home,
                                   config_arg, default_timeout_s, exe, free_ports, port_open, register_sites,
@@ -49,15 +49,7 @@ def _run_regions(cfg: KumikiConfig, quiet: bool = False, *, insecure: bool = Fal
         raise ValueError("the regions engine runs federation.superlinks = 'per_group' configs")
     tree = hierarchy.resolve(cfg)
     sim = prepare_sites(cfg, resume)
-    run_dir = cfg.run_dir().resolve()
-    logs = run_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    for old in [] if resume else logs.glob("*.log"):
-        old.unlink()
-    summary_path = run_dir / "summary.json"
-    summary_path.unlink(missing_ok=True)
-    resolved = json.loads(cfg.model_dump_json())
-    resolved["run"]["output_dir"] = str(run_dir.parent)
+    run_dir, logs, summary_path, resolved = process_run_dir(cfg, resume)
     config_path = run_dir / "resolved_config.json"
     config_path.write_text(json.dumps(resolved, indent=2))
 
