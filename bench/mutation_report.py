@@ -10,7 +10,6 @@ then by a substring of the mutated line). Survivors without a reason are listed 
 from __future__ import annotations
 
 import argparse
-import re
 import subprocess
 import sys
 import time

@@ -189,7 +189,7 @@ def check(cfg) -> None:
     if all_names is not None:
         missing, unknown = [s for s in all_names if s not in listed], [s for s in listed if s not in all_names]
         if missing or unknown:
-            raise ValueError(f"federation.groups: every site must be in exactly one sub-federation; "
+            raise ValueError("federation.groups: every site must be in exactly one sub-federation; "
                              + (f"missing {missing}" if missing else "")
                              + ("; " if missing and unknown else "")
                              + (f"unknown sites {unknown} (this run's sites: {all_names})" if unknown else ""))

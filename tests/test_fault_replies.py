@@ -17,9 +17,7 @@ from kumiki import contract as C
 from launch.engines.inprocess import run_inprocess
 from strategies.aggregate import clip_to_median_norm, coordinate_median, trimmed_mean
 from tests.conftest import make_config
-
-HOSTILE = 2  # node id of site-1
-
+from tests.replies import on_arrays, rewrite_replies
 
 def _rows(cfg):
     rows = [json.loads(x) for x in (cfg.run_dir() / "metrics.jsonl").read_text().splitlines()]
@@ -29,48 +27,6 @@ def _rows(cfg):
 def _global(cfg):
     with np.load(cfg.run_dir() / "checkpoints" / "global.npz") as z:
         return {k: z[k].copy() for k in z.files if k != "__round__"}
-
-
-def _hook(kind: str, change, node: int = HOSTILE, rounds=(1,)):
-    """Rewrite one node's replies of one message kind ('train', 'evaluate', 'query.profile'). 'evaluate' covers
-    both ways an evaluation travels: an evaluate reply, and a train reply's ``evaluation`` record."""
-    def hook(grid):
-        send = grid.send_and_receive
-
-        def wrapped(messages, *, timeout=None):
-            messages = list(messages)
-            replies = send(messages, timeout=timeout)
-            for msg, rep in zip(messages, replies):
-                md = msg.metadata
-                rnd = int(msg.content[C.CONFIG][C.ROUND])
-                if md.message_type == kind and md.dst_node_id == node and (kind == "query.profile" or rnd in rounds):
-                    change(rep)
-                fused = msg.content[C.CONFIG].get(C.EVALUATE_ROUND)
-                if kind == "evaluate" and md.message_type == "train" and md.dst_node_id == node and fused in rounds \
-                        and not rep.has_error():
-                    _as_evaluate_reply(rep, change)
-            return replies
-
-        grid.send_and_receive = wrapped
-    return hook
-
-
-def _as_evaluate_reply(rep, change) -> None:
-    """Apply an evaluate-reply ``change`` to the evaluation a train reply carries."""
-    records = rep.content.metric_records
-    train = records.pop(C.METRICS)
-    if C.EVALUATION in records:
-        rep.content[C.METRICS] = records.pop(C.EVALUATION)
-    change(rep)
-    if C.METRICS in records:
-        rep.content[C.EVALUATION] = records.pop(C.METRICS)
-    rep.content[C.METRICS] = train
-
-
-def _arrays(change):
-    def apply(rep):
-        rep.content[C.ARRAYS] = C.to_record(change({k: v.numpy() for k, v in rep.content[C.ARRAYS].items()}))
-    return apply
 
 
 def _metric(key, value, record=C.METRICS):
@@ -94,7 +50,7 @@ def _run(tmp_path, hook, rounds=2, **kw):
      "dtype complex64"),
 ], ids=["int64", "float64", "complex-nan"])
 def test_tensors_of_another_dtype_are_rejected_and_the_model_keeps_float32(tmp_path, change, needle):
-    cfg, summary, rows = _run(tmp_path, _hook("train", _arrays(change)))
+    cfg, summary, rows = _run(tmp_path, rewrite_replies("train", on_arrays(change)))
     [rej] = rows[1]["sites"]["rejected"]
     assert rej["site"] == "site-1" and needle in rej["reason"]
     assert rows[1]["sites"]["aggregated"] and rows[2]["sites"]["rejected"] == []
@@ -112,7 +68,7 @@ def test_num_examples_must_be_a_positive_integer_within_the_announcement(tmp_pat
         _metric(C.NUM_EXAMPLES, value)(rep)
         poisoned.update({k: v.numpy().copy() for k, v in rep.content[C.ARRAYS].items()})
 
-    cfg, _, rows = _run(tmp_path, _hook("train", change), rounds=1)
+    cfg, _, rows = _run(tmp_path, rewrite_replies("train", change), rounds=1)
     [rej] = rows[1]["sites"]["rejected"]
     assert rej["site"] == "site-1" and "num-examples" in rej["reason"]
     g = _global(cfg)
@@ -127,7 +83,7 @@ def test_num_examples_must_be_a_positive_integer_within_the_announcement(tmp_pat
 ], ids=["accuracy-37", "nan-loss", "list-metric", "no-metrics"])
 def test_bad_evaluation_replies_are_dropped_not_averaged(tmp_path, change, needle):
     """An accuracy of 37 used to move the reported mean to 12.4; a list metric or no record aborted the run."""
-    cfg, summary, rows = _run(tmp_path, _hook("evaluate", change, rounds=(1, 2)))
+    cfg, summary, rows = _run(tmp_path, rewrite_replies("evaluate", change, rounds=(1, 2)))
     assert all(any(needle in r["reason"] for r in rows[k]["sites"]["rejected"]) for k in (1, 2))
     per_site = summary["personalized"]["per_site"]
     assert set(per_site) == {"site-0", "site-2"} and all(0.0 <= v <= 1.0 for v in per_site.values())
@@ -145,7 +101,7 @@ def test_a_bad_profile_drops_that_node_only(tmp_path, field, value, needle):
         p[field] = value
         rep.content[C.PROFILE] = ConfigRecord(p)
 
-    cfg, summary, rows = _run(tmp_path, _hook("query.profile", change))
+    cfg, summary, rows = _run(tmp_path, rewrite_replies("query.profile", change))
     assert set(summary["personalized"]["per_site"]) == {"site-0", "site-2"}
     assert rows[1]["sites"]["sampled"] == 2
     final = json.loads((cfg.run_dir() / "summary.json").read_text())
@@ -158,7 +114,7 @@ def test_two_nodes_claiming_one_site_name_keep_the_first(tmp_path):
         p["site"] = "site-0"
         rep.content[C.PROFILE] = ConfigRecord(p)
 
-    cfg, summary, _ = _run(tmp_path, _hook("query.profile", change))
+    cfg, summary, _ = _run(tmp_path, rewrite_replies("query.profile", change))
     assert set(summary["personalized"]["per_site"]) == {"site-0", "site-2"}
     final = json.loads((cfg.run_dir() / "summary.json").read_text())
     assert any("second node claims site name 'site-0'" in r["reason"] for r in final["participation"]["dropped"])
@@ -196,8 +152,8 @@ def test_a_scaled_update_cannot_drag_the_model_under_a_robust_rule(tmp_path, agg
 
     server = {"aggregation": aggregation, "trim_fraction": 0.34}  # 3 sites: trim one per end
     base_cfg, _, _ = _run(tmp_path / "clean", None, rounds=1, server=server)
-    mean_cfg, _, _ = _run(tmp_path / "mean", _hook("train", _arrays(scale)), rounds=1)
-    rob_cfg, _, _ = _run(tmp_path / "robust", _hook("train", _arrays(scale)), rounds=1, server=server)
+    mean_cfg, _, _ = _run(tmp_path / "mean", rewrite_replies("train", on_arrays(scale)), rounds=1)
+    rob_cfg, _, _ = _run(tmp_path / "robust", rewrite_replies("train", on_arrays(scale)), rounds=1, server=server)
     clean, attacked, robust = _global(base_cfg), _global(mean_cfg), _global(rob_cfg)
     k = "head.weight"
     assert np.abs(attacked[k] - clean[k]).max() > 10, "the attack works on the plain mean"

@@ -14,7 +14,7 @@ from torch.nn import functional as F
 
 from client.loop import Trainer
 from client.methods.base import SiteJob
-from client.methods.floral import FloralObjective, router_probs
+from client.methods.floral import FloralObjective
 from client.state import SiteState
 from kumiki import contract as C
 from kumiki.config import PrivacySection, TrainSection

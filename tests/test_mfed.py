@@ -6,7 +6,6 @@ Everything runs on digits with the in-process engine (no Flower processes)."""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -30,6 +29,7 @@ from server.federation import build_strategy
 from strategies.base import SiteProfile, Update
 from strategies.mfed import encoder_weights
 from strategies.replies import BadReply
+from tests.replies import on_arrays, rewrite_replies
 
 
 def mfed_config(tmp_path, name: str = "m", rounds: int = 2, sites: int = 4, unseen: int = 0, knobs: dict | None = None,
@@ -375,20 +375,11 @@ def test_four_tasks_and_two_decoders_per_task_train_together_and_no_site_sees_an
 def test_a_decoder_of_the_wrong_shape_is_rejected_and_the_round_goes_on(tmp_path):
     cfg = mfed_config(tmp_path, rounds=1, sites=4, name="bad")
 
-    def hook(grid):
-        send = grid.send_and_receive
+    def narrow(arrays):  # site-1 (node 2) is a segmentation site
+        arrays["decoders.segmentation.0.weight"] = arrays["decoders.segmentation.0.weight"][:, :8]
+        return arrays
 
-        def wrapped(messages, *, timeout=None):
-            messages = list(messages)
-            replies = send(messages, timeout=timeout)
-            for msg, rep in zip(messages, replies):
-                if msg.metadata.message_type == "train" and msg.metadata.dst_node_id == 2:  # site-1: segmentation
-                    arrays = {k: v.numpy() for k, v in rep.content[C.ARRAYS].items()}
-                    arrays["decoders.segmentation.0.weight"] = arrays["decoders.segmentation.0.weight"][:, :8]
-                    rep.content[C.ARRAYS] = C.to_record(arrays)
-            return replies
-
-        grid.send_and_receive = wrapped
+    hook = rewrite_replies("train", on_arrays(narrow), node=2)
 
     summary = run_inprocess(cfg, quiet=True, grid_hook=hook)
     row = next(json.loads(x) for x in (cfg.run_dir() / "metrics.jsonl").read_text().splitlines()
