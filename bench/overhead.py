@@ -93,7 +93,8 @@ def render(mode: str, results: list[dict], loads: list[str], rounds: int) -> str
     lines = [f"{stamp(f'bench/overhead.py --mode {mode}')} Machine: {machine()}. Each run: the pilot config "
              f"(FedAvg-FT, Fashion-MNIST, 600 images per factory) with {rounds} rounds, no unseen site; every "
              "site on this one machine. Load average at the start of each group of runs: " + "; ".join(loads)
-             + " (other engineers at work on the same 2 cores: read the ratios).", "",
+             + " (the load average lags: a group that follows a 10-site run starts under that run's tail; "
+               "a load well above the cores means other work shared them: read the ratios).", "",
              "| model | sites | engine | steady s/round | slowest site's compute s | overhead (issue's definition) | "
              "compute bound s | overhead against it | round 1 s | × Flower as shipped |",
              "|---|---|---|---|---|---|---|---|---|---|"]
