@@ -195,7 +195,7 @@ def test_central_dp_mean_clips_each_site_then_noises_the_uniform_mean():
 
 
 def test_central_dp_bounds_a_hostile_site_and_reports_its_epsilon_then_stops_at_the_budget(tmp_path):
-    from tests.test_fault_replies import _arrays, _hook
+    from tests.replies import on_arrays, rewrite_replies
 
     def scale(arrays):
         return {k: v * 1000 if v.dtype.kind == "f" else v for k, v in arrays.items()}
@@ -203,7 +203,7 @@ def test_central_dp_bounds_a_hostile_site_and_reports_its_epsilon_then_stops_at_
     cfg = make_config(tmp_path, rounds=4, sites=3, model=GN,
                       privacy={"central": True, "central_clip": 0.5, "central_noise_multiplier": 2.0,
                                "target_epsilon": 4.5})  # z = 2: epsilon 3.19 after 2 releases, 4.01 after 3, 4.73 after 4
-    s = run_inprocess(cfg, quiet=True, grid_hook=_hook("train", _arrays(scale)))
+    s = run_inprocess(cfg, quiet=True, grid_hook=rewrite_replies("train", on_arrays(scale)))
     c = s["privacy"]["central"]
     assert c["unit"].startswith("one site") and c["epsilon"] == pytest.approx(4.011, abs=0.01)
     assert s["rounds"] == c["releases"] < 4 and "central privacy budget" in s["ended"], s
