@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -39,6 +40,8 @@ from kumiki.locks import held
 
 APP_DIR = Path(__file__).resolve().parents[1]
 ERR_REGION = 4500  # the region could not answer (its run failed or timed out)
+_STARTED = re.compile(r"Successfully started run (\d+)")
+BOOT_GRACE_S = 30.0  # a server that was just submitted gets this long to take the lock before anyone asks
 
 
 def is_bridge(context: Context) -> bool:
@@ -83,40 +86,72 @@ def server_alive(region_dir: Path) -> bool:
     return held(region_dir / "server.lock")
 
 
-def start_server(node_config: dict, region_dir: Path) -> None:
-    """``flwr run`` of the region's server (one long-lived run on the region's SuperLink); returns once submitted."""
+def _flwr(node_config: dict) -> tuple[str, dict[str, str]]:
+    """The ``flwr`` executable and the environment that points it at the region's SuperLink."""
     flwr = str(node_config.get("region-flwr") or Path(sys.executable).parent / "flwr")
     if not Path(flwr).is_file():
         flwr = shutil.which("flwr") or flwr
+    return flwr, {**os.environ, "FLWR_HOME": str(node_config["region-flwr-home"])}
+
+
+def start_server(node_config: dict, region_dir: Path) -> int | None:
+    """``flwr run`` of the region's server (one long-lived run on the region's SuperLink); returns its run id
+    once submitted (None when the output names none)."""
+    flwr, env = _flwr(node_config)
     app = str(node_config.get("region-app") or APP_DIR)
-    env = {**os.environ, "FLWR_HOME": str(node_config["region-flwr-home"])}
     log = region_dir / "flwr-run.log"
-    with open(log, "ab") as out:
-        proc = subprocess.run([flwr, "run", app, str(node_config["region-federation"]), "--run-config",
-                               f"config='{node_config['region-config']}' region-dir='{region_dir}'"],
-                              env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=app,
-                              timeout=120, start_new_session=True)
+    proc = subprocess.run([flwr, "run", app, str(node_config["region-federation"]), "--run-config",
+                           f"config='{node_config['region-config']}' region-dir='{region_dir}'"],
+                          env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd=app,
+                          timeout=120, start_new_session=True)
+    with open(log, "a") as out:
+        out.write(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         raise RuntimeError(f"flwr run of the region's server failed (exit {proc.returncode}); see {log}")
+    m = _STARTED.search(proc.stdout)
+    return int(m.group(1)) if m else None
+
+
+def run_status(node_config: dict, run_id: int) -> str:
+    """The status of one run on the region's SuperLink (``pending``, ``starting``, ``running``,
+    ``finished:...``), or ``unknown`` when ``flwr ls`` cannot tell."""
+    flwr, env = _flwr(node_config)
+    try:
+        out = subprocess.run([flwr, "ls", str(node_config["region-federation"]), "--run-id", str(run_id),
+                              "--format", "json"], env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                             text=True, timeout=60, start_new_session=True)
+        runs = json.loads(out.stdout or "{}").get("runs") or []
+        return str(runs[0].get("status", "unknown")) if runs else "unknown"
+    except (subprocess.TimeoutExpired, json.JSONDecodeError, OSError):
+        return "unknown"
+
+
+def booting(status: str) -> bool:
+    """A submitted server whose run has not finished is still on its way to taking the region's lock."""
+    return status.split(":")[0] in ("pending", "starting", "running")
 
 
 def run_region(job_dir: Path, node_config: dict) -> None:
     """Make sure the region's server runs (starting it when it does not, at most 3 times), then wait for its
-    answer to the job, bounded by ``region-timeout-s``."""
+    answer to the job, bounded by ``region-timeout-s``. A server this mod submitted is not started again
+    while its Flower run is still pending, starting or running (a slow start is not a dead server)."""
     region_dir = job_dir.parent.parent
     timeout = float(node_config.get("region-timeout-s", 900))
-    deadline, starts, checked, boot = time.monotonic() + timeout, 0, 0.0, 0.0
+    deadline, starts, checked, boot, run_id = time.monotonic() + timeout, 0, 0.0, 0.0, None
     while not (job_dir / "result.json").is_file():
         now = time.monotonic()
         if now > deadline:
             raise RuntimeError(f"the region's server gave no answer within {timeout:.0f}s (see {region_dir})")
-        if now - checked > 1.0 and now - boot > 30.0:  # a server that was just submitted gets time to start
+        if now - checked > 1.0 and now - boot > BOOT_GRACE_S:
             checked = now
             if not server_alive(region_dir):
+                if run_id is not None and booting(run_status(node_config, run_id)):
+                    checked = time.monotonic() + 4.0  # ask Flower again in ~5 s
+                    continue
                 if starts >= 3:
                     raise RuntimeError(f"the region's server stopped {starts} times without answering; see "
                                        f"{region_dir / 'flwr-run.log'} and the region SuperLink's logs")
-                start_server(node_config, region_dir)
+                run_id = start_server(node_config, region_dir)
                 starts, boot = starts + 1, time.monotonic()
         time.sleep(0.05)
 

@@ -1,0 +1,59 @@
+"""The regional aggregator starts its region's server once: a slow start is not a dead server."""
+
+from __future__ import annotations
+
+import pytest
+
+from client import bridge
+
+
+@pytest.fixture
+def region(tmp_path, monkeypatch):
+    """A job folder and a fake Flower: ``statuses`` is what ``flwr ls`` says, call after call."""
+    job = tmp_path / "region" / "jobs" / "000001-train"
+    job.mkdir(parents=True)
+    calls = {"starts": 0, "statuses": []}
+
+    def start(node_config, region_dir):
+        calls["starts"] += 1
+        return 100 + calls["starts"]
+
+    def status(node_config, run_id):
+        if not calls["statuses"]:
+            return "finished:completed"
+        said = calls["statuses"].pop(0)
+        if not calls["statuses"] and calls.get("answer_after_last"):
+            (job / "result.json").write_text("{}")  # the server took the lock and answered
+        return said
+
+    monkeypatch.setattr(bridge, "BOOT_GRACE_S", 0.0)
+    monkeypatch.setattr(bridge, "start_server", start)
+    monkeypatch.setattr(bridge, "run_status", status)
+    monkeypatch.setattr(bridge, "server_alive", lambda region_dir: False)
+    monkeypatch.setattr(bridge.time, "sleep", lambda s: None)
+    return job, calls
+
+
+def test_a_server_whose_run_is_still_starting_is_not_started_again(region, monkeypatch):
+    job, calls = region
+    calls["statuses"], calls["answer_after_last"] = ["pending", "starting", "running", "running"], True
+    clock = iter(range(0, 10_000, 10))  # every look at the clock is 10 s later: each loop may ask Flower again
+    monkeypatch.setattr(bridge.time, "monotonic", lambda: float(next(clock)))
+    bridge.run_region(job, {"region-timeout-s": 5_000})
+    assert calls["starts"] == 1 and not calls["statuses"]
+
+
+def test_a_server_whose_run_finished_without_the_lock_is_started_again_then_given_up(region, monkeypatch):
+    job, calls = region
+    clock = iter(range(0, 10_000, 10))
+    monkeypatch.setattr(bridge.time, "monotonic", lambda: float(next(clock)))
+    with pytest.raises(RuntimeError, match="stopped 3 times"):
+        bridge.run_region(job, {"region-timeout-s": 5_000})
+    assert calls["starts"] == 3
+
+
+@pytest.mark.parametrize("status, alive", [("pending", True), ("starting", True), ("running", True),
+                                           ("finished:completed", False), ("finished:failed", False),
+                                           ("unknown", False)])
+def test_booting(status, alive):
+    assert bridge.booting(status) is alive
