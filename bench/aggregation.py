@@ -161,7 +161,7 @@ def cell(k: int, p: int, repeat: int) -> dict:
 
 
 def run_cells(cells, repeat: int, threads: int) -> list[dict]:
-    from bench.perfdoc import mem_available
+    from bench.results import mem_available
 
     out = []
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": str(threads),
@@ -185,9 +185,9 @@ def run_cells(cells, repeat: int, threads: int) -> list[dict]:
 
 
 def markdown(rows: list[dict], mode: str, threads: int, loads: tuple[str, str]) -> str:
-    from bench.perfdoc import machine, stamp
+    from bench.results import machine, stamp
 
-    lines = [f"`bench/aggregation.py --mode {mode}` on {stamp()}: {machine()}; {threads} BLAS thread per path, "
+    lines = [f"{stamp(f'bench/aggregation.py --mode {mode}')} {machine()}; {threads} BLAS thread per path, "
              f"each cell in its own process, the three paths interleaved, best of the repeats, in CPU ms of the "
              f"process (wall ms in brackets). Load average {loads[0]} at the start, {loads[1]} at the end (the "
              "machine is shared by five engineers).", "",
@@ -235,7 +235,7 @@ def main(argv=None) -> int:
     if args.cell:
         print(json.dumps(cell(*args.cell, args.repeat)))
         return 0
-    from bench.perfdoc import RESULTS, load, update_readme, write_between
+    from bench.results import load, publish
 
     if args.from_rows:
         rows, loads = json.loads(args.from_rows.read_text()), tuple(args.loads)
@@ -246,8 +246,7 @@ def main(argv=None) -> int:
     text = markdown(rows, args.mode, args.threads, loads)
     print(text)
     if args.write:
-        write_between(RESULTS, "aggregation", text)
-        update_readme()
+        publish("aggregation", text)
     return 0
 
 

@@ -67,7 +67,7 @@ def main(argv=None) -> int:
         time.sleep(15)  # the head's GCS and raylet come up
         if head.poll() is not None:
             raise RuntimeError(f"ray start failed: {head.stderr.read().decode()[-500:]}")
-        from bench.perfdoc import load
+        from bench.results import load
         from bench.scale import config
         from launch.engines import run
 
@@ -96,9 +96,10 @@ def main(argv=None) -> int:
                 pass
     print(json.dumps(result))
     if args.write and result:
-        from bench.perfdoc import RESULTS, stamp, update_readme, write_between
+        from bench.results import publish
 
-        line = (f"- **Ray cluster (verified on this machine, {stamp()}): {result['status']}**: `bench/ray_cluster.py "
+        when = time.strftime("%Y-%m-%d %H:%M")
+        line = (f"- **Ray cluster (verified on this machine, {when}): {result['status']}**: `bench/ray_cluster.py "
                 f"--sites {args.sites} --rounds {args.rounds}` started a Ray head (`ray start --head`, 127.0.0.1) and "
                 f"ran the same config on `--engine simulation` with `KUMIKI_RAY_ADDRESS` naming it: "
                 f"{result['rounds']} rounds, {', '.join(map(str, result['accepted']))} updates accepted and "
@@ -106,8 +107,7 @@ def main(argv=None) -> int:
                 f"{', '.join(map(str, result['round_s']))} s per round on the same 2 cores (load {result['load'][0]} "
                 f"→ {result['load'][1]}). A second machine joining (`ray start --address`) was not tried: there is "
                 f"none here.")
-        write_between(RESULTS, "ray", line)
-        update_readme()
+        publish("ray", line)
     return 0 if result.get("status") == "ok" else 1
 
 

@@ -41,6 +41,17 @@ def machine() -> str:
             f"torch {torch.__version__}, flwr {flwr.__version__}")
 
 
+def mem_available() -> float:
+    """MemAvailable in bytes (0 where /proc/meminfo is absent)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 def load() -> str:
     """The 1/5/15-minute load averages, e.g. ``5.12 / 4.80 / 3.97``."""
     return " / ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -69,6 +80,14 @@ def write_section(tag: str, text: str, path: Path = RESULTS) -> None:
     else:
         doc = doc.rstrip() + "\n\n" + block + "\n"
     path.write_text(doc)
+
+
+def publish(tag: str, text: str) -> None:
+    """Write a section into bench/RESULTS.md and refill the README's copies of it (``bench/readme_sync.py``)."""
+    from bench.readme_sync import main
+
+    write_section(tag, text)
+    main([])
 
 
 def read_section(tag: str, path: Path = RESULTS) -> str | None:

@@ -229,9 +229,9 @@ def _x(a: float | None, b: float | None) -> str:
 
 def markdown(mode: str, sites: int, rounds: int, runs: list[dict], loads: list[dict], pfllib: Path | None,
              commit: str | None) -> str:
-    from bench.perfdoc import machine, stamp
+    from bench.results import machine, stamp
 
-    lines = [f"`bench/scale.py --mode {mode}{' --pfllib PATH' if pfllib else ''}` on {stamp()}: {machine()}; "
+    lines = [f"{stamp(f'bench/scale.py --mode {mode}' + (' --pfllib PATH' if pfllib else ''))} {machine()}; "
              f"{sites} sites (10 % sampled per round), {rounds} rounds, FedPer, CNN-S (hidden 128, no norm), "
              f"Fashion-MNIST IID ({60000 // sites} examples a site), batch 16, one torch thread per process; Kumiki, "
              f"PFLlib{f' (commit {commit})' if commit else ''} as shipped and PFLlib evaluating what Kumiki "
@@ -317,7 +317,7 @@ def main(argv=None) -> int:
         print(json.dumps(run_pfllib(args.sites, args.rounds, args.pfllib, args.out, args.evaluation)))
         return 0
 
-    from bench.perfdoc import RESULTS, load, update_readme, write_between
+    from bench.results import load, publish
 
     if args.from_results:  # rebuild the section from saved runs (several files: their runs side by side)
         saved = [json.loads(p.read_text()) for p in args.from_results]
@@ -327,8 +327,7 @@ def main(argv=None) -> int:
                         first["commit"])
         print(text)
         if args.write:
-            write_between(RESULTS, "scale", text)
-            update_readme()
+            publish("scale", text)
         return 0
     sites, rounds = args.sites or MODES[args.mode]["sites"], args.rounds or MODES[args.mode]["rounds"]
     out = args.out or Path(tempfile.mkdtemp(prefix="kumiki-scale-"))
@@ -366,8 +365,7 @@ def main(argv=None) -> int:
     text = markdown(args.mode, sites, rounds, runs, loads, pfllib, commit)
     print(text)
     if args.write:
-        write_between(RESULTS, "scale", text)
-        update_readme()
+        publish("scale", text)
     return 0
 
 

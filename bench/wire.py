@@ -103,11 +103,11 @@ def _kib(b: float) -> str:
 
 
 def markdown(mode: str, bytes_rows: list[dict], acc_rows: list[dict], loads: tuple[str, str], seconds: float) -> str:
-    from bench.perfdoc import machine, stamp
+    from bench.results import machine, stamp
 
     data = ("the pilot config (deploy/pilot.toml: Fashion-MNIST, CNN-S, 4 + 1 sites)" if mode == "full"
             else "digits, MLP (hidden 64), 3 + 1 sites")
-    lines = [f"`bench/wire.py --mode {mode}` on {stamp()}: {machine()}; {data}, in-process engine, one thread; "
+    lines = [f"{stamp(f'bench/wire.py --mode {mode}')} {machine()}; {data}, in-process engine, one thread; "
              f"{seconds / 60:.0f} min, load average {loads[0]} at the start, {loads[1]} at the end.", "",
              "Per site per round, from the messages each method's one-round run actually carried (train message "
              "down, its reply up, evaluation message down), against the method's full model (every tensor, shared, "
@@ -173,7 +173,7 @@ def from_log(path: Path) -> tuple[list[dict], list[dict]]:
 def main(argv=None) -> int:
     import torch
 
-    from bench.perfdoc import RESULTS, load, update_readme, write_between
+    from bench.results import load, publish
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mode", choices=("quick", "full"), default="quick")
@@ -188,8 +188,7 @@ def main(argv=None) -> int:
         text = markdown(args.mode, bytes_rows, acc_rows, ("?", "?"), 0)
         print(text)
         if args.write:
-            write_between(RESULTS, "wire", text)
-            update_readme()
+            publish("wire", text)
         return 0
     out = args.out or Path(tempfile.mkdtemp(prefix="kumiki-wire-"))
     before, t0 = load(), time.perf_counter()
@@ -203,8 +202,7 @@ def main(argv=None) -> int:
     text = markdown(args.mode, bytes_rows, acc_rows, (before, load()), time.perf_counter() - t0)
     print(text)
     if args.write:
-        write_between(RESULTS, "wire", text)
-        update_readme()
+        publish("wire", text)
     return 0
 
 
