@@ -44,7 +44,8 @@ from kumiki.split import ParamSplit
 from strategies.aggregate import (central_dp_mean, clip_to_median_norm, coordinate_median, trimmed_mean,
                                  weighted_mean)
 from strategies.flat import Layout, Stack
-from strategies.replies import BadReply, check_arrays, eval_metrics, parse_profile, site_seconds, train_metrics
+from strategies.replies import (BadReply, check_arrays, eval_metrics, parse_profile, rejection, site_seconds,
+                               train_metrics)
 
 log = logging.getLogger("kumiki.server")
 
@@ -198,7 +199,7 @@ class KumikiStrategy(Strategy):
                 p = parse_profile(nid, r.content)
                 self.check_profile(p)
             except Exception as exc:  # noqa: BLE001 - a bad profile drops that node, never the run
-                reason = str(exc) if isinstance(exc, BadReply) else f"malformed profile ({type(exc).__name__}: {exc})"
+                reason = rejection(exc, "profile")
                 log.error("site on node %s dropped at discovery: %s", nid, reason)
                 self.discovery_rejected.append({"node": nid, "reason": reason})
                 self._refused.add(nid)
@@ -421,9 +422,7 @@ class KumikiStrategy(Strategy):
             try:
                 stats.eval_metrics[site] = eval_metrics(r.content, self.profiles[nid].num_test, C.EVALUATION)
             except Exception as exc:  # noqa: BLE001 - no reply may raise in the server
-                reason = str(exc) if isinstance(exc, BadReply) else f"malformed reply ({type(exc).__name__}: {exc})"
-                log.warning("round %d: evaluation from %s dropped: %s", eval_round, site, reason)
-                stats.rejected.append({"site": site, "reason": f"evaluate: {reason}"})
+                self._drop_evaluation(eval_round, stats, site, exc)
         return sorted(again)
 
     def note_compute(self, server_round: int, replies: Iterable[Message]) -> None:
@@ -505,9 +504,16 @@ class KumikiStrategy(Strategy):
         return self._record(self.shared, self._cache("model"), convert=False)[0], MetricRecord(agg)
 
     def _reject(self, server_round: int, stats: RoundStats, site: str, exc: BaseException) -> None:
-        reason = str(exc) if isinstance(exc, BadReply) else f"malformed reply ({type(exc).__name__}: {exc})"
+        reason = rejection(exc)
         log.warning("round %d: rejected update from %s: %s", server_round, site, reason)
         stats.rejected.append({"site": site, "reason": reason})
+
+    @staticmethod
+    def _drop_evaluation(server_round: int, stats: RoundStats, site: str, exc: BaseException) -> None:
+        """An evaluation that cannot be read (from an evaluate reply or a training reply): logged, recorded."""
+        reason = rejection(exc)
+        log.warning("round %d: evaluation from %s dropped: %s", server_round, site, reason)
+        stats.rejected.append({"site": site, "reason": f"evaluate: {reason}"})
 
     def layout(self) -> Layout:
         """Where each tensor the server sends sits in a reply's row (shared, then each group's)."""
@@ -630,10 +636,8 @@ class KumikiStrategy(Strategy):
                 if nid not in stats.eval_sent:
                     raise BadReply("reply from a site that was not asked to evaluate")
                 metrics = eval_metrics(r.content, announced_test=self.profiles[nid].num_test)
-            except Exception as exc:  # noqa: BLE001
-                reason = str(exc) if isinstance(exc, BadReply) else f"malformed reply ({type(exc).__name__}: {exc})"
-                log.warning("round %d: evaluation from %s dropped: %s", server_round, site, reason)
-                stats.rejected.append({"site": site, "reason": f"evaluate: {reason}"})
+            except Exception as exc:  # noqa: BLE001 - no reply may raise in the server
+                self._drop_evaluation(server_round, stats, site, exc)
                 continue
             stats.eval_metrics[site] = metrics
         if not stats.eval_metrics:

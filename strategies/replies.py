@@ -43,6 +43,11 @@ class BadReply(ValueError):
     """A reply the server must drop; the message says why (it goes to the log and metrics.jsonl)."""
 
 
+def rejection(exc: BaseException, what: str = "reply") -> str:
+    """Why a reply is dropped: a :class:`BadReply`'s own words, else what broke while reading it."""
+    return str(exc) if isinstance(exc, BadReply) else f"malformed {what} ({type(exc).__name__}: {exc})"
+
+
 def _number(value: Any) -> float | None:
     """The value as a float if it is a real scalar number (bool is not a number here), else None."""
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
