@@ -88,12 +88,12 @@ class MFed(KumikiStrategy):
         if self.method.encoder_scope == "task":
             for task in sorted({u.profile.task for u in updates}):
                 members = [u for u in updates if u.profile.task == task]
-                self.task_encoders[task] = self.combine([{k: u.arrays[k] for k in self.shared} for u in members],
+                self.task_encoders[task] = self.combine(self.part(members, self.shared),
                                                         [float(u.num_examples) for u in members])
             return self.shared
         weights = encoder_weights([u.profile.task for u in updates], [u.num_examples for u in updates],
                                   self.method.encoder_weighting)
-        return self.combine([{k: u.arrays[k] for k in self.shared} for u in updates], weights)
+        return self.combine(self.part(updates, self.shared), weights)
 
     def aggregate(self, updates: list[Update]) -> None:
         super().aggregate(updates)
