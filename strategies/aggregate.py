@@ -21,7 +21,8 @@ Updates = Sequence[Arrays] | Stack
 
 def weighted_mean(updates: Updates, weights: Sequence[float]) -> dict[str, np.ndarray]:
     """sum_k (w_k / sum_j w_j) * x_k per coordinate: one weighted sum over the rows (on the server, taken in the
-    same pass that reads and checks the replies; else one BLAS matrix-vector product), accumulated in the rows'
+    same pass that reads and checks the replies; else the same row-by-row sum over the matrix, never a BLAS
+    product, whose summation order depends on the CPU: ``Stack.weighted_sum``), accumulated in the rows'
     dtype (float32 for float32 models, as Flower's and PFLlib's FedAvg do; float64 for a float64 model), cast back
     to each tensor's dtype. The weights enter scaled by a power of two (exact: an
     integer example count keeps every bit) and the sum is divided by their total once at the end, so a mean
@@ -46,9 +47,7 @@ def _mean_row(stack: Stack, w: np.ndarray) -> np.ndarray:
     the round's read already took where it used the same weights (``Stack.premean``)."""
     ws = scaled(w)
     w32 = ws.astype(stack.layout.dtype)
-    total = stack.premean(w32)
-    if total is None:
-        total = w32 @ stack.rows
+    total = stack.weighted_sum(w32)
     return np.divide(total, total.dtype.type(ws.sum()))
 
 

@@ -37,6 +37,14 @@ def _is_float(dtype: np.dtype) -> bool:
     return np.issubdtype(dtype, np.floating)
 
 
+def add_weighted(acc: np.ndarray, row: np.ndarray, w, tmp: np.ndarray) -> None:
+    """``acc += w * row`` as two rounded operations (a product, then a sum) in ``acc``'s dtype, never fused:
+    the one weighted-sum step every path takes (:meth:`Stack.read`, :meth:`Stack.weighted_sum`), so a mean is
+    bit-identical whichever path made it and on any CPU. ``tmp`` may be ``row`` itself (it is overwritten)."""
+    np.multiply(row, w, out=tmp)
+    np.add(acc, tmp, out=acc)
+
+
 def scaled(w: np.ndarray) -> np.ndarray:
     """``w`` times the power of two that brings its largest entry into (1/2, 1]: exact, every bit kept."""
     return w * 2.0 ** -np.ceil(np.log2(w.max()))
@@ -274,8 +282,7 @@ class Stack(Sequence):
                         np.concatenate([src[i][a:b] for i, a, b in pieces], out=dst)
                     sums[r] += float(np.dot(dst, ones[:hi - lo]))
                     if acc is not None:
-                        np.multiply(dst, w[r], out=dst)
-                        np.add(acc[lo:hi], dst, out=acc[lo:hi])
+                        add_weighted(acc[lo:hi], dst, w[r], dst)
         if rows is not None:
             stack._rows, stack._sources = rows, None
         else:
@@ -287,6 +294,27 @@ class Stack(Sequence):
         if self._premean is not None and np.array_equal(self._premean[0], w):
             return self._premean[1]
         return None
+
+    def weighted_sum(self, w: np.ndarray) -> np.ndarray:
+        """``sum_r w[r] * row_r`` in the rows' dtype, rows added in order (:func:`add_weighted`): the sum
+        :meth:`read` took where it used exactly these weights, else the same arithmetic over the matrix.
+
+        Why not ``w @ rows``: a BLAS product sums in an order, and with fused multiply-adds, that depend on the
+        CPU's kernel; M-Fed's encoder mean (from the matrix) then differed from FedAvg's (summed as read) in the
+        last bit on one machine and not on another."""
+        pre = self.premean(w)
+        if pre is not None:
+            return pre
+        size = self.layout.size
+        acc = np.zeros(size, self.layout.dtype)
+        step = np.empty(min(CHUNK, max(size, 1)), self.layout.dtype)
+        rows = self.rows
+        with np.errstate(over="ignore", invalid="ignore"):
+            for lo in range(0, size, CHUNK):
+                hi = min(lo + CHUNK, size)
+                for r in range(len(rows)):
+                    add_weighted(acc[lo:hi], rows[r, lo:hi], w[r], step[:hi - lo])
+        return acc
 
     def take(self, index: Sequence[int], names: Sequence[str] | None = None) -> Stack:
         """Rows ``index`` over ``names``: views where both are contiguous, else one copy (all rows of a stack
