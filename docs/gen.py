@@ -90,6 +90,8 @@ def relink(text: str, src: str, page: str) -> str:
         if repo.startswith("docs/"):
             rel = _relative(repo.removeprefix("docs/"), page_dir)
             return f"{bang}[{label}]({rel}{'#' + anchor if anchor else ''})"
+        if label == repo:
+            return f"`{repo}`"
         return label if f"`{repo}`" in label else f"{label} (`{repo}`)"
 
     return _outside_code(text, lambda chunk: LINK.sub(one, chunk))
