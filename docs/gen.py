@@ -211,32 +211,45 @@ def _table(model, prefix: str, skip: tuple[str, ...] = (), note: str = "") -> st
     return "\n".join(rows)
 
 
-def _sections() -> dict[str, tuple[Any, str, tuple[str, ...]]]:
-    """Config section name -> (its pydantic model, its key prefix, fields rendered elsewhere)."""
-    from kumiki import config as c
-    from kumiki.hierarchy import FederationSection, GroupPolicy
+def _model_of(field) -> Any:
+    """The pydantic model a field holds (a section, or the items of a list of tables)."""
+    ann = field.annotation
+    if typing.get_origin(ann) is list:
+        ann = typing.get_args(ann)[0]
+    return ann
 
-    return {
-        "run": (c.RunSection, "run.", ()),
-        "data": (c.DataSection, "data.", ("partition",)),
-        "model": (c.ModelSection, "model.", ()),
-        "train": (c.TrainSection, "train.", ()),
-        "eval": (c.EvalSection, "eval.", ()),
-        "privacy": (c.PrivacySection, "privacy.", ()),
-        "server": (c.ServerSection, "server.", ()),
-        "site": (c.SiteSection, "site.", ()),
-        "federation": (FederationSection, "federation.", ("groups",)),
-        "federation.groups": (GroupPolicy, "federation.groups[].", ()),
-    }
+
+def _sections() -> dict[str, tuple[Any, str, tuple[str, ...]]]:
+    """Config section name -> (its pydantic model, its key prefix, fields rendered elsewhere), read from the
+    top-level schema itself, so a section added, moved to another module or renamed is found."""
+    from kumiki.config import KumikiConfig
+
+    out: dict[str, tuple[Any, str, tuple[str, ...]]] = {}
+    for name, field in KumikiConfig.model_fields.items():
+        if name == "method":  # a union over the methods: one table per method, on its page
+            continue
+        model = _model_of(field)
+        tables = tuple(k for k, f in model.model_fields.items()
+                       if typing.get_origin(f.annotation) is list and hasattr(_model_of(f), "model_fields"))
+        out[name] = (model, f"{name}.", ("partition",) if name == "data" else tables)
+        for k in tables:
+            out[f"{name}.{k}"] = (_model_of(model.model_fields[k]), f"{name}.{k}[].", ())
+    return out
+
+
+def _partitions() -> tuple[Any, ...]:
+    from kumiki.config import KumikiConfig
+
+    ann = _model_of(KumikiConfig.model_fields["data"]).model_fields["partition"].annotation
+    union = typing.get_args(ann)[0] if typing.get_origin(ann) is typing.Annotated else ann
+    return typing.get_args(union)
 
 
 def config_block(name: str) -> str:
     """The reference table of one config section (``data.partition``: one table per partition kind)."""
     if name == "data.partition":
-        from kumiki import config as c
-
         out = []
-        for model in typing.get_args(typing.get_args(c.Partition)[0]):
+        for model in _partitions():
             kind = model.model_fields["kind"].default
             doc = _prose((model.__doc__ or "").strip().split("\n\n")[0])
             out.append(f"`data.partition = {{kind = \"{kind}\", ...}}`" + (f": {doc}" if doc else ""))
