@@ -123,3 +123,49 @@ def test_mkdocs_builds_the_site_strictly(tmp_path):
                           env={**__import__("os").environ, "NO_MKDOCS_2_WARNING": "1"})
     assert done.returncode == 0, done.stdout + done.stderr
     assert (tmp_path / "site" / "config.html").is_file() and (tmp_path / "site" / "bench-results.html").is_file()
+
+
+def _pilot_figure():
+    spec = importlib.util.spec_from_file_location("kumiki_pilot_figure", DOCS / "pilot_figure.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_the_pilot_picture_shows_the_numbers_of_the_results_table():
+    """docs/img/pilot.json (what the README's picture draws) and the pilot table of docs/results.md agree."""
+    import json
+    import re
+
+    numbers = json.loads((DOCS / "img" / "pilot.json").read_text())
+    page = (DOCS / "results.md").read_text()
+    for row in numbers["train"]:
+        cells = next(r for r in page.splitlines() if r.startswith(f"| {row['site']} |")).split(" | ")
+        alone, joined = (re.match(r"([\d.]+) ± ([\d.]+)", c).groups() for c in cells[3:5])
+        assert (f"{100 * row['b']['mean']:.1f}", f"{100 * row['b']['std']:.1f}") == alone, row["site"]
+        assert (f"{100 * row['a']['mean']:.1f}", f"{100 * row['a']['std']:.1f}") == joined, row["site"]
+    for row in numbers["unseen"]:
+        line = next(r for r in page.splitlines() if r.startswith(f"| {row['site']} (new) |"))
+        assert f"zero-shot {100 * row['zero_shot']['mean']:.1f} ± {100 * row['zero_shot']['std']:.1f}" in line
+        assert f"adapted {100 * row['adapted']['mean']:.1f} ± {100 * row['adapted']['std']:.1f}" in line
+        assert f"{100 * row['alone']['mean']:.1f} ± {100 * row['alone']['std']:.1f}" in line
+
+
+def test_the_pilot_picture_is_drawn_from_a_pilots_comparison(tmp_path):
+    """A comparison.json as `kumiki pilot` writes it (server/compare.py's keys) becomes the picture's numbers."""
+    fig = _pilot_figure()
+    st = {"mean": 0.5, "std": 0.1, "min": 0.4, "max": 0.6, "n": 2, "values": [0.4, 0.6]}
+    joined = {**st, "mean": 0.7}
+    comparison = {"metric": "accuracy", "fraction": True, "a": {"label": "fedavg (joined)", "runs": []},
+                  "b": {"label": "local (each factory alone)", "runs": []}, "seeds": [0, 1],
+                  "train": [{"site": "plant-x", "domain": "rot90", "num_train": 8, "num_test": 2, "a": joined, "b": st,
+                             "gain": st}],
+                  "unseen": [{"site": "plant-y", "domain": None, "num_train": 8, "num_test": 2, "zero_shot": st,
+                              "adapted": st, "alone": st, "gain_zero_shot": st, "gain_adapted": st}]}
+    numbers = fig.trim(comparison)
+    assert numbers["train"][0]["a"] == {"mean": 0.7, "std": 0.1, "n": 2}
+    assert numbers["train"][0]["b"] == numbers["unseen"][0]["adapted"] == {"mean": 0.5, "std": 0.1, "n": 2}
+    fig.draw(numbers, tmp_path / "a.svg")
+    fig.draw(numbers, tmp_path / "b.svg")
+    svg = (tmp_path / "a.svg").read_text()
+    assert "plant-x" in svg and "plant-y (new)" in svg and svg == (tmp_path / "b.svg").read_text()
