@@ -1,6 +1,7 @@
 # Kumiki: the two commands. Each sets up everything it needs on a fresh machine.
 #   make pilot   - the multi-factory pilot on real SuperLink/SuperNode processes (writes runs/pilot/)
 #   make test    - the test suite (what CI runs, via .ci/run)
+#   make docs    - the documentation site, offline, into build/site/ (MkDocs; pages are Markdown in docs/)
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
@@ -8,14 +9,14 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.kumiki-installed
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: setup data pilot test bench conformance mutation clean
+.PHONY: setup data pilot test docs bench conformance mutation clean
 
 setup: $(STAMP) data
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install "flwr[simulation]==1.41.0" "torch==2.13.0" "opacus==1.6.0"
-	$(PIP) install -e ".[test]"
+	$(PIP) install -e ".[test,docs]"
 	touch $(STAMP)
 
 # Fashion-MNIST comes from Debian (dataset-fashion-mnist). Installed when run as root;
@@ -44,6 +45,12 @@ pilot: setup
 test: setup
 	@$(BIN)/python -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: no tests were collected"; exit 1; fi; exit $$rc
+
+# Regenerate the generated pages (docs/gen.py), then build the site with MkDocs, offline and --strict
+# (a broken link or anchor fails the build). Open build/site/index.html.
+docs: setup
+	$(BIN)/python docs/gen.py
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict
 
 bench: setup
 	$(BIN)/python bench/overhead.py

@@ -226,7 +226,7 @@ def main(argv=None) -> int:
     ap.add_argument("--mode", choices=("quick", "full"), default="quick")
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--write", action="store_true", help="write the table into bench/RESULTS.md and the README block")
+    ap.add_argument("--write", action="store_true", help="write the table into bench/RESULTS.md and the docs (docs/gen.py)")
     ap.add_argument("--from-rows", type=Path, help="rewrite the section from a JSON list of the cells' rows a run "
                     "printed, with --loads")
     ap.add_argument("--loads", nargs=2, default=("?", "?"), help=argparse.SUPPRESS)

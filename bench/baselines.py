@@ -1,4 +1,4 @@
-"""The README's results table: the four baselines on the pilot config, mean of 3 seeds.
+"""The results table of docs/results.md ("Baselines on the pilot config"): the four baselines on the pilot config, mean of 3 seeds.
 
     .venv/bin/python bench/baselines.py [--seeds 0 1 2] [--rounds 10]
 

@@ -16,8 +16,8 @@ spent evaluating.
   other, also twice in alternating order. Steady state = the median round before the last (the last round
   sends its evaluate messages in both).
 
-``--write`` puts the section between the ``eval-share`` markers of bench/RESULTS.md (then run
-``bench/readme_sync.py``).
+``--write`` puts the section between the ``eval-share`` markers of bench/RESULTS.md and refreshes the docs'
+copies of it (``docs/gen.py``).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.results import load, machine, median, run_rows, stamp, write_section  # noqa: E402
+from bench.results import load, machine, median, run_rows, stamp, publish  # noqa: E402
 
 METHODS = ("fedhb", "fedavg", "fedprox", "fedavg_ft", "ditto", "dualfed", "fedper", "fedrep", "floral", "local")
 
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     text = render(a.mode, rows, every, local_rows, load0, load1, load())
     print("\n" + text)
     if a.write:
-        write_section("eval-share", text)
+        publish("eval-share", text)
     return 0
 
 

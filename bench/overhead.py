@@ -24,8 +24,8 @@ each one's compute stretches while it waits). So a second figure: the compute bo
 round (no transport, the sites take turns with one thread each: their summed compute) divided by
 min(cores, sites), and the overhead against it, 1 - bound / round.
 
-``--write`` puts the section between the ``overhead`` markers of bench/RESULTS.md (then run
-``bench/readme_sync.py``).
+``--write`` puts the section between the ``overhead`` markers of bench/RESULTS.md and refreshes the docs'
+copies of it (``docs/gen.py``).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.results import load, machine, median, run_rows, stamp, verdict, write_section  # noqa: E402
+from bench.results import load, machine, median, run_rows, stamp, verdict, publish  # noqa: E402
 
 GOAL_OVERHEAD = 0.10
 GOAL_STOCK = 1 / 5
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     text = render(a.mode, results, loads + [f"end: {load()}"], rounds)
     print("\n" + text)
     if a.write:
-        write_section("overhead", text)
+        publish("overhead", text)
     return 0
 
 

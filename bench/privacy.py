@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
                     f'run.name="{method}"', *([f"run.rounds={args.rounds}"] if args.rounds else [])]
             if math.isfinite(eps):
                 sets += ["privacy.enabled=true", f"privacy.target_epsilon={eps}"]
-                if method == "dualfed":  # its two DP fixes (README, Privacy)
+                if method == "dualfed":  # its two DP fixes (docs/differential-privacy.md)
                     sets += ["method.con_lambda=0.0", "privacy.fix_model=true"]
             cfg = load_config(str(ROOT / "deploy" / "pilot.toml"), sets)
             s = run(cfg, "inprocess", quiet=True, overwrite=True)

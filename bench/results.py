@@ -2,8 +2,9 @@
 
 A benchmark measures side by side in one run (the machine is shared, so absolute seconds are noisy and the
 ratios are the figures to read) and states the load average before and after. Its section of
-``bench/RESULTS.md`` sits between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->``;
-``bench/readme_sync.py`` copies sections into the README.
+``bench/RESULTS.md`` sits between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->``; the documentation's
+copies of sections (``<!-- results:NAME:start -->`` blocks in docs/, and docs/bench-results.md) are refilled by
+``docs/gen.py``, which imports this module: ``publish`` therefore runs it as a program, never imports it.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -83,11 +86,13 @@ def write_section(tag: str, text: str, path: Path = RESULTS) -> None:
 
 
 def publish(tag: str, text: str) -> None:
-    """Write a section into bench/RESULTS.md and refill the README's copies of it (``bench/readme_sync.py``)."""
-    from bench.readme_sync import main
-
+    """Write a section into bench/RESULTS.md, then refill the documentation's copies of it (``docs/gen.py``,
+    run as a program: it imports this module, so importing it back would make a circle)."""
     write_section(tag, text)
-    main([])
+    done = subprocess.run([sys.executable, str(ROOT / "docs" / "gen.py")], cwd=ROOT, check=False)
+    if done.returncode:
+        print(f"bench/RESULTS.md has the {tag!r} section, but docs/gen.py failed (exit {done.returncode}); "
+              "run python docs/gen.py", file=sys.stderr)
 
 
 def read_section(tag: str, path: Path = RESULTS) -> str | None:

@@ -302,7 +302,7 @@ def main(argv=None) -> int:
     ap.add_argument("--pfllib", type=Path, default=os.environ.get("PFLLIB_DIR") or None)
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--write", action="store_true", help="write the section into bench/RESULTS.md and the README block")
+    ap.add_argument("--write", action="store_true", help="write the section into bench/RESULTS.md and the docs (docs/gen.py)")
     ap.add_argument("--from-results", type=Path, nargs="+", help="rebuild the section from saved "
                     "scale-results.json files (written into --out by every run)")
     ap.add_argument("--child", choices=("kumiki", "pfllib"), help=argparse.SUPPRESS)

@@ -17,8 +17,8 @@ costs beyond its SGD steps.
    skeleton filled with the tensors the message brings anyway; the finiteness checks of every tensor in and
    out, per-element against one sum per tensor.
 
-``--write`` puts the section between the ``site-compute`` markers of bench/RESULTS.md (then run
-``bench/readme_sync.py``).
+``--write`` puts the section between the ``site-compute`` markers of bench/RESULTS.md and refreshes the docs'
+copies of it (``docs/gen.py``).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.results import load, machine, median, stamp, verdict, write_section  # noqa: E402
+from bench.results import load, machine, median, stamp, verdict, publish  # noqa: E402
 
 GOAL = 1.10  # Kumiki's per-step time / the plain loop's
 
@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{cores} usable cores")
     print("\n" + text)
     if a.write:
-        write_section("site-compute", text)
+        publish("site-compute", text)
     return 0
 
 

@@ -179,7 +179,7 @@ def main(argv=None) -> int:
     ap.add_argument("--mode", choices=("quick", "full"), default="quick")
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--write", action="store_true", help="write the section into bench/RESULTS.md and the README block")
+    ap.add_argument("--write", action="store_true", help="write the section into bench/RESULTS.md and the docs (docs/gen.py)")
     ap.add_argument("--from-log", type=Path, help="rewrite the section from an earlier run's printed rows (no run; load and duration unknown)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)

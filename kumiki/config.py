@@ -211,11 +211,11 @@ class ModelSection(_Section):
 
 
 class TrainSection(_Section):
-    local_epochs: int = Field(1, ge=1, le=1000)
-    batch_size: int = Field(32, ge=1, le=65536)
-    lr: float = Field(0.05, gt=0.0, le=10.0)
-    momentum: float = Field(0.0, ge=0.0, lt=1.0)
-    weight_decay: float = Field(0.0, ge=0.0)
+    local_epochs: int = Field(1, ge=1, le=1000, description="passes over the site's training data per round")
+    batch_size: int = Field(32, ge=1, le=65536, description="examples per local step")
+    lr: float = Field(0.05, gt=0.0, le=10.0, description="the site optimizer's learning rate")
+    momentum: float = Field(0.0, ge=0.0, lt=1.0, description="sgd momentum (must stay 0 for adam and adamw)")
+    weight_decay: float = Field(0.0, ge=0.0, description="L2 weight decay of the site optimizer")
     optimizer: Literal["sgd", "adam", "adamw"] = Field(
         "sgd", description="local optimizer, fresh per training stage: sgd (with momentum), adam or adamw (betas)")
     betas: list[Annotated[float, Field(ge=0.0, lt=1.0)]] = Field(
@@ -258,7 +258,7 @@ class SiteSection(_Section):
 
 
 class PrivacySection(_Section):
-    """Per-example DP-SGD at every site (Opacus); see README, Privacy."""
+    """Per-example DP-SGD at every site (Opacus); see docs/differential-privacy.md."""
 
     enabled: bool = Field(False, description="train every site with DP-SGD (per-example clipping and noise)")
     target_epsilon: float = Field(8.0, gt=0.0, le=1000.0, description="the site's budget: it declines to train "
@@ -271,7 +271,7 @@ class PrivacySection(_Section):
     accountant: Literal["rdp", "prv"] = Field("rdp", description="Opacus accountant: rdp (Renyi) or prv")
     scope: Literal["all", "shared"] = Field(
         "all", description="all: every parameter a site trains is trained privately (the shared update is then "
-                           "DP); shared: only tensors that travel (personal ones in the clear: weaker, see README)")
+                           "DP); shared: only tensors that travel (personal ones in the clear: weaker, see docs/differential-privacy.md)")
     fix_model: bool = Field(False, description="replace every BatchNorm by GroupNorm (Opacus' ModuleValidator.fix) "
                                                "on the server and every site, so DP-SGD can train the model")
     central: bool = Field(False, description="central DP at the server: each site's update clipped, the uniform "
@@ -286,7 +286,7 @@ class ServerSection(_Section):
         0.5, gt=0.0, le=1.0, description="a round aggregates only when at least this share of sampled sites replied validly"
     )
     aggregation: Literal["mean", "trimmed_mean", "median", "norm_bound"] = Field(
-        "mean", description="how updates combine: the method's mean, or a robust rule (see README, Robustness)")
+        "mean", description="how updates combine: the method's mean, or a robust rule (see docs/user-guide.md, Robustness)")
     trim_fraction: float = Field(0.2, ge=0.0, lt=0.5, description="trimmed_mean: share cut at each end, per coordinate")
     norm_bound: float = Field(3.0, ge=1.0, description="norm_bound: an update's change is capped at this x the median")
     transport_dtype: Literal["float32", "float16"] = Field(

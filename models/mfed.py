@@ -1,9 +1,9 @@
 """M-Fed's model: one shared encoder to a spatial feature map F, and one decoder per (task, architecture).
 
-Every model the README offers gives the encoder (``[model] arch``, ``norm``):
+Every model Kumiki offers gives the encoder (``[model] arch``, ``norm``):
 
 * ``cnn``: CNN-S's convolutions (``models.encoders.cnn_trunk``): F in R^{64 x H/4 x W/4};
-* ``mlp``: the README's MLP with its second layer sized to reshape into a map: Flatten,
+* ``mlp``: Kumiki's MLP with its second layer sized to reshape into a map: Flatten,
   Linear(CHW, hidden), norm, ReLU, Linear(hidden, 16 H/4 W/4), ReLU, reshape: F in R^{16 x H/4 x W/4}.
 
 Decoders read only F (``../shared/methods/mfed.md`` section 3), two architectures per kind:

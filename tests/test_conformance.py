@@ -5,7 +5,8 @@ sites + 1 unseen, CNN-S with batch norm (the default ``[model]``), each method's
 (its knobs and its paper optimizer), 15 rounds, seed 0 (the matrix averages seeds 0-2). The
 same rules: the method learns (personalized >= 0.85, falling loss), a personalization method is
 at most 1 point below FedAvg's personalized mean, and a global path is within 5 points of
-FedAvg's unless the README explains the gap (``EXPLAINED``). About 4 minutes on one core.
+FedAvg's unless the docs explain the gap (docs/results.md, "Known gaps"; ``EXPLAINED``). About 4
+minutes on one core.
 
 Language methods (WorldLM; HierFAVG needs a tree): on the default image config they are refused with a
 config error that names ``data.dataset``; their own cell is the language matrix's (synthetic Markov tree, the

@@ -1,7 +1,7 @@
 """Every Flower command line we ship or document is parsed by the pinned Flower's own parsers.
 
 The compose files (per host and the insecure overrides), the commands deploy/native.py runs,
-and the commands in README.md and deploy/README.md: a flag Flower 1.41 does not know, a
+and the commands in the docs (deploy/README.md and docs/): a flag Flower 1.41 does not know, a
 deprecated one, a malformed --node-config/--run-config, or a wrong `flwr` sub-command fails
 here, before an operator meets it on a factory floor.
 """
@@ -67,12 +67,24 @@ def test_the_native_scripts_commands(tmp_path):
         check(argv)
 
 
-@pytest.mark.parametrize("doc", ["README.md", "deploy/README.md"])
+#: The pages that show Flower commands, and how many each shows at least (so a rewrite cannot drop them unseen).
+DOCUMENTED = {"deploy/README.md": 12, "docs/deployment.md": 3, "docs/user-guide.md": 1, "docs/methods/worldlm.md": 3}
+
+
+@pytest.mark.parametrize("doc", sorted(DOCUMENTED))
 def test_documented_commands(doc):
     cmds = commands_in_markdown((ROOT / doc).read_text())
-    assert len(cmds) >= (12 if doc.startswith("deploy") else 3), f"{doc}: the commands were not found"
+    assert len(cmds) >= DOCUMENTED[doc], f"{doc}: the commands were not found"
     for argv in cmds:
         check(argv)
+
+
+def test_every_page_with_flower_commands_is_checked():
+    """A page that gains Flower commands is parsed too (README.md included; docs/runbook.md is a copy of
+    deploy/README.md, checked there)."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    shown = {p.relative_to(ROOT).as_posix() for p in pages if commands_in_markdown(p.read_text())}
+    assert shown - {"docs/runbook.md"} <= set(DOCUMENTED), shown - set(DOCUMENTED)
 
 
 def test_the_runbook_validates_first_and_uses_the_shipped_config():

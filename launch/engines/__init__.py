@@ -87,7 +87,7 @@ def node_configs(cfg: KumikiConfig, sim: dict[str, Any]) -> list[dict[str, Any]]
 def run(cfg: KumikiConfig, engine: str, quiet: bool = False, overwrite: bool = False,
         resume: bool = False, insecure: bool = False) -> dict[str, Any]:
     """Run ``cfg`` on ``engine``; ``overwrite`` moves an earlier run with the same name aside first; ``resume``
-    continues the run in ``cfg.run_dir()`` from its last server checkpoint (README, "Resuming a run").
+    continues the run in ``cfg.run_dir()`` from its last server checkpoint (docs/user-guide.md, "Resuming a run").
 
     ``insecure`` turns TLS and SuperNode authentication off in the ``local`` engine (the
     other engines open no Flower connection).

@@ -36,7 +36,7 @@ RAY_EXPOSURE = ("the simulation engine's Ray services listen on all network inte
 
 #: Environment variable naming an existing Ray cluster to run on (``ray start --head`` on one machine,
 #: ``ray start --address=HEAD:6379`` on the others): "auto", "HEAD:6379" or "ray://HEAD:10001". Unset, the engine
-#: starts a private Ray instance on this machine. README, "Past one machine".
+#: starts a private Ray instance on this machine. docs/performance.md, "Past one machine".
 RAY_ADDRESS_ENV = "KUMIKI_RAY_ADDRESS"
 
 
