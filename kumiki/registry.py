@@ -52,16 +52,29 @@ METHODS: dict[str, MethodEntry] = {
 }
 
 
+def knobs(cfg: type[m.MethodConfig]) -> list[dict[str, Any]]:
+    """A config class's knobs: key, whether the operator must set it, its default (a default factory's value,
+    not pydantic's ``PydanticUndefined`` marker; None where required) and its meaning."""
+    out = []
+    for k, f in cfg.model_fields.items():
+        if k == "name":
+            continue
+        required = f.is_required()
+        default = None if required else f.get_default(call_default_factory=True)
+        out.append({"key": f"method.{k}", "required": required, "default": default, "meaning": f.description or ""})
+    return out
+
+
+def summary(cfg: type[m.MethodConfig]) -> str:
+    """The docstring's first paragraph on one line (a first line alone may stop mid-sentence)."""
+    para = (cfg.__doc__ or "").strip().split("\n\n")[0]
+    return " ".join(line.strip() for line in para.splitlines())
+
+
 def catalog() -> list[dict[str, Any]]:
     """Every method with its one-line meaning, knobs (default, meaning) and paper optimizer: ``kumiki methods``."""
-    out = []
-    for name, e in METHODS.items():
-        cfg = e.config
-        knobs = [{"key": f"method.{k}", "default": f.default, "meaning": f.description or ""}
-                 for k, f in cfg.model_fields.items() if k != "name"]
-        out.append({"name": name, "summary": (cfg.__doc__ or "").strip().splitlines()[0],
-                    "knobs": knobs, "train_defaults": dict(cfg.train_defaults)})
-    return out
+    return [{"name": name, "summary": summary(e.config), "knobs": knobs(e.config),
+             "train_defaults": dict(e.config.train_defaults)} for name, e in METHODS.items()]
 
 
 def entry(name: str) -> MethodEntry:

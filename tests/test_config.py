@@ -131,11 +131,32 @@ def test_kumiki_methods_lists_every_method_with_its_knobs_and_paper_optimizer():
             if knob != "name":
                 assert f"method.{knob} " in r.stdout, (name, knob)
     assert "train.lr = 0.01, train.momentum = 0.5, train.batch_size = 64" in r.stdout
+    text = r.stdout
     r = subprocess.run([sys.executable, "-m", "launch.cli", "methods", "--json"], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
     cat = {m["name"]: m for m in json.loads(r.stdout)}
     assert set(cat) == set(METHODS) and cat["fedhb"]["train_defaults"] == {"local_epochs": 2}
     assert all(k["meaning"] for m in cat.values() for k in m["knobs"]), "every knob says what it means"
+    # a default factory's value is shown, never pydantic's marker for "no plain default"
+    assert "PydanticUndefined" not in text + json.dumps(cat, default=str)
+    assert '= ["classification", "segmentation"]' in text
+    assert {k["key"]: k["default"] for k in cat["mfed"]["knobs"]}["method.tasks"] == ["classification", "segmentation"]
+
+
+def test_a_required_knob_is_listed_as_required():
+    from pydantic import Field
+
+    from kumiki.methods import MethodConfig
+    from kumiki.registry import knobs
+
+    class NeedsTasks(MethodConfig):
+        """A method whose operator must name its tasks."""
+
+        tasks: list[str] = Field(min_length=1, description="the tasks")
+        mu: float = Field(0.1, description="a weight")
+
+    got = {k["key"]: (k["required"], k["default"]) for k in knobs(NeedsTasks)}
+    assert got == {"method.tasks": (True, None), "method.mu": (False, 0.1)}
 
 
 def test_eval_section_defaults_and_errors():
