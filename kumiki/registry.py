@@ -18,9 +18,18 @@ class MethodEntry:
     config: type[m.MethodConfig]
     strategy: str  # "module:Class" under strategies/
     objective: str  # "module:Class" under client/methods/
+    #: the root's strategy when the sub-federations run their own SuperLinks (``federation.superlinks =
+    #: "per_group"``), for the methods that can (WorldLM); named here so that a strategy never imports its bridge
+    bridged: str | None = None
 
     def load_strategy(self) -> type:
         return _load(self.strategy)
+
+    def strategy_for(self, cfg) -> type:
+        """The strategy class that runs ``cfg``: the bridged root where the config asks for per-group SuperLinks."""
+        if cfg.federation.superlinks == "per_group" and self.bridged is not None:
+            return _load(self.bridged)
+        return self.load_strategy()
 
     def load_objective(self) -> type:
         return _load(self.objective)
@@ -46,7 +55,8 @@ METHODS: dict[str, MethodEntry] = {
                                    "client.methods.floral_ensemble:FloralEnsembleObjective"),
     "local_adaptors": MethodEntry(m.LocalAdaptorsConfig, "strategies.local_adaptors:LocalAdaptors",
                                   "client.methods.local_adaptors:LocalAdaptorsObjective"),
-    "worldlm": MethodEntry(m.WorldLMConfig, "strategies.worldlm:WorldLM", "client.methods.worldlm:WorldLMObjective"),
+    "worldlm": MethodEntry(m.WorldLMConfig, "strategies.worldlm:WorldLM", "client.methods.worldlm:WorldLMObjective",
+                           bridged="strategies.worldlm_bridge:BridgedRoot"),
     "hierfavg": MethodEntry(m.HierFAVGConfig, "strategies.hierfavg:HierFAVG", "client.methods.hierfavg:HierFAVGObjective"),
     "mfed": MethodEntry(m.MFedConfig, "strategies.mfed:MFed", "client.methods.mfed:MFedObjective"),
 }
