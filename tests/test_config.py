@@ -221,6 +221,10 @@ def test_every_method_is_its_config_strategy_and_objective_modules_joined_by_one
     # the shared base holds no method: every config class defined there is the base itself
     from kumiki.methods import base
     assert [c for c in vars(base).values() if isinstance(c, type) and issubclass(c, MethodConfig)] == [MethodConfig]
-    # code written before the split still imports from the package
+    # code written before the split still imports from the package, in a fresh interpreter too (nothing loaded yet)
     from kumiki.methods import FedProxConfig, mfed_group
     assert FedProxConfig is METHODS["fedprox"].config and mfed_group("segmentation", "convt") == "task:segmentation"
+    r = subprocess.run([sys.executable, "-c", "from kumiki.methods import MFedConfig, MethodConfig; "
+                        "print(MFedConfig.__module__, MethodConfig.__module__)"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.stdout.split() == ["kumiki.methods.mfed", "kumiki.methods.base"], r.stderr[-500:]

@@ -17,10 +17,13 @@ from typing import Any
 
 
 def __getattr__(name: str) -> Any:
-    from kumiki.methods import base
+    if name.startswith("__"):  # dunder probes (pickle, inspect, pytest) never look through the method modules
+        raise AttributeError(name)
     from kumiki.registry import METHODS
 
-    modules = [base] + [importlib.import_module(e.config_ref.partition(":")[0]) for e in METHODS.values()]
+    # importlib, not ``from kumiki.methods import base``: that would ask this very hook for ``base`` again
+    modules = [importlib.import_module("kumiki.methods.base")]
+    modules += [importlib.import_module(e.config_ref.partition(":")[0]) for e in METHODS.values()]
     for module in modules:
         if name in vars(module):
             return vars(module)[name]
