@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from kumiki.config import KumikiConfig, load_config, validate  # noqa: E402
-from kumiki.data.sites import materialize  # noqa: E402
+from kumiki.data.prepare import materialize  # noqa: E402
 from launch.engines import local  # noqa: E402
 
 

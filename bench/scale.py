@@ -114,7 +114,8 @@ def export_partition(sites: int, rounds: int, out: Path) -> Path:
     """Kumiki's site folders (materialized as the Kumiki run does, same seed) in PFLlib's dataset format."""
     import numpy as np
 
-    from kumiki.data.sites import load_site, materialize
+    from kumiki.data.sites import load_site
+    from kumiki.data.prepare import materialize
 
     cfg = config(sites, rounds, out / "export")
     folders = materialize(cfg, out / "export" / "sites")

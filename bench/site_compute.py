@@ -44,7 +44,8 @@ GOAL = 1.10  # Kumiki's per-step time / the plain loop's
 def pilot_site(hidden: int):
     """(x_train, y_train, TrainSection, ModelSpec) of the pilot's first site, with a CNN of ``hidden`` units."""
     from kumiki.config import load_config
-    from kumiki.data.sites import load_site, materialize
+    from kumiki.data.sites import load_site
+    from kumiki.data.prepare import materialize
     from server.federation import model_spec
 
     cfg = load_config(str(ROOT / "deploy" / "pilot.toml"), [f"model.hidden={hidden}"])

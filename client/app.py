@@ -324,6 +324,8 @@ def profile(msg: Message, context: Context) -> Message:
     rec = ConfigRecord({
         "site": info.name, "role": info.role, "group": info.group, "task": data.task,
         "num-train": data.num_train, "num-test": len(data.y_test),
+        # the inputs' scale as the site checked it (site.json ``inputs``; kumiki/data/inputs.py): the report shows it
+        "inputs": data.inputs,
     })
     domain = dict(context.node_config).get("domain", data.meta.get("domain"))
     if domain:  # optional: the camera/domain the site's operator described (shown in the report)

@@ -387,7 +387,7 @@ def cmd_demo_data(d: Deployment, a) -> None:
     import shutil
 
     from kumiki.config import load_config
-    from kumiki.data.sites import materialize
+    from kumiki.data.prepare import materialize
 
     sites = a.sites.split(",") if a.sites else list(DEFAULT_SITES)
     cfg = load_config(str(ROOT / "deploy" / "pilot.toml"),

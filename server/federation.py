@@ -56,7 +56,7 @@ def build_strategy(cfg: KumikiConfig, sim: dict | None = None):
     split = ParamSplit.build(model, cfg.method.split_rules())
     initial = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     job = Job(0, cfg.method, cfg.train, spec, cfg.privacy, sim, cfg.eval, cfg.site, cfg.run.name, cfg.run.rounds)
-    return entry(cfg.method.name).load_strategy().for_config(cfg)(cfg, job, split, initial)
+    return entry(cfg.method.name).strategy_for(cfg)(cfg, job, split, initial)
 
 
 def checkpoint(strategy, run_dir: Path, rnd: int) -> None:

@@ -232,6 +232,7 @@ class Recorder:
                 "incomplete_rounds": incomplete,
                 # what each site said of itself (query.profile): the report's factory table
                 "profiles": {p.site: {"role": p.role, "group": p.group, "domain": p.domain or None,
+                                      "inputs": p.inputs or None,
                                       "num_train": p.num_train, "num_test": p.num_test}
                              for p in sorted(strategy.profiles.values(), key=lambda p: p.site)}}
 

@@ -14,6 +14,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from server.compare import higher_is_better, is_fraction
+from server.report_parts import png as _png, site_key  # the report's PNG helper and natural site order
 
 C_ALONE, C_JOINED, C_ZERO, C_ADAPTED = "#9e9e9e", "#1f77b4", "#2ca02c", "#98df8a"
 
@@ -153,6 +154,8 @@ def factories(summary: dict, site_key) -> str:
         return b.get("per_site", {}) if isinstance(b, dict) and isinstance(b.get("per_site"), dict) else {}
 
     pers, glob, uns, ada = ps("personalized"), ps("global"), ps("unseen"), ps("unseen_adapted")
+    # the inputs' scale gets a column once any factory declared one (site.json ``inputs``; all [0, 1] otherwise)
+    scales = any(p.get("inputs") not in (None, "", "[0, 1]") for p in prof.values())
     rows = []
     for site in sorted(prof, key=lambda s: (prof[s].get("role") != "train", site_key(s))):
         p = prof[site]
@@ -162,11 +165,13 @@ def factories(summary: dict, site_key) -> str:
         else:
             vals = (f"<td class=\"n\">{fmt_value(ada.get(site), frac)} <span class=\"note\">adapted</span></td>"
                     f"<td class=\"n\">{fmt_value(uns.get(site), frac)} <span class=\"note\">zero-shot</span></td>")
+        scale = f"<td>{_esc(p.get('inputs') or '[0, 1]')}</td>" if scales else ""
         rows.append(f"<tr><td><strong>{_esc(site)}</strong></td><td>{role}</td><td>{describe_domain(p.get('domain'))}"
                     f"</td><td class=\"n\">{_esc(p.get('num_train'))}</td><td class=\"n\">{_esc(p.get('num_test'))}</td>"
-                    f"{vals}</tr>")
+                    f"{scale}{vals}</tr>")
     head = (f"<tr><th>factory</th><th>role</th><th>camera / domain</th><th>train images</th><th>test images</th>"
-            f"<th>personalized {_esc(metric)}</th><th>global {_esc(metric)}</th></tr>")
+            + ("<th>inputs</th>" if scales else "")
+            + f"<th>personalized {_esc(metric)}</th><th>global {_esc(metric)}</th></tr>")
     return (f"<table>{head}{''.join(rows)}</table><p class=\"note\">Values: this run, last round. Sizes and cameras are "
             "what each factory's site reported when it joined (its site.json); the images themselves never left it.</p>")
 
@@ -174,8 +179,6 @@ def factories(summary: dict, site_key) -> str:
 def plot_comparison(comp: dict) -> str | None:
     """Grouped bars: each training factory alone vs joined (± std over seeds), then each new factory alone,
     zero-shot and adapted."""
-    from server.report import _png, site_key  # the report's own PNG helper and natural site order
-
     frac = bool(comp.get("fraction"))
     scale = 100.0 if frac else 1.0
     train = sorted(comp.get("train") or [], key=lambda r: site_key(r["site"]))

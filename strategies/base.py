@@ -62,6 +62,9 @@ class SiteProfile:
     task: str = "classification"
     #: the site's camera/domain as its site.json (or node config ``domain``) describes it; "" if unknown
     domain: str = ""
+    #: the scale of the site's inputs as it checked them ("[0, 1]", or its site.json ``inputs`` and the data's
+    #: range); "" if the site did not say
+    inputs: str = ""
 
 
 @dataclass
@@ -267,11 +270,6 @@ class KumikiStrategy(Strategy):
         else:
             stats.eval_sent.add(node_id)
         return Message(content, dst_node_id=node_id, message_type=mtype)
-
-    @classmethod
-    def for_config(cls, cfg) -> type:
-        """The strategy class that runs ``cfg`` (a method with several deployment shapes picks one)."""
-        return cls
 
     def expected_nodes(self) -> int:
         """How many nodes a complete run hears from (every site; a bridged WorldLM root: every sub-federation)."""

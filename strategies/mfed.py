@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from kumiki.methods import mfed_parse_group
+from kumiki.methods.mfed import mfed_parse_group
 from strategies.base import KumikiStrategy, Update
 from strategies.replies import BadReply
 

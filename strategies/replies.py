@@ -37,6 +37,8 @@ SITE_NAME = re.compile(SITE_NAME_PATTERN)
 ROLES = ("train", "unseen")
 #: Longest camera/domain description a profile may carry (optional; shown in the report).
 MAX_DOMAIN = 64
+#: Longest input-scale description (site.json ``inputs`` and the data's range, ``kumiki/data/inputs.py``).
+MAX_INPUTS = 200
 
 
 class BadReply(ValueError):
@@ -65,7 +67,8 @@ def positive_int(value: Any, what: str, upper: int = MAX_EXAMPLES) -> int:
 
 
 def parse_profile(node_id: int, content: Any) -> dict[str, Any]:
-    """The fields of a ``query.profile`` reply, validated (site, role, group, num-train, num-test, optional domain)."""
+    """The fields of a ``query.profile`` reply, validated (site, role, group, num-train, num-test, optional domain
+    and input scale)."""
     if C.PROFILE not in content.config_records:
         raise BadReply("profile reply lacks its 'profile' record")
     rec = content[C.PROFILE]
@@ -81,7 +84,10 @@ def parse_profile(node_id: int, content: Any) -> dict[str, Any]:
     domain = rec.get("domain", "")
     if not isinstance(domain, str) or len(domain) > MAX_DOMAIN or not domain.isprintable():
         raise BadReply(f"site {site}: domain must be a short printable string (at most {MAX_DOMAIN} characters)")
-    return {"node_id": node_id, "site": site, "role": role, "group": group, "task": task,
+    inputs = rec.get("inputs", "")
+    if not isinstance(inputs, str) or len(inputs) > MAX_INPUTS or not inputs.isprintable():
+        raise BadReply(f"site {site}: inputs must be a short printable string (at most {MAX_INPUTS} characters)")
+    return {"node_id": node_id, "site": site, "role": role, "group": group, "task": task, "inputs": inputs,
             "num_train": positive_int(rec.get("num-train"), f"site {site}: num-train"),
             "num_test": positive_int(rec.get("num-test"), f"site {site}: num-test"),
             "domain": domain}

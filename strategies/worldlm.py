@@ -96,15 +96,6 @@ class WorldLM(KumikiStrategy):
         self._for_eval = False
         self.last_alphas: dict[str, Any] = {}
 
-    @classmethod
-    def for_config(cls, cfg) -> type:
-        """``federation.superlinks = "per_group"``: the root of shape (b) (``strategies/worldlm_bridge.py``)."""
-        if cls is WorldLM and cfg.federation.superlinks == "per_group":
-            from strategies.worldlm_bridge import BridgedRoot
-
-            return BridgedRoot
-        return cls
-
     # ------------------------------------------------------------------ the tree
     def _node(self, name: str, model: dict[str, np.ndarray], keys: tuple[str, ...], groups: list[str]) -> Node:
         m = self.cfg.method

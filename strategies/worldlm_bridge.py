@@ -26,7 +26,7 @@ import numpy as np
 from kumiki import contract as C
 from strategies.aggregate import weighted_mean
 from strategies.base import SiteProfile, Update
-from strategies.worldlm import WorldLM
+from strategies.worldlm import WorldLM, key_names
 from strategies.worldlm_tree import residual_embeddings
 
 log = logging.getLogger("kumiki.server")
@@ -235,8 +235,6 @@ class RegionServer(WorldLM):
 
     def _start_regions(self) -> None:
         g, p = self.group, self.tree.groups[self.group]
-        from strategies.worldlm import key_names
-
         keys = key_names(self.template, p.key_layers) if p.key_layers is not None else self.root_keys
         trained = [q.site for q in self.profiles.values() if q.role == "train"]
         self.regions = {g: self._node(g, self.root.model_for(g), keys, sorted(trained))}

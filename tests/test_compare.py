@@ -117,7 +117,8 @@ def test_the_pilot_plan_varies_the_training_seed_on_the_same_factory_data(tmp_pa
 
 
 def test_the_partition_seed_keeps_the_factory_data_while_the_training_seed_moves(tmp_path):
-    from kumiki.data.sites import load_site, materialize
+    from kumiki.data.sites import load_site
+    from kumiki.data.prepare import materialize
 
     def data(seed, partition_seed):
         cfg = make_config(tmp_path, sites=2, run={"seed": seed}, data={"partition_seed": partition_seed,

@@ -131,11 +131,32 @@ def test_kumiki_methods_lists_every_method_with_its_knobs_and_paper_optimizer():
             if knob != "name":
                 assert f"method.{knob} " in r.stdout, (name, knob)
     assert "train.lr = 0.01, train.momentum = 0.5, train.batch_size = 64" in r.stdout
+    text = r.stdout
     r = subprocess.run([sys.executable, "-m", "launch.cli", "methods", "--json"], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
     cat = {m["name"]: m for m in json.loads(r.stdout)}
     assert set(cat) == set(METHODS) and cat["fedhb"]["train_defaults"] == {"local_epochs": 2}
     assert all(k["meaning"] for m in cat.values() for k in m["knobs"]), "every knob says what it means"
+    # a default factory's value is shown, never pydantic's marker for "no plain default"
+    assert "PydanticUndefined" not in text + json.dumps(cat, default=str)
+    assert '= ["classification", "segmentation"]' in text
+    assert {k["key"]: k["default"] for k in cat["mfed"]["knobs"]}["method.tasks"] == ["classification", "segmentation"]
+
+
+def test_a_required_knob_is_listed_as_required():
+    from pydantic import Field
+
+    from kumiki.methods.base import MethodConfig
+    from kumiki.registry import knobs
+
+    class NeedsTasks(MethodConfig):
+        """A method whose operator must name its tasks."""
+
+        tasks: list[str] = Field(min_length=1, description="the tasks")
+        mu: float = Field(0.1, description="a weight")
+
+    got = {k["key"]: (k["required"], k["default"]) for k in knobs(NeedsTasks)}
+    assert got == {"method.tasks": (True, None), "method.mu": (False, 0.1)}
 
 
 def test_eval_section_defaults_and_errors():
@@ -183,3 +204,27 @@ def test_cli_messages_show_brackets_literally(tmp_path):
     r = subprocess.run([sys.executable, "-m", "launch.cli", "validate", str(cfg), "--set", 'data.domains=["bogus"]'],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "['bogus']" in r.stderr
+
+
+def test_every_method_is_its_config_strategy_and_objective_modules_joined_by_one_registry_line():
+    """Adding a method touches kumiki/methods/<name>.py, strategies/<name>.py, client/methods/<name>.py and one
+    registry line (docs/write-a-method.md): each registered piece lives in the method's own module."""
+    from kumiki.methods.base import MethodConfig
+    from kumiki.registry import METHODS
+
+    for name, e in METHODS.items():
+        assert e.config_ref.startswith(f"kumiki.methods.{name}:"), e.config_ref
+        assert e.strategy.startswith(f"strategies.{name}:") and e.objective.startswith(f"client.methods.{name}:")
+        cfg = e.config
+        assert issubclass(cfg, MethodConfig) and cfg.model_fields["name"].default == name
+        assert (ROOT / "kumiki" / "methods" / f"{name}.py").is_file()
+    # the shared base holds no method: every config class defined there is the base itself
+    from kumiki.methods import base
+    assert [c for c in vars(base).values() if isinstance(c, type) and issubclass(c, MethodConfig)] == [MethodConfig]
+    # code written before the split still imports from the package, in a fresh interpreter too (nothing loaded yet)
+    from kumiki.methods import FedProxConfig, mfed_group
+    assert FedProxConfig is METHODS["fedprox"].config and mfed_group("segmentation", "convt") == "task:segmentation"
+    r = subprocess.run([sys.executable, "-c", "from kumiki.methods import MFedConfig, MethodConfig; "
+                        "print(MFedConfig.__module__, MethodConfig.__module__)"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.stdout.split() == ["kumiki.methods.mfed", "kumiki.methods.base"], r.stderr[-500:]

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from kumiki.data import domains, partition, sites
+from kumiki.data import domains, partition, prepare, sites
 from kumiki.data.sources import fashion_mnist_available, load_digits, load_fashion_mnist
 from kumiki.config import FMNIST_DEFAULT_DIR
 from tests.conftest import make_config
@@ -48,7 +48,7 @@ def test_domains_are_real_transforms():
 
 def test_materialize_writes_site_folders_with_roles(tmp_path):
     cfg = make_config(tmp_path, sites=3, unseen=1, data={"domains": ["identity", "invert"]})
-    folders = sites.materialize(cfg, tmp_path / "sites")
+    folders = prepare.materialize(cfg, tmp_path / "sites")
     assert [f.name for f in folders] == ["site-0", "site-1", "site-2", "site-3"]
     metas = [json.loads((f / "site.json").read_text()) for f in folders]
     assert [m["role"] for m in metas] == ["train", "train", "train", "unseen"]
@@ -110,8 +110,8 @@ def _clustered_and_plain(tmp_path, clusters, transform, domains_=()):
     plain = make_config(tmp_path, sites=4, unseen=2, alpha=None, data=data)
     clustered = make_config(tmp_path, sites=4, unseen=2, alpha=None, data={
         **data, "partition": {"kind": "clusters", "clusters": clusters, "cluster_transform": transform}})
-    return ([sites.load_site(f) for f in sites.materialize(clustered, tmp_path / "clustered")],
-            [sites.load_site(f) for f in sites.materialize(plain, tmp_path / "plain")])
+    return ([sites.load_site(f) for f in prepare.materialize(clustered, tmp_path / "clustered")],
+            [sites.load_site(f) for f in prepare.materialize(plain, tmp_path / "plain")])
 
 
 def test_cluster_label_shift_permutes_each_clusters_labels(tmp_path):

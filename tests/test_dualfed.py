@@ -20,7 +20,7 @@ from kumiki.config import PrivacySection, TrainSection
 from kumiki.data.sites import SiteData
 from kumiki.data.sources import load_digits
 from launch.engines.inprocess import run_inprocess
-from kumiki.methods import DualFedConfig
+from kumiki.methods.dualfed import DualFedConfig
 from kumiki.split import ParamSplit
 from models import ModelSpec, build_model
 from server.federation import build_strategy

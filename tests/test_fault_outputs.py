@@ -102,7 +102,7 @@ def test_report_refuses_a_partial_run_unless_asked_and_then_says_partial(tmp_pat
 def test_cli_exit_code_follows_the_run_status(tmp_path):
     """A site that cannot join (here: its data folder is missing) makes the run incomplete: exit 3, not 0."""
     src = make_config(tmp_path / "src", sites=3)
-    from kumiki.data.sites import materialize
+    from kumiki.data.prepare import materialize
 
     folders = materialize(src, tmp_path / "sites")
     (folders[2] / "test.npz").unlink()

@@ -17,7 +17,8 @@ import torch
 
 from client.state import FILE, OWNER
 from kumiki import contract as C
-from kumiki.data.sites import SiteDataError, check_against_model, load_site, materialize, write_site
+from kumiki.data.sites import SiteDataError, check_against_model, load_site, write_site
+from kumiki.data.prepare import materialize
 from launch.engines.inprocess import run_inprocess
 from tests.conftest import make_config
 

@@ -15,7 +15,7 @@ from kumiki.config import PrivacySection, TrainSection
 from kumiki.data.sites import SiteData
 from kumiki.data.sources import load_digits
 from launch.engines.inprocess import run_inprocess
-from kumiki.methods import FedHBConfig
+from kumiki.methods.fedhb import FedHBConfig
 from kumiki.split import ParamSplit
 from models import ModelSpec, build_model
 from server.federation import build_strategy

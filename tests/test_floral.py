@@ -20,7 +20,8 @@ from kumiki import contract as C
 from kumiki.config import PrivacySection, TrainSection
 from kumiki.data.sites import SiteData
 from kumiki.data.sources import load_digits
-from kumiki.methods import FloralConfig, LocalAdaptorsConfig
+from kumiki.methods.floral import FloralConfig
+from kumiki.methods.local_adaptors import LocalAdaptorsConfig
 from kumiki.split import ParamSplit
 from launch.engines.inprocess import run_inprocess
 from models import ModelSpec, build_model

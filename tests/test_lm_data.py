@@ -10,7 +10,8 @@ import pytest
 
 from kumiki.config import ConfigError
 from kumiki.data import text
-from kumiki.data.sites import load_site, materialize
+from kumiki.data.sites import load_site
+from kumiki.data.prepare import materialize
 from kumiki.data.sources import DataUnavailable
 from launch.rundir import check_sources
 from tests.conftest import make_lm_config

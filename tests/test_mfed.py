@@ -21,7 +21,7 @@ from kumiki.config import ConfigError, PrivacySection, TrainSection, validate
 from kumiki.data import targets
 from kumiki.data.sites import SiteData
 from kumiki.data.sources import load_digits
-from kumiki.methods import MFedConfig, mfed_group, mfed_key, mfed_parse_group
+from kumiki.methods.mfed import MFedConfig, mfed_group, mfed_key, mfed_parse_group
 from kumiki.split import ParamSplit
 from launch.engines.inprocess import run_inprocess
 from models import ModelSpec, build_model

@@ -15,7 +15,7 @@ from kumiki.config import PrivacySection, TrainSection
 from kumiki.data.sites import SiteData
 from kumiki.data.sources import load_digits
 from launch.engines.inprocess import run_inprocess
-from kumiki.methods import FedRepConfig
+from kumiki.methods.fedrep import FedRepConfig
 from kumiki.split import ParamSplit
 from models import ModelSpec, build_model
 from tests.conftest import make_config, untimed

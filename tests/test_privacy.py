@@ -151,7 +151,7 @@ def test_dp_plans_each_methods_passes_per_round(tmp_path):
 
 def test_a_round_that_would_overrun_the_budget_is_withheld_so_epsilon_never_exceeds_it(tmp_path, monkeypatch):
     """A method that makes more passes than it declares (here Ditto claiming one): the round is withheld."""
-    from kumiki.methods import DittoConfig
+    from kumiki.methods.ditto import DittoConfig
 
     monkeypatch.setattr(DittoConfig, "epochs_per_round", lambda self, train: train.local_epochs)
     s = run_inprocess(dp_config(tmp_path, method="ditto", rounds=1), quiet=True)
@@ -166,7 +166,7 @@ def test_a_round_that_would_overrun_the_budget_is_withheld_so_epsilon_never_exce
 def test_scope_shared_trains_only_travelling_tensors_privately(tmp_path):
     from client.privacy import start
     from tests.test_site_objectives import site_job
-    from kumiki.methods import FedPerConfig
+    from kumiki.methods.fedper import FedPerConfig
     from kumiki.config import PrivacySection
     from dataclasses import replace
 
@@ -229,7 +229,7 @@ def test_floral_router_per_example_gradient_equals_each_examples_own_gradient():
 
     from client.privacy import register_grad_samplers
     from models import ModelSpec, build_model
-    from kumiki.methods import FloralConfig
+    from kumiki.methods.floral import FloralConfig
 
     register_grad_samplers()
     # router_noise 0: a training-mode forward of one example draws the same pi as the batch's
@@ -259,7 +259,8 @@ def test_dp_round_with_negligible_noise_and_no_clipping_equals_the_clear_round(m
 
     from client.methods.base import SiteObjective
     from client.methods.floral import FloralObjective
-    from kumiki.methods import FedAvgConfig, FloralConfig
+    from kumiki.methods.fedavg import FedAvgConfig
+    from kumiki.methods.floral import FloralConfig
     from models import ModelSpec, build_model
     from tests.test_floral import site_job
 

@@ -66,7 +66,7 @@ def test_the_simulation_engine_joins_an_existing_ray_cluster_when_named(monkeypa
 
 def test_the_site_data_cache_is_bounded_and_follows_a_rewritten_folder(tmp_path, monkeypatch):
     from client import site
-    from kumiki.data.sites import materialize
+    from kumiki.data.prepare import materialize
 
     folders = materialize(make_config(tmp_path, sites=3), tmp_path / "sites")
     monkeypatch.setattr(site, "_CACHE", type(site._CACHE)())

@@ -75,8 +75,8 @@ def test_imported_factories_run_under_their_own_names_with_sizes_and_cameras(tmp
     assert set(summary["personalized"]["per_site"]) == {"factory-a", "factory-b"}
     assert set(summary["unseen_adapted"]["per_site"]) == {"factory-c"}
     profiles = summary["participation"]["profiles"]
-    assert profiles["factory-a"] == {"role": "train", "group": "", "domain": "line 1, camera A", "num_train": 72,
-                                     "num_test": 18}
+    assert profiles["factory-a"] == {"role": "train", "group": "", "domain": "line 1, camera A", "inputs": "[0, 1]",
+                                     "num_train": 72, "num_test": 18}
     assert profiles["factory-b"]["domain"] is None and profiles["factory-c"]["role"] == "unseen"
     assert sorted(p.name for p in (cfg.run_dir() / "state").iterdir()) == ["factory-a", "factory-b", "factory-c"]
     rows = [json.loads(x) for x in (cfg.run_dir() / "metrics.jsonl").read_text().splitlines()]

@@ -25,7 +25,11 @@ from kumiki import contract as C
 from kumiki.config import PrivacySection, TrainSection
 from kumiki.data.sites import SiteData
 from kumiki.data.sources import load_digits
-from kumiki.methods import DittoConfig, DualFedConfig, FedAvgFTConfig, FedRepConfig, LocalConfig
+from kumiki.methods.ditto import DittoConfig
+from kumiki.methods.dualfed import DualFedConfig
+from kumiki.methods.fedavg_ft import FedAvgFTConfig
+from kumiki.methods.fedrep import FedRepConfig
+from kumiki.methods.local import LocalConfig
 from kumiki.split import ParamSplit
 from models import ModelSpec, build_model
 
@@ -228,7 +232,7 @@ def test_new_site_adaptation_works_on_a_copy_and_never_changes_the_site_model(na
 
 def test_fedhb_personalization_runs_its_epochs_and_zero_means_the_posterior_mean():
     from client.methods.fedhb import FedHBObjective
-    from kumiki.methods import FedHBConfig
+    from kumiki.methods.fedhb import FedHBConfig
 
     cfg = FedHBConfig()
     sj = site_job(cfg)

@@ -35,7 +35,7 @@ from client.loop import LossFn
 from client.methods.base import SiteJob, SiteObjective
 from client.state import StateMismatch
 from client.tasks import Task, task_for
-from kumiki.methods import mfed_key, mfed_parse_group
+from kumiki.methods.mfed import mfed_key, mfed_parse_group
 from models import build_model
 
 #: ``extra`` array the server sends: 1 once its task group's global decoder is an aggregate

@@ -56,7 +56,7 @@ def cluster_rotation(cluster: int, clusters: int) -> str:
 
 def partition(y: np.ndarray, n: int, spec, rng: np.random.Generator) -> list[np.ndarray]:
     """The examples of each of ``n`` sites. ``clusters`` splits IID here; its per-cluster shift is applied
-    to each site's data afterwards (``sites.materialize``)."""
+    to each site's data afterwards (``kumiki.data.images``)."""
     if spec.kind in ("iid", "clusters"):
         return iid(y, n, rng)
     if spec.kind == "dirichlet":

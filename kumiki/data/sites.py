@@ -8,18 +8,21 @@ Layout of one site folder (the format a real factory exports its data to)::
                    "task": "classification"}
                   (partition kind "clusters" adds "cluster" and "cluster_transform",
                    for diagnostics only: the site never reports them)
-      train.npz   x: float32 (N, C, H, W) in [0, 1]; y: int64 (N,) in [0, num_classes)
+      train.npz   x: float32 (N, C, H, W) in [0, 1] (or the scale site.json "inputs" declares);
+                  y: int64 (N,) in [0, num_classes)
       test.npz    same keys; the site's own held-out split
 
 ``task`` (default ``classification``, see ``kumiki/tasks.py``) decides what ``x`` and ``y`` hold:
-image inputs are float32 (N, C, H, W) in [0, 1] (uint8 is scaled by 1/255); token inputs are
+image inputs are float32 (N, C, H, W) in [0, 1] (uint8 is scaled by 1/255) unless site.json's ``inputs``
+declares another range or a per-channel standardization (``kumiki/data/inputs.py``); token inputs are
 int64 (N, T) in [0, num_classes) (num_classes is the vocabulary); ``y`` is a label per example, a
 0/1 mask (N, 1, H, W), a [0, 1] image (N, C, H, W) or int64 tokens (N, T) with -100 for
 positions that are not scored.
 
-Pilots and simulations build these folders from one pooled dataset
-(``materialize``); a deployment points each SuperNode at its own folder with
-``--node-config "data-dir='...'"``; nothing is partitioned centrally there.
+This module is the format only (read, check, write); it imports no data source. Pilots and simulations build
+these folders from one pooled dataset (``kumiki.data.prepare.materialize``, which hands images to
+``kumiki.data.images`` and text to ``kumiki.data.text``); a deployment points each SuperNode at its own folder
+with ``--node-config "data-dir='...'"``; nothing is partitioned centrally there.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kumiki.data import domains, partition, sources, targets
+from kumiki.data import inputs
 from kumiki.tasks import IGNORE, TaskInfo, task_info
 
 
@@ -53,6 +56,9 @@ class SiteData:
     x_test: np.ndarray
     y_test: np.ndarray
     meta: dict
+    #: the inputs' scale as checked at load: "[0, 1]", or site.json's ``inputs`` and the data's range
+    #: (``kumiki.data.inputs``); the site's profile and the report show it
+    inputs: str = inputs.UNIT.text
 
     @property
     def num_train(self) -> int:
@@ -70,16 +76,6 @@ SITE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
 def site_name(i: int) -> str:
     return f"site-{i}"
-
-
-def partitioned_names(data_cfg) -> list[str]:
-    """The names of a partitioned run's sites, training sites first: ``data.site_names``, else site-<i>
-    (language data: its languages or roles, ``kumiki.data.text``)."""
-    from kumiki.data import text
-
-    if data_cfg.dataset in text.TEXT_DATASETS:
-        return text.text_site_names(data_cfg)
-    return list(data_cfg.site_names) or [site_name(i) for i in range(data_cfg.sites + data_cfg.unseen_sites)]
 
 
 def site_folders(root: str | Path, sites: int, unseen: int) -> list[str]:
@@ -114,71 +110,6 @@ def site_folders(root: str | Path, sites: int, unseen: int) -> list[str]:
     return roles["train"] + roles["unseen"]
 
 
-def pool(data_cfg) -> tuple[np.ndarray, np.ndarray]:
-    if data_cfg.dataset == "digits":
-        return sources.load_digits()
-    if data_cfg.dataset == "fashion-mnist":
-        return sources.load_fashion_mnist(data_cfg.dataset_dir(), "train")
-    raise SiteDataError("site-folders data is already split per site; nothing to materialize")
-
-
-def materialize(cfg, root: str | Path) -> list[Path]:
-    """Partition the pooled dataset into ``sites + unseen_sites`` folders under ``root``."""
-    data = cfg.data
-    root = Path(root)
-    from kumiki.data import text
-
-    if data.dataset in text.TEXT_DATASETS:
-        return text.materialize_text(cfg, root)
-    x, y = pool(data)
-    seed = cfg.run.seed if data.partition_seed is None else data.partition_seed
-    rng = np.random.default_rng(seed)
-    n_total = data.sites + data.unseen_sites
-    names = partitioned_names(data)
-    parts = partition.partition(y, n_total, data.partition, rng)
-    shape, num_classes = list(x.shape[1:]), int(y.max()) + 1
-    tasks = cfg.site_tasks() or ["classification"] * n_total
-    groups = cfg.method.site_groups(n_total)
-    out = []
-    for i, idx in enumerate(parts):
-        idx = rng.permutation(idx)
-        if data.samples_per_site is not None:
-            idx = idx[: data.samples_per_site]
-        domain = data.domains[i % len(data.domains)] if data.domains else "identity"
-        xs = domains.apply(x[idx], domain, rng)
-        ys = y[idx]
-        xs, ys, cluster_meta = _cluster_shift(data.partition, i, xs, ys, num_classes, rng)
-        # a generator of the site's own (the denoising noise): every site's examples stay those of any method's run
-        xs, ys = targets.derive(tasks[i], xs, ys, np.random.default_rng([seed, 9, i]))
-        n_test = max(1, int(round(len(idx) * data.test_fraction)))
-        role = "train" if i < data.sites else "unseen"
-        meta = {
-            "name": names[i], "role": role, "domain": domain, "task": tasks[i],
-            "derived": domain != "identity" or cluster_meta.get("cluster", 0) != 0 or targets.is_derived(tasks[i]),
-            "num_classes": num_classes, "input_shape": shape, "source": data.dataset, **cluster_meta,
-        }
-        if groups:
-            meta["group"] = groups[i]
-        out.append(write_site(root / names[i], meta, xs[n_test:], ys[n_test:], xs[:n_test], ys[:n_test]))
-    return out
-
-
-def _cluster_shift(spec, i: int, xs: np.ndarray, ys: np.ndarray, num_classes: int,
-                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Site i's cluster transform (``partition.kind = "clusters"``); other kinds pass the data through.
-
-    The cluster goes only into the site's own site.json (for diagnostics): clustered methods must find
-    the clusters themselves, so nothing sent to the server may carry it."""
-    if spec.kind != "clusters":
-        return xs, ys, {}
-    c = partition.cluster_of(i, spec.clusters)
-    if spec.cluster_transform == "label_shift":
-        ys = partition.shift_labels(ys, c, num_classes)
-    else:
-        xs = domains.apply(xs, partition.cluster_rotation(c, spec.clusters), rng)
-    return xs, ys, {"cluster": c, "cluster_transform": spec.cluster_transform}
-
-
 def _atomic_npz(path: Path, **arrays: np.ndarray) -> None:
     tmp = path.with_suffix(".tmp.npz")
     with open(tmp, "wb") as f:
@@ -200,10 +131,14 @@ def write_site(folder: Path, meta: dict, x_train, y_train, x_test, y_test) -> Pa
     return folder
 
 
-def _pixels(path: Path, x: np.ndarray) -> np.ndarray:
-    """x as float32 in [0, 1]. uint8 images (0-255) are scaled by 1/255, and the site says so; any other
-    dtype must already lie in [0, 1] (the documented format): values outside are refused, not clipped."""
+def _pixels(path: Path, x: np.ndarray, scale: inputs.InputScale = inputs.UNIT) -> np.ndarray:
+    """x as float32 on ``scale`` (default [0, 1]). uint8 images (0-255) are scaled by 1/255, and the site says
+    so; any other dtype must already lie on the scale (site.json ``inputs`` declares one other than [0, 1]):
+    values outside are refused, not clipped, and not rescaled (``kumiki.data.inputs`` says why)."""
     if x.dtype == np.uint8:
+        if scale.declared:
+            raise SiteDataError(f"{path}: x is uint8 (0-255 pixels) but site.json declares {inputs.KEY} "
+                                f"({scale.text}); store the normalized float32 values, or drop the declaration")
         log.warning("%s: uint8 pixels scaled to [0, 1] (x / 255)", path)
         return x.astype(np.float32) / 255.0
     if x.dtype.kind not in "fiu":
@@ -211,10 +146,15 @@ def _pixels(path: Path, x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float32)
     if not np.isfinite(x).all():
         raise SiteDataError(f"{path}: x contains NaN or infinite values")
-    if x.size and (x.min() < 0.0 or x.max() > 1.0):
-        raise SiteDataError(f"{path}: pixel values span [{x.min():g}, {x.max():g}]; the format is float32 in [0, 1] "
-                            "(divide 0-255 images by 255, or store them as uint8)")
     return x
+
+
+def _scaled(path: Path, x: np.ndarray, scale: inputs.InputScale) -> tuple[np.ndarray, tuple[float, float] | None]:
+    """Images (N, C, H, W) checked against their scale; also their observed (min, max)."""
+    try:
+        return x, inputs.check(x, scale, str(path))
+    except inputs.InputScaleError as e:
+        raise SiteDataError(str(e)) from None
 
 
 def _integers(path: Path, a: np.ndarray, what: str) -> np.ndarray:
@@ -223,8 +163,10 @@ def _integers(path: Path, a: np.ndarray, what: str) -> np.ndarray:
     return a.astype(np.int64)
 
 
-def _inputs(path: Path, x: np.ndarray, task: TaskInfo, meta: dict) -> np.ndarray:
-    """x checked for the task: images (N, C, H, W) in [0, 1], or tokens (N, T) in [0, vocabulary)."""
+def _inputs(path: Path, x: np.ndarray, task: TaskInfo, meta: dict) -> tuple[np.ndarray, tuple | None]:
+    """x checked for the task: images (N, C, H, W) on their declared scale (default [0, 1]), or tokens (N, T)
+    in [0, vocabulary); also the images' observed (min, max) (None for tokens)."""
+    observed = None
     if task.inputs == "tokens":
         x = _integers(path, x, "x (tokens)")
         k = int(meta.get("num_classes", 0)) or None
@@ -233,13 +175,23 @@ def _inputs(path: Path, x: np.ndarray, task: TaskInfo, meta: dict) -> np.ndarray
         if x.size and (x.min() < 0 or (k is not None and x.max() >= k)):
             raise SiteDataError(f"{path}: token ids outside [0, {k})")
     else:
-        x = _pixels(path, x)
+        scale = _scale(path.parent, meta, x)
+        x = _pixels(path, x, scale)
         if x.ndim != 4:
             raise SiteDataError(f"{path}: x has shape {x.shape}; images are (N, C, H, W)")
+        x, observed = _scaled(path, x, scale)
     shape = tuple(meta.get("input_shape", x.shape[1:]))
     if tuple(x.shape[1:]) != shape:
         raise SiteDataError(f"{path}: x has shape {x.shape}, expected (N, {', '.join(map(str, shape))})")
-    return x
+    return x, observed
+
+
+def _scale(folder: Path, meta: dict, x: np.ndarray) -> inputs.InputScale:
+    """site.json's declared input scale (``inputs``) for images with x's channels."""
+    try:
+        return inputs.parse(meta, int(x.shape[1]) if x.ndim == 4 else 1)
+    except inputs.InputScaleError as e:
+        raise SiteDataError(f"{folder / 'site.json'}: {e}") from None
 
 
 def _targets(path: Path, y: np.ndarray, x: np.ndarray, task: TaskInfo, meta: dict) -> np.ndarray:
@@ -265,12 +217,15 @@ def _targets(path: Path, y: np.ndarray, x: np.ndarray, task: TaskInfo, meta: dic
     if y.ndim != 4 or y.shape[0] != x.shape[0] or y.shape[2:] != x.shape[2:]:
         raise SiteDataError(f"{path}: y has shape {y.shape}; {task.name} targets are (N, C, H, W) with the "
                             f"images' height and width {x.shape[2:]}")
+    if y.size and (y.min() < 0.0 or y.max() > 1.0):  # target images stay in [0, 1] (PSNR's peak is 1)
+        raise SiteDataError(f"{path}: {task.name} target values span [{y.min():g}, {y.max():g}]; target images are "
+                            "float32 in [0, 1] (divide 0-255 images by 255, or store them as uint8)")
     if task.targets == "mask" and (y.shape[1] != 1 or not np.isin(y, (0.0, 1.0)).all()):
         raise SiteDataError(f"{path}: {task.name} masks are (N, 1, H, W) with values 0 or 1")
     return y
 
 
-def _read_split(folder: Path, split: str, meta: dict) -> tuple[np.ndarray, np.ndarray]:
+def _read_split(folder: Path, split: str, meta: dict) -> tuple[np.ndarray, np.ndarray, tuple | None]:
     path = folder / f"{split}.npz"
     if not path.is_file():
         raise SiteDataError(f"site folder {folder}: missing {split}.npz (see README, 'Site data folder')")
@@ -284,12 +239,12 @@ def _read_split(folder: Path, split: str, meta: dict) -> tuple[np.ndarray, np.nd
     except (KeyError, ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
         raise SiteDataError(f"{path}: unreadable (truncated or not an .npz with arrays 'x' and 'y': {e}); "
                             "re-export the site's data") from None
-    x = _inputs(path, x, task, meta)
+    x, observed = _inputs(path, x, task, meta)
     if len(x) != len(y):
         raise SiteDataError(f"{path}: {len(x)} inputs but {len(y)} targets")
     if len(y) == 0:
         raise SiteDataError(f"{path}: holds no examples; a site needs a non-empty {split} split")
-    return x, _targets(path, y, x, task, meta)
+    return x, _targets(path, y, x, task, meta), observed
 
 
 def check_against_model(data: SiteData, input_shape: tuple[int, ...], num_classes: int, where: str) -> None:
@@ -318,6 +273,9 @@ def load_site(folder: str | Path) -> SiteData:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as e:
         raise SiteDataError(f"{meta_path}: not valid JSON ({e})") from None
-    xtr, ytr = _read_split(folder, "train", meta)
-    xte, yte = _read_split(folder, "test", meta)
-    return SiteData(meta.get("name", folder.name), meta.get("role", "train"), xtr, ytr, xte, yte, meta)
+    xtr, ytr, otr = _read_split(folder, "train", meta)
+    xte, yte, ote = _read_split(folder, "test", meta)
+    scale = inputs.UNIT if otr is None else _scale(folder, meta, xtr)
+    observed = None if otr is None else (min(otr[0], ote[0]), max(otr[1], ote[1]))
+    return SiteData(meta.get("name", folder.name), meta.get("role", "train"), xtr, ytr, xte, yte, meta,
+                    inputs.describe(scale, observed))

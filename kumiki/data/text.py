@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kumiki.data.sites import write_site
 from kumiki.data.sources import DataUnavailable
 from kumiki.tasks import IGNORE
 
@@ -256,15 +257,12 @@ def _texts(cfg, names: list[str], groups: dict[str, str], rng: np.random.Generat
     return out
 
 
-def materialize_text(cfg, root: str | Path) -> list[Path]:
-    """One site folder per language / role / chain under ``root`` (task ``language``, vocabulary 256)."""
-    from kumiki import hierarchy
-    from kumiki.data.sites import write_site
-
+def materialize_text(cfg, root: str | Path, groups: dict[str, str]) -> list[Path]:
+    """One site folder per language / role / chain under ``root`` (task ``language``, vocabulary 256);
+    ``groups``: each site's sub-federation ("" for none), from the federation tree (``kumiki.data.prepare``
+    resolves it: the tree sits above the sources)."""
     data = cfg.data
     names = text_site_names(data)
-    tree = hierarchy.resolve(cfg)
-    groups = {s: (tree.group_of(s) if tree else None) or "" for s in names}
     rng = np.random.default_rng(cfg.run.seed if data.partition_seed is None else data.partition_seed)
     texts = _texts(cfg, names, groups, rng)
     out = []

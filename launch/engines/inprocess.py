@@ -89,7 +89,7 @@ def run_inprocess(cfg, quiet: bool = False, grid_hook=None, overwrite: bool = Fa
     when a ``grid_hook`` is given (tests read them), never in plain runs and benchmarks.
     """
     from client.app import app as client_app
-    from launch.engines import node_configs, prepare_sites
+    from launch.engines.prepare import node_configs, prepare_sites
     from launch.rundir import claim_run_dir
     from server.federation import run_federation
 

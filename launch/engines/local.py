@@ -65,7 +65,7 @@ from typing import IO, Any, Literal
 from kumiki.config import KumikiConfig
 from launch import fastpath
 from launch.certs import CertBundle, make_certs
-from launch.engines import node_configs, prepare_sites, process_run_dir
+from launch.engines.prepare import node_configs, prepare_sites, process_run_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 log = logging.getLogger("kumiki.local")

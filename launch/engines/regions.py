@@ -26,7 +26,7 @@ from kumiki import hierarchy
 from kumiki.config import KumikiConfig
 from launch import fastpath
 from launch.certs import make_certs
-from launch.engines import node_configs, prepare_sites, process_run_dir
+from launch.engines.prepare import node_configs, prepare_sites, process_run_dir
 from launch.engines.local import (FEDERATION, FLWR_ENV, HOST, INSECURE_BANNER, REPO_ROOT, Tuning, _Cluster, _Proc,
                                   _flwr_run, _flwr_status, _log_has, _logs_of, _TUNING_ENV, _wait, _write_flwr_home,
                                   config_arg, default_timeout_s, exe, free_ports, port_open, register_sites,

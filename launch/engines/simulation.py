@@ -16,7 +16,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from client.threads import site_threads, usable_cores
-from launch.engines import prepare_sites
+from launch.engines.prepare import prepare_sites
 
 log = logging.getLogger("kumiki")
 
