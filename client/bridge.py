@@ -42,6 +42,8 @@ APP_DIR = Path(__file__).resolve().parents[1]
 ERR_REGION = 4500  # the region could not answer (its run failed or timed out)
 _STARTED = re.compile(r"Successfully started run (\d+)")
 BOOT_GRACE_S = 30.0  # a server that was just submitted gets this long to take the lock before anyone asks
+UNKNOWN_GRACE_S = 180.0  # ``flwr ls`` that cannot tell (a busy machine times it out) is no verdict for this long
+RUN_ID_FILE = "server-run-id"  # the region's submitted server run, known to every job of the region
 
 
 def is_bridge(context: Context) -> bool:
@@ -131,13 +133,26 @@ def booting(status: str) -> bool:
     return status.split(":")[0] in ("pending", "starting", "running")
 
 
+def _submitted(region_dir: Path) -> int | None:
+    """The run id of the region's server as last submitted by any job of this region (None if none)."""
+    try:
+        return int((region_dir / RUN_ID_FILE).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
 def run_region(job_dir: Path, node_config: dict) -> None:
     """Make sure the region's server runs (starting it when it does not, at most 3 times), then wait for its
-    answer to the job, bounded by ``region-timeout-s``. A server this mod submitted is not started again
-    while its Flower run is still pending, starting or running (a slow start is not a dead server)."""
+    answer to the job, bounded by ``region-timeout-s``.
+
+    A submitted server is not started again while its Flower run is still pending, starting or running (a
+    slow start is not a dead server), whichever job of the region submitted it (its run id is kept in the
+    region's folder), nor while ``flwr ls`` cannot tell its status (on a busy machine the CLI times out) for
+    less than ``UNKNOWN_GRACE_S``: only Flower's word that the run ended, or a long silence, starts another."""
     region_dir = job_dir.parent.parent
     timeout = float(node_config.get("region-timeout-s", 900))
-    deadline, starts, checked, boot, run_id = time.monotonic() + timeout, 0, 0.0, 0.0, None
+    deadline, starts, checked, boot = time.monotonic() + timeout, 0, 0.0, 0.0
+    run_id, unknown_since = _submitted(region_dir), None
     while not (job_dir / "result.json").is_file():
         now = time.monotonic()
         if now > deadline:
@@ -145,13 +160,20 @@ def run_region(job_dir: Path, node_config: dict) -> None:
         if now - checked > 1.0 and now - boot > BOOT_GRACE_S:
             checked = now
             if not server_alive(region_dir):
-                if run_id is not None and booting(run_status(node_config, run_id)):
+                status = run_status(node_config, run_id) if run_id is not None else "finished:none"
+                if status == "unknown":
+                    unknown_since = now if unknown_since is None else unknown_since
+                else:
+                    unknown_since = None
+                if booting(status) or (unknown_since is not None and now - unknown_since < UNKNOWN_GRACE_S):
                     checked = time.monotonic() + 4.0  # ask Flower again in ~5 s
                     continue
                 if starts >= 3:
                     raise RuntimeError(f"the region's server stopped {starts} times without answering; see "
                                        f"{region_dir / 'flwr-run.log'} and the region SuperLink's logs")
-                run_id = start_server(node_config, region_dir)
+                run_id, unknown_since = start_server(node_config, region_dir), None
+                if run_id is not None:
+                    (region_dir / RUN_ID_FILE).write_text(str(run_id))
                 starts, boot = starts + 1, time.monotonic()
         time.sleep(0.05)
 

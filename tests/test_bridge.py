@@ -57,3 +57,28 @@ def test_a_server_whose_run_finished_without_the_lock_is_started_again_then_give
                                            ("unknown", False)])
 def test_booting(status, alive):
     assert bridge.booting(status) is alive
+
+
+def test_the_next_job_of_a_region_does_not_start_a_server_that_is_still_starting(region, monkeypatch):
+    """The profile job submitted the server; the train job that follows finds its run id in the region's
+    folder and waits for it instead of submitting a second server (seen under load: two 'Successfully
+    started' in one region's flwr-run.log)."""
+    job, calls = region
+    clock = iter(range(0, 10_000, 10))
+    monkeypatch.setattr(bridge.time, "monotonic", lambda: float(next(clock)))
+    (job.parent.parent / bridge.RUN_ID_FILE).write_text("101")
+    calls["statuses"], calls["answer_after_last"] = ["starting", "running"], True
+    bridge.run_region(job, {"region-timeout-s": 5_000})
+    assert calls["starts"] == 0 and not calls["statuses"]
+
+
+def test_a_status_flower_cannot_tell_is_waited_on_before_a_restart(region, monkeypatch):
+    """``flwr ls`` timing out on a busy machine says 'unknown': no restart within UNKNOWN_GRACE_S of it."""
+    job, calls = region
+    clock = iter(range(0, 100_000, 10))
+    monkeypatch.setattr(bridge.time, "monotonic", lambda: float(next(clock)))
+    calls["statuses"] = ["unknown"] * 4 + ["running"]
+    calls["answer_after_last"] = True
+    bridge.run_region(job, {"region-timeout-s": 50_000})
+    assert calls["starts"] == 1 and not calls["statuses"]
+    assert (job.parent.parent / bridge.RUN_ID_FILE).read_text() == "101"
