@@ -147,7 +147,7 @@ class MFedObjective(SiteObjective):
         w = self.weight(sj, has_global)
         penalty = None
         if w and self.cfg.decoder_reg == "prox":  # a term of the parameters alone: the loop's penalty, so that
-            def penalty(m):  # DP-SGD adds its gradient after clipping and noise instead of dropping it
+            def penalty(m, w=w):  # DP-SGD adds its gradient after clipping and noise instead of dropping it
                 term = prox_term(m.decoders[key], anchor, w)
                 log[0] += float(term.detach())
                 log[1] += 1
