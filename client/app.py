@@ -235,7 +235,7 @@ def train(msg: Message, context: Context) -> Message:
             # under DP nothing computed from the training split leaves outside epsilon: the loss, the method's
             # own numbers (M-Fed's decoder term, WorldLM's sampled tokens) stay home; only the accountant's do
             metrics = {"epsilon": spent, "noise-multiplier": dp.noise_multiplier, "dp-steps": float(dp.steps),
-                       **({"tokens": metrics["tokens"]} if "tokens" in metrics else {})}
+                       **{k: v for k, v in metrics.items() if objective.dp_metrics and k.startswith(objective.dp_metrics)}}
         state = {k: v.detach().cpu() for k, v in sj.model.state_dict().items()}
         out = to_wire(sj.split.outgoing(state, info.group or None), sj.wire)
         bad = non_finite(out)

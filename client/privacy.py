@@ -26,10 +26,9 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import secrets
 
 import numpy as np
 import torch

@@ -86,7 +86,8 @@ def write_json(path: Path, obj: Any) -> None:
 COVERS_LOCAL = ("the training records of each site, in every tensor it sends (all it trains is DP-SGD, data-free "
                 "terms added after the noise); no training-split value leaves a DP site except num-examples (the "
                 "split's size), epsilon and the step count. Not covered: the test split (its metrics are reported "
-                "as computed)")
+                "as computed), and the personalized metrics of methods that fine-tune at evaluation (FedAvg-FT, "
+                "FedHB's personalization): that fine-tune runs on the training split in the clear, at the site")
 COVERS_SHARED = ("the tensors that travel (privacy.scope = shared: personal tensors train in the clear and the "
                  "site's personalized test metrics depend on them); no training-split metric leaves the site")
 COVERS_CENTRAL = ("the aggregate the server publishes each round (one joint clip per site over all the parts it "
@@ -220,7 +221,8 @@ class Recorder:
         if groups:  # privacy a method applies per sub-federation (WorldLM): per group, and each site's ledger
             eps = self.totals.epsilon
             return {"accountant": p.accountant, "groups": groups, "epsilon_per_site": dict(sorted(eps.items())),
-                    "stopped_at_round": dict(sorted(strategy.budget_spent.items()))}
+                    "stopped_at_round": dict(sorted(strategy.budget_spent.items())),
+                    "noise": NOISE_REPRODUCIBLE if p.reproducible_noise else NOISE_SECRET}
         if not (p.enabled or p.central):
             return None
         out: dict[str, Any] = {"target_epsilon": p.target_epsilon, "delta": p.delta, "accountant": p.accountant,

@@ -64,6 +64,9 @@ class SiteJob:
 class SiteObjective:
     #: False where the method has no shared-only prediction path (global metrics are then null).
     has_global = True
+    #: training metrics (name prefixes) a DP site still sends: functions of its DP-trained parameters or of the
+    #: plan (post-processing, inside epsilon). Every other training metric stays home under DP (client/app.py).
+    dp_metrics: tuple[str, ...] = ()
 
     def __init__(self, cfg: Any):
         self.cfg = cfg

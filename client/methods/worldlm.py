@@ -23,6 +23,8 @@ from kumiki.tasks import IGNORE
 class LMObjective(SiteObjective):
     """tau local steps (``method.local_steps``; none: ``train.local_epochs`` epochs) of the task's loss."""
 
+    dp_metrics = ("tokens",)  # under DP the planned count (``train``), not the sampled one
+
     def steps(self, sj: SiteJob) -> tuple[int | None, int | None]:
         """(epochs, max_steps) of one round."""
         tau = self.cfg.local_steps
