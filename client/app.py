@@ -232,10 +232,11 @@ def train(msg: Message, context: Context) -> Message:
                 spent = privacy.finish(ledger, dp, sj.job.privacy, sj.state)
             except privacy.BudgetExhausted as exc:
                 return _decline(msg, info, exc)
-            # under DP nothing computed from the training split leaves outside epsilon: the loss, the method's
-            # own numbers (M-Fed's decoder term, WorldLM's sampled tokens) stay home; only the accountant's do
-            metrics = {"epsilon": spent, "noise-multiplier": dp.noise_multiplier, "dp-steps": float(dp.steps),
-                       **{k: v for k, v in metrics.items() if objective.dp_metrics and k.startswith(objective.dp_metrics)}}
+            # under DP nothing computed from the training split leaves outside epsilon: the loss and the method's
+            # own numbers (M-Fed's decoder term) stay home; the accountant's go, and what the objective declares
+            # post-processing of its DP-trained parameters or plan (``dp_metrics``: FLoRAL's pi, WorldLM's tokens)
+            kept = {k: v for k, v in metrics.items() if objective.dp_metrics and k.startswith(objective.dp_metrics)}
+            metrics = {"epsilon": spent, "noise-multiplier": dp.noise_multiplier, "dp-steps": float(dp.steps), **kept}
         state = {k: v.detach().cpu() for k, v in sj.model.state_dict().items()}
         out = to_wire(sj.split.outgoing(state, info.group or None), sj.wire)
         bad = non_finite(out)
