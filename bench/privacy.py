@@ -4,7 +4,7 @@
 
 The pilot (``deploy/pilot.toml``) with ``model.norm = "group"`` (DP-SGD cannot train BatchNorm);
 epsilon = inf is the same model trained without DP. Each (method, epsilon) runs in its own output
-dir, so each starts with a fresh privacy ledger (runs over the same records share one). DualFed
+dir, so each starts with a fresh privacy ledger (runs of the same sites share one). DualFed
 runs under DP with ``con_lambda = 0`` and ``privacy.fix_model`` (its projector's BatchNorm). Reported:
 personalized and global accuracy at the end, epsilon spent per site, and the rounds each site
 trained before its budget stopped it.

@@ -64,6 +64,7 @@ def load_state(store: SiteStore, fingerprint: str, split: ParamSplit, info: site
             raise StateMismatch(
                 f"site {info.name}: {store.path} belongs to run {other[0]!r} (id {other[1]}), but the server says this "
                 f"site completed round {completed} of run {job.run!r} (id {job.run_id}); restore this run's state file")
+        record = store.privacy_record()  # the site's DP record outlives the run: its ledger must too
         dest = store.archive(other)
         log.warning("site %s: the state of run %r (id %s) moved to %s; run %r (id %s) starts from fresh personal "
                     "state", info.name, other[0], other[1], dest, job.run, job.run_id)
@@ -77,6 +78,8 @@ def load_state(store: SiteStore, fingerprint: str, split: ParamSplit, info: site
         log.warning("site %s: state file %s missing after round %d; restarting from fresh personal state "
                     "(on_missing_state = reset)", info.name, store.path, completed)
     state = store.load(fingerprint, before_round)
+    if other is not None and other != (job.run, job.run_id) and record:
+        state.extra[privacy.RECORD] = record
     state.run, state.run_id = job.run, job.run_id
     if state.personal and set(state.personal) != set(split.personal):
         missing, extra = sorted(set(split.personal) - set(state.personal)), sorted(set(state.personal) - set(split.personal))
@@ -226,10 +229,14 @@ def train(msg: Message, context: Context) -> Message:
         metrics = objective.fit(sj)
         if dp is not None:  # checked and recorded before anything leaves the site
             try:
-                spent = privacy.finish(ledger, dp, sj.job.privacy)
+                spent = privacy.finish(ledger, dp, sj.job.privacy, sj.state)
             except privacy.BudgetExhausted as exc:
                 return _decline(msg, info, exc)
-            metrics.update({"epsilon": spent, "noise-multiplier": dp.noise_multiplier, "dp-steps": float(dp.steps)})
+            # under DP nothing computed from the training split leaves outside epsilon: the loss and the method's
+            # own numbers (M-Fed's decoder term) stay home; the accountant's go, and what the objective declares
+            # post-processing of its DP-trained parameters or plan (``dp_metrics``: FLoRAL's pi, WorldLM's tokens)
+            kept = {k: v for k, v in metrics.items() if objective.dp_metrics and k.startswith(objective.dp_metrics)}
+            metrics = {"epsilon": spent, "noise-multiplier": dp.noise_multiplier, "dp-steps": float(dp.steps), **kept}
         state = {k: v.detach().cpu() for k, v in sj.model.state_dict().items()}
         out = to_wire(sj.split.outgoing(state, info.group or None), sj.wire)
         bad = non_finite(out)
@@ -242,9 +249,10 @@ def train(msg: Message, context: Context) -> Message:
         return _error(msg, ERR_TRAIN, exc)
     m = {
         C.NUM_EXAMPLES: sj.data.num_train,
-        "train-loss": float(metrics.get("loss", 0.0)),
         "fit-time-s": time.perf_counter() - t0 - eval_s,  # the site's compute for training (evaluation apart)
     }
+    if dp is None:
+        m["train-loss"] = float(metrics.get("loss", 0.0))
     m.update({f"train-{k}": float(v) for k, v in metrics.items() if k not in ("loss", "examples")})
     content = RecordDict({C.ARRAYS: C.to_record(out), C.METRICS: MetricRecord(m)})
     if evaluation is not None:

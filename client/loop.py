@@ -26,6 +26,8 @@ from client.tasks import Classification, score
 import torch._dynamo  # noqa: E402,F401  isort: skip
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+#: a loss term of the parameters alone (FedProx's proximal term, Ditto's pull, a prior): it never sees the data
+Penalty = Callable[[nn.Module], torch.Tensor]
 PredictFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 StepHook = Callable[[nn.Module], None]
 
@@ -64,7 +66,8 @@ class Trainer:
         self.cfg = train_cfg
         self.seed = seed
         self.steps = 0
-        #: ``client.privacy.DPContext`` in a training message with ``privacy.enabled``: every fit is DP-SGD
+        #: ``client.privacy.DPContext`` in a training message with ``privacy.enabled``: every fit is DP-SGD (the loop
+        #: uses it through its methods only, so it never imports ``client.privacy``: privacy builds on the loop)
         self.dp = dp
 
     def seed_for(self, tag: str) -> int:
@@ -88,12 +91,15 @@ class Trainer:
 
     def poisson_batches(self, tag: str, x: torch.Tensor | None = None, y: torch.Tensor | None = None):
         """DP-SGD's sampling: each example joins each of the epoch's 1/q batches with probability q
-        (what the accountant assumes); a batch may be empty."""
+        (what the accountant assumes); a batch may be empty. The draws are the DP context's: secret
+        (``client.privacy``), or seeded from the site's seed under ``privacy.reproducible_noise``."""
         x = self.x if x is None else x
         y = self.y if y is None else y
-        g, q = self._generator(tag), self.dp.sample_rate
-        for _ in range(max(1, round(1 / q))):
-            idx = (torch.rand(len(y), generator=g) < q).nonzero().squeeze(1).to(self.device)
+        dp = self.dp
+        g = self._generator(tag) if dp.reproducible else dp.generator(f"poisson:{tag}")
+        for _ in range(max(1, round(1 / dp.sample_rate))):
+            dp.refresh(g)
+            idx = (torch.rand(len(y), generator=g) < dp.sample_rate).nonzero().squeeze(1).to(self.device)
             yield x[idx], y[idx]
 
     def fit(
@@ -109,6 +115,7 @@ class Trainer:
         data: tuple[torch.Tensor, torch.Tensor] | None = None,
         before_step: StepHook | None = None,
         max_steps: int | None = None,
+        penalty: Penalty | None = None,
     ) -> dict[str, float]:
         """Train only ``params`` (everything else frozen) with a fresh ``train.optimizer``; return mean loss.
 
@@ -120,6 +127,9 @@ class Trainer:
         ``params`` may be optimizer parameter groups (dicts with their own ``lr``: FLoRAL's base,
         adaptors and router); ``before_step`` edits gradients between backward and step
         (FLoRAL's preconditioning); ``max_steps`` stops early (a new site's router warm-up).
+        ``penalty(model)`` is a term of the parameters alone, added to every batch's loss. Under DP-SGD its gradient
+        is added after clipping and noise (post-processing: no privacy cost): inside the loss, Opacus would drop it,
+        as it builds the gradient from per-example gradients of the data's loss only.
         """
         params = list(params)
         groups = params if params and isinstance(params[0], dict) else ([{"params": params}] if params else [])
@@ -145,7 +155,10 @@ class Trainer:
                         if len(yb) == 0:
                             continue
                     loss = loss_fn(model, xb, yb)
-                    if not torch.isfinite(loss):
+                    term = penalty(model) if penalty is not None else None
+                    if term is not None and not private:
+                        loss = loss + term  # plain SGD: one loss, one backward
+                    if not torch.isfinite(loss) or (term is not None and not torch.isfinite(term)):
                         raise NonFiniteLoss(f"non-finite loss in stage {tag!r}, epoch {epoch}")
                     if opts:
                         for o in opts.values():
@@ -155,7 +168,10 @@ class Trainer:
                                 p.grad_sample = None
                         loss.backward()
                         if "private" in opts:
+                            self.dp.refresh(opts["private"].generator)
                             opts["private"].pre_step()  # clip per example, add noise: p.grad is now private
+                        if term is not None and private:  # post-processing of the private gradient
+                            self._add_gradient(term, [p for g in groups for p in g["params"]])
                         if before_step is not None:
                             before_step(model)
                         if self.cfg.grad_clip is not None:
@@ -164,6 +180,8 @@ class Trainer:
                             (o.original_optimizer if name == "private" else o).step()
                     if after_step is not None:
                         after_step(model)
+                    if term is not None and private:
+                        loss = loss.detach() + term.detach()
                     total += float(loss.detach()) * len(yb)
                     count += len(yb)
                     self.steps += 1
@@ -173,6 +191,16 @@ class Trainer:
             for n, p in model.named_parameters():
                 p.requires_grad_(flags[n])
         return {"loss": total / max(count, 1), "examples": float(count)}
+
+    @staticmethod
+    def _add_gradient(term: torch.Tensor, params: list[nn.Parameter]) -> None:
+        """``p.grad += d term / d p`` for every trained parameter the term depends on."""
+        if not term.requires_grad:
+            return  # a zero term (no anchor yet)
+        grads = torch.autograd.grad(term, params, allow_unused=True)
+        for p, g in zip(params, grads):
+            if g is not None:
+                p.grad = g if p.grad is None else p.grad + g
 
     def _make_optimizer(self, lr: float | None) -> Callable[[list[dict]], torch.optim.Optimizer]:
         """``train.optimizer`` over parameter groups: SGD (momentum) or Adam/AdamW (betas); fresh per call."""
@@ -192,12 +220,6 @@ class Trainer:
         make = self._make_optimizer(lr)
         if self.dp is None:
             return {"plain": make(groups)}, None
-        from opacus import GradSampleModule
-        from opacus.optimizers import DPOptimizer
-
-        from client.privacy import register_grad_samplers
-
-        register_grad_samplers()
         dp = self.dp
         private, clear = [], []
         for g in groups:
@@ -209,10 +231,7 @@ class Trainer:
         opts = {"plain": make(clear)} if clear else {}
         if not private:
             return opts, None
-        gsm = GradSampleModule(model, loss_reduction="mean")
-        opts["private"] = DPOptimizer(make(private), noise_multiplier=dp.noise_multiplier,
-                                      max_grad_norm=dp.max_grad_norm, expected_batch_size=dp.expected_batch_size,
-                                      loss_reduction="mean", generator=dp.generator(tag))
+        opts["private"], gsm = dp.optimizer(model, private, make, tag)  # client.privacy.DPContext
         return opts, gsm
 
 def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, predict: PredictFn = forward,

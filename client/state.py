@@ -120,6 +120,16 @@ class SiteStore:
         except Exception:  # noqa: BLE001 - load() reports an unreadable file with its fix
             return None
 
+    def privacy_record(self) -> dict | None:
+        """The live state's DP record (``client.privacy.RECORD``): what its privacy ledger must at least hold."""
+        if not self.path.is_file():
+            return None
+        try:
+            raw = torch.load(self.path, map_location="cpu", weights_only=True)
+            return dict(raw["extra"].get("privacy") or {}) or None
+        except Exception:  # noqa: BLE001 - load() reports an unreadable file with its fix
+            return None
+
     def archive(self, run: tuple[str, str]) -> Path:
         """Move another run's state files to ``previous-runs/<run>.<run_id>/`` (never deleted, never overwritten)."""
         dest = self.root / "previous-runs" / f"{run[0]}.{run[1]}"

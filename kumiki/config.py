@@ -278,6 +278,12 @@ class PrivacySection(_Section):
                                              "mean noised (a whole site is the privacy unit); independent of enabled")
     central_clip: float = Field(1.0, gt=0.0, description="central DP: L2 bound on one site's update (its change)")
     central_noise_multiplier: float = Field(1.0, gt=0.0, description="central DP: noise std = z * clip / sites")
+    reproducible_noise: bool = Field(
+        False, description="research only, NOT private: DP noise and batches (sites) and central noise (server) "
+                           "seeded from run.seed, site and round, which the server knows (docs/privacy.md); refused "
+                           "by deployment engines unless force_reproducible_noise")
+    force_reproducible_noise: bool = Field(
+        False, description="let a deployment (local / regions / compose) run with reproducible_noise anyway")
 
 
 class ServerSection(_Section):

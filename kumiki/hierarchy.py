@@ -59,7 +59,8 @@ class GroupPolicy(BaseModel):
     dp_target_epsilon: float = Field(8.0, gt=0.0, le=1000.0, description="the group's budget: its sites stop "
                                                                          "training rather than exceed it")
     dp_delta: float = Field(1e-5, gt=0.0, lt=1.0, description="delta of (epsilon, delta)-DP")
-    dp_cover_k: bool = Field(False, description="central: key layers clipped and noised too (not only the backbone)")
+    dp_cover_k: bool = Field(True, description="central: key layers clipped and noised too (default); false sends "
+                                               "them un-noised (outside epsilon: the group's record says so)")
 
     def policy_keys(self) -> list[str]:
         """The keys set here that only a hierarchical method honours."""

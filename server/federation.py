@@ -114,10 +114,28 @@ def _pending_after_resume(cfg: KumikiConfig, start: int | None, recorder: Record
     return start if start and in_train_reply(cfg) and recorded != start else None
 
 
+def check_reproducible_noise(cfg: KumikiConfig, engine: str) -> None:
+    """``privacy.reproducible_noise`` makes the DP noise a function of values the server knows: fine for a
+    simulation that must repeat bit for bit, never silently for real factories (a deployment engine)."""
+    p = cfg.privacy
+    if p.reproducible_noise and (p.enabled or p.central or _group_dp(cfg)):
+        if engine not in ("inprocess", "simulation") and not p.force_reproducible_noise:
+            raise ValueError("privacy.reproducible_noise = true seeds the DP noise from run.seed, site names and "
+                             "rounds, which the server knows: it is not private. A deployment refuses it; remove it, "
+                             "or set privacy.force_reproducible_noise = true for a research deployment")
+        log.warning("privacy.reproducible_noise = true: DP noise is seeded from public values; NOT private")
+
+
+def _group_dp(cfg: KumikiConfig) -> bool:
+    groups = getattr(cfg.federation, "groups", None) or {}
+    return any(getattr(g, "dp", "none") != "none" for g in (groups.values() if isinstance(groups, dict) else groups))
+
+
 def run_federation(grid: Grid, cfg: KumikiConfig, sim: dict | None = None, engine: str = "deployment",
                    quiet: bool = False, resume: bool = False) -> dict[str, Any]:
     """Run ``cfg``'s rounds on ``grid``; ``resume`` continues the run in its run dir after its last checkpoint
     (or starts it, if the run dir holds none)."""
+    check_reproducible_noise(cfg, engine)
     run_dir = cfg.run_dir()
     strategy = build_strategy(cfg, sim)
     start = resume_point(cfg) if resume else None  # None: a fresh run

@@ -82,6 +82,21 @@ def write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+#: what summary.json's ``privacy`` section says epsilon covers (docs/privacy.md)
+COVERS_LOCAL = ("the training records of each site, in every tensor it sends (all it trains is DP-SGD, data-free "
+                "terms added after the noise); no training-split value leaves a DP site except num-examples (the "
+                "split's size), epsilon and the step count. Not covered: the test split (its metrics are reported "
+                "as computed), and the personalized metrics of methods that fine-tune at evaluation (FedAvg-FT, "
+                "FedHB's personalization): that fine-tune runs on the training split in the clear, at the site")
+COVERS_SHARED = ("the tensors that travel (privacy.scope = shared: personal tensors train in the clear and the "
+                 "site's personalized test metrics depend on them); no training-split metric leaves the site")
+COVERS_CENTRAL = ("the aggregate the server publishes each round (one joint clip per site over all the parts it "
+                  "sends, one Gaussian release); not the individual updates, which the server itself sees in the clear")
+NOISE_SECRET = "secret: the OS CSPRNG at each site and at the server (nobody else can regenerate it)"
+NOISE_REPRODUCIBLE = ("REPRODUCIBLE (privacy.reproducible_noise = true): seeded from run.seed, site and round; the "
+                      "server can regenerate and subtract it, so epsilon does NOT hold against the server")
+
+
 class Recorder:
     def __init__(self, run_dir: Path, cfg, engine: str, quiet: bool = False, resume_from: int | None = None):
         """``resume_from = k``: continue the run dir's records after round k (rows of later rounds, written
@@ -206,18 +221,23 @@ class Recorder:
         if groups:  # privacy a method applies per sub-federation (WorldLM): per group, and each site's ledger
             eps = self.totals.epsilon
             return {"accountant": p.accountant, "groups": groups, "epsilon_per_site": dict(sorted(eps.items())),
-                    "stopped_at_round": dict(sorted(strategy.budget_spent.items()))}
+                    "stopped_at_round": dict(sorted(strategy.budget_spent.items())),
+                    "noise": NOISE_REPRODUCIBLE if p.reproducible_noise else NOISE_SECRET}
         if not (p.enabled or p.central):
             return None
-        out: dict[str, Any] = {"target_epsilon": p.target_epsilon, "delta": p.delta, "accountant": p.accountant}
+        out: dict[str, Any] = {"target_epsilon": p.target_epsilon, "delta": p.delta, "accountant": p.accountant,
+                               "noise": NOISE_REPRODUCIBLE if p.reproducible_noise else NOISE_SECRET}
         if p.enabled:
             eps = self.totals.epsilon
             out.update({"epsilon_per_site": dict(sorted(eps.items())), "max_grad_norm": p.max_grad_norm,
-                        "scope": p.scope, "stopped_at_round": dict(sorted(strategy.budget_spent.items()))})
+                        "scope": p.scope, "stopped_at_round": dict(sorted(strategy.budget_spent.items())),
+                        "epsilon_per_round": {s: dict(sorted(v.items())) for s, v in sorted(strategy.site_epsilon.items())},
+                        "unit": "one training record of a site (its ledger spans every run and every change of its data)",
+                        "covers": COVERS_LOCAL if p.scope == "all" else COVERS_SHARED})
         if p.central:
             out["central"] = {"epsilon": strategy.central_epsilon(), "releases": strategy.central_releases,
                               "clip": p.central_clip, "noise_multiplier": p.central_noise_multiplier,
-                              "unit": "one site (all its records)"}
+                              "unit": "one site (all its records)", "covers": COVERS_CENTRAL}
         return out
 
     def participation(self, strategy: KumikiStrategy) -> dict[str, Any]:

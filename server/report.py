@@ -428,6 +428,8 @@ def build_html(run_dir: Path) -> str:
     b64 = plot_privacy(rows, num(privacy.get("target_epsilon")) if privacy else None)
     if b64:
         parts.append(_section("privacy spent per round", _img(b64, "epsilon per round")))
+    if privacy and str(privacy.get("noise", "")).startswith("REPRODUCIBLE"):  # research switch: say it loudly
+        parts.append(_section("privacy: NOT private against the server", _missing(str(privacy["noise"]))))
     b64 = plot_traffic(rows)
     parts.append(_section("bytes and time per round", _img(b64, "bytes and time per round") if b64 else
                           _missing("no per-round traffic recorded")))

@@ -8,6 +8,7 @@ runs over all rows at once, never tensor by tensor (``strategies/flat.py`` says 
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -122,15 +123,34 @@ def clip_to_norm(updates: Updates, reference: Arrays, limit: float, norms: np.nd
     return stack
 
 
+def noise_rng(privacy, seed: int, *salt: int) -> np.random.Generator:
+    """The server's source of central-DP noise: its own secret (the OS CSPRNG, 128 bits), never a value a site
+    knows; only ``privacy.reproducible_noise`` (not private) seeds it from the run seed and ``salt``."""
+    if getattr(privacy, "reproducible_noise", False):
+        return np.random.default_rng([seed, 7919, *salt])
+    return np.random.default_rng(secrets.randbits(128))
+
+
+def joint_norms(parts: list[tuple[Updates, Arrays]], sites: list[list[str]]) -> dict[str, float]:
+    """Each site's change norm over every part it sent (the shared tensors and its group's): one clip of this
+    joint norm makes all the parts one Gaussian release (M-Fed's encoder and decoder), not one per part."""
+    sq: dict[str, float] = {}
+    for (updates, ref), names in zip(parts, sites):
+        for site, nrm in zip(names, update_norms(updates, ref)):
+            sq[site] = sq.get(site, 0.0) + float(nrm) ** 2
+    return {s: v ** 0.5 for s, v in sq.items()}
+
+
 def central_dp_mean(updates: Updates, reference: Arrays, clip: float, noise_multiplier: float,
-                    rng: np.random.Generator) -> dict[str, np.ndarray]:
+                    rng: np.random.Generator, norms: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Site-level central DP (DP-FedAvg, McMahan et al. 2018): the uniform mean of the changes clipped to
     ``clip``, plus N(0, (z clip / m)^2) on every floating-point coordinate; m = len(updates).
 
     Uniform weights: with example-count weights one site's share, hence the sensitivity, would be unbounded.
-    A ``Stack`` passed in is clipped in place (see :func:`clip_to_norm`).
+    A ``Stack`` passed in is clipped in place (see :func:`clip_to_norm`). ``norms``: the norms to clip by (a
+    site's joint norm over several parts, :func:`joint_norms`; default each update's own).
     """
-    stack = clip_to_norm(updates, reference, clip)
+    stack = clip_to_norm(updates, reference, clip, norms)
     std = noise_multiplier * clip / len(stack)
     mean = _mean_row(stack, np.ones(len(stack)))
     noised = (mean.astype(np.float64) + rng.normal(0.0, std, mean.shape)).astype(mean.dtype)

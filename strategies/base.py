@@ -41,8 +41,8 @@ from flwr.serverapp.strategy import Strategy
 from kumiki import contract as C
 from kumiki.accounting import epsilon
 from kumiki.split import ParamSplit
-from strategies.aggregate import (central_dp_mean, clip_to_median_norm, coordinate_median, trimmed_mean,
-                                 weighted_mean)
+from strategies.aggregate import (central_dp_mean, clip_to_median_norm, coordinate_median, joint_norms, noise_rng,
+                                 trimmed_mean, weighted_mean)
 from strategies.flat import Layout, Stack
 from strategies.replies import (BadReply, check_arrays, eval_metrics, parse_profile, rejection, site_seconds,
                                train_metrics)
@@ -151,6 +151,8 @@ class KumikiStrategy(Strategy):
         self.budget_spent: dict[str, int] = {}
         #: central DP (``privacy.central``): noised releases so far
         self.central_releases = 0
+        #: site -> {round: epsilon its DP-SGD ledger reported with that round's update} (never goes down)
+        self.site_epsilon: dict[str, dict[int, float]] = {}
 
     # ------------------------------------------------------------- sites
     def train_nodes(self) -> list[int]:
@@ -345,6 +347,7 @@ class KumikiStrategy(Strategy):
         version, internal, gauss = self._rng.getstate()
         meta = {"completed": dict(self.completed), "budget_spent": dict(self.budget_spent),
                 "central_releases": self.central_releases, "rng": [version, list(internal), gauss],
+                "site_epsilon": {s: {str(r): e for r, e in v.items()} for s, v in self.site_epsilon.items()},
                 "run_id": self.job.run_id}
         if self.rounds:  # its row may wait for its evaluation (next round's messages): a resume writes it then
             last = max(self.rounds)
@@ -368,6 +371,8 @@ class KumikiStrategy(Strategy):
         self.completed = {str(k): int(v) for k, v in meta.get("completed", {}).items()}
         self.budget_spent = {str(k): int(v) for k, v in meta.get("budget_spent", {}).items()}
         self.central_releases = int(meta.get("central_releases", 0))
+        self.site_epsilon = {str(s): {int(r): float(e) for r, e in v.items()}
+                             for s, v in meta.get("site_epsilon", {}).items()}
         self.job = replace(self.job, run_id=str(meta.get("run_id", "")))  # the sites' state belongs to this run
         if meta.get("rng") is not None:
             version, internal, gauss = meta["rng"]
@@ -456,9 +461,22 @@ class KumikiStrategy(Strategy):
             raise BadReply("reply lacks its 'arrays' record")
         profile = self.profiles[nid]
         n, metrics = train_metrics(content, announced=profile.num_train)
+        self.check_epsilon(profile.site, metrics)
         arrays = check_arrays(content[C.ARRAYS], self.reference_arrays(), expected, finite=False,
                               wire=expected if isinstance(expected, Mapping) else None)
         return Update(profile, arrays, n, metrics)
+
+    def check_epsilon(self, site: str, metrics: Mapping[str, float]) -> None:
+        """A DP site's update carries the epsilon its ledger has spent, and that never goes down: a site whose
+        epsilon fell has restarted its budget (a ledger deleted or replaced), and its update is refused."""
+        eps = metrics.get("train-epsilon")
+        if eps is None:
+            return
+        seen = self.site_epsilon.get(site)
+        last = seen[max(seen)] if seen else 0.0
+        if eps < last - 1e-9:
+            raise BadReply(f"its reported epsilon went down from {last:.4f} to {eps:.4f}: its privacy ledger was "
+                           "reset, so its budget is not enforced; the site must restore its ledger (docs/privacy.md)")
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         stats = self._stats(server_round)
@@ -548,6 +566,8 @@ class KumikiStrategy(Strategy):
             stats.bytes_up += nbytes
             stats.train_metrics[update.profile.site] = update.metrics
             self.completed[update.profile.site] = server_round
+            if "train-epsilon" in update.metrics:
+                self.site_epsilon.setdefault(update.profile.site, {})[server_round] = update.metrics["train-epsilon"]
         return updates
 
     @staticmethod
@@ -573,16 +593,22 @@ class KumikiStrategy(Strategy):
                 self.group_arrays[g] = self.combine(self.part(members, self.group_arrays[g]), self.weights(members))
 
     def aggregate_central(self, updates: list[Update]) -> None:
-        """``privacy.central``: each part (shared, each group) becomes the noised uniform mean of clipped changes."""
+        """``privacy.central``: each part (shared, each group) becomes the noised uniform mean of clipped changes.
+
+        A site's parts are clipped jointly (its change over the shared tensors and its group's, one norm, one
+        clip), so the round is one Gaussian release of sensitivity clip per site, however many parts it spans
+        (M-Fed's encoder and decoder), and one accountant step counts it. The noise is the server's secret."""
         p = self.cfg.privacy
         self.central_releases += 1
-        rng = np.random.default_rng([self.cfg.run.seed, 7919, self.central_releases])
+        rng = noise_rng(p, self.cfg.run.seed, self.central_releases)
         parts = [("", self.shared, updates)] + [(g, a, [u for u in updates if u.profile.group == g])
                                                   for g, a in self.group_arrays.items()]
-        for g, ref, members in parts:
-            if not ref or not members:
-                continue
-            new = central_dp_mean(self.part(members, ref), ref, p.central_clip, p.central_noise_multiplier, rng)
+        parts = [(g, ref, members, self.part(members, ref)) for g, ref, members in parts if ref and members]
+        joint = joint_norms([(stack, ref) for _, ref, _, stack in parts],
+                            [[u.profile.site for u in members] for _, _, members, _ in parts])
+        for g, ref, members, stack in parts:
+            norms = np.array([joint[u.profile.site] for u in members])
+            new = central_dp_mean(stack, ref, p.central_clip, p.central_noise_multiplier, rng, norms)
             if g:
                 self.group_arrays[g] = new
             else:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from kumiki import hierarchy
-from strategies.aggregate import weighted_mean
+from strategies.aggregate import noise_rng, weighted_mean
 from strategies.base import KumikiStrategy, Update
 from strategies.worldlm import local_dp_config
 from strategies.worldlm_tree import CentralDP, reduce
@@ -42,7 +42,7 @@ class HierFAVG(KumikiStrategy):
 
     def extra_config(self, node_id: int, server_round: int) -> dict:
         g = self.group_of(node_id)
-        return local_dp_config(self.policy(g), self.cfg.privacy.accountant) if g else {}
+        return local_dp_config(self.policy(g), self.cfg.privacy.accountant, self.cfg.privacy.reproducible_noise) if g else {}
 
     def policy(self, group: str):
         return self.tree.groups[group]
@@ -62,7 +62,7 @@ class HierFAVG(KumikiStrategy):
             p = self.policy(g)
             dp = CentralDP(p.dp_clip, p.dp_noise_multiplier) if p.dp == "central" else None
             w = self.weights(mine)
-            rng = np.random.default_rng([self.cfg.run.seed, 7919, i, self._round])
+            rng = noise_rng(self.cfg.privacy, self.cfg.run.seed, i, self._round)  # the server's secret
             self.models[g] = reduce([u.arrays for u in mine], w, self.models[g], dp, rng)
             self.group_n[g] = float(sum(w))
             self.group_releases[g] += int(dp is not None)

@@ -39,7 +39,7 @@ from kumiki import hierarchy
 from kumiki.accounting import epsilon
 from kumiki.config import PrivacySection
 from kumiki.split import EVERY_GROUP, ParamSplit, SplitRules
-from strategies.aggregate import clip_to_norm, update_norms, weighted_mean
+from strategies.aggregate import clip_to_norm, noise_rng, update_norms, weighted_mean
 from strategies.base import KumikiStrategy, Update
 from strategies.worldlm_tree import (AttentionOptions, CentralDP, Node, OuterOptimizer, reduce,
                                      residual_embeddings)
@@ -57,14 +57,14 @@ def key_names(names: Iterable[str], patterns: Iterable[str]) -> tuple[str, ...]:
     return split.groups.get(EVERY_GROUP, ())
 
 
-def local_dp_config(policy, accountant: str) -> dict:
+def local_dp_config(policy, accountant: str, reproducible_noise: bool = False) -> dict:
     """A sub-federation with local DP: its sites' messages carry its privacy policy in place of ``[privacy]``
     (DP-SGD through each site's own persistent ledger, ``client/privacy.py``)."""
     if policy.dp != "local":
         return {}
     priv = PrivacySection(enabled=True, target_epsilon=policy.dp_target_epsilon, delta=policy.dp_delta,
                           max_grad_norm=policy.dp_clip, noise_multiplier=policy.dp_noise_multiplier,
-                          accountant=accountant)
+                          accountant=accountant, reproducible_noise=reproducible_noise)
     return {C._PRIVACY: priv.model_dump_json()}
 
 
@@ -213,7 +213,7 @@ class WorldLM(KumikiStrategy):
 
     def extra_config(self, node_id: int, server_round: int) -> dict:
         g = self.group_of(node_id)
-        return local_dp_config(self.policy(g), self.cfg.privacy.accountant) if g else {}
+        return local_dp_config(self.policy(g), self.cfg.privacy.accountant, self.cfg.privacy.reproducible_noise) if g else {}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord | None, config: ConfigRecord,
                         grid: Grid, evaluate: int | None = None) -> Iterable[Message]:
@@ -267,7 +267,7 @@ class WorldLM(KumikiStrategy):
         return super().aggregate_train(server_round, replies)
 
     def _dp_rng(self, salt: int) -> np.random.Generator:
-        return np.random.default_rng([self.cfg.run.seed, 7919, salt, self._round])
+        return noise_rng(self.cfg.privacy, self.cfg.run.seed, salt, self._round)  # the server's secret
 
     def aggregate(self, updates: list[Update]) -> None:
         if self.phase(self._round)[0] == 0:
@@ -349,11 +349,16 @@ class WorldLM(KumikiStrategy):
                 out[g] = {"mode": "central", "epsilon": self.group_epsilon(g), "releases": self.group_releases[g],
                           "target_epsilon": p.dp_target_epsilon, "delta": p.dp_delta, "clip": p.dp_clip,
                           "noise_multiplier": p.dp_noise_multiplier, "cover_k": p.dp_cover_k,
-                          "stopped_at_round": self.group_budget_spent.get(g), "unit": "one site (all its records)"}
+                          "stopped_at_round": self.group_budget_spent.get(g), "unit": "one site (all its records)",
+                          "covers": ("the backbone and the key layers each site sends (two releases a round)"
+                                     if p.dp_cover_k else "the backbone only: the key layers (and the residuals "
+                                     "built from them) travel WITHOUT noise, outside epsilon (dp_cover_k = false)")}
             elif p.dp == "local":
                 out[g] = {"mode": "local", "target_epsilon": p.dp_target_epsilon, "delta": p.dp_delta,
                           "max_grad_norm": p.dp_clip, "noise_multiplier": p.dp_noise_multiplier,
-                          "unit": "one record of a site (each site's ledger: privacy.epsilon_per_site)"}
+                          "unit": "one record of a site (each site's ledger: privacy.epsilon_per_site)",
+                          "covers": "everything its sites send: every tensor trained by DP-SGD (tau steps a round "
+                                    "planned), no training-split metric (train-tokens is the planned count)"}
         return out or None
 
     def record(self, rnd: int) -> dict:

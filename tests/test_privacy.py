@@ -85,7 +85,10 @@ def test_clipping_bounds_the_update_and_noise_changes_it():
     # noise std per coordinate: sigma * C / expected batch size
     assert (noisy - quiet).std() == pytest.approx(1.0 / 64, rel=0.6)
     again, _ = _toy(DPContext(1.0, max_grad_norm=1.0, sample_rate=1.0, expected_batch_size=64, seed=0))
-    assert torch.equal(noisy, again), "seeded: the same site, round and stage draw the same noise"
+    assert not torch.equal(noisy, again), "secret: the same site, round and stage never draw the same noise"
+    seeded = [_toy(DPContext(1.0, max_grad_norm=1.0, sample_rate=1.0, expected_batch_size=64, seed=0,
+                             reproducible=True))[0] for _ in range(2)]
+    assert torch.equal(*seeded), "privacy.reproducible_noise: seeded, the same draws (research only)"
 
 
 def test_poisson_batches_have_the_sample_rate_on_average():

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from client.bn import has_personal_bn, reestimate_bn
-from client.loop import LossFn, Trainer, forward
+from client.loop import LossFn, Penalty, Trainer, forward
 from client.state import SiteState
 from client.tasks import Classification, Task, task_for
 from kumiki.contract import Job
@@ -64,6 +64,9 @@ class SiteJob:
 class SiteObjective:
     #: False where the method has no shared-only prediction path (global metrics are then null).
     has_global = True
+    #: training metrics (name prefixes) a DP site still sends: functions of its DP-trained parameters or of the
+    #: plan (post-processing, inside epsilon). Every other training metric stays home under DP (client/app.py).
+    dp_metrics: tuple[str, ...] = ()
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
@@ -74,10 +77,17 @@ class SiteObjective:
 
     # -- training ---------------------------------------------------------
     def loss(self, sj: SiteJob) -> LossFn:
+        """The per-example loss on a batch (what DP-SGD clips per example)."""
         return sj.task_loss
 
+    def penalty(self, sj: SiteJob) -> Penalty | None:
+        """A term of the parameters alone (FedProx's proximal term), kept out of ``loss`` so that DP-SGD adds its
+        gradient after clipping and noise instead of dropping it (``Trainer.fit``)."""
+        return None
+
     def fit(self, sj: SiteJob) -> dict[str, float]:
-        return sj.trainer.fit(sj.model, sj.model.parameters(), self.loss(sj), tag=f"r{sj.job.round}")
+        return sj.trainer.fit(sj.model, sj.model.parameters(), self.loss(sj), tag=f"r{sj.job.round}",
+                              penalty=self.penalty(sj))
 
     # -- evaluation -------------------------------------------------------
     def personalized_model(self, sj: SiteJob) -> nn.Module:

@@ -19,7 +19,7 @@ import copy
 from torch import nn
 
 from client.methods.base import SiteJob, SiteObjective
-from client.methods.fedprox import proximal_term
+from client.methods.fedprox import anchored
 
 
 class DittoObjective(SiteObjective):
@@ -31,13 +31,8 @@ class DittoObjective(SiteObjective):
 
     def personal_track(self, sj: SiteJob, v: nn.Module, epochs: int | None, tag: str) -> dict[str, float]:
         """(b): SGD on F_k(v) + (lambda/2)||v - w_t||^2 from v's current weights."""
-        anchor = {k: t.detach().clone() for k, t in sj.received.items() if t.is_floating_point()}
-        lam, task_loss = self.cfg.lam, sj.task_loss
-
-        def personal_loss(m, x, y):
-            return task_loss(m, x, y) + proximal_term(m, anchor, lam)
-
-        return sj.trainer.fit(v, v.parameters(), personal_loss, epochs=epochs, tag=tag)
+        return sj.trainer.fit(v, v.parameters(), sj.task_loss, epochs=epochs, tag=tag,
+                              penalty=anchored(sj, self.cfg.lam))  # the pull acts under DP too (post-processing)
 
     def fit(self, sj: SiteJob) -> dict[str, float]:
         v = self._personal(sj)

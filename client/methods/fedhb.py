@@ -51,12 +51,12 @@ class FedHBObjective(SiteObjective):
         """Minimize J_i from ``model``'s current weights (module docstring)."""
         pull = self._pull(sj, model)
         lr, task_loss = sj.trainer.cfg.lr, sj.task_loss
-        if self.cfg.prox_update == "explicit":
-            def loss(m, x, y):
+        if self.cfg.prox_update == "explicit":  # the prior is the loop's penalty: under DP it acts after the noise
+            def prior(m):
                 params = dict(m.named_parameters())
-                prior = sum((mu * (params[k] - anchor).pow(2)).sum() for k, (anchor, mu) in pull.items())
-                return task_loss(m, x, y) + 0.5 * prior
-            return sj.trainer.fit(model, model.parameters(), loss, epochs=epochs, tag=tag)
+                return 0.5 * sum((mu * (params[k] - anchor).pow(2)).sum() for k, (anchor, mu) in pull.items())
+            return sj.trainer.fit(model, model.parameters(), task_loss, epochs=epochs, tag=tag,
+                                  penalty=prior if pull else None)
 
         @torch.no_grad()
         def implicit_step(m: nn.Module) -> None:

@@ -33,6 +33,8 @@ def router_probs(model: nn.Module) -> list[float]:
 
 
 class FloralObjective(SiteObjective):
+    dp_metrics = ("pi-",)  # softmax of the router's DP-trained theta: post-processing
+
     def groups(self, sj: SiteJob, model: nn.Module, router_only: bool = False) -> list[dict]:
         lr = sj.trainer.cfg.lr
         router = {"params": model.router_parameters(), "lr": self.cfg.router_lr}

@@ -144,9 +144,18 @@ class MFedObjective(SiteObjective):
         if self.cfg.decoder_init == "keep_local" and local is not None:
             decoder.load_state_dict(local)  # d_k goes on from where this site left it, not from D_bar_t
         log = [0.0, 0]
-        loss = self.objective(sj, key, anchor, self.weight(sj, has_global), log)
+        w = self.weight(sj, has_global)
+        penalty = None
+        if w and self.cfg.decoder_reg == "prox":  # a term of the parameters alone: the loop's penalty, so that
+            def penalty(m, w=w):  # DP-SGD adds its gradient after clipping and noise instead of dropping it
+                term = prox_term(m.decoders[key], anchor, w)
+                log[0] += float(term.detach())
+                log[1] += 1
+                return term
+            w = 0.0
+        loss = self.objective(sj, key, anchor, w, None if penalty else log)
         out = sj.trainer.fit(model, [*model.encoder.parameters(), *decoder.parameters()], loss,
-                             tag=f"r{sj.job.round}")
+                             tag=f"r{sj.job.round}", penalty=penalty)
         sj.state.extra["decoder"] = {k: v.detach().cpu().clone() for k, v in decoder.state_dict().items()}
         sj.state.extra["group"] = sj.group
         return {**out, "decoder-term": log[0] / max(log[1], 1)}

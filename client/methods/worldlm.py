@@ -23,6 +23,8 @@ from kumiki.tasks import IGNORE
 class LMObjective(SiteObjective):
     """tau local steps (``method.local_steps``; none: ``train.local_epochs`` epochs) of the task's loss."""
 
+    dp_metrics = ("tokens",)  # under DP the planned count (``train``), not the sampled one
+
     def steps(self, sj: SiteJob) -> tuple[int | None, int | None]:
         """(epochs, max_steps) of one round."""
         tau = self.cfg.local_steps
@@ -33,10 +35,14 @@ class LMObjective(SiteObjective):
 
     def train(self, sj: SiteJob, model: nn.Module, tag: str) -> dict[str, float]:
         epochs, max_steps = self.steps(sj)
+        dp = sj.trainer.dp
+        before = dp.steps if dp is not None else 0
         m = sj.trainer.fit(model, model.parameters(), self.loss(sj), epochs=epochs, max_steps=max_steps, tag=tag)
         y = sj.data.y_train
         scored = float((y != IGNORE).sum()) / max(len(y), 1) if y.ndim == 2 else 1.0
-        m["tokens"] = m["examples"] * scored
+        # under DP the Poisson-sampled count would leave outside epsilon: its expectation (steps x q x N) instead
+        examples = m["examples"] if dp is None else (dp.steps - before) * dp.sample_rate * len(y)
+        m["tokens"] = examples * scored
         return m
 
     def fit(self, sj: SiteJob) -> dict[str, float]:

@@ -20,6 +20,10 @@ def run(cfg: KumikiConfig, engine: str, quiet: bool = False, overwrite: bool = F
     ``insecure`` turns TLS and SuperNode authentication off in the ``local`` engine (the
     other engines open no Flower connection).
     """
+    if engine in ("local", "regions"):  # fail before any process starts
+        from server.federation import check_reproducible_noise
+
+        check_reproducible_noise(cfg, "deployment")
     bridged = cfg.federation.superlinks == "per_group"
     if bridged != (engine == "regions"):
         raise ValueError("federation.superlinks = 'per_group' runs on --engine regions (a SuperLink per "
