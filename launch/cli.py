@@ -301,7 +301,7 @@ def site_import(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="move an existing OUT aside first")] = False,
 ) -> None:
     """Turn a factory's labelled images into a site folder (site.json, train.npz, test.npz), checked as the
-    site will load it (README, "Site data folder")."""
+    site will load it (docs/deployment.md, "Site data folder")."""
     from kumiki.data.imports import default_sites_root, import_site, parse_classes, parse_size
     from kumiki.data.sites import SiteDataError
     from launch.fab import shipped_under

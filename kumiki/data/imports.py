@@ -1,4 +1,4 @@
-"""``kumiki site import``: a factory's labelled images -> a site folder (README, "Site data folder").
+"""``kumiki site import``: a factory's labelled images -> a site folder (docs/deployment.md, "Site data folder").
 
 The source is either a folder with one sub-folder per class (``SRC/<class>/*.png``) or a CSV of
 ``file,label`` rows (paths relative to the CSV's folder; a ``file,label`` header is optional). Images are

@@ -92,7 +92,7 @@ def site_folders(root: str | Path, sites: int, unseen: int) -> list[str]:
         return legacy
     found = sorted(d.name for d in root.iterdir() if (d / "site.json").is_file()) if root.is_dir() else []
     if not found:
-        raise SiteDataError(f"data.path {root}: no site folder (a sub-folder with site.json); see README, "
+        raise SiteDataError(f"data.path {root}: no site folder (a sub-folder with site.json); see docs/deployment.md, "
                             "'Site data folder', or make one with `kumiki site import`")
     roles: dict[str, list[str]] = {"train": [], "unseen": []}
     for d in found:
@@ -228,7 +228,7 @@ def _targets(path: Path, y: np.ndarray, x: np.ndarray, task: TaskInfo, meta: dic
 def _read_split(folder: Path, split: str, meta: dict) -> tuple[np.ndarray, np.ndarray, tuple | None]:
     path = folder / f"{split}.npz"
     if not path.is_file():
-        raise SiteDataError(f"site folder {folder}: missing {split}.npz (see README, 'Site data folder')")
+        raise SiteDataError(f"site folder {folder}: missing {split}.npz (see docs/deployment.md, 'Site data folder')")
     try:
         task = task_info(str(meta.get("task", "classification")))
     except ValueError as e:
