@@ -12,7 +12,12 @@ Process hygiene: every process is started in its own process group (session),
 whose id is the PID we recorded; stopping a group also stops the SuperExec,
 ``flwr-clientapp`` and ``flwr-serverapp`` children in it. ``_Cluster.stop_all``
 runs in a ``finally:`` (errors, timeouts and Ctrl-C included): SIGTERM to each
-group, a bounded wait, then SIGKILL.
+group, a bounded wait, then SIGKILL. Where no ``finally:`` runs (``kill -9``, the
+OOM killer) the run still dies with its launcher: each direct child has a
+parent-death signal, and ``launch/reaper.py`` (started first, holding the run
+dir's lock) stops every process carrying the run's token in its environment,
+grandchildren included. A ServerApp that dies outright is noticed within a
+second (``server/lifecycle.py``) and the run is recorded as failed.
 
 Latency (see ``Tuning``; ``Tuning.stock()`` turns all of it off). A Flower 1.41
 deployment round is dominated by fixed poll sleeps, retry back-offs and one
@@ -56,6 +61,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -63,9 +69,10 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 from kumiki.config import KumikiConfig
-from launch import fastpath
+from launch import fastpath, reaper
 from launch.certs import CertBundle, make_certs
 from launch.engines import node_configs, prepare_sites, process_run_dir
+from server.lifecycle import PID_FILE, serverapp_died
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 log = logging.getLogger("kumiki.local")
@@ -251,11 +258,32 @@ class _Proc:
 
 @dataclass
 class _Cluster:
-    """The processes of one run; each in its own process group (pgid == its PID)."""
+    """The processes of one run; each in its own process group (pgid == its PID), each with a parent-death
+    signal; ``token`` (in every child's environment) and ``lock_fd`` (the run dir's lock, inherited by every
+    child) are handed to the reaper, which outlives a killed launcher just long enough to stop the rest."""
 
     logs: Path
     procs: list[_Proc] = field(default_factory=list)
     _files: list[IO] = field(default_factory=list)
+    token: str | None = None
+    lock_fd: int | None = None
+    reaper: subprocess.Popen | None = None
+    #: seconds the reaper gives the run's processes between SIGTERM and SIGKILL
+    reaper_grace_s: float = 10.0
+
+    def start_reaper(self, env: dict[str, str]) -> None:
+        """``launch/reaper.py`` with a pipe as stdin: it acts when the pipe closes (this process ended)."""
+        assert self.token is not None
+        out = open(self.logs / "reaper.log", "ab")
+        self._files.append(out)
+        clean = {k: v for k, v in env.items() if k != reaper.TOKEN_ENV}
+        self.reaper = subprocess.Popen(
+            [sys.executable, str(Path(reaper.__file__).resolve()), self.token, str(self.reaper_grace_s)],
+            cwd=str(REPO_ROOT), env=clean, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True, pass_fds=self._fds())
+
+    def _fds(self) -> tuple[int, ...]:
+        return () if self.lock_fd is None else (self.lock_fd,)
 
     def start(self, name: str, args: list[str], env: dict[str, str], pipe: bool = False) -> _Proc:
         log = self.logs / f"{name}.log"
@@ -266,6 +294,7 @@ class _Cluster:
         popen = subprocess.Popen(
             args, cwd=str(REPO_ROOT), env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True,  # own session and process group
+            preexec_fn=reaper.parent_death_signal(), pass_fds=self._fds(),  # dies with us; holds the run dir
         )
         proc = _Proc(name, popen, log, list(args), dict(env))
         self.procs.append(proc)
@@ -299,6 +328,12 @@ class _Cluster:
             try:
                 p.popen.wait(timeout=5)
             except subprocess.TimeoutExpired:
+                pass
+        if self.reaper is not None:  # closing its pipe: it stops whatever escaped the groups, then exits
+            try:
+                self.reaper.stdin.close()  # type: ignore[union-attr]
+                self.reaper.wait(timeout=self.reaper_grace_s + 15)
+            except (OSError, subprocess.TimeoutExpired):
                 pass
         for f in self._files:
             f.close()
@@ -462,6 +497,7 @@ def _run_local(cfg: KumikiConfig, quiet: bool = False, *, insecure: bool = False
 
     env = {k: v for k, v in os.environ.items() if k not in _TUNING_ENV}
     env.update(FLWR_ENV)
+    env[reaper.TOKEN_ENV] = uuid.uuid4().hex  # every process of this run, grandchildren included, carries it
     env["FLWR_HOME"] = str(home)
     env["PATH"] = f"{venv_bin()}{os.pathsep}{env.get('PATH', '')}"  # flwr spawns flower-superexec etc. by name
     env["PYTHONUNBUFFERED"] = "1"
@@ -486,8 +522,14 @@ def _run_local(cfg: KumikiConfig, quiet: bool = False, *, insecure: bool = False
 
     if timeout_s is None:
         timeout_s = default_timeout_s(cfg)
-    cluster = _Cluster(logs)
+    from launch.rundir import lock_fd
+
+    cluster = _Cluster(logs, token=env[reaper.TOKEN_ENV], lock_fd=lock_fd(run_dir))
+    (run_dir / PID_FILE).unlink(missing_ok=True)  # a marker left by an earlier ServerApp of this dir (resume)
+    started = time.time()
+    failure: BaseException | None = None
     try:
+        cluster.start_reaper(env)
         link = cluster.start("superlink", [
             exe("flower-superlink"), *security_args("superlink", certs, secret=secret), *isolation,
             "--host", HOST, "--port", str(link_port),
@@ -539,7 +581,7 @@ def _run_local(cfg: KumikiConfig, quiet: bool = False, *, insecure: bool = False
             node_ids.update(register_sites(certs, [p.site], env))
             (home / "registered.json").write_text(json.dumps(node_ids, indent=2))
 
-        run_id = _flwr_run(cluster, env, config_path, quiet, timeout_s, daemons, reregister, resume)
+        run_id = _flwr_run(cluster, env, config_path, quiet, timeout_s, daemons, reregister, resume, run_dir)
         status = _flwr_status(env, run_id) if run_id is not None else "not started"
         recorded = json.loads(summary_path.read_text()).get("status") if summary_path.is_file() else None
         if status != "finished:completed" or recorded in (None, "failed"):
@@ -550,13 +592,54 @@ def _run_local(cfg: KumikiConfig, quiet: bool = False, *, insecure: bool = False
                 + _logs_of(run_log, 40) + _logs_of([p for p in cluster.procs if p not in run_log], 12)
             )
         return json.loads(summary_path.read_text())
+    except BaseException as exc:
+        failure = exc
+        raise
     finally:
         cluster.stop_all()
+        if failure is not None:
+            record_failure(cfg, run_dir, started, failure)
+
+
+def stop_reason(exc: BaseException) -> str:
+    """Why a run ended, in a line: the signal that stopped it (the CLI raises ``KeyboardInterrupt("SIGTERM")``;
+    Ctrl-C is SIGINT), or the error's first line."""
+    if isinstance(exc, KeyboardInterrupt):
+        return f"stopped by {str(exc) or 'SIGINT'}"
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first}"
+
+
+def record_failure(cfg: KumikiConfig, run_dir: Path, since: float, exc: BaseException) -> None:
+    """After the processes are stopped: the ServerApp records how the run ended (a signal included); where it
+    could not (killed outright, never started), write a ``failed`` summary.json saying why. Then the report of
+    whatever rounds were recorded, where the ServerApp did not get to write it (it is stopped with a bounded
+    grace, and its Flower log stream dies with the SuperLink)."""
+    summary_path, report = run_dir / "summary.json", run_dir / "report.html"
+    try:
+        if not (summary_path.is_file() and summary_path.stat().st_mtime >= since):
+            rows = []
+            metrics = run_dir / "metrics.jsonl"
+            if metrics.is_file():
+                rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+            rounds = max((r["round"] for r in rows if r.get("kind") == "round"), default=0)
+            summary = {"method": cfg.method.name, "dataset": cfg.data.dataset, "rounds": rounds,
+                       "sites": cfg.data.sites, "status": "failed", "error": stop_reason(exc),
+                       "recorded_by": "launcher (the ServerApp could not)"}
+            tmp = summary_path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(summary, indent=2))
+            os.replace(tmp, summary_path)
+        if not report.is_file() or report.stat().st_mtime < summary_path.stat().st_mtime:
+            from server.report import render_report
+
+            render_report(run_dir)
+    except Exception as e:  # noqa: BLE001 - recording the failure must not hide it
+        log.warning("could not record the failed run in %s: %s", run_dir, e)
 
 
 #: environment variables through which ``Tuning`` reaches our launchers and server/app.py
 _TUNING_ENV = ("KUMIKI_SUPERNODE_POLL_S", "KUMIKI_PULL_BACKOFF_S", "KUMIKI_REPLY_POLL_MAX_S", "KUMIKI_FORK", "KUMIKI_PRELOAD",
-               "FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "FLWR_HOME")
+               "FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "FLWR_HOME", reaper.TOKEN_ENV)
 
 _STARTED = re.compile(r"Successfully started run (\d+)")
 #: how often the local engine restarts one site's SuperNode (or SuperExec) that died during a run
@@ -565,11 +648,12 @@ MAX_RESTARTS = 3
 
 def _flwr_run(cluster: _Cluster, env: dict[str, str], config_path: Path, quiet: bool, timeout_s: float,
               daemons: list[_Proc], before_restart: Callable[[_Proc], None] | None = None,
-              resume: bool = False) -> int | None:
+              resume: bool = False, run_dir: Path | None = None) -> int | None:
     """``flwr run <repo> kumiki-local --stream``, bounded by ``timeout_s``; returns the run id.
 
     ``before_restart(proc)`` runs before a dead site process is started again; ``resume`` asks the
-    ServerApp to continue the run from its checkpoint.
+    ServerApp to continue the run from its checkpoint. ``run_dir``: watch its ServerApp's marker
+    (``server/lifecycle.py``), so a ServerApp that dies outright fails the run within a second.
     """
     run_config = f"config={toml_str(str(config_path))}" + (" resume=true" if resume else "")
     proc = cluster.start("flwr-run", [
@@ -607,6 +691,9 @@ def _flwr_run(cluster: _Cluster, env: dict[str, str], config_path: Path, quiet: 
             if before_restart is not None:
                 before_restart(p)
             daemons[i] = cluster.restart(p)
+        if run_dir is not None and (dead := serverapp_died(run_dir)) is not None:
+            raise RuntimeError(f"the ServerApp (pid {dead}) died without ending the run (killed, or out of memory); "
+                               "the run is stopped\n" + _logs_of([proc], 20))
         if time.monotonic() > deadline:
             raise RuntimeError(f"the Flower run did not finish within {timeout_s:.0f}s\n" + _logs_of([proc], 40))
         time.sleep(0.1)
