@@ -30,12 +30,19 @@ site-packages is modified):
     link state stays in the file. Objects are transient: a restarted SuperLink loses in-flight
     messages either way, since its runs do not survive it.
 
+``client-cert``
+    The Control API sits behind a proxy that demands the operator's client certificate (mutual
+    TLS; ``deploy/proxy.py``), and Flower 1.41's CLI has no setting for one: its HTTP client
+    (``flwr.supercore.protobuf.client.ProtobufClient``) verifies the server only. In the ``flwr``
+    mode, a client built with TLS on also presents ``KUMIKI_CLIENT_CERT`` / ``KUMIKI_CLIENT_KEY``.
+
 Usage (standalone: this file imports only the standard library and flwr, so the images
 copy it alone and the Flower-native commands run it from a checkout)::
 
     python launch/fastpath.py superlink  <flower-superlink arguments>
     python launch/fastpath.py supernode  <flower-supernode arguments>
     python launch/fastpath.py superexec  <flower-superexec arguments>
+    python launch/fastpath.py flwr       <flwr CLI arguments>   # with KUMIKI_CLIENT_CERT/KEY: mutual TLS
     python launch/fastpath.py check      # apply every patch in a scratch process, report, exit 1 if one fails
 
 Settings: ``KUMIKI_SUPERNODE_POLL_S``, ``KUMIKI_PULL_BACKOFF_S`` (a number, or ``off``),
@@ -244,6 +251,47 @@ def patch_fork_executor() -> Patch:
     return Patch("fork-executor", True, "ClientApp/ServerApp tasks fork this pre-warmed SuperExec")
 
 
+# --------------------------------------------------------------------------- client-cert
+CLIENT_MODULE = "flwr.supercore.protobuf.client"
+
+
+def client_context(verify: Any, cert: str, key: str) -> Any:
+    """An ``ssl.SSLContext`` that verifies the server as ``verify`` says (a CA file path, a context, or True for
+    the system store) and presents ``cert``/``key``; ``verify=False`` (no TLS) is returned as it is."""
+    import ssl
+
+    if verify is False:
+        return verify
+    if isinstance(verify, ssl.SSLContext):
+        ctx = verify
+    else:
+        ctx = ssl.create_default_context(cafile=verify if isinstance(verify, str) else None)
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+def patch_client_cert(cert: str, key: str) -> Patch:
+    try:
+        mod = importlib.import_module(CLIENT_MODULE)
+        cls = mod.ProtobufClient
+        init = cls.__init__
+        if "verify" not in inspect.signature(init).parameters:
+            return Patch("client-cert", False, f"{CLIENT_MODULE}.ProtobufClient takes no 'verify' any more")
+    except (ImportError, AttributeError) as e:
+        return Patch("client-cert", False, f"{CLIENT_MODULE}.ProtobufClient not found: {e}")
+    if getattr(init, "kumiki_client_cert", False):
+        return Patch("client-cert", True, "already installed")
+
+    def patched(self, base_url, *args, verify=True, **kwargs):  # type: ignore[no-untyped-def]
+        if str(base_url).startswith("https://"):
+            verify = client_context(verify, cert, key)
+        init(self, base_url, *args, verify=verify, **kwargs)
+
+    patched.kumiki_client_cert = True  # type: ignore[attr-defined]
+    cls.__init__ = patched
+    return Patch("client-cert", True, f"TLS clients present {cert}")
+
+
 # --------------------------------------------------------------------------- superlink-objects
 def patch_superlink_objects() -> Patch:
     cl = importlib.import_module(CONFIG_LOADER_MODULE)
@@ -282,6 +330,9 @@ def preload(modules: list[str]) -> None:
 def apply(mode: str) -> list[Patch]:
     """Apply the patches ``mode`` (``supernode`` or ``superexec``) uses, per the environment."""
     patches = []
+    if mode == "flwr":
+        cert, key = os.environ.get("KUMIKI_CLIENT_CERT"), os.environ.get("KUMIKI_CLIENT_KEY")
+        return [patch_client_cert(cert, key)] if cert and key else []
     if mode == "superlink":
         objects = os.environ.get("KUMIKI_SUPERLINK_OBJECTS", DEFAULTS["KUMIKI_SUPERLINK_OBJECTS"])
         return [patch_superlink_objects()] if objects == "memory" else []
@@ -312,12 +363,20 @@ def main(argv: list[str] | None = None) -> None:
     mode = argv.pop(0) if argv else ""
     if mode == "check":
         patches = (apply("supernode") + [p for p in apply("superexec") if p.name == "fork-executor"]
-                   + apply("superlink"))
+                   + apply("superlink") + [patch_client_cert("operator.crt", "operator.key")])
         for p in patches:
             print(f"{p.name:<14} {'ok' if p.applied else 'FAILED'}  {p.detail}")
         sys.exit(0 if patches and all(p.applied for p in patches) else 1)
-    if mode not in ("supernode", "superexec", "superlink"):
-        sys.exit(f"usage: fastpath.py supernode|superexec|superlink <flwr arguments> | check   (got {mode!r})")
+    if mode not in ("supernode", "superexec", "superlink", "flwr"):
+        sys.exit(f"usage: fastpath.py supernode|superexec|superlink|flwr <flwr arguments> | check   (got {mode!r})")
+    if mode == "flwr":  # the CLI: quiet unless a patch fails (its output is parsed, e.g. --format json)
+        patches = apply(mode)
+        if any(not p.applied for p in patches):
+            report(patches, mode)
+        from flwr.cli.app import app as flwr_cli
+
+        sys.argv = ["flwr", *argv]
+        sys.exit(flwr_cli())
     if mode == "superexec":
         raw = os.environ.get("KUMIKI_PRELOAD")
         preload([m for m in (raw.split(",") if raw is not None else DEFAULT_PRELOAD) if m])

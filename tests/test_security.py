@@ -18,7 +18,6 @@ import ssl
 import stat
 import subprocess
 import time
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -120,7 +119,7 @@ def _intruders(home: Path) -> dict:
     from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
     import httpx
 
-    address = tomllib.loads((home / "config.toml").read_text())["superlink"][local.FEDERATION]["address"]
+    address = json.loads((home / "endpoints.json").read_text())["fleet"]  # the port the sites dial
     certs = home / "certs"
     stranger = home / "stranger.key"
     stranger.write_bytes(site_keypair()[0])
@@ -192,6 +191,71 @@ def test_unregistered_impostor_and_plaintext_sites_are_refused_and_the_run_goes_
     assert set(registered) == {"site-0", "site-1"}
     supernode_log = (cfg.run_dir() / "logs" / "supernode-site-0.log").read_text(errors="replace")
     assert f"SuperNode ID: {registered['site-0']}" in supernode_log  # the id fixed at registration
+
+
+NGINX = local.nginx_exe()
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _flwr(tmp_path: Path, env: dict, address: str, ca: Path, *args: str, cert: tuple[Path, Path] | None = None):
+    """The operator's ``flwr`` CLI against ``address`` (with ``cert``: presenting that client certificate)."""
+    home = tmp_path / f"home-{len(list(tmp_path.glob('home-*')))}"
+    home.mkdir()
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "fed"\n[superlink.fed]\naddress = "{address}"\n'
+                                      f'root-certificates = "{ca}"\n')
+    env = {**env, "FLWR_HOME": str(home)}
+    if cert:
+        env.update(KUMIKI_CLIENT_CERT=str(cert[0]), KUMIKI_CLIENT_KEY=str(cert[1]))
+    r = subprocess.run([*local.flwr_cli(), *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=180,
+                       stdin=subprocess.DEVNULL)
+    return r.returncode == 0 and '"success": false' not in r.stdout, local._ANSI.sub("", r.stdout + r.stderr)
+
+
+@pytest.mark.deploy
+@pytest.mark.skipif(NGINX is None, reason="nginx is not installed (apt-get install nginx-light; `make setup` does as root)")
+def test_only_the_operators_certificate_reaches_the_control_api(tmp_path):
+    """The SuperLink behind deploy/proxy.py's nginx, as the local engine runs it. Through the factories' port, with no
+    client certificate, or with a certificate from another CA, registering a SuperNode key and submitting a run both
+    fail, and the SuperLink sees neither; with the operator's certificate from `kumiki certs` both work."""
+    certs = make_certs(tmp_path / "certs", ["site-0", "site-1"])
+    attacker = make_certs(tmp_path / "attacker", [])  # a CA and an "operator" certificate of the attacker's own
+    link, fleet, control = local.free_ports(3)
+    env = {**local.FLWR_ENV, "PATH": f"{local.venv_bin()}:/usr/bin:/bin:/usr/sbin:/sbin", "PYTHONUNBUFFERED": "1"}
+    cluster = local._Cluster(tmp_path)
+    try:
+        link_proc = cluster.start("superlink", [
+            local.exe("flower-superlink"), *local.security_args("superlink", certs), "--isolation", "process",
+            "--host", local.HOST, "--port", str(link), "--disable-runtime-dependency-installation"], env)
+        proxy = local.start_proxy(cluster, NGINX, tmp_path / "proxy", certs, link, fleet, control, env)
+        local._wait("the SuperLink and the proxy", lambda: all(map(local.port_open, (link, fleet, control))),
+                    [link_proc, proxy], 90)
+        operator = (certs.operator_crt, certs.operator_key)
+        app_run = ("run", str(ROOT), "fed", "--run-config", "config='/nonexistent.toml'")
+        refused = {}
+        for who, port, cert in (("factory port", fleet, operator), ("no certificate", control, None),
+                                ("another CA", control, (attacker.operator_crt, attacker.operator_key))):
+            address = f"{local.HOST}:{port}"
+            refused[who] = (_flwr(tmp_path, env, address, certs.ca_crt, "supernode", "register",
+                                  str(certs.site_pub("site-0")), "fed", "--format", "json", cert=cert),
+                            _flwr(tmp_path, env, address, certs.ca_crt, *app_run, cert=cert))
+        control_addr = f"{local.HOST}:{control}"
+        ok_ls, runs = _flwr(tmp_path, env, control_addr, certs.ca_crt, "ls", "fed", "--format", "json", cert=operator)
+        ok_list, nodes = _flwr(tmp_path, env, control_addr, certs.ca_crt, "supernode", "list", "fed", "--format",
+                               "json", cert=operator)
+        ok_reg, reg = _flwr(tmp_path, env, control_addr, certs.ca_crt, "supernode", "register",
+                            str(certs.site_pub("site-1")), "fed", "--format", "json", cert=operator)
+    finally:
+        cluster.stop_all()
+    for who, ((reg_ok, reg_out), (run_ok, run_out)) in refused.items():
+        assert not reg_ok and not run_ok, f"{who}: register {reg_ok} {reg_out[-600:]}; run {run_ok} {run_out[-600:]}"
+    assert ok_ls and json.loads(runs)["runs"] == [], runs  # no run was submitted
+    assert ok_list and json.loads(nodes)["nodes"] == [], nodes  # no key was registered
+    assert ok_reg and '"node-id"' in reg, reg  # the operator's certificate does both
+    access = (tmp_path / "proxy" / "access.log").read_text()
+    assert '"POST /v1/control/register-node HTTP/1.1" 403' in access  # the factory port: never forwarded
+    assert '"POST /v1/control/register-node HTTP/1.1" 400' in access  # no (valid) client certificate
+    link_log = (tmp_path / "superlink.log").read_text(errors="replace")
+    assert link_log.count("/v1/control/register-node") == 1 and "/v1/control/start-run" not in link_log
 
 
 def test_insecure_only_by_the_explicit_flag(tmp_path, monkeypatch):

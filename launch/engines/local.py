@@ -394,11 +394,30 @@ def _write_flwr_home(home: Path, port: int, certs: CertBundle | None, federation
 _NODE_ID = re.compile(r'"node-id":\s*(\d+)')
 
 
+def flwr_cli() -> list[str]:
+    """The ``flwr`` CLI, through ``launch/fastpath.py`` (mode ``flwr``): with ``KUMIKI_CLIENT_CERT``/``KEY`` in its
+    environment it presents the operator's client certificate to the proxy's Control API listener."""
+    exe("flwr")  # fails clearly if flwr is not installed here
+    return [sys.executable, str(Path(fastpath.__file__).resolve()), "flwr"]
+
+
+def operator_env(env: dict[str, str], certs: CertBundle | None) -> dict[str, str]:
+    """``env`` for the operator's ``flwr`` commands: with the client certificate the proxy asks for."""
+    if certs is None:
+        return dict(env)
+    return {**env, "KUMIKI_CLIENT_CERT": str(certs.operator_crt), "KUMIKI_CLIENT_KEY": str(certs.operator_key)}
+
+
+def nginx_exe() -> str | None:
+    """Debian's nginx (``nginx-light``), if installed."""
+    return shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.access(p, os.X_OK)), None)
+
+
 def unregister_sites(node_ids: list[int], env: dict[str, str], timeout_s: float = 60.0,
                      federation: str = FEDERATION) -> None:
     """``flwr supernode unregister <node-id> <federation>``: that key can never connect again."""
     for nid in node_ids:
-        out = subprocess.run([exe("flwr"), "supernode", "unregister", str(nid), federation], env=env, cwd=str(REPO_ROOT),
+        out = subprocess.run([*flwr_cli(), "supernode", "unregister", str(nid), federation], env=env, cwd=str(REPO_ROOT),
                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout_s,
                              start_new_session=True)
         if out.returncode != 0:
@@ -413,7 +432,7 @@ def register_sites(certs: CertBundle, sites: list[str], env: dict[str, str], tim
     id it returns here is the site's for good (a restarted SuperNode gets it back).
     """
     procs = {site: subprocess.Popen(
-        [exe("flwr"), "supernode", "register", str(certs.site_pub(site)), federation, "--name", site, "--format", "json"],
+        [*flwr_cli(), "supernode", "register", str(certs.site_pub(site)), federation, "--name", site, "--format", "json"],
         env=env, cwd=str(REPO_ROOT), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True, start_new_session=True) for site in sites}
     ids, failed = {}, []
@@ -437,7 +456,7 @@ def _flwr_status(env: dict[str, str], run_id: int, timeout_s: float = 60.0, fede
     """``flwr ls --run-id N --format json`` -> the run's status (e.g. ``finished:completed``)."""
     try:
         out = subprocess.run(
-            [exe("flwr"), "ls", federation, "--run-id", str(run_id), "--format", "json"],
+            [*flwr_cli(), "ls", federation, "--run-id", str(run_id), "--format", "json"],
             env=env, cwd=str(REPO_ROOT), capture_output=True, text=True, timeout=timeout_s,
             stdin=subprocess.DEVNULL, start_new_session=True,
         )
@@ -463,8 +482,14 @@ def run_local(cfg: KumikiConfig, quiet: bool = False, *, overwrite: bool = False
 
 def _run_local(cfg: KumikiConfig, quiet: bool = False, *, insecure: bool = False, timeout_s: float | None = None,
                ready_timeout_s: float = 90.0, tuning: Tuning | None = None,
-               on_start: Callable[[list[int]], None] | None = None, resume: bool = False) -> dict[str, Any]:
+               on_start: Callable[[list[int]], None] | None = None, resume: bool = False,
+               proxy: bool | None = None) -> dict[str, Any]:
     """Run ``cfg`` on a real SuperLink + one SuperNode per site on 127.0.0.1; return summary.json.
+
+    ``proxy`` (default: whenever TLS is on and nginx is installed): the SuperLink sits behind nginx
+    (``deploy/proxy.py``): the SuperNodes dial its Fleet-only listener, the ``flwr`` commands its Control
+    listener with the operator's client certificate; the SuperLink's own port serves the ServerApp's
+    SuperExec (Runtime API) only.
 
     TLS and SuperNode authentication are on unless ``insecure``: a CA, the SuperLink's
     certificate and one key per site are made for the run (``launch.certs``, under
@@ -484,7 +509,7 @@ def _run_local(cfg: KumikiConfig, quiet: bool = False, *, insecure: bool = False
 
     home = run_dir / "flwr"  # fresh per run: a reused SuperLink database would list last run's nodes
     shutil.rmtree(home, ignore_errors=True)
-    link_port, *node_ports = free_ports(1 + cfg.total_sites)
+    link_port, fleet_port, control_port, *node_ports = free_ports(3 + cfg.total_sites)
     site_configs = node_configs(cfg, sim)
     for nc in site_configs:
         nc.update(thread_config(tuning, cfg.total_sites))
@@ -493,7 +518,20 @@ def _run_local(cfg: KumikiConfig, quiet: bool = False, *, insecure: bool = False
         log.warning(INSECURE_BANNER)
         if not quiet:
             print(f"\n{INSECURE_BANNER}\n", file=sys.stderr)
-    _write_flwr_home(home, link_port, certs)
+    nginx = nginx_exe()
+    if proxy is None:
+        proxy = certs is not None and nginx is not None
+        if certs is not None and nginx is None:
+            log.warning("nginx is not installed: the SuperLink's Control API is not fenced off from the sites' port "
+                        "(apt-get install nginx-light; docs/security.md)")
+    if proxy and (certs is None or nginx is None):
+        raise RuntimeError("the proxy needs TLS (drop --insecure) and nginx (apt-get install nginx-light)")
+    if not proxy:
+        fleet_port = control_port = link_port
+    _write_flwr_home(home, control_port, certs)
+    # where each party dials (the sites: fleet; the operator's flwr: control; the ServerApp's SuperExec: superlink)
+    (home / "endpoints.json").write_text(json.dumps({"superlink": f"{HOST}:{link_port}", "fleet": f"{HOST}:{fleet_port}",
+                                                     "control": f"{HOST}:{control_port}", "proxy": bool(proxy)}))
 
     env = {k: v for k, v in os.environ.items() if k not in _TUNING_ENV}
     env.update(FLWR_ENV)
@@ -508,6 +546,7 @@ def _run_local(cfg: KumikiConfig, quiet: bool = False, *, insecure: bool = False
     env["KUMIKI_PRELOAD"] = ",".join(tuning.preload)
     env["KUMIKI_REPLY_POLL_MAX_S"] = str(tuning.reply_poll_max_s or 0)  # read by server/app.py
     link_env, site_env = dict(env), dict(env)
+    cli_env = operator_env(env, certs)  # the operator's flwr commands: with the client certificate
     if tuning.server_superexec_poll_s is not None:
         link_env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = str(tuning.server_superexec_poll_s)
     if tuning.superexec_poll_s is not None:
@@ -539,17 +578,22 @@ def _run_local(cfg: KumikiConfig, quiet: bool = False, *, insecure: bool = False
         daemons = [link]
         if tuning.warm_superexec:
             daemons.append(superexec("superexec-serverapp", link_port, link_env, "superexec-server"))
-        _wait(f"the SuperLink on {HOST}:{link_port}", lambda: port_open(link_port), daemons, ready_timeout_s)
+        if proxy:
+            assert certs is not None and nginx is not None
+            daemons.append(start_proxy(cluster, nginx, home / "proxy", certs, link_port, fleet_port, control_port,
+                                       env))
+        _wait(f"the SuperLink on {HOST}:{link_port}", lambda: all(map(port_open, {link_port, fleet_port, control_port})),
+              daemons, ready_timeout_s)
         node_ids: dict[str, int] = {}
         if certs is not None:
-            node_ids = register_sites(certs, [nc["site"] for nc in site_configs], env)
+            node_ids = register_sites(certs, [nc["site"] for nc in site_configs], cli_env)
             (home / "registered.json").write_text(json.dumps(node_ids, indent=2))
 
         nodes = []
         for nc, port in zip(site_configs, node_ports):
             Path(nc["state-dir"]).mkdir(parents=True, exist_ok=True)
             args = [*security_args("supernode", certs, site=nc["site"], secret=secret), *isolation,
-                    "--superlink", f"{HOST}:{link_port}", "--host", HOST, "--port", str(port),
+                    "--superlink", f"{HOST}:{fleet_port}", "--host", HOST, "--port", str(port),
                     "--node-config", config_arg(nc)]
             cmd = [*launcher, "supernode"] if tuning.launcher_needed else [exe("flower-supernode")]
             node = cluster.start(f"supernode-{nc['site']}", [*cmd, *args], site_env)
@@ -564,7 +608,8 @@ def _run_local(cfg: KumikiConfig, quiet: bool = False, *, insecure: bool = False
         # SuperExecs are not waited for: tasks queue until one acquires them, so their imports
         # overlap the FAB build and the ServerApp start-up; a SuperExec that dies fails the run.
         if not quiet:
-            print(f"local engine: SuperLink {HOST}:{link_port}, {len(nodes)} SuperNodes"
+            print(f"local engine: SuperLink {HOST}:{link_port}"
+                  f"{f' behind nginx (sites {fleet_port}, operator {control_port})' if proxy else ''}, {len(nodes)} SuperNodes"
                   f"{' (warm SuperExecs)' if tuning.warm_superexec else ''}; logs in {logs}", file=sys.stderr)
         if on_start is not None:
             on_start([p.popen.pid for p in cluster.procs])
@@ -576,13 +621,13 @@ def _run_local(cfg: KumikiConfig, quiet: bool = False, *, insecure: bool = False
             is back at once, and the server maps the new node to the same site."""
             if certs is None or p.site is None or not p.name.startswith("supernode-"):
                 return
-            unregister_sites([node_ids.pop(p.site)], env)
+            unregister_sites([node_ids.pop(p.site)], cli_env)
             make_certs(certs.root, [], rotate=[p.site])
-            node_ids.update(register_sites(certs, [p.site], env))
+            node_ids.update(register_sites(certs, [p.site], cli_env))
             (home / "registered.json").write_text(json.dumps(node_ids, indent=2))
 
-        run_id = _flwr_run(cluster, env, config_path, quiet, timeout_s, daemons, reregister, resume, run_dir)
-        status = _flwr_status(env, run_id) if run_id is not None else "not started"
+        run_id = _flwr_run(cluster, cli_env, config_path, quiet, timeout_s, daemons, reregister, resume, run_dir)
+        status = _flwr_status(cli_env, run_id) if run_id is not None else "not started"
         recorded = json.loads(summary_path.read_text()).get("status") if summary_path.is_file() else None
         if status != "finished:completed" or recorded in (None, "failed"):
             run_log = [p for p in cluster.procs if p.name == "flwr-run"]  # has the ServerApp's traceback
@@ -599,6 +644,22 @@ def _run_local(cfg: KumikiConfig, quiet: bool = False, *, insecure: bool = False
         cluster.stop_all()
         if failure is not None:
             record_failure(cfg, run_dir, started, failure)
+
+
+def start_proxy(cluster: _Cluster, nginx: str, where: Path, certs: CertBundle, link_port: int, fleet_port: int,
+                control_port: int, env: dict[str, str]) -> _Proc:
+    """nginx in front of the SuperLink (``deploy/proxy.py``), both listeners on loopback; its workers keep the
+    run's token (the reaper finds them) and, under root, run as root (the run dir may be private)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("kumiki_deploy_proxy", REPO_ROOT / "deploy" / "proxy.py")
+    proxy_conf = importlib.util.module_from_spec(spec)  # deploy/ is the operator's folder, not a package
+    spec.loader.exec_module(proxy_conf)  # type: ignore[union-attr]
+    user = "root" if os.geteuid() == 0 else None
+    conf = proxy_conf.write_conf(where / "nginx.conf", superlink=f"{HOST}:{link_port}",
+                                 fleet_listen=f"{HOST}:{fleet_port}", control_listen=f"{HOST}:{control_port}",
+                                 certs=certs.root, runtime_dir=where, user=user, env=(reaper.TOKEN_ENV,))
+    return cluster.start("proxy", [nginx, "-p", str(where), "-c", str(conf), "-e", str(where / "error.log")], env)
 
 
 def stop_reason(exc: BaseException) -> str:
@@ -657,7 +718,7 @@ def _flwr_run(cluster: _Cluster, env: dict[str, str], config_path: Path, quiet: 
     """
     run_config = f"config={toml_str(str(config_path))}" + (" resume=true" if resume else "")
     proc = cluster.start("flwr-run", [
-        exe("flwr"), "run", str(REPO_ROOT), FEDERATION, "--run-config", run_config, "--stream",
+        *flwr_cli(), "run", str(REPO_ROOT), FEDERATION, "--run-config", run_config, "--stream",
     ], env, pipe=True)
     run_id: list[int] = []
 
