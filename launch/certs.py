@@ -10,8 +10,8 @@ package (a dependency of flwr, so nothing extra is installed)::
     DIR/operator.crt        the operator's client certificate (CN kumiki-operator, clientAuth), signed by ca.key:
                             the proxy's Control API listener admits only it (mutual TLS, ``deploy/proxy.py``)
     DIR/operator.key        its private key (the operator's machine only)
-    DIR/app-signing.key     the operator's ed25519 app-signing key (PEM): every app submitted is signed with it
-    DIR/app-signing.pub     its public key (OpenSSH): every factory verifies apps against it (``launch/signing.py``)
+    DIR/app-signing.key     the operator's ed25519 app-signing key (OpenSSH): every app submitted is signed with it
+    DIR/app-signing.pub     its public key (OpenSSH): every factory verifies apps against it (``launch/fastpath.py``, app-verify)
     DIR/superexec.secret    shared secret of the SuperLink and the SuperExec that runs the ServerApp
                             (Flower's SuperExec authentication, ``--superexec-auth-secret-file``)
     DIR/sites/<site>.key    one ECDSA P-384 key per factory, OpenSSH format (that factory's host only)
@@ -225,7 +225,8 @@ def _make_operator_cert(bundle: CertBundle, ca_key, ca_cert: x509.Certificate, d
 
 def _make_app_signing_key(bundle: CertBundle) -> None:
     key = ed25519.Ed25519PrivateKey.generate()
-    _write(bundle.app_signing_key, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+    # OpenSSH format: what Flower's ed25519 loader (flwr.supercore.primitives.asymmetric_ed25519) reads
+    _write(bundle.app_signing_key, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                                                      serialization.NoEncryption()), True, bundle)
     pub = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     _write(bundle.app_signing_pub, pub + b" kumiki-app-signing\n", False, bundle)

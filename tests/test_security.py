@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import ssl
 import stat
@@ -278,3 +279,103 @@ def test_insecure_only_by_the_explicit_flag(tmp_path, monkeypatch):
         CliRunner().invoke(cli, ["run", str(conf), "--engine", "local", *extra])
     CliRunner().invoke(cli, ["pilot", "--engine", "local"])
     assert seen == [False, True, False]
+
+
+# --------------------------------------------------------------------------- signed apps
+ATTACKER_PYPROJECT = """[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "atk"
+version = "1.0.0"
+license = { file = "LICENSE" }
+dependencies = ["flwr>=1.41.0"]
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "attacker"
+fab-format-version = 1
+flwr-version-target = "1.41.0"
+
+[tool.flwr.app.components]
+serverapp = "atk_server:app"
+clientapp = "atk_client:app"
+"""
+ATTACKER_CLIENT = """from pathlib import Path
+from flwr.app import Message, RecordDict
+from flwr.clientapp import ClientApp
+
+MARKS = Path({marks!r})
+(MARKS / "clientapp-imported").write_text("any code of this app ran at a site")  # at import: the earliest point
+app = ClientApp()
+
+
+@app.query()
+def query(msg, context):
+    (MARKS / f"clientapp-ran-{{context.node_id}}").write_text("pwned")
+    return Message(RecordDict(), reply_to=msg)
+"""
+ATTACKER_SERVER = """import json
+from pathlib import Path
+from flwr.app import Message, RecordDict
+from flwr.serverapp import ServerApp
+
+MARKS = Path({marks!r})
+app = ServerApp()
+
+
+@app.main()
+def main(grid, context):
+    msgs = [Message(RecordDict(), dst_node_id=n, message_type="query") for n in grid.get_node_ids()]
+    replies = list(grid.send_and_receive(msgs, timeout=60))
+    codes = [r.error.code if r.has_error() else "ok" for r in replies]
+    (MARKS / f"serverapp-{{len(list(MARKS.glob('serverapp-*')))}}.json").write_text(json.dumps(codes))
+"""
+
+
+@pytest.mark.deploy
+def test_sites_run_only_apps_the_operator_signed(tmp_path):
+    """With Control API access (the proxy aside), an attacker submits its own app twice, unsigned and signed with
+    its own key: no code of it runs at any site (not even its imports), each site logs the refusal and answers
+    INVALID_FAB, and the operator's signed run completes with both sites."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    app = tmp_path / "attacker-app"
+    app.mkdir()
+    (app / "pyproject.toml").write_text(ATTACKER_PYPROJECT)
+    (app / "LICENSE").write_text("attacker\n")
+    (app / "atk_client.py").write_text(ATTACKER_CLIENT.format(marks=str(marks)))
+    (app / "atk_server.py").write_text(ATTACKER_SERVER.format(marks=str(marks)))
+    other = make_certs(tmp_path / "attacker-keys", [])
+    cfg = make_config(tmp_path, rounds=1, sites=2, arch="mlp", name="signed")
+    home = cfg.run_dir().resolve() / "flwr"
+    submitted = []
+
+    def on_start(pids):  # the cluster is up; the operator's run is not submitted yet
+        env = {k: v for k, v in os.environ.items() if k not in local._TUNING_ENV}
+        env.update({**local.FLWR_ENV, "FLWR_HOME": str(home), "PATH": f"{local.venv_bin()}:{env.get('PATH', '')}"})
+        operator = local.operator_env(env, make_certs(home / "certs", []))
+        for key in (None, other.app_signing_key):  # unsigned; signed by another key
+            run_env = {k: v for k, v in operator.items() if k != "KUMIKI_APP_SIGNING_KEY"}
+            if key is not None:
+                run_env["KUMIKI_APP_SIGNING_KEY"] = str(key)
+            r = subprocess.run([*local.flwr_cli(), "run", str(app), local.FEDERATION], env=run_env, cwd=str(tmp_path),
+                               capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
+            submitted.append((r.returncode, local._ANSI.sub("", r.stdout + r.stderr)))
+        deadline = time.monotonic() + 120  # both of the attacker's ServerApps have their answers
+        while time.monotonic() < deadline and len(list(marks.glob("serverapp-*.json"))) < 2:
+            time.sleep(0.5)
+
+    summary = local.run_local(cfg, quiet=True, timeout_s=300, ready_timeout_s=120, on_start=on_start)
+    assert all(rc == 0 and "Successfully started run" in out for rc, out in submitted), submitted
+    assert not [p.name for p in marks.iterdir() if p.name.startswith("clientapp")], "attacker code ran at a site"
+    answers = [json.loads(p.read_text()) for p in sorted(marks.glob("serverapp-*.json"))]
+    assert len(answers) == 2 and all(len(a) == 2 and a == [answers[0][0]] * 2 and a[0] != "ok" for a in answers), answers
+    for site in ("site-0", "site-1"):
+        text = (cfg.run_dir() / "logs" / f"supernode-{site}.log").read_text(errors="replace")
+        assert "refused app" in text and "it is not signed" in text and "not the operator key" in text, text[-1500:]
+        assert "FAB verification failed" in text
+    assert summary["status"] == "ok" and set(summary["personalized"]["per_site"]) == {"site-0", "site-1"}

@@ -45,7 +45,12 @@ What this engine does about it:
 Security (``security_args``): TLS on the SuperLink's one port (Fleet, Control and
 Runtime API), SuperNode authentication with one registered key per site, and
 SuperExec authentication (a shared secret) on every Runtime API, all on by default;
-``insecure=True`` (``kumiki run/pilot --insecure``) turns them off, loudly.
+``insecure=True`` (``kumiki run/pilot --insecure``) turns them off, loudly. With nginx
+installed, the SuperLink sits behind ``deploy/proxy.py``'s proxy: the sites dial a
+Fleet-only listener, the ``flwr`` commands a Control-only listener that wants the
+operator's client certificate. The app ``flwr run`` submits is signed with the
+operator's key and every SuperNode runs only apps signed with it (``launch/fastpath.py``,
+app-sign / app-verify). docs/security.md says what each party can and cannot do.
 """
 
 from __future__ import annotations
@@ -402,10 +407,12 @@ def flwr_cli() -> list[str]:
 
 
 def operator_env(env: dict[str, str], certs: CertBundle | None) -> dict[str, str]:
-    """``env`` for the operator's ``flwr`` commands: with the client certificate the proxy asks for."""
+    """``env`` for the operator's ``flwr`` commands: with the client certificate the proxy asks for, and the key
+    that signs the app ``flwr run`` submits (``launch/fastpath.py``, app-sign)."""
     if certs is None:
         return dict(env)
-    return {**env, "KUMIKI_CLIENT_CERT": str(certs.operator_crt), "KUMIKI_CLIENT_KEY": str(certs.operator_key)}
+    return {**env, "KUMIKI_CLIENT_CERT": str(certs.operator_crt), "KUMIKI_CLIENT_KEY": str(certs.operator_key),
+            "KUMIKI_APP_SIGNING_KEY": str(certs.app_signing_key)}
 
 
 def nginx_exe() -> str | None:
@@ -547,6 +554,8 @@ def _run_local(cfg: KumikiConfig, quiet: bool = False, *, insecure: bool = False
     env["KUMIKI_REPLY_POLL_MAX_S"] = str(tuning.reply_poll_max_s or 0)  # read by server/app.py
     link_env, site_env = dict(env), dict(env)
     cli_env = operator_env(env, certs)  # the operator's flwr commands: with the client certificate
+    if certs is not None:  # every site runs only apps signed with the operator's key (fastpath app-verify)
+        site_env["KUMIKI_APP_SIGNING_PUB"] = str(certs.app_signing_pub)
     if tuning.server_superexec_poll_s is not None:
         link_env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = str(tuning.server_superexec_poll_s)
     if tuning.superexec_poll_s is not None:
@@ -595,7 +604,8 @@ def _run_local(cfg: KumikiConfig, quiet: bool = False, *, insecure: bool = False
             args = [*security_args("supernode", certs, site=nc["site"], secret=secret), *isolation,
                     "--superlink", f"{HOST}:{fleet_port}", "--host", HOST, "--port", str(port),
                     "--node-config", config_arg(nc)]
-            cmd = [*launcher, "supernode"] if tuning.launcher_needed else [exe("flower-supernode")]
+            # through the launcher whenever apps are verified (Tuning.stock(): that patch only)
+            cmd = [*launcher, "supernode"] if tuning.launcher_needed or certs else [exe("flower-supernode")]
             node = cluster.start(f"supernode-{nc['site']}", [*cmd, *args], site_env)
             node.site = nc["site"]
             nodes.append(node)
@@ -700,7 +710,8 @@ def record_failure(cfg: KumikiConfig, run_dir: Path, since: float, exc: BaseExce
 
 #: environment variables through which ``Tuning`` reaches our launchers and server/app.py
 _TUNING_ENV = ("KUMIKI_SUPERNODE_POLL_S", "KUMIKI_PULL_BACKOFF_S", "KUMIKI_REPLY_POLL_MAX_S", "KUMIKI_FORK", "KUMIKI_PRELOAD",
-               "FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "FLWR_HOME", reaper.TOKEN_ENV)
+               "FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "FLWR_HOME", reaper.TOKEN_ENV, "KUMIKI_CLIENT_CERT",
+               "KUMIKI_CLIENT_KEY", "KUMIKI_APP_SIGNING_KEY", "KUMIKI_APP_SIGNING_PUB")
 
 _STARTED = re.compile(r"Successfully started run (\d+)")
 #: how often the local engine restarts one site's SuperNode (or SuperExec) that died during a run
