@@ -32,7 +32,7 @@ from launch.rundir import LOCK
 from server.lifecycle import PID_FILE
 from launch.engines.inprocess import run_inprocess
 from tests.conftest import config_file, make_config
-from tests.test_engine_local import _alive, _group_members, proc_stats
+from tests.test_engine_local import _alive, proc_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -251,16 +251,3 @@ def test_a_dead_serverapp_is_noticed_within_seconds_and_recorded(tmp_path):
     summary = json.loads((cfg.run_dir() / "summary.json").read_text())
     assert summary["status"] == "failed" and "ServerApp" in summary["error"] and summary["rounds"] >= 1
     assert (cfg.run_dir() / "report.html").is_file()
-
-
-def _sessions_of(pid: int) -> set[int]:
-    """Process groups of ``pid``'s descendants (the engine puts each daemon in its own group)."""
-    stats = list(proc_stats())
-    groups, todo = set(), [pid]
-    while todo:
-        parent = todo.pop()
-        for child, _, ppid, pgrp in stats:
-            if ppid == parent:
-                todo.append(child)
-                groups.add(pgrp)
-    return groups
