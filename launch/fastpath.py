@@ -477,8 +477,6 @@ def apply(mode: str) -> list[Patch]:
         cert, key = os.environ.get("KUMIKI_CLIENT_CERT"), os.environ.get("KUMIKI_CLIENT_KEY")
         signing = os.environ.get("KUMIKI_APP_SIGNING_KEY")
         return ([patch_client_cert(cert, key)] if cert and key else []) + ([patch_app_sign(signing)] if signing else [])
-    if mode == "supernode" and os.environ.get("KUMIKI_APP_SIGNING_PUB"):
-        patches.append(patch_app_verify(os.environ["KUMIKI_APP_SIGNING_PUB"]))
     if mode == "superlink":
         objects = os.environ.get("KUMIKI_SUPERLINK_OBJECTS", DEFAULTS["KUMIKI_SUPERLINK_OBJECTS"])
         return [patch_superlink_objects()] if objects == "memory" else []
@@ -490,6 +488,8 @@ def apply(mode: str) -> list[Patch]:
         patches.append(patch_pull_backoff(backoff))
     if mode == "superexec" and os.environ.get("KUMIKI_FORK", DEFAULTS["KUMIKI_FORK"]) != "0":
         patches.append(patch_fork_executor())
+    if mode == "supernode" and os.environ.get("KUMIKI_APP_SIGNING_PUB"):
+        patches.append(patch_app_verify(os.environ["KUMIKI_APP_SIGNING_PUB"]))
     return patches
 
 

@@ -379,3 +379,49 @@ def test_sites_run_only_apps_the_operator_signed(tmp_path):
         assert "refused app" in text and "it is not signed" in text and "not the operator key" in text, text[-1500:]
         assert "FAB verification failed" in text
     assert summary["status"] == "ok" and set(summary["personalized"]["per_site"]) == {"site-0", "site-1"}
+
+
+def test_a_signed_fab_verifies_only_with_the_operators_key_and_unaltered(tmp_path):
+    """launch/fastpath.py's signature (Flower's ed25519 message over the FAB, carried in the zip comment): the FAB
+    stays a zip with the same files; unsigned, another key's, a re-signed copy and one altered byte all fail."""
+    import io
+    import zipfile
+
+    from launch import fastpath
+
+    ours, theirs = make_certs(tmp_path / "ours", []), make_certs(tmp_path / "theirs", [])
+    pub = ours.app_signing_pub.read_text().split(" kumiki-app-signing")[0]
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("pyproject.toml", "[project]\nname = 'x'\n")
+        z.writestr("app.py", "print('hi')\n")
+    fab = buf.getvalue()
+    signed = fastpath.sign_fab(fab, str(ours.app_signing_key))
+    assert zipfile.ZipFile(io.BytesIO(signed)).read("app.py") == b"print('hi')\n"
+    assert fastpath.split_signature(signed)[0] == fab
+    assert fastpath.fab_signed_by(signed, pub)
+    assert not fastpath.fab_signed_by(fab, pub)  # unsigned
+    assert not fastpath.fab_signed_by(fastpath.sign_fab(fab, str(theirs.app_signing_key)), pub)  # another key
+    altered = bytearray(signed)
+    altered[40] ^= 1
+    assert not fastpath.fab_signed_by(bytes(altered), pub)  # changed after signing
+    assert fastpath.fab_signed_by(fastpath.sign_fab(signed, str(ours.app_signing_key)), pub)  # re-signing replaces
+
+
+@pytest.mark.skipif(NGINX is None, reason="nginx is not installed (apt-get install nginx-light)")
+def test_the_proxy_config_forwards_only_the_fleet_and_control_prefixes(tmp_path):
+    """deploy/proxy.py's config is valid for Debian's nginx, and forwards exactly two prefixes, one per listener."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("kumiki_proxy", ROOT / "deploy" / "proxy.py")
+    proxy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(proxy)
+    certs = make_certs(tmp_path / "certs", [])
+    conf = proxy.write_conf(tmp_path / "nginx.conf", superlink="127.0.0.1:9093", fleet_listen="127.0.0.1:9092",
+                            control_listen="127.0.0.1:9094", certs=certs.root, runtime_dir=tmp_path / "rt")
+    r = subprocess.run([NGINX, "-t", "-p", str(tmp_path / "rt"), "-c", str(conf), "-e", str(tmp_path / "rt" / "e.log")],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    text = conf.read_text()
+    assert text.count("proxy_pass") == 2 and "location /v1/fleet/" in text and "location /v1/control/" in text
+    assert text.count("ssl_verify_client on;") == 1 and "/v1/runtime" not in text
