@@ -7,7 +7,10 @@ session of its own. So every process of a run carries one marker in its environm
 (``KUMIKI_RUN_TOKEN=<token>``, inherited by every descendant, whatever its session or parent), and this
 small process, started by the launcher with a pipe as its stdin, waits for that pipe to close: when the
 launcher ends, normally or not, it sends SIGTERM to every process carrying the token (the ServerApp then
-records how the run ended), waits ``grace`` seconds, SIGKILLs what is left, and exits.
+records how the run ended), and to every process of the process groups the launcher told it about (one
+group id a line on the pipe: each daemon's group, which also holds the helpers a daemon forks, such as
+nginx's workers, whose environment nginx overwrites with their process titles), waits ``grace`` seconds,
+SIGKILLs what is left, and exits.
 
 It also holds the run dir's lock (``launch.rundir``: the descriptor is passed to it), so the dir stays locked
 until the last process of the run is gone; a later ``--overwrite`` never takes over a dir an orphan still
@@ -55,13 +58,30 @@ def marked(token: str) -> list[int]:
     return found
 
 
-def reap(token: str, grace_s: float = 10.0) -> list[int]:
-    """SIGTERM every marked process once (the ServerApp records the signal and writes its report), up to
-    ``grace_s`` for them to end, then SIGKILL; returns the PIDs signalled."""
+def group_members(groups: set[int]) -> list[int]:
+    """PIDs of live (non-zombie) processes whose process group is one of ``groups``."""
+    me, found = os.getpid(), []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) in groups:
+            found.append(int(entry))
+    return found
+
+
+def reap(token: str, grace_s: float = 10.0, groups: set[int] | None = None) -> list[int]:
+    """SIGTERM every marked process and every member of ``groups`` once (the ServerApp records the signal and
+    writes its report), up to ``grace_s`` for them to end, then SIGKILL; returns the PIDs signalled."""
     termed: set[int] = set()
+    groups = set(groups or ())
 
     def send(sig: int, skip: set[int]) -> list[int]:
-        pids = marked(token)
+        pids = sorted(set(marked(token)) | set(group_members(groups)))
         for pid in pids:
             if pid in skip:
                 continue
@@ -88,9 +108,13 @@ def main(argv: list[str]) -> int:
     token, grace = argv[0], float(argv[1]) if len(argv) > 1 else 10.0
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):  # only the pipe ends its wait
         signal.signal(sig, signal.SIG_IGN)
-    while sys.stdin.buffer.read(4096):  # the launcher writes nothing; EOF: it ended (or was killed)
-        pass
-    left = reap(token, grace)
+    groups: set[int] = set()
+    for line in sys.stdin.buffer:  # one process group id a line; EOF: the launcher ended (or was killed)
+        try:
+            groups.add(int(line))
+        except ValueError:
+            pass
+    left = reap(token, grace, groups)
     if left:
         print(f"kumiki reaper: stopped {len(left)} process(es) of the run: {left}", file=sys.stderr)
     return 0

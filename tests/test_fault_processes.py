@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -251,3 +252,34 @@ def test_a_dead_serverapp_is_noticed_within_seconds_and_recorded(tmp_path):
     summary = json.loads((cfg.run_dir() / "summary.json").read_text())
     assert summary["status"] == "failed" and "ServerApp" in summary["error"] and summary["rounds"] >= 1
     assert (cfg.run_dir() / "report.html").is_file()
+
+
+def test_the_reaper_stops_marked_processes_and_recorded_groups_when_its_pipe_closes():
+    """launch/reaper.py, as a killed launcher leaves it: its pipe closes. It stops a process that carries the run's
+    token in another session (Flower's stock SuperLink starts its SuperExec that way), and the rest of a recorded
+    process group whose leader is gone (nginx's worker after its master died: nginx overwrites its environment)."""
+    token = uuid.uuid4().hex
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    marked = subprocess.Popen(sleeper, env={**os.environ, reaper.TOKEN_ENV: token}, start_new_session=True)
+    leader = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
+                               f"p = subprocess.Popen({sleeper!r}); print(p.pid, flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    member = int(leader.stdout.readline())
+    keeper = subprocess.Popen([sys.executable, str(Path(reaper.__file__)), token, "2"], stdin=subprocess.PIPE,
+                              start_new_session=True)
+    try:
+        keeper.stdin.write(f"{leader.pid}\n".encode())
+        keeper.stdin.flush()
+        os.kill(leader.pid, signal.SIGKILL)
+        leader.wait(timeout=10)
+        assert _alive(member) and _alive(marked.pid)
+        keeper.stdin.close()  # the launcher is gone
+        keeper.wait(timeout=30)
+        assert _when(lambda: not _alive(member) and not _alive(marked.pid), 10), "the reaper left processes alive"
+    finally:
+        for pid in (marked.pid, member):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        marked.wait(timeout=10)

@@ -303,6 +303,12 @@ class _Cluster:
         )
         proc = _Proc(name, popen, log, list(args), dict(env))
         self.procs.append(proc)
+        if self.reaper is not None:  # its group: the reaper stops every member of it too
+            try:
+                self.reaper.stdin.write(f"{popen.pid}\n".encode())  # type: ignore[union-attr]
+                self.reaper.stdin.flush()  # type: ignore[union-attr]
+            except (OSError, ValueError):
+                pass
         return proc
 
     def restart(self, proc: _Proc) -> _Proc:
