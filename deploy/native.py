@@ -15,6 +15,13 @@ shows, and ``tests/test_deploy_flags.py`` parses every one with the pinned Flowe
     python deploy/native.py rotate factory-a                   new key, register it, restart, revoke the old
     python deploy/native.py down                        stop every recorded process (state, keys, database stay)
 
+Secure by default as in docs/security.md: with nginx installed (``nginx-light``), the SuperLink listens
+on loopback behind ``deploy/proxy.py``'s proxy: factories dial its Fleet-only listener (``--listen``,
+default 127.0.0.1; 0.0.0.0 for factories on other hosts), the operator's ``flwr`` commands its
+Control-only listener on loopback with the operator's client certificate (run through
+``launch/fastpath.py flwr``, which presents it and signs the app ``flwr run`` submits), and every
+SuperNode runs only apps signed with the operator's key (``KUMIKI_APP_SIGNING_PUB``).
+
 ``--dir`` (default ``$KUMIKI_NATIVE_DIR`` or ``~/kumiki-native``) holds ``certs/``, ``flwr/``
 (the flwr CLI's ``config.toml``, connection ``kumiki-native``), ``superlink.db``,
 ``state/<site>/``, ``runs/<name>/``, ``logs/`` and ``processes.json``. The SuperLink keeps its
@@ -82,6 +89,10 @@ class Deployment:
                    PATH=f"{local.venv_bin()}{os.pathsep}{env.get('PATH', '')}")
         return env
 
+    def operator_env(self, info: dict) -> dict[str, str]:
+        """The operator's flwr commands: the client certificate and the app-signing key (secure mode)."""
+        return local.operator_env(self.env(), None if info.get("insecure") else self.certs)
+
 
 # --------------------------------------------------------------------------- the exact commands
 def superlink_cmd(d: Deployment, port: int, secure: bool, database: bool = True) -> list[str]:
@@ -127,6 +138,8 @@ def run_cmd(config: Path) -> list[str]:
 
 # --------------------------------------------------------------------------- processes
 def _resolve(cmd: list[str]) -> list[str]:
+    if cmd[0] == "flwr":  # through fastpath: presents the operator's certificate, signs what it submits
+        return [*local.flwr_cli(), *cmd[1:]]
     head = {"python": sys.executable}.get(cmd[0]) or local.exe(cmd[0])
     return [head, *cmd[1:]]
 
@@ -174,7 +187,7 @@ def stop(d: Deployment, info: dict, names: list[str], grace_s: float = 15.0) -> 
 def flwr(d: Deployment, cmd: list[str], check: bool = True, quiet: bool = False) -> subprocess.CompletedProcess:
     if not quiet:
         show(cmd)
-    r = subprocess.run(_resolve(cmd), env=d.env(), cwd=str(ROOT), capture_output=True, text=True, timeout=120,
+    r = subprocess.run(_resolve(cmd), env=d.operator_env(d.load()), cwd=str(ROOT), capture_output=True, text=True, timeout=120,
                        stdin=subprocess.DEVNULL)
     out = local._ANSI.sub("", r.stdout + r.stderr)
     if not quiet:
@@ -198,7 +211,7 @@ def register(d: Deployment, info: dict, site: str) -> int:
     if site in info["sites"] and info["sites"][site].get("node_id"):
         return info["sites"][site]["node_id"]
     show([*register_cmd(d, site), "--format", "json"])
-    node_id = local.register_sites(d.certs, [site], d.env(), federation=FEDERATION)[site]
+    node_id = local.register_sites(d.certs, [site], d.operator_env(info), federation=FEDERATION)[site]
     print(f"registered {site}: node id {node_id}")
     info["sites"].setdefault(site, {})["node_id"] = node_id
     d.save(info)
@@ -217,6 +230,8 @@ def start_site(d: Deployment, info: dict, site: str, data: Path, n_sites: int) -
     (d.root / "state" / site).mkdir(parents=True, exist_ok=True)
     polls = site_polls(n_sites)
     env = {"KUMIKI_SUPERNODE_POLL_S": polls["KUMIKI_SUPERNODE_POLL_S"]}
+    if secure:  # only apps signed with the operator's key run here (launch/fastpath.py, app-verify)
+        env["KUMIKI_APP_SIGNING_PUB"] = str(d.certs.app_signing_pub)
     log = d.logs / f"supernode-{site}.log"
     name = f"supernode-{site}"
     # A SuperNode that was killed (not stopped) stays "online" on the SuperLink until its heartbeat
@@ -224,7 +239,8 @@ def start_site(d: Deployment, info: dict, site: str, data: Path, n_sites: int) -
     deadline = time.monotonic() + 90
     while True:
         seen = log.stat().st_size if log.exists() else 0  # logs are appended to across up/down
-        start(d, info, name, supernode_cmd(d, site, info["superlink_port"], port, data, secure, n_sites), env)
+        start(d, info, name, supernode_cmd(d, site, info.get("fleet_port") or info["superlink_port"], port, data,
+                                           secure, n_sites), env)
         wait_for(f"{site} to connect (see {log})",
                  lambda: "SuperNode ID:" in log.read_bytes()[seen:].decode(errors="replace")
                  or not alive(info["processes"][name]["pid"]))
@@ -239,6 +255,22 @@ def start_site(d: Deployment, info: dict, site: str, data: Path, n_sites: int) -
     start(d, info, f"superexec-{site}", site_superexec_cmd(d, site, port, secure),
           {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": polls["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"]})
     print(f"{site} connected")
+
+
+def start_proxy(d: Deployment, info: dict, nginx: str, link_port: int, listen: str, fleet_port: int,
+                control_port: int) -> None:
+    """nginx from deploy/proxy.py's config: factories on ``listen:fleet_port`` (Fleet API only), the operator on
+    loopback ``control_port`` (Control API only, mutual TLS)."""
+    conf = d.root / "proxy" / "nginx.conf"
+    cmd = ["python", str(ROOT / "deploy" / "proxy.py"), "--certs", str(d.certs.root), "--superlink",
+           f"{HOST}:{link_port}", "--fleet", f"{listen}:{fleet_port}", "--control", f"{HOST}:{control_port}",
+           "--runtime-dir", str(d.root / "proxy"), "--out", str(conf)]
+    if os.geteuid() == 0:
+        cmd += ["--user", "root"]
+    show(cmd)
+    (d.root / "proxy").mkdir(parents=True, exist_ok=True)
+    subprocess.run(_resolve(cmd), check=True, stdout=subprocess.DEVNULL)
+    start(d, info, "proxy", [nginx, "-p", str(d.root / "proxy"), "-c", str(conf), "-e", str(d.root / "proxy" / "error.log")])
 
 
 # --------------------------------------------------------------------------- commands
@@ -260,17 +292,31 @@ def cmd_up(d: Deployment, a) -> None:
         make_certs(d.certs.root, sites, a.host or [])
     port = a.port or info.get("superlink_port") or local.free_ports(1)[0]
     info["superlink_port"] = port
-    local._write_flwr_home(d.home, port, None if a.insecure else d.certs, FEDERATION,
+    nginx = None if a.insecure else local.nginx_exe()
+    if not a.insecure and nginx is None:
+        print("WARNING: nginx is not installed (apt-get install nginx-light): the SuperLink's Control API is not "
+              "fenced off from the factories' port (docs/security.md)", file=sys.stderr)
+    fleet_port = control_port = port
+    if nginx:
+        fleet_port = info.get("fleet_port") or a.fleet_port or local.free_ports(1)[0]
+        control_port = info.get("control_port") or local.free_ports(1)[0]
+    info.update(fleet_port=fleet_port, control_port=control_port)
+    local._write_flwr_home(d.home, control_port, None if a.insecure else d.certs, FEDERATION,
                            "Written by deploy/native.py: the flwr CLI's connection to this federation.")
     start(d, info, "superlink", superlink_cmd(d, port, not a.insecure, database=a.state == "file"))
-    wait_for(f"the SuperLink on {HOST}:{port}", lambda: local.port_open(port))
+    if nginx:
+        start_proxy(d, info, nginx, port, a.listen, fleet_port, control_port)
+    wait_for(f"the SuperLink on {HOST}:{port}", lambda: all(map(local.port_open, {port, control_port}))
+             and (a.listen != HOST or local.port_open(fleet_port)))
     start(d, info, "superexec-serverapp", server_superexec_cmd(d, port, not a.insecure),
           {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": SERVER_POLL_S})
     data_root = Path(a.data).resolve()
     for site in sites:
         start_site(d, info, site, Path(info["sites"].get(site, {}).get("data") or data_root / site / "data"),
                    len(sites))
-    print(f"\nup: SuperLink {HOST}:{port} ({'INSECURE' if a.insecure else 'TLS + SuperNode authentication'}), "
+    print(f"\nup: SuperLink {HOST}:{port}"
+          f"{f' behind nginx (factories {a.listen}:{fleet_port}, operator {HOST}:{control_port} with operator.crt)' if nginx else ''}"
+          f" ({'INSECURE' if a.insecure else 'TLS + SuperNode authentication + signed apps'}), "
           f"{len(sites)} factories; FLWR_HOME={d.home} (connection {FEDERATION!r}); logs in {d.logs}")
 
 
@@ -304,8 +350,8 @@ def cmd_run(d: Deployment, a) -> None:
     # 2. submit; flwr run exits 0 even when the run fails, so its status is read back afterwards
     cmd = run_cmd(config_path)
     show(cmd)
-    proc = subprocess.Popen(_resolve(cmd), env=d.env(), cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = subprocess.Popen(_resolve(cmd), env=d.operator_env(info), cwd=str(ROOT), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     run_id = None
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -313,7 +359,7 @@ def cmd_run(d: Deployment, a) -> None:
         if run_id is None and (m := local._STARTED.search(line)):
             run_id = int(m.group(1))
     proc.wait()
-    status = local._flwr_status(d.env(), run_id, federation=FEDERATION) if run_id else "not started"
+    status = local._flwr_status(d.operator_env(info), run_id, federation=FEDERATION) if run_id else "not started"
     show(["flwr", "ls", FEDERATION, "--run-id", str(run_id), "--format", "json"])
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
     print(f"Flower status: {status}; Kumiki status: {summary.get('status', 'no summary.json')}; outputs: {run_dir}")
@@ -414,6 +460,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data", required=True, help="ROOT holding <site>/data for every factory")
     p.add_argument("--sites", help=f"comma-separated factories (default {','.join(DEFAULT_SITES)})")
     p.add_argument("--port", type=int, help="the SuperLink's port (default: a free one, kept across up/down)")
+    p.add_argument("--fleet-port", type=int, help="the proxy's port for factories (default: a free one, kept)")
+    p.add_argument("--listen", default=HOST, help="the address the factories' port binds (default 127.0.0.1; "
+                                                    "0.0.0.0 for factories on other hosts)")
     p.add_argument("--host", action="append", help="another name for the SuperLink certificate (kumiki certs --host)")
     p.add_argument("--insecure", action="store_true", help="TLS and SuperNode authentication OFF (debugging only)")
     p.add_argument("--state", choices=("file", "memory"), default="file",

@@ -295,6 +295,10 @@ class ServerSection(_Section):
         "mean", description="how updates combine: the method's mean, or a robust rule (see docs/user-guide.md, Robustness)")
     trim_fraction: float = Field(0.2, ge=0.0, lt=0.5, description="trimmed_mean: share cut at each end, per coordinate")
     norm_bound: float = Field(3.0, ge=1.0, description="norm_bound: an update's change is capped at this x the median")
+    example_cap: float | None = Field(
+        3.0, ge=1.0, description="a site's example count weighs at most this x the median count of the round's other "
+                                 "replies (one site cannot buy the global model by announcing 1e9 examples); "
+                                 "none: counts weigh as sent (plain FedAvg)")
     transport_dtype: Literal["float32", "float16"] = Field(
         "float32", description="dtype of shared floating tensors on the wire, down and up (float16 halves the bytes; "
                                "integer buffers never change; sites and server compute in float32)")

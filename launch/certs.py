@@ -7,6 +7,11 @@ package (a dependency of flwr, so nothing extra is installed)::
     DIR/ca.key              its private key: keep it offline, on the operator's machine only
     DIR/superlink.crt       the SuperLink's TLS certificate, signed by ca.key, for the names below
     DIR/superlink.key       its private key (server host only)
+    DIR/operator.crt        the operator's client certificate (CN kumiki-operator, clientAuth), signed by ca.key:
+                            the proxy's Control API listener admits only it (mutual TLS, ``deploy/proxy.py``)
+    DIR/operator.key        its private key (the operator's machine only)
+    DIR/app-signing.key     the operator's ed25519 app-signing key (OpenSSH): every app submitted is signed with it
+    DIR/app-signing.pub     its public key (OpenSSH): every factory verifies apps against it (``launch/fastpath.py``, app-verify)
     DIR/superexec.secret    shared secret of the SuperLink and the SuperExec that runs the ServerApp
                             (Flower's SuperExec authentication, ``--superexec-auth-secret-file``)
     DIR/sites/<site>.key    one ECDSA P-384 key per factory, OpenSSH format (that factory's host only)
@@ -37,7 +42,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 #: the names every SuperLink certificate carries (compose service name + loopback)
@@ -75,6 +80,22 @@ class CertBundle:
     @property
     def superlink_key(self) -> Path:
         return self.root / "superlink.key"
+
+    @property
+    def operator_crt(self) -> Path:
+        return self.root / "operator.crt"
+
+    @property
+    def operator_key(self) -> Path:
+        return self.root / "operator.key"
+
+    @property
+    def app_signing_key(self) -> Path:
+        return self.root / "app-signing.key"
+
+    @property
+    def app_signing_pub(self) -> Path:
+        return self.root / "app-signing.pub"
 
     @property
     def superexec_secret(self) -> Path:
@@ -178,6 +199,39 @@ def _make_superlink_cert(bundle: CertBundle, ca_key, ca_cert: x509.Certificate, 
     _write(bundle.superlink_crt, cert.public_bytes(serialization.Encoding.PEM), False, bundle)
 
 
+#: the operator's client certificate's common name (``deploy/proxy.py`` checks it)
+OPERATOR_CN = "kumiki-operator"
+
+
+def _make_operator_cert(bundle: CertBundle, ca_key, ca_cert: x509.Certificate, days: int) -> None:
+    """A client certificate (clientAuth only) for the operator: the proxy's Control API listener wants it."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Kumiki federation"),
+                                     x509.NameAttribute(NameOID.COMMON_NAME, OPERATOR_CN)]))
+            .issuer_name(ca_cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(_now())
+            .not_valid_after(_now() + dt.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=False, crl_sign=False,
+                                         content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                         key_agreement=True, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA384()))
+    _write(bundle.operator_key, _pem_key(key), True, bundle)
+    _write(bundle.operator_crt, cert.public_bytes(serialization.Encoding.PEM), False, bundle)
+
+
+def _make_app_signing_key(bundle: CertBundle) -> None:
+    key = ed25519.Ed25519PrivateKey.generate()
+    # OpenSSH format: what Flower's ed25519 loader (flwr.supercore.primitives.asymmetric_ed25519) reads
+    _write(bundle.app_signing_key, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                                     serialization.NoEncryption()), True, bundle)
+    pub = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    _write(bundle.app_signing_pub, pub + b" kumiki-app-signing\n", False, bundle)
+
+
 def site_keypair() -> tuple[bytes, bytes]:
     """(private, public) of a new SuperNode key: ECDSA P-384, OpenSSH format (what flwr 1.41 loads)."""
     key = ec.generate_private_key(ec.SECP384R1())
@@ -224,6 +278,10 @@ def make_certs(root: str | Path, sites: list[str] | tuple[str, ...] = DEFAULT_SI
         names = [*names, *superlink_names(bundle.superlink_crt)]
     if not have or renew_superlink:
         _make_superlink_cert(bundle, ca_key, ca_cert, names, days)
+    if not (bundle.operator_crt.is_file() and bundle.operator_key.is_file()):
+        _make_operator_cert(bundle, ca_key, ca_cert, days)
+    if not (bundle.app_signing_key.is_file() and bundle.app_signing_pub.is_file()):
+        _make_app_signing_key(bundle)
     if not bundle.superexec_secret.is_file():
         _write(bundle.superexec_secret, secrets.token_hex(32).encode(), True, bundle)
     stamp = time.strftime("%Y%m%d-%H%M%S")

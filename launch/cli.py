@@ -68,10 +68,14 @@ def _execute(cfg: KumikiConfig, engine: str, verbose: bool, overwrite: bool = Fa
     except RunDirError as e:
         err.print(f"[red]run dir:[/] {escape(str(e))}")
         raise typer.Exit(EXIT_USAGE) from None
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM/SIGHUP (stop_on_signals): say so, and where it is recorded
+        why = f"stopped by {str(e) or 'SIGINT'}"
+        err.print(f"[red]the run was {why}[/]: every process it started was stopped")
+        _print_records(cfg)
+        raise typer.Exit(signal_exit_code()) from None
     except Exception as e:  # noqa: BLE001 - a failed run is reported as failed, never as done
         err.print(f"[red]the run failed:[/] {type(e).__name__}: {escape(str(e))}")
-        if (cfg.run_dir() / "summary.json").is_file():
-            err.print(f"what it recorded (status 'failed'): {cfg.run_dir() / 'summary.json'}")
+        _print_records(cfg)
         raise typer.Exit(EXIT_FAILED) from None
     report = cfg.run_dir() / "report.html"  # the round driver writes it at the end of every run
     try:
@@ -102,6 +106,19 @@ def _execute(cfg: KumikiConfig, engine: str, verbose: bool, overwrite: bool = Fa
     if exit_on_status:
         raise typer.Exit(exit_code(summary))
     return summary
+
+
+def _print_records(cfg: KumikiConfig) -> None:
+    """Where a run that did not finish recorded how it ended."""
+    summary, report = cfg.run_dir() / "summary.json", cfg.run_dir() / "report.html"
+    if summary.is_file():
+        try:
+            error = json.loads(summary.read_text()).get("error")
+        except (OSError, ValueError):
+            error = None
+        err.print(f"what it recorded (status 'failed'{f': {escape(str(error))}' if error else ''}): {summary}")
+    if report.is_file():
+        err.print(f"report: {report}")
 
 
 def exit_code(summary: dict) -> int:
@@ -362,9 +379,19 @@ def certs(
                f"`flwr supernode register {bundle.root}/sites/<site>.pub <superlink> --name <site>` (deploy/README.md)")
 
 
+#: the signal that stopped this process (Ctrl-C: SIGINT), for its exit status
+_stopped_by: list[int] = []
+
+
 def _stop_on(signum: int, frame) -> None:  # noqa: ARG001
     """SIGTERM / SIGHUP unwind like Ctrl-C, so every ``finally:`` runs (the local engine stops its processes)."""
+    _stopped_by.append(signum)
     raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def signal_exit_code() -> int:
+    """The shell's convention for a process a signal stopped: 128 + the signal (130 Ctrl-C, 143 SIGTERM)."""
+    return 128 + int(_stopped_by[0] if _stopped_by else signal.SIGINT)
 
 
 def stop_on_signals() -> None:
@@ -379,7 +406,7 @@ def main() -> None:
         cli()
     except KeyboardInterrupt as e:
         err.print(f"[red]interrupted{f' ({escape(str(e))})' if str(e) else ''}[/]")
-        sys.exit(130)
+        sys.exit(signal_exit_code())
 
 
 if __name__ == "__main__":

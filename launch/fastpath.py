@@ -30,12 +30,32 @@ site-packages is modified):
     link state stays in the file. Objects are transient: a restarted SuperLink loses in-flight
     messages either way, since its runs do not survive it.
 
+``client-cert``
+    The Control API sits behind a proxy that demands the operator's client certificate (mutual
+    TLS; ``deploy/proxy.py``), and Flower 1.41's CLI has no setting for one: its HTTP client
+    (``flwr.supercore.protobuf.client.ProtobufClient``) verifies the server only. In the ``flwr``
+    mode, a client built with TLS on also presents ``KUMIKI_CLIENT_CERT`` / ``KUMIKI_CLIENT_KEY``.
+
+``app-sign`` / ``app-verify``
+    Factories run only apps the operator signed. Flower 1.41's own app verification
+    (``flower-supernode --trusted-entities``) accepts only FABs whose verification records come
+    from the Flower Hub: a FAB uploaded by ``flwr run <dir>`` carries none and is refused, so it
+    cannot be used offline. What is kept of it: its ed25519 primitives, its message format
+    (``create_message_to_sign(sha256(fab), signed_at)``), and its refusal path in the SuperNode
+    (an ``INVALID_FAB`` error reply, logged, before any ClientApp starts). In the ``flwr`` mode with
+    ``KUMIKI_APP_SIGNING_KEY`` (``kumiki certs``' ``app-signing.key``), the FAB ``flwr run`` builds is
+    signed: the signature rides in the zip's archive comment (zip readers ignore it; the signed
+    bytes are the FAB with an empty comment). In the ``supernode`` mode with ``KUMIKI_APP_SIGNING_PUB``
+    (``app-signing.pub``), every FAB is checked against that key before anything of its run
+    starts: unsigned, signed by another key, or altered after signing, it is refused.
+
 Usage (standalone: this file imports only the standard library and flwr, so the images
 copy it alone and the Flower-native commands run it from a checkout)::
 
     python launch/fastpath.py superlink  <flower-superlink arguments>
     python launch/fastpath.py supernode  <flower-supernode arguments>
     python launch/fastpath.py superexec  <flower-superexec arguments>
+    python launch/fastpath.py flwr       <flwr CLI arguments>   # with KUMIKI_CLIENT_CERT/KEY: mutual TLS
     python launch/fastpath.py check      # apply every patch in a scratch process, report, exit 1 if one fails
 
 Settings: ``KUMIKI_SUPERNODE_POLL_S``, ``KUMIKI_PULL_BACKOFF_S`` (a number, or ``off``),
@@ -244,6 +264,177 @@ def patch_fork_executor() -> Patch:
     return Patch("fork-executor", True, "ClientApp/ServerApp tasks fork this pre-warmed SuperExec")
 
 
+# --------------------------------------------------------------------------- client-cert
+CLIENT_MODULE = "flwr.supercore.protobuf.client"
+
+
+def client_context(verify: Any, cert: str, key: str) -> Any:
+    """An ``ssl.SSLContext`` that verifies the server as ``verify`` says (a CA file path, a context, or True for
+    the system store) and presents ``cert``/``key``; ``verify=False`` (no TLS) is returned as it is."""
+    import ssl
+
+    if verify is False:
+        return verify
+    if isinstance(verify, ssl.SSLContext):
+        ctx = verify
+    else:
+        ctx = ssl.create_default_context(cafile=verify if isinstance(verify, str) else None)
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+def patch_client_cert(cert: str, key: str) -> Patch:
+    try:
+        mod = importlib.import_module(CLIENT_MODULE)
+        cls = mod.ProtobufClient
+        init = cls.__init__
+        if "verify" not in inspect.signature(init).parameters:
+            return Patch("client-cert", False, f"{CLIENT_MODULE}.ProtobufClient takes no 'verify' any more")
+    except (ImportError, AttributeError) as e:
+        return Patch("client-cert", False, f"{CLIENT_MODULE}.ProtobufClient not found: {e}")
+    if getattr(init, "kumiki_client_cert", False):
+        return Patch("client-cert", True, "already installed")
+
+    def patched(self, base_url, *args, verify=True, **kwargs):  # type: ignore[no-untyped-def]
+        if str(base_url).startswith("https://"):
+            verify = client_context(verify, cert, key)
+        init(self, base_url, *args, verify=verify, **kwargs)
+
+    patched.kumiki_client_cert = True  # type: ignore[attr-defined]
+    cls.__init__ = patched
+    return Patch("client-cert", True, f"TLS clients present {cert}")
+
+
+# --------------------------------------------------------------------------- app-sign / app-verify
+SIGNATURE_TAG = b"kumiki-app-signature:"
+SIGNER_ID = "kumiki-operator"  # the one trusted entity: the operator's app-signing key
+
+
+def _eocd(fab: bytes) -> int:
+    """Offset of the zip's end-of-central-directory record (the last one whose comment runs to the end)."""
+    pos = fab.rfind(b"PK\x05\x06")
+    while pos >= 0:
+        if pos + 22 + int.from_bytes(fab[pos + 20:pos + 22], "little") == len(fab):
+            return pos
+        pos = fab.rfind(b"PK\x05\x06", 0, pos)
+    raise ValueError("not a zip archive")
+
+
+def split_signature(fab: bytes) -> tuple[bytes, dict | None]:
+    """(the FAB with an empty archive comment, the signature record in its comment or None)."""
+    import json
+
+    pos = _eocd(fab)
+    comment = fab[pos + 22:]
+    unsigned = fab[:pos + 20] + b"\x00\x00"
+    if not comment.startswith(SIGNATURE_TAG):
+        return unsigned, None
+    try:
+        return unsigned, json.loads(comment[len(SIGNATURE_TAG):])
+    except ValueError:
+        return unsigned, None
+
+
+def sign_fab(fab: bytes, key_path: str, signed_at: int | None = None) -> bytes:
+    """``fab`` with the operator's signature in its archive comment (Flower's ed25519 message format)."""
+    import base64
+    import hashlib
+    import json
+    from pathlib import Path
+
+    from flwr.supercore.primitives.asymmetric_ed25519 import create_message_to_sign, load_private_key, sign_message
+
+    unsigned, _ = split_signature(fab)
+    signed_at = int(time.time()) if signed_at is None else signed_at
+    sig = sign_message(load_private_key(Path(key_path)),
+                       create_message_to_sign(hashlib.sha256(unsigned).digest(), signed_at))
+    record = json.dumps({"signed_at": signed_at, "signature": base64.urlsafe_b64encode(sig).decode().rstrip("=")})
+    comment = SIGNATURE_TAG + record.encode()
+    return unsigned[:-2] + len(comment).to_bytes(2, "little") + comment
+
+
+def fab_signed_by(fab: bytes, public_key_openssh: str) -> bool:
+    """Whether ``fab`` carries a valid signature of that ed25519 key over exactly its bytes (comment aside)."""
+    import hashlib
+
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    from cryptography.hazmat.primitives.serialization import load_ssh_public_key
+    from flwr.supercore.primitives.asymmetric_ed25519 import create_message_to_sign, decode_base64url, verify_signature
+
+    try:
+        unsigned, record = split_signature(fab)
+        if not record:
+            return False
+        key = load_ssh_public_key(public_key_openssh.encode())
+        if not isinstance(key, ed25519.Ed25519PublicKey):
+            return False
+        message = create_message_to_sign(hashlib.sha256(unsigned).digest(), int(record["signed_at"]))
+        return bool(verify_signature(key, message, decode_base64url(str(record["signature"]))))
+    except Exception:  # noqa: BLE001 - anything unreadable is unsigned
+        return False
+
+
+def patch_app_sign(key_path: str) -> Patch:
+    try:
+        run_mod = importlib.import_module("flwr.cli.run.run")
+        build = run_mod.build_fab_from_disk
+    except (ImportError, AttributeError) as e:
+        return Patch("app-sign", False, f"flwr.cli.run.run.build_fab_from_disk not found: {e}")
+    if getattr(build, "kumiki_sign", False):
+        return Patch("app-sign", True, "already installed")
+
+    def signed(app):  # type: ignore[no-untyped-def]
+        return sign_fab(build(app), key_path)
+
+    signed.kumiki_sign = True  # type: ignore[attr-defined]
+    run_mod.build_fab_from_disk = signed
+    return Patch("app-sign", True, f"FABs are signed with {key_path}")
+
+
+def patch_app_verify(pub_path: str) -> Patch:
+    """The SuperNode runs Flower's FAB check with one trusted entity, the operator's key, verified our way."""
+    import json
+
+    try:
+        mod = importlib.import_module("flwr.supernode.start_client_internal")
+        pull, verify = mod._pull_and_store_message, mod._verify_fab
+        if "trusted_entities" not in inspect.signature(pull).parameters:
+            return Patch("app-verify", False, "_pull_and_store_message takes no trusted_entities any more")
+        public = open(pub_path).read().split(" kumiki-app-signing")[0].strip()
+    except (ImportError, AttributeError, OSError) as e:
+        return Patch("app-verify", False, f"cannot install the FAB check: {e}")
+    if getattr(pull, "kumiki_verify", False):
+        return Patch("app-verify", True, "already installed")
+
+    def with_record(get_fab):  # type: ignore[no-untyped-def]
+        def get(*args, **kwargs):  # type: ignore[no-untyped-def]
+            fab = get_fab(*args, **kwargs)
+            _, record = split_signature(fab.content)
+            # Flower's gate ("valid_license": the FAB has verification records), then its check (``verify_fab``)
+            fab.verifications = {"valid_license": "Valid", SIGNER_ID: json.dumps(record or {})}
+            return fab
+        return get
+
+    def pull_verified(*args, **kwargs):  # type: ignore[no-untyped-def]
+        kwargs["get_fab"] = with_record(kwargs["get_fab"])
+        kwargs["trusted_entities"] = {SIGNER_ID: public}
+        return pull(*args, **kwargs)
+
+    def verify_fab(fab, trusted_entities):  # type: ignore[no-untyped-def]
+        ok = fab_signed_by(fab.content, trusted_entities.get(SIGNER_ID, ""))
+        if not ok:
+            _, record = split_signature(fab.content)
+            print(f"kumiki app-verify: refused app {fab.hash_str[:12]}: "
+                  f"{'its signature is not the operator key' if record else 'it is not signed'} ({pub_path}); "
+                  "none of its code runs here", file=sys.stderr, flush=True)
+        return ok
+
+    pull_verified.kumiki_verify = True  # type: ignore[attr-defined]
+    mod._pull_and_store_message = pull_verified
+    mod._verify_fab = verify_fab
+    return Patch("app-verify", True, f"only apps signed by {pub_path} run here")
+
+
 # --------------------------------------------------------------------------- superlink-objects
 def patch_superlink_objects() -> Patch:
     cl = importlib.import_module(CONFIG_LOADER_MODULE)
@@ -282,6 +473,10 @@ def preload(modules: list[str]) -> None:
 def apply(mode: str) -> list[Patch]:
     """Apply the patches ``mode`` (``supernode`` or ``superexec``) uses, per the environment."""
     patches = []
+    if mode == "flwr":
+        cert, key = os.environ.get("KUMIKI_CLIENT_CERT"), os.environ.get("KUMIKI_CLIENT_KEY")
+        signing = os.environ.get("KUMIKI_APP_SIGNING_KEY")
+        return ([patch_client_cert(cert, key)] if cert and key else []) + ([patch_app_sign(signing)] if signing else [])
     if mode == "superlink":
         objects = os.environ.get("KUMIKI_SUPERLINK_OBJECTS", DEFAULTS["KUMIKI_SUPERLINK_OBJECTS"])
         return [patch_superlink_objects()] if objects == "memory" else []
@@ -293,6 +488,8 @@ def apply(mode: str) -> list[Patch]:
         patches.append(patch_pull_backoff(backoff))
     if mode == "superexec" and os.environ.get("KUMIKI_FORK", DEFAULTS["KUMIKI_FORK"]) != "0":
         patches.append(patch_fork_executor())
+    if mode == "supernode" and os.environ.get("KUMIKI_APP_SIGNING_PUB"):
+        patches.append(patch_app_verify(os.environ["KUMIKI_APP_SIGNING_PUB"]))
     return patches
 
 
@@ -312,12 +509,20 @@ def main(argv: list[str] | None = None) -> None:
     mode = argv.pop(0) if argv else ""
     if mode == "check":
         patches = (apply("supernode") + [p for p in apply("superexec") if p.name == "fork-executor"]
-                   + apply("superlink"))
+                   + apply("superlink") + [patch_client_cert("operator.crt", "operator.key")])
         for p in patches:
             print(f"{p.name:<14} {'ok' if p.applied else 'FAILED'}  {p.detail}")
         sys.exit(0 if patches and all(p.applied for p in patches) else 1)
-    if mode not in ("supernode", "superexec", "superlink"):
-        sys.exit(f"usage: fastpath.py supernode|superexec|superlink <flwr arguments> | check   (got {mode!r})")
+    if mode not in ("supernode", "superexec", "superlink", "flwr"):
+        sys.exit(f"usage: fastpath.py supernode|superexec|superlink|flwr <flwr arguments> | check   (got {mode!r})")
+    if mode == "flwr":  # the CLI: quiet unless a patch fails (its output is parsed, e.g. --format json)
+        patches = apply(mode)
+        if any(not p.applied for p in patches):
+            report(patches, mode)
+        from flwr.cli.app import app as flwr_cli
+
+        sys.argv = ["flwr", *argv]
+        sys.exit(flwr_cli())
     if mode == "superexec":
         raw = os.environ.get("KUMIKI_PRELOAD")
         preload([m for m in (raw.split(",") if raw is not None else DEFAULT_PRELOAD) if m])

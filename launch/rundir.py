@@ -6,12 +6,18 @@
   before the run dir is created, truncated or cleaned;
 * an existing, non-empty run dir is refused, or with ``overwrite`` moved aside to
   ``<name>.replaced-<time>`` (nothing is ever deleted);
-* a lock file (``.kumiki.lock``, holding the PID) keeps a second run off the same dir
-  while the first one runs; a lock whose process is gone is stale and is taken over.
+* a lock file (``.kumiki.lock``) keeps a second run off the same dir while the first one runs. The lock is
+  an exclusive ``flock`` (``kumiki.locks``), held as long as *any* process holding its open file lives: the
+  local engine passes the descriptor (``lock_fd``) to every process it starts and to its reaper
+  (``launch/reaper.py``), which lets go only when the last process of the run is gone. So a run whose launcher
+  was killed (``kill -9``, the OOM killer) still holds its dir until its federation is dead, and a lock file
+  left by a dead run reads as free. The file is removed at the end only when nothing holds it any more (a
+  second file at the same path while a stray process still held the first would be a second lock).
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import sys
 import time
@@ -20,6 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from kumiki.config import KumikiConfig
+from kumiki.locks import held
 from kumiki.data.sites import SiteDataError, site_folders
 from kumiki.data.sources import DataUnavailable, fashion_mnist_available
 
@@ -57,20 +64,21 @@ def check_sources(cfg: KumikiConfig) -> None:
         site_folders(root, data.sites, data.unseen_sites)  # raises, naming what is missing
 
 
-def _holder(lock: Path) -> int | None:
-    """PID of the live run holding ``lock``; a lock of a finished process is removed (stale)."""
+#: run dir -> the descriptor of its held lock, while this process holds it (``lock_fd``)
+_HELD: dict[Path, int] = {}
+
+
+def lock_fd(run_dir: Path | str) -> int | None:
+    """The open descriptor of ``run_dir``'s lock while this process holds it: processes a run starts inherit it
+    (``pass_fds``), so the dir stays locked while any of them lives."""
+    return _HELD.get(Path(run_dir).resolve())
+
+
+def _holder_note(lock: Path) -> str:
     try:
-        pid = int(lock.read_text().split()[0])
+        return f"pid {int(lock.read_text().split()[0])}"
     except (OSError, ValueError, IndexError):
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        lock.unlink(missing_ok=True)
-        return None
-    except PermissionError:
-        pass  # alive, owned by someone else
-    return pid
+        return "pid unknown"
 
 
 @contextmanager
@@ -92,11 +100,10 @@ def claim_run_dir(cfg: KumikiConfig, overwrite: bool = False, resume: bool = Fal
         if done is None:
             raise RunDirError(f"{run_dir} holds no run to resume; drop --resume to start it")
     if run_dir.exists():
-        pid = _holder(lock)
-        if pid is not None:
-            raise RunDirError(f"{run_dir} is in use by another Kumiki run (pid {pid}); wait for it to end, "
-                              "or choose another run.name")
-        if not resume and any(run_dir.iterdir()):
+        if held(lock):
+            raise RunDirError(f"{run_dir} is in use by another Kumiki run ({_holder_note(lock)}, or a process it "
+                              "started); wait for it to end, or choose another run.name")
+        if not resume and any(p.name != LOCK for p in run_dir.iterdir()):
             if not overwrite:
                 raise RunDirError(f"{run_dir} already holds a run; choose another run.name, or pass --overwrite "
                                   "to move the old one aside (nothing is deleted)")
@@ -104,13 +111,33 @@ def claim_run_dir(cfg: KumikiConfig, overwrite: bool = False, resume: bool = Fal
             os.rename(run_dir, aside)
             print(f"kumiki: the previous run in {run_dir} was moved to {aside}", file=sys.stderr)
     run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
     try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
         raise RunDirError(f"{run_dir} was claimed by another run a moment ago; choose another run.name") from None
-    with os.fdopen(fd, "w") as f:
-        f.write(f"{os.getpid()} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode())
+    _HELD[run_dir] = fd
     try:
         yield run_dir
     finally:
+        _HELD.pop(run_dir, None)
+        os.close(fd)  # the lock is free once no process the run started still holds this descriptor
+        _remove_if_free(lock)
+
+
+def _remove_if_free(lock: Path) -> None:
+    """Unlink ``lock`` if no process holds it (taken for the moment of the unlink, so no one is locked out)."""
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         lock.unlink(missing_ok=True)
+    except BlockingIOError:
+        pass  # a process of the run still lives: it keeps the dir locked
+    finally:
+        os.close(fd)

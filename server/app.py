@@ -17,6 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from kumiki.config import load_config
 from server.federation import run_federation
+from server.lifecycle import alive_marker, stopped_by_signals
 
 app = ServerApp()
 
@@ -89,7 +90,9 @@ def main(grid: Grid, context: Context) -> None:
 
         serve_region(grid, cfg, str(context.run_config["region-dir"]))
         return
-    run_federation(grid, cfg, sim=sim, engine="deployment", resume=wants_resume(context.run_config.get("resume")))
+    # a signal is recorded as the reason the run ended; a ServerApp killed outright leaves its marker behind
+    with stopped_by_signals(), alive_marker(cfg.run_dir()):
+        run_federation(grid, cfg, sim=sim, engine="deployment", resume=wants_resume(context.run_config.get("resume")))
 
 
 def wants_resume(value) -> bool:

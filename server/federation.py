@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 
 from kumiki.config import KumikiConfig
@@ -32,6 +33,7 @@ from kumiki.data.sources import SHAPES
 from kumiki.registry import entry
 from kumiki.split import ParamSplit
 from models import ModelSpec, build_model
+from server.lifecycle import Stopped
 from server.recorder import Recorder
 from server.resume import atomic_npz, read_resume_state, resume_point, write_resume_state
 
@@ -96,9 +98,28 @@ def _exchange(grid: Grid, strategy, rnd: int, messages: list[Message], timeout: 
     """One send-and-receive; the slowest site's reported compute goes to round ``rnd``'s critical path."""
     if not messages:
         return []
-    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    replies = _for_sites(strategy, rnd, messages, list(grid.send_and_receive(messages, timeout=timeout)))
     strategy.note_compute(rnd, replies)
     return replies
+
+
+def _for_sites(strategy, rnd: int, messages: list[Message], replies: list[Message]) -> list[Message]:
+    """The sites' own replies. For a message whose node went away, Flower's SuperLink answers itself, an error
+    reply whose source is the SuperLink's node id (1), not the site: counted as a site it showed up as a phantom
+    ``node-1`` rejection next to the site's own "no reply". It is logged under the site's name and dropped; the
+    site's missing reply is recorded as such."""
+    sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
+    out = []
+    for r in replies:
+        md = r.metadata
+        node = sent.get(md.reply_to_message_id)
+        if md.src_node_id == SUPERLINK_NODE_ID and node is not None and node != md.src_node_id:
+            profile = getattr(strategy, "profiles", {}).get(node)
+            log.warning("round %d: the SuperLink answered for %s: %s", rnd, profile.site if profile else f"node {node}",
+                        r.error.reason if r.has_error() else "(no error)")
+            continue
+        out.append(r)
+    return out
 
 
 def _evaluate(grid: Grid, strategy, rnd: int, eval_round: int, timeout: float, only=None) -> None:
@@ -199,7 +220,7 @@ def run_federation(grid: Grid, cfg: KumikiConfig, sim: dict | None = None, engin
             _evaluate(grid, strategy, pending, pending, timeout)
             recorder.round(pending, strategy, strategy.rounds[pending].round_s)
     except BaseException as exc:  # the run is over: record how it ended (status "failed"), then re-raise
-        recorder.finish(strategy, error=f"{type(exc).__name__}: {exc}")
+        recorder.finish(strategy, error=str(exc) if isinstance(exc, Stopped) else f"{type(exc).__name__}: {exc}")
         write_report(run_dir)
         raise
     summary = recorder.finish(strategy)

@@ -67,6 +67,19 @@ class SiteProfile:
     inputs: str = ""
 
 
+def cap_examples(counts: list[int], cap: float) -> list[int]:
+    """``min(n_k, floor(cap x median_{j != k} n_j))`` for each k (integers: a count keeps its exact weight).
+
+    The median of the *others*: with two sites the plain median is their mean, which the attacker's own count
+    would set. An honest site with up to ``cap`` times the typical count keeps its full weight."""
+    n = np.asarray(counts, dtype=np.float64)
+    out = []
+    for k, nk in enumerate(counts):
+        others = np.delete(n, k)
+        out.append(int(min(nk, max(1, math.floor(cap * float(np.median(others)))))))
+    return out
+
+
 @dataclass
 class Update:
     """One accepted training reply (``arrays``: read-only views of the reply's bytes, then of its row in the
@@ -504,6 +517,7 @@ class KumikiStrategy(Strategy):
         # Replies arrive in any order; aggregate in site order so the model never depends on it
         # (float sums are order-sensitive in the last bits, integer buffers come from the first update).
         parsed.sort(key=lambda p: p[0].profile.site)
+        parsed = self._cap_examples(server_round, parsed)
         updates = self._batch(server_round, stats, parsed)
         stats.accepted = len(updates)
         needed = math.ceil(self.cfg.server.min_reply_fraction * max(len(stats.sent) - len(stats.declined), 1))
@@ -518,6 +532,23 @@ class KumikiStrategy(Strategy):
         agg[C.NUM_EXAMPLES] = total
         # the new model as Flower's API returns it; with float32 transport the next round sends these bytes
         return self._record(self.shared, self._cache("model"), convert=False)[0], MetricRecord(agg)
+
+    def _cap_examples(self, server_round: int, parsed: list[tuple[Update, int]]) -> list[tuple[Update, int]]:
+        """Each reply's ``num-examples`` capped at ``server.example_cap`` x the median of the round's *other*
+        replies (``cap_examples``), before any method turns counts into weights: a site's own count is only
+        bounded by its own announcement, so without this one site announcing 1e9 examples sets the model."""
+        cap = self.cfg.server.example_cap
+        if cap is None or len(parsed) < 2:
+            return parsed
+        counts = cap_examples([u.num_examples for u, _ in parsed], cap)
+        out = []
+        for (u, nbytes), n in zip(parsed, counts):
+            if n != u.num_examples:
+                log.warning("round %d: %s reports %d examples; weighted as %d (server.example_cap = %g x the median "
+                            "of the other sites)", server_round, u.profile.site, u.num_examples, n, cap)
+                u = replace(u, num_examples=n)
+            out.append((u, nbytes))
+        return out
 
     def _reject(self, server_round: int, stats: RoundStats, site: str, exc: BaseException) -> None:
         reason = rejection(exc)

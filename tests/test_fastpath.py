@@ -171,6 +171,7 @@ def test_the_module_runs_standalone_as_the_images_copy_it(tmp_path):
                        timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     lines = r.stdout.splitlines()
-    assert [line.split()[:2] for line in lines[:4]] == [
-        ["supernode-poll", "ok"], ["pull-backoff", "ok"], ["fork-executor", "ok"], ["superlink-objects", "ok"]]
-    assert lines[4] == "kumiki modules: []", "the fast path must not need Kumiki's code installed"
+    assert [line.split()[:2] for line in lines[:5]] == [
+        ["supernode-poll", "ok"], ["pull-backoff", "ok"], ["fork-executor", "ok"], ["superlink-objects", "ok"],
+        ["client-cert", "ok"]]
+    assert lines[5] == "kumiki modules: []", "the fast path must not need Kumiki's code installed"

@@ -59,10 +59,12 @@ def test_a_rerun_that_fails_early_touches_nothing(tmp_path):
 def test_a_second_run_on_a_locked_run_dir_is_refused_and_a_stale_lock_taken_over(tmp_path):
     cfg = make_config(tmp_path, rounds=1, sites=2)
     cfg.run_dir().mkdir(parents=True)
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    hold = ("import fcntl, os, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
+            "f.write(f'{os.getpid()} now\\n'); f.flush(); print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(cfg.run_dir() / LOCK)], stdout=subprocess.PIPE, text=True)
     try:
-        (cfg.run_dir() / LOCK).write_text(f"{holder.pid} now\n")
-        with pytest.raises(RunDirError, match=f"in use by another Kumiki run \\(pid {holder.pid}\\)"):
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunDirError, match=f"in use by another Kumiki run \\(pid {holder.pid}"):
             run_inprocess(cfg, quiet=True, overwrite=True)
     finally:
         holder.kill()

@@ -4,7 +4,9 @@
   between go on without it, and it resumes with its personal state (in-process, fast);
 * a real ``flower-supernode`` killed mid-run: the local engine restarts it and the run completes;
 * SIGTERM to ``kumiki run --engine local`` stops every process it started, like Ctrl-C (SIGHUP takes
-  the same handler, checked without processes).
+  the same handler, checked without processes), and records the signal; ``kill -9`` of it leaves no orphan
+  (issue 22), and the run dir stays locked until the last process of the run is gone;
+* a ServerApp killed outright is noticed within seconds and the run recorded as failed.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -22,12 +26,20 @@ import torch
 from flwr.app import Context, RecordDict
 
 from kumiki import contract as C
+from kumiki.locks import held
+from launch import reaper
 from launch.engines import local
+from launch.rundir import LOCK
+from server.lifecycle import PID_FILE
 from launch.engines.inprocess import run_inprocess
 from tests.conftest import config_file, make_config
-from tests.test_engine_local import _alive, _group_members, proc_stats
+from tests.test_engine_local import _alive, proc_stats
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _rounds(cfg):
+    return _round_rows(cfg.run_dir())
 
 
 def _rows(cfg):
@@ -66,16 +78,31 @@ def test_a_site_that_goes_offline_and_reconnects_resumes_with_its_state(tmp_path
     assert summary["status"] == "incomplete" and summary["participation"]["trained_rounds"]["site-1"] == 2
 
 
+def _when(cond, timeout_s=240.0, every=0.2):
+    """Wait (bounded) until ``cond()`` is truthy; returns its value (None on time-out)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if value := cond():
+            return value
+        time.sleep(every)
+    return None
+
+
+def _round_rows(run_dir: Path) -> dict[int, dict]:
+    try:
+        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    except (OSError, ValueError):
+        return {}
+    return {r["round"]: r for r in rows if r.get("kind") == "round"}
+
+
 @pytest.mark.deploy
 def test_local_engine_restarts_a_killed_supernode_and_finishes(tmp_path):
+    """site-1's SuperNode is killed after round 1: the engine restarts it, the site trains again in a later round,
+    and the rounds it missed record it once, under its own name (no phantom ``node-1``: the SuperLink's own
+    error reply for the vanished node)."""
     cfg = make_config(tmp_path, rounds=4, sites=2, arch="mlp", name="kill", server={"round_timeout_s": 30.0})
-    killed = []
-
-    def on_start(pids):
-        victim = next(p for p in local_procs if p.name == "supernode-site-1")
-        os.killpg(victim.popen.pid, signal.SIGKILL)
-        killed.append(victim.popen.pid)
-
+    killed: list[int] = []
     local_procs = []
     real_start = local._Cluster.start
 
@@ -84,16 +111,27 @@ def test_local_engine_restarts_a_killed_supernode_and_finishes(tmp_path):
         local_procs.append(p)
         return p
 
+    def killer():
+        if _when(lambda: 1 in _round_rows(cfg.run_dir()), 240):
+            victim = next(p for p in local_procs if p.name == "supernode-site-1")
+            killed.append(max(_round_rows(cfg.run_dir())))
+            os.killpg(victim.popen.pid, signal.SIGKILL)
+
     local._Cluster.start = spy_start
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
     try:
-        summary = local.run_local(cfg, quiet=True, timeout_s=300, ready_timeout_s=120, on_start=on_start)
+        summary = local.run_local(cfg, quiet=True, timeout_s=300, ready_timeout_s=120)
     finally:
         local._Cluster.start = real_start
+        thread.join(timeout=10)
     assert killed and summary["rounds"] == 4
-    assert "restarting it" in "".join(p.log.read_text(errors="replace") for p in local_procs if p.name == "flwr-run") \
-        or len([p for p in local_procs if p.name == "supernode-site-1"]) >= 2
     assert len([p for p in local_procs if p.name == "supernode-site-1"]) >= 2, "the engine restarted it"
-    assert summary["participation"]["trained_rounds"]["site-1"] >= 1
+    rows = _rounds(cfg)
+    assert any("site-1" in rows[r]["sites"]["took_part"] for r in rows if r > killed[0]), \
+        f"site-1 trained in no round after its restart (killed after round {killed[0]})"
+    rejected = [x["site"] for r in rows.values() for x in r["sites"]["rejected"]]
+    assert set(rejected) <= {"site-1"}, f"rejections of sites that do not exist: {rejected}"
 
 
 def test_sigterm_and_sighup_unwind_like_ctrl_c():
@@ -112,10 +150,38 @@ def test_sigterm_and_sighup_unwind_like_ctrl_c():
             signal.signal(sig, handler)
 
 
+def _descendants(pid: int) -> set[int]:
+    stats = list(proc_stats())
+    found, todo = set(), [pid]
+    while todo:
+        parent = todo.pop()
+        for child, state, ppid, _ in stats:
+            if ppid == parent and state != "Z" and child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _token_of(pids: set[int]) -> str | None:
+    for pid in pids:
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for item in env:
+            if item.startswith(reaper.TOKEN_ENV.encode() + b"="):
+                return item.split(b"=", 1)[1].decode()
+    return None
+
+
 @pytest.mark.deploy
-@pytest.mark.parametrize("sig", [signal.SIGTERM], ids=["SIGTERM"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_a_signal_stops_a_local_run_and_every_process_it_started(tmp_path, sig):
+    """SIGTERM: the run says why it stopped, records the signal (not ``SystemExit: 0``) and writes its report.
+    SIGKILL (no ``finally:`` runs): every process of the run still dies, grandchildren included, and the run dir
+    stays locked while any of them lives, so no ``--overwrite`` can take it over under a live orphan."""
     conf = config_file(tmp_path, "sig", 50)
+    run_dir = tmp_path / "runs" / "sig"
     proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "run", str(conf), "--engine", "local"], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -127,29 +193,93 @@ def test_a_signal_stops_a_local_run_and_every_process_it_started(tmp_path, sig):
                 break
             seen += line
         assert "round   1/" in seen, seen[-2000:]
-        children = {p for p in _group_members(_sessions_of(proc.pid))} - {proc.pid}
-        assert children, "the engine started processes"
+        children = _descendants(proc.pid)
+        token = _token_of(children)
+        assert children and token, "the engine started processes, each marked with the run's token"
+        assert held(run_dir / LOCK)
         proc.send_signal(sig)
+        orphans_unlocked = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            locked = held(run_dir / LOCK)  # first the lock, then the processes: none may outlive the lock
+            alive = [p for p in children if _alive(p)] + reaper.marked(token)
+            if not locked and alive:
+                orphans_unlocked.append(alive)
+            if not alive and not locked:
+                break
+            time.sleep(0.05)
         rc = proc.wait(timeout=60)
+        rest = proc.stderr.read()
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
-    assert rc != 0
-    time.sleep(1.0)
-    assert not [p for p in children if _alive(p)], "processes outlived the signalled run"
-    summary = tmp_path / "runs" / "sig" / "summary.json"
-    assert not summary.exists() or json.loads(summary.read_text())["status"] != "ok"
+    assert not [p for p in children if _alive(p)] and not reaper.marked(token), "processes outlived the run"
+    assert not orphans_unlocked, f"the run dir was free while processes of the run lived: {orphans_unlocked[:3]}"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and "SystemExit" not in summary["error"]
+    # SIGKILL: the reaper's SIGTERM (or Flower's parent monitor, SIGINT) reaches the ServerApp
+    assert summary["error"] == "stopped by SIGTERM" if sig == signal.SIGTERM else summary["error"].startswith("stopped by SIG")
+    assert (run_dir / "report.html").is_file()
+    if sig == signal.SIGTERM:
+        assert rc == 128 + signal.SIGTERM
+        assert "stopped by SIGTERM" in rest and "report.html" in rest, rest[-2000:]
+    else:
+        assert rc == -signal.SIGKILL
 
 
-def _sessions_of(pid: int) -> set[int]:
-    """Process groups of ``pid``'s descendants (the engine puts each daemon in its own group)."""
-    stats = list(proc_stats())
-    groups, todo = set(), [pid]
-    while todo:
-        parent = todo.pop()
-        for child, _, ppid, pgrp in stats:
-            if ppid == parent:
-                todo.append(child)
-                groups.add(pgrp)
-    return groups
+@pytest.mark.deploy
+def test_a_dead_serverapp_is_noticed_within_seconds_and_recorded(tmp_path):
+    """kill -9 of the ServerApp (as the OOM killer would): the engine stops the run within seconds (it used to
+    wait ~67 s for the SuperLink's heartbeat) and records it as failed, with its report."""
+    cfg = make_config(tmp_path, rounds=50, sites=2, arch="mlp", name="deadserver")
+    marker = cfg.run_dir() / PID_FILE
+    killed: list[float] = []
+
+    def killer():
+        pid = _when(lambda: 1 in _round_rows(cfg.run_dir()) and marker.is_file() and int(marker.read_text()), 240)
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+            killed.append(time.monotonic())
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    with pytest.raises(RuntimeError, match="the ServerApp .* died without ending the run"):
+        local.run_local(cfg, quiet=True, timeout_s=400, ready_timeout_s=120)
+    noticed = time.monotonic()
+    thread.join(timeout=10)
+    assert killed and noticed - killed[0] < 20, f"noticed after {noticed - killed[0]:.1f}s"
+    summary = json.loads((cfg.run_dir() / "summary.json").read_text())
+    assert summary["status"] == "failed" and "ServerApp" in summary["error"] and summary["rounds"] >= 1
+    assert (cfg.run_dir() / "report.html").is_file()
+
+
+def test_the_reaper_stops_marked_processes_and_recorded_groups_when_its_pipe_closes():
+    """launch/reaper.py, as a killed launcher leaves it: its pipe closes. It stops a process that carries the run's
+    token in another session (Flower's stock SuperLink starts its SuperExec that way), and the rest of a recorded
+    process group whose leader is gone (nginx's worker after its master died: nginx overwrites its environment)."""
+    token = uuid.uuid4().hex
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    marked = subprocess.Popen(sleeper, env={**os.environ, reaper.TOKEN_ENV: token}, start_new_session=True)
+    leader = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
+                               f"p = subprocess.Popen({sleeper!r}); print(p.pid, flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    member = int(leader.stdout.readline())
+    keeper = subprocess.Popen([sys.executable, str(Path(reaper.__file__)), token, "2"], stdin=subprocess.PIPE,
+                              start_new_session=True)
+    try:
+        keeper.stdin.write(f"{leader.pid}\n".encode())
+        keeper.stdin.flush()
+        os.kill(leader.pid, signal.SIGKILL)
+        leader.wait(timeout=10)
+        assert _alive(member) and _alive(marked.pid)
+        keeper.stdin.close()  # the launcher is gone
+        keeper.wait(timeout=30)
+        assert _when(lambda: not _alive(member) and not _alive(marked.pid), 10), "the reaper left processes alive"
+    finally:
+        for pid in (marked.pid, member):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        marked.wait(timeout=10)

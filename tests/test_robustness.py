@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
+from flwr.app import ConfigRecord, MetricRecord
 
 from client.app import BadArrays, check_incoming
 from kumiki import contract as C
@@ -140,3 +142,60 @@ def test_reply_with_other_tensors_is_rejected_not_a_crash(tmp_path, change, need
     [rej] = r[1]["sites"]["rejected"]
     assert rej["site"] == "site-1" and needle in rej["reason"]
     assert summary["personalized"]["mean"] > 0.2
+
+
+def _big_announcer(count):
+    """Site-1 (node 2) announces ``count(others)`` examples at discovery and in every training reply, which carries
+    its own tensors (every float 7.0); ``others`` are the other replies' true example counts of that message."""
+    def hook(grid):
+        send = grid.send_and_receive
+
+        def wrapped(messages, *, timeout=None):
+            messages = list(messages)
+            replies = send(messages, timeout=timeout)
+            for msg, rep in zip(messages, replies):
+                if msg.metadata.dst_node_id != 2 or rep.has_error():
+                    continue
+                others = [int(r.content[C.METRICS][C.NUM_EXAMPLES]) for m, r in zip(messages, replies)
+                          if m.metadata.dst_node_id != 2 and not r.has_error() and C.METRICS in r.content.metric_records]
+                if msg.metadata.message_type == "query.profile":
+                    p = dict(rep.content[C.PROFILE].items())
+                    p["num-train"] = count(None)
+                    rep.content[C.PROFILE] = ConfigRecord(p)
+                elif msg.metadata.message_type == "train":
+                    m = dict(rep.content[C.METRICS].items())
+                    m[C.NUM_EXAMPLES] = count(others)
+                    rep.content[C.METRICS] = MetricRecord(m)
+                    rep.content[C.ARRAYS] = C.to_record({k: np.full_like(v, 7.0) if v.dtype.kind == "f" else v
+                                                         for k, v in ((k, v.numpy()) for k, v in rep.content[C.ARRAYS].items())})
+            return replies
+
+        grid.send_and_receive = wrapped
+    return hook
+
+
+def _global(cfg):
+    with np.load(cfg.run_dir() / "checkpoints" / "global.npz") as z:
+        return np.concatenate([z[k].ravel().astype(np.float64) for k in sorted(z.files)
+                               if k != "__round__" and z[k].dtype.kind == "f"])
+
+
+def test_a_site_announcing_1e9_examples_buys_no_more_than_an_honest_site_could(tmp_path, caplog):
+    """num-train = 1e9 at discovery, num-examples = 1e9 with its own tensors. By default its weight is capped at
+    server.example_cap (3) x the median of the other sites' counts: the global model is the one the largest
+    honest site the cap allows (3 x the median, announced truthfully) would give, far from the attacker's. With
+    the cap off (plain FedAvg) the attacker sets the global model."""
+    def run(name, count, **server):
+        cfg = make_config(tmp_path, rounds=1, sites=3, alpha=None, name=name, server=server)
+        run_inprocess(cfg, quiet=True, grid_hook=_big_announcer(count))
+        return _global(cfg)
+
+    with caplog.at_level("WARNING", logger="kumiki.server"):
+        attacked = run("attack", lambda others: 10**9)
+    assert "site-1 reports 1000000000 examples; weighted as" in caplog.text and "example_cap" in caplog.text
+    strongest_honest = run("honest", lambda others: 10**9 if others is None else math.floor(3 * np.median(others)))
+    uncapped = run("uncapped", lambda others: 10**9, example_cap=None)
+    assert np.abs(uncapped - 7.0).max() < 1e-4, "without the cap the attacker sets the model (the attack is real)"
+    np.testing.assert_allclose(attacked, strongest_honest, rtol=0, atol=1e-5)
+    # the honest sites' models are near 0 (|w| < 1): with at most 3/5 of the weight the attacker is >= 2/5 x 7 away
+    assert np.abs(attacked - 7.0).mean() > 2.0

@@ -12,7 +12,12 @@ Process hygiene: every process is started in its own process group (session),
 whose id is the PID we recorded; stopping a group also stops the SuperExec,
 ``flwr-clientapp`` and ``flwr-serverapp`` children in it. ``_Cluster.stop_all``
 runs in a ``finally:`` (errors, timeouts and Ctrl-C included): SIGTERM to each
-group, a bounded wait, then SIGKILL.
+group, a bounded wait, then SIGKILL. Where no ``finally:`` runs (``kill -9``, the
+OOM killer) the run still dies with its launcher: each direct child has a
+parent-death signal, and ``launch/reaper.py`` (started first, holding the run
+dir's lock) stops every process carrying the run's token in its environment,
+grandchildren included. A ServerApp that dies outright is noticed within a
+second (``server/lifecycle.py``) and the run is recorded as failed.
 
 Latency (see ``Tuning``; ``Tuning.stock()`` turns all of it off). A Flower 1.41
 deployment round is dominated by fixed poll sleeps, retry back-offs and one
@@ -40,7 +45,12 @@ What this engine does about it:
 Security (``security_args``): TLS on the SuperLink's one port (Fleet, Control and
 Runtime API), SuperNode authentication with one registered key per site, and
 SuperExec authentication (a shared secret) on every Runtime API, all on by default;
-``insecure=True`` (``kumiki run/pilot --insecure``) turns them off, loudly.
+``insecure=True`` (``kumiki run/pilot --insecure``) turns them off, loudly. With nginx
+installed, the SuperLink sits behind ``deploy/proxy.py``'s proxy: the sites dial a
+Fleet-only listener, the ``flwr`` commands a Control-only listener that wants the
+operator's client certificate. The app ``flwr run`` submits is signed with the
+operator's key and every SuperNode runs only apps signed with it (``launch/fastpath.py``,
+app-sign / app-verify). docs/security.md says what each party can and cannot do.
 """
 
 from __future__ import annotations
@@ -56,6 +66,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -63,9 +74,10 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 from kumiki.config import KumikiConfig
-from launch import fastpath
+from launch import fastpath, reaper
 from launch.certs import CertBundle, make_certs
 from launch.engines.prepare import node_configs, prepare_sites, process_run_dir
+from server.lifecycle import PID_FILE, serverapp_died
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 log = logging.getLogger("kumiki.local")
@@ -251,11 +263,32 @@ class _Proc:
 
 @dataclass
 class _Cluster:
-    """The processes of one run; each in its own process group (pgid == its PID)."""
+    """The processes of one run; each in its own process group (pgid == its PID), each with a parent-death
+    signal; ``token`` (in every child's environment) and ``lock_fd`` (the run dir's lock, inherited by every
+    child) are handed to the reaper, which outlives a killed launcher just long enough to stop the rest."""
 
     logs: Path
     procs: list[_Proc] = field(default_factory=list)
     _files: list[IO] = field(default_factory=list)
+    token: str | None = None
+    lock_fd: int | None = None
+    reaper: subprocess.Popen | None = None
+    #: seconds the reaper gives the run's processes between SIGTERM and SIGKILL
+    reaper_grace_s: float = 10.0
+
+    def start_reaper(self, env: dict[str, str]) -> None:
+        """``launch/reaper.py`` with a pipe as stdin: it acts when the pipe closes (this process ended)."""
+        assert self.token is not None
+        out = open(self.logs / "reaper.log", "ab")
+        self._files.append(out)
+        clean = {k: v for k, v in env.items() if k != reaper.TOKEN_ENV}
+        self.reaper = subprocess.Popen(
+            [sys.executable, str(Path(reaper.__file__).resolve()), self.token, str(self.reaper_grace_s)],
+            cwd=str(REPO_ROOT), env=clean, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True, pass_fds=self._fds())
+
+    def _fds(self) -> tuple[int, ...]:
+        return () if self.lock_fd is None else (self.lock_fd,)
 
     def start(self, name: str, args: list[str], env: dict[str, str], pipe: bool = False) -> _Proc:
         log = self.logs / f"{name}.log"
@@ -266,9 +299,16 @@ class _Cluster:
         popen = subprocess.Popen(
             args, cwd=str(REPO_ROOT), env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True,  # own session and process group
+            preexec_fn=reaper.parent_death_signal(), pass_fds=self._fds(),  # dies with us; holds the run dir
         )
         proc = _Proc(name, popen, log, list(args), dict(env))
         self.procs.append(proc)
+        if self.reaper is not None:  # its group: the reaper stops every member of it too
+            try:
+                self.reaper.stdin.write(f"{popen.pid}\n".encode())  # type: ignore[union-attr]
+                self.reaper.stdin.flush()  # type: ignore[union-attr]
+            except (OSError, ValueError):
+                pass
         return proc
 
     def restart(self, proc: _Proc) -> _Proc:
@@ -299,6 +339,12 @@ class _Cluster:
             try:
                 p.popen.wait(timeout=5)
             except subprocess.TimeoutExpired:
+                pass
+        if self.reaper is not None:  # closing its pipe: it stops whatever escaped the groups, then exits
+            try:
+                self.reaper.stdin.close()  # type: ignore[union-attr]
+                self.reaper.wait(timeout=self.reaper_grace_s + 15)
+            except (OSError, subprocess.TimeoutExpired):
                 pass
         for f in self._files:
             f.close()
@@ -359,11 +405,32 @@ def _write_flwr_home(home: Path, port: int, certs: CertBundle | None, federation
 _NODE_ID = re.compile(r'"node-id":\s*(\d+)')
 
 
+def flwr_cli() -> list[str]:
+    """The ``flwr`` CLI, through ``launch/fastpath.py`` (mode ``flwr``): with ``KUMIKI_CLIENT_CERT``/``KEY`` in its
+    environment it presents the operator's client certificate to the proxy's Control API listener."""
+    exe("flwr")  # fails clearly if flwr is not installed here
+    return [sys.executable, str(Path(fastpath.__file__).resolve()), "flwr"]
+
+
+def operator_env(env: dict[str, str], certs: CertBundle | None) -> dict[str, str]:
+    """``env`` for the operator's ``flwr`` commands: with the client certificate the proxy asks for, and the key
+    that signs the app ``flwr run`` submits (``launch/fastpath.py``, app-sign)."""
+    if certs is None:
+        return dict(env)
+    return {**env, "KUMIKI_CLIENT_CERT": str(certs.operator_crt), "KUMIKI_CLIENT_KEY": str(certs.operator_key),
+            "KUMIKI_APP_SIGNING_KEY": str(certs.app_signing_key)}
+
+
+def nginx_exe() -> str | None:
+    """Debian's nginx (``nginx-light``), if installed."""
+    return shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.access(p, os.X_OK)), None)
+
+
 def unregister_sites(node_ids: list[int], env: dict[str, str], timeout_s: float = 60.0,
                      federation: str = FEDERATION) -> None:
     """``flwr supernode unregister <node-id> <federation>``: that key can never connect again."""
     for nid in node_ids:
-        out = subprocess.run([exe("flwr"), "supernode", "unregister", str(nid), federation], env=env, cwd=str(REPO_ROOT),
+        out = subprocess.run([*flwr_cli(), "supernode", "unregister", str(nid), federation], env=env, cwd=str(REPO_ROOT),
                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout_s,
                              start_new_session=True)
         if out.returncode != 0:
@@ -378,7 +445,7 @@ def register_sites(certs: CertBundle, sites: list[str], env: dict[str, str], tim
     id it returns here is the site's for good (a restarted SuperNode gets it back).
     """
     procs = {site: subprocess.Popen(
-        [exe("flwr"), "supernode", "register", str(certs.site_pub(site)), federation, "--name", site, "--format", "json"],
+        [*flwr_cli(), "supernode", "register", str(certs.site_pub(site)), federation, "--name", site, "--format", "json"],
         env=env, cwd=str(REPO_ROOT), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True, start_new_session=True) for site in sites}
     ids, failed = {}, []
@@ -402,7 +469,7 @@ def _flwr_status(env: dict[str, str], run_id: int, timeout_s: float = 60.0, fede
     """``flwr ls --run-id N --format json`` -> the run's status (e.g. ``finished:completed``)."""
     try:
         out = subprocess.run(
-            [exe("flwr"), "ls", federation, "--run-id", str(run_id), "--format", "json"],
+            [*flwr_cli(), "ls", federation, "--run-id", str(run_id), "--format", "json"],
             env=env, cwd=str(REPO_ROOT), capture_output=True, text=True, timeout=timeout_s,
             stdin=subprocess.DEVNULL, start_new_session=True,
         )
@@ -428,8 +495,14 @@ def run_local(cfg: KumikiConfig, quiet: bool = False, *, overwrite: bool = False
 
 def _run_local(cfg: KumikiConfig, quiet: bool = False, *, insecure: bool = False, timeout_s: float | None = None,
                ready_timeout_s: float = 90.0, tuning: Tuning | None = None,
-               on_start: Callable[[list[int]], None] | None = None, resume: bool = False) -> dict[str, Any]:
+               on_start: Callable[[list[int]], None] | None = None, resume: bool = False,
+               proxy: bool | None = None) -> dict[str, Any]:
     """Run ``cfg`` on a real SuperLink + one SuperNode per site on 127.0.0.1; return summary.json.
+
+    ``proxy`` (default: whenever TLS is on and nginx is installed): the SuperLink sits behind nginx
+    (``deploy/proxy.py``): the SuperNodes dial its Fleet-only listener, the ``flwr`` commands its Control
+    listener with the operator's client certificate; the SuperLink's own port serves the ServerApp's
+    SuperExec (Runtime API) only.
 
     TLS and SuperNode authentication are on unless ``insecure``: a CA, the SuperLink's
     certificate and one key per site are made for the run (``launch.certs``, under
@@ -449,7 +522,7 @@ def _run_local(cfg: KumikiConfig, quiet: bool = False, *, insecure: bool = False
 
     home = run_dir / "flwr"  # fresh per run: a reused SuperLink database would list last run's nodes
     shutil.rmtree(home, ignore_errors=True)
-    link_port, *node_ports = free_ports(1 + cfg.total_sites)
+    link_port, fleet_port, control_port, *node_ports = free_ports(3 + cfg.total_sites)
     site_configs = node_configs(cfg, sim)
     for nc in site_configs:
         nc.update(thread_config(tuning, cfg.total_sites))
@@ -458,10 +531,24 @@ def _run_local(cfg: KumikiConfig, quiet: bool = False, *, insecure: bool = False
         log.warning(INSECURE_BANNER)
         if not quiet:
             print(f"\n{INSECURE_BANNER}\n", file=sys.stderr)
-    _write_flwr_home(home, link_port, certs)
+    nginx = nginx_exe()
+    if proxy is None:
+        proxy = certs is not None and nginx is not None
+        if certs is not None and nginx is None:
+            log.warning("nginx is not installed: the SuperLink's Control API is not fenced off from the sites' port "
+                        "(apt-get install nginx-light; docs/security.md)")
+    if proxy and (certs is None or nginx is None):
+        raise RuntimeError("the proxy needs TLS (drop --insecure) and nginx (apt-get install nginx-light)")
+    if not proxy:
+        fleet_port = control_port = link_port
+    _write_flwr_home(home, control_port, certs)
+    # where each party dials (the sites: fleet; the operator's flwr: control; the ServerApp's SuperExec: superlink)
+    (home / "endpoints.json").write_text(json.dumps({"superlink": f"{HOST}:{link_port}", "fleet": f"{HOST}:{fleet_port}",
+                                                     "control": f"{HOST}:{control_port}", "proxy": bool(proxy)}))
 
     env = {k: v for k, v in os.environ.items() if k not in _TUNING_ENV}
     env.update(FLWR_ENV)
+    env[reaper.TOKEN_ENV] = uuid.uuid4().hex  # every process of this run, grandchildren included, carries it
     env["FLWR_HOME"] = str(home)
     env["PATH"] = f"{venv_bin()}{os.pathsep}{env.get('PATH', '')}"  # flwr spawns flower-superexec etc. by name
     env["PYTHONUNBUFFERED"] = "1"
@@ -472,6 +559,9 @@ def _run_local(cfg: KumikiConfig, quiet: bool = False, *, insecure: bool = False
     env["KUMIKI_PRELOAD"] = ",".join(tuning.preload)
     env["KUMIKI_REPLY_POLL_MAX_S"] = str(tuning.reply_poll_max_s or 0)  # read by server/app.py
     link_env, site_env = dict(env), dict(env)
+    cli_env = operator_env(env, certs)  # the operator's flwr commands: with the client certificate
+    if certs is not None:  # every site runs only apps signed with the operator's key (fastpath app-verify)
+        site_env["KUMIKI_APP_SIGNING_PUB"] = str(certs.app_signing_pub)
     if tuning.server_superexec_poll_s is not None:
         link_env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = str(tuning.server_superexec_poll_s)
     if tuning.superexec_poll_s is not None:
@@ -486,8 +576,14 @@ def _run_local(cfg: KumikiConfig, quiet: bool = False, *, insecure: bool = False
 
     if timeout_s is None:
         timeout_s = default_timeout_s(cfg)
-    cluster = _Cluster(logs)
+    from launch.rundir import lock_fd
+
+    cluster = _Cluster(logs, token=env[reaper.TOKEN_ENV], lock_fd=lock_fd(run_dir))
+    (run_dir / PID_FILE).unlink(missing_ok=True)  # a marker left by an earlier ServerApp of this dir (resume)
+    started = time.time()
+    failure: BaseException | None = None
     try:
+        cluster.start_reaper(env)
         link = cluster.start("superlink", [
             exe("flower-superlink"), *security_args("superlink", certs, secret=secret), *isolation,
             "--host", HOST, "--port", str(link_port),
@@ -497,19 +593,25 @@ def _run_local(cfg: KumikiConfig, quiet: bool = False, *, insecure: bool = False
         daemons = [link]
         if tuning.warm_superexec:
             daemons.append(superexec("superexec-serverapp", link_port, link_env, "superexec-server"))
-        _wait(f"the SuperLink on {HOST}:{link_port}", lambda: port_open(link_port), daemons, ready_timeout_s)
+        if proxy:
+            assert certs is not None and nginx is not None
+            daemons.append(start_proxy(cluster, nginx, home / "proxy", certs, link_port, fleet_port, control_port,
+                                       env))
+        _wait(f"the SuperLink on {HOST}:{link_port}", lambda: all(map(port_open, {link_port, fleet_port, control_port})),
+              daemons, ready_timeout_s)
         node_ids: dict[str, int] = {}
         if certs is not None:
-            node_ids = register_sites(certs, [nc["site"] for nc in site_configs], env)
+            node_ids = register_sites(certs, [nc["site"] for nc in site_configs], cli_env)
             (home / "registered.json").write_text(json.dumps(node_ids, indent=2))
 
         nodes = []
         for nc, port in zip(site_configs, node_ports):
             Path(nc["state-dir"]).mkdir(parents=True, exist_ok=True)
             args = [*security_args("supernode", certs, site=nc["site"], secret=secret), *isolation,
-                    "--superlink", f"{HOST}:{link_port}", "--host", HOST, "--port", str(port),
+                    "--superlink", f"{HOST}:{fleet_port}", "--host", HOST, "--port", str(port),
                     "--node-config", config_arg(nc)]
-            cmd = [*launcher, "supernode"] if tuning.launcher_needed else [exe("flower-supernode")]
+            # through the launcher whenever apps are verified (Tuning.stock(): that patch only)
+            cmd = [*launcher, "supernode"] if tuning.launcher_needed or certs else [exe("flower-supernode")]
             node = cluster.start(f"supernode-{nc['site']}", [*cmd, *args], site_env)
             node.site = nc["site"]
             nodes.append(node)
@@ -522,7 +624,8 @@ def _run_local(cfg: KumikiConfig, quiet: bool = False, *, insecure: bool = False
         # SuperExecs are not waited for: tasks queue until one acquires them, so their imports
         # overlap the FAB build and the ServerApp start-up; a SuperExec that dies fails the run.
         if not quiet:
-            print(f"local engine: SuperLink {HOST}:{link_port}, {len(nodes)} SuperNodes"
+            print(f"local engine: SuperLink {HOST}:{link_port}"
+                  f"{f' behind nginx (sites {fleet_port}, operator {control_port})' if proxy else ''}, {len(nodes)} SuperNodes"
                   f"{' (warm SuperExecs)' if tuning.warm_superexec else ''}; logs in {logs}", file=sys.stderr)
         if on_start is not None:
             on_start([p.popen.pid for p in cluster.procs])
@@ -534,13 +637,13 @@ def _run_local(cfg: KumikiConfig, quiet: bool = False, *, insecure: bool = False
             is back at once, and the server maps the new node to the same site."""
             if certs is None or p.site is None or not p.name.startswith("supernode-"):
                 return
-            unregister_sites([node_ids.pop(p.site)], env)
+            unregister_sites([node_ids.pop(p.site)], cli_env)
             make_certs(certs.root, [], rotate=[p.site])
-            node_ids.update(register_sites(certs, [p.site], env))
+            node_ids.update(register_sites(certs, [p.site], cli_env))
             (home / "registered.json").write_text(json.dumps(node_ids, indent=2))
 
-        run_id = _flwr_run(cluster, env, config_path, quiet, timeout_s, daemons, reregister, resume)
-        status = _flwr_status(env, run_id) if run_id is not None else "not started"
+        run_id = _flwr_run(cluster, cli_env, config_path, quiet, timeout_s, daemons, reregister, resume, run_dir)
+        status = _flwr_status(cli_env, run_id) if run_id is not None else "not started"
         recorded = json.loads(summary_path.read_text()).get("status") if summary_path.is_file() else None
         if status != "finished:completed" or recorded in (None, "failed"):
             run_log = [p for p in cluster.procs if p.name == "flwr-run"]  # has the ServerApp's traceback
@@ -550,13 +653,71 @@ def _run_local(cfg: KumikiConfig, quiet: bool = False, *, insecure: bool = False
                 + _logs_of(run_log, 40) + _logs_of([p for p in cluster.procs if p not in run_log], 12)
             )
         return json.loads(summary_path.read_text())
+    except BaseException as exc:
+        failure = exc
+        raise
     finally:
         cluster.stop_all()
+        if failure is not None:
+            record_failure(cfg, run_dir, started, failure)
+
+
+def start_proxy(cluster: _Cluster, nginx: str, where: Path, certs: CertBundle, link_port: int, fleet_port: int,
+                control_port: int, env: dict[str, str]) -> _Proc:
+    """nginx in front of the SuperLink (``deploy/proxy.py``), both listeners on loopback; its workers keep the
+    run's token (the reaper finds them) and, under root, run as root (the run dir may be private)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("kumiki_deploy_proxy", REPO_ROOT / "deploy" / "proxy.py")
+    proxy_conf = importlib.util.module_from_spec(spec)  # deploy/ is the operator's folder, not a package
+    spec.loader.exec_module(proxy_conf)  # type: ignore[union-attr]
+    user = "root" if os.geteuid() == 0 else None
+    conf = proxy_conf.write_conf(where / "nginx.conf", superlink=f"{HOST}:{link_port}",
+                                 fleet_listen=f"{HOST}:{fleet_port}", control_listen=f"{HOST}:{control_port}",
+                                 certs=certs.root, runtime_dir=where, user=user, env=(reaper.TOKEN_ENV,))
+    return cluster.start("proxy", [nginx, "-p", str(where), "-c", str(conf), "-e", str(where / "error.log")], env)
+
+
+def stop_reason(exc: BaseException) -> str:
+    """Why a run ended, in a line: the signal that stopped it (the CLI raises ``KeyboardInterrupt("SIGTERM")``;
+    Ctrl-C is SIGINT), or the error's first line."""
+    if isinstance(exc, KeyboardInterrupt):
+        return f"stopped by {str(exc) or 'SIGINT'}"
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first}"
+
+
+def record_failure(cfg: KumikiConfig, run_dir: Path, since: float, exc: BaseException) -> None:
+    """After the processes are stopped: the ServerApp records how the run ended (a signal included); where it
+    could not (killed outright, never started), write a ``failed`` summary.json saying why. Then the report of
+    whatever rounds were recorded, where the ServerApp did not get to write it (it is stopped with a bounded
+    grace, and its Flower log stream dies with the SuperLink)."""
+    summary_path, report = run_dir / "summary.json", run_dir / "report.html"
+    try:
+        if not (summary_path.is_file() and summary_path.stat().st_mtime >= since):
+            rows = []
+            metrics = run_dir / "metrics.jsonl"
+            if metrics.is_file():
+                rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+            rounds = max((r["round"] for r in rows if r.get("kind") == "round"), default=0)
+            summary = {"method": cfg.method.name, "dataset": cfg.data.dataset, "rounds": rounds,
+                       "sites": cfg.data.sites, "status": "failed", "error": stop_reason(exc),
+                       "recorded_by": "launcher (the ServerApp could not)"}
+            tmp = summary_path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(summary, indent=2))
+            os.replace(tmp, summary_path)
+        if not report.is_file() or report.stat().st_mtime < summary_path.stat().st_mtime:
+            from server.report import render_report
+
+            render_report(run_dir)
+    except Exception as e:  # noqa: BLE001 - recording the failure must not hide it
+        log.warning("could not record the failed run in %s: %s", run_dir, e)
 
 
 #: environment variables through which ``Tuning`` reaches our launchers and server/app.py
 _TUNING_ENV = ("KUMIKI_SUPERNODE_POLL_S", "KUMIKI_PULL_BACKOFF_S", "KUMIKI_REPLY_POLL_MAX_S", "KUMIKI_FORK", "KUMIKI_PRELOAD",
-               "FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "FLWR_HOME")
+               "FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "FLWR_HOME", reaper.TOKEN_ENV, "KUMIKI_CLIENT_CERT",
+               "KUMIKI_CLIENT_KEY", "KUMIKI_APP_SIGNING_KEY", "KUMIKI_APP_SIGNING_PUB")
 
 _STARTED = re.compile(r"Successfully started run (\d+)")
 #: how often the local engine restarts one site's SuperNode (or SuperExec) that died during a run
@@ -565,15 +726,16 @@ MAX_RESTARTS = 3
 
 def _flwr_run(cluster: _Cluster, env: dict[str, str], config_path: Path, quiet: bool, timeout_s: float,
               daemons: list[_Proc], before_restart: Callable[[_Proc], None] | None = None,
-              resume: bool = False) -> int | None:
+              resume: bool = False, run_dir: Path | None = None) -> int | None:
     """``flwr run <repo> kumiki-local --stream``, bounded by ``timeout_s``; returns the run id.
 
     ``before_restart(proc)`` runs before a dead site process is started again; ``resume`` asks the
-    ServerApp to continue the run from its checkpoint.
+    ServerApp to continue the run from its checkpoint. ``run_dir``: watch its ServerApp's marker
+    (``server/lifecycle.py``), so a ServerApp that dies outright fails the run within a second.
     """
     run_config = f"config={toml_str(str(config_path))}" + (" resume=true" if resume else "")
     proc = cluster.start("flwr-run", [
-        exe("flwr"), "run", str(REPO_ROOT), FEDERATION, "--run-config", run_config, "--stream",
+        *flwr_cli(), "run", str(REPO_ROOT), FEDERATION, "--run-config", run_config, "--stream",
     ], env, pipe=True)
     run_id: list[int] = []
 
@@ -607,6 +769,9 @@ def _flwr_run(cluster: _Cluster, env: dict[str, str], config_path: Path, quiet: 
             if before_restart is not None:
                 before_restart(p)
             daemons[i] = cluster.restart(p)
+        if run_dir is not None and (dead := serverapp_died(run_dir)) is not None:
+            raise RuntimeError(f"the ServerApp (pid {dead}) died without ending the run (killed, or out of memory); "
+                               "the run is stopped\n" + _logs_of([proc], 20))
         if time.monotonic() > deadline:
             raise RuntimeError(f"the Flower run did not finish within {timeout_s:.0f}s\n" + _logs_of([proc], 40))
         time.sleep(0.1)
