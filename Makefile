@@ -49,8 +49,11 @@ pilot: setup
 	$(BIN)/kumiki pilot --overwrite
 
 # pytest exits 5 when it collected no test: that is a failure here, not a pass.
+# Two pytest workers (pytest-xdist): a real-process test spends most of its time waiting on process starts and
+# polls, so two at a time keep both cores busy (TEST_WORKERS=0 runs the suite in one process).
+TEST_WORKERS ?= 2
 test: setup
-	@$(BIN)/python -m pytest -q; rc=$$?; \
+	@$(BIN)/python -m pytest -q -n $(TEST_WORKERS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: no tests were collected"; exit 1; fi; exit $$rc
 
 # Regenerate the generated pages (docs/gen.py), then build the site with MkDocs, offline and --strict
