@@ -281,7 +281,11 @@ class EnsembleModel(_Routed):
         rows = self.router(x) if pi is None else pi.expand(len(x), -1)
         pi = rows[0]
         self.last_pi = pi
-        outs = [rows[:, c:c + 1] * f(x) for c, f in enumerate(self.copies) if pi[c] >= self.SKIP_BELOW]
+        outs = []
+        for c, f in enumerate(self.copies):
+            if pi[c] >= self.SKIP_BELOW:
+                y = f(x)  # (B, classes) for a classifier, (B, T, vocab) for a language model
+                outs.append(rows[:, c].reshape((len(x),) + (1,) * (y.dim() - 1)) * y)
         return torch.stack(outs).sum(0)
 
     def base_parameters(self) -> list[nn.Parameter]:

@@ -296,3 +296,23 @@ def test_ensemble_is_pi_weighted_sum_of_independent_copies():
         assert torch.allclose(e(x), sum(pi[c] * e.copies[c](x) for c in range(3)), atol=1e-6)
         skip = torch.tensor([0.9995, 0.0005, 0.0])  # copies below 1e-3 are skipped
         assert torch.allclose(e(x, pi=skip), 0.9995 * e.copies[0](x), atol=1e-6)
+
+
+def test_ensemble_mixes_sequence_outputs_of_a_language_model():
+    """(B, T, vocab) outputs: each example's row of pi weighs its whole sequence (issue 25: a (B, 1) weight
+    did not broadcast against them, so floral_ensemble crashed on the language model)."""
+    from models.lm import ByteLM
+
+    torch.manual_seed(0)
+    e = EnsembleModel(lambda: ByteLM(context=8, d=16, blocks=1, heads=2), 2)
+    x = torch.randint(0, 256, (3, 8))
+    e.eval()
+    with torch.no_grad():
+        e.router.theta.copy_(torch.tensor([0.3, -0.2]))
+        pi = torch.softmax(e.router.theta, 0)
+        out = e(x)
+        assert out.shape == (3, 8, 256)
+        assert torch.allclose(out, pi[0] * e.copies[0](x) + pi[1] * e.copies[1](x), atol=1e-6)
+    e.train()
+    e(x).sum().backward()  # training path (noisy per-example rows) too
+    assert e.router.theta.grad is not None
