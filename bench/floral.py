@@ -1,6 +1,7 @@
 """FLoRAL reproduction (issue 8; spec ``floral.md`` section 10) on cluster partitions.
 
     .venv/bin/python bench/floral.py [--data digits fashion-mnist] [--seeds 0 1] [--rounds 30] [--write]
+    .venv/bin/python bench/floral.py --quick [--clusters 2 4] [--sites 4 8 16] [--conv-dims kernel code] [--write]
 
 Tasks: label-shift clusters (y -> y + c mod 10) and rotation clusters ((360/C) c degrees), C adaptors
 = the number of clusters, the server never told which site is where; "full" data and a scarce
@@ -10,6 +11,11 @@ personalized accuracy (last round, mean over seeds), parameters per site that ar
 personal, and bytes per round. Claims checked (spec section 10): FLoRAL >> FedAvg on label shift;
 FLoRAL close to the ensemble at a fraction of its parameters; FLoRAL >= local adaptors when data
 are scarce. ``--write`` puts the table between the ``floral`` markers of bench/RESULTS.md.
+
+``--quick`` is what a user of the defaults gets (issue 25): digits, label-shift clusters only, the default
+``[model]`` (CNN-S with batch norm) and ``[train]``, 100 examples per site, 15 rounds, FedAvg and FLoRAL
+(one row per ``--conv-dims`` value, and per ``--set`` variant), over ``--clusters`` x ``--sites``, with
+C = the number of clusters. Its table goes between the ``floral-quick`` markers.
 """
 
 from __future__ import annotations
@@ -27,19 +33,25 @@ sys.path.insert(0, str(ROOT))
 METHODS = ("fedavg", "floral", "floral_ensemble", "local_adaptors")
 
 
-def config(data: str, transform: str, method: str, seed: int, per_site: int, rounds: int, out: Path, clusters: int):
+def config(data: str, transform: str, method: str, seed: int, per_site: int, rounds: int, out: Path, clusters: int,
+           sites: int = 8, default_model: bool = False, extra: dict | None = None):
+    """One run's config. ``default_model``: no ``[model]`` / ``[train]`` (the user's defaults: CNN-S with BN);
+    otherwise the paper's MnistNN shape at lr 0.1. ``extra``: method knobs (e.g. ``conv_dims``)."""
     from kumiki.config import validate
 
+    method_raw = {"name": method, **({"num_adaptors": clusters} if method not in ("fedavg", "local_adaptors") else {}),
+                  **(extra or {})}
+    tag = "-".join(f"{k}_{v}" for k, v in (extra or {}).items())
     raw = {
-        "run": {"name": f"{data}-{transform}-{per_site}-{method}-s{seed}", "rounds": rounds, "seed": seed,
-                "output_dir": str(out)},
-        "method": {"name": method, **({"num_adaptors": clusters} if method != "fedavg" and method != "local_adaptors"
-                                      else {})},
-        "data": {"dataset": data, "sites": 8, "unseen_sites": 0, "samples_per_site": per_site,
+        "run": {"name": f"{data}-{transform}-{per_site}-{sites}x{clusters}-{method}{'-' + tag if tag else ''}-s{seed}",
+                "rounds": rounds, "seed": seed, "output_dir": str(out)},
+        "method": method_raw,
+        "data": {"dataset": data, "sites": sites, "unseen_sites": 0, "samples_per_site": per_site,
                  "partition": {"kind": "clusters", "clusters": clusters, "cluster_transform": transform}},
-        "model": {"arch": "mlp", "hidden": 200},
-        "train": {"batch_size": 32, "lr": 0.1},
     }
+    if not default_model:
+        raw["model"] = {"arch": "mlp", "hidden": 200}
+        raw["train"] = {"batch_size": 32, "lr": 0.1}
     return validate(raw)
 
 
@@ -68,7 +80,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="rounds of the scarce task (one step per round there; the paper runs 1500)")
     ap.add_argument("--out", default="/tmp/kumiki-bench-floral")
     ap.add_argument("--write", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="the defaults' check: digits, label shift, default model")
+    ap.add_argument("--sites", type=int, nargs="+", default=[4, 8, 16], help="site counts (quick mode)")
+    ap.add_argument("--quick-clusters", type=int, nargs="+", default=[2, 4], help="cluster counts (quick mode)")
+    ap.add_argument("--conv-dims", nargs="+", default=["kernel", "code"], help="FLoRAL rows (quick mode)")
+    ap.add_argument("--set", dest="sets", nargs="*", default=[],
+                    help="extra FLoRAL variants (quick mode), each 'knob=value[,knob=value]', e.g. router_lr=1.0")
     args = ap.parse_args(argv)
+    if args.quick:
+        return quick(args)
 
     import torch
 
@@ -109,6 +129,86 @@ def main(argv: list[str] | None = None) -> int:
 
         _write_between(ROOT / "bench" / "RESULTS.md", text, tag="floral")
     return 0
+
+
+def _value(v: str):
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(v, v)
+
+
+def quick(args) -> int:
+    """The defaults' check (module docstring): FedAvg and FLoRAL variants over clusters x sites."""
+    import torch
+
+    from launch.engines import run
+
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    t0 = time.time()
+    variants = [("fedavg", {})] + [("floral", {"conv_dims": d}) for d in args.conv_dims]
+    for s in args.sets:
+        variants.append(("floral", {k: _value(v) for k, v in (kv.split("=", 1) for kv in s.split(","))}))
+    per_site, rows = 100, []
+    for clusters in args.quick_clusters:
+        for sites in args.sites:
+            for method, extra in variants:
+                accs, pis = [], []
+                for seed in args.seeds:
+                    cfg = config("digits", "label_shift", method, seed, per_site, 15 if args.rounds == 30 else args.rounds,
+                                 Path(args.out), clusters, sites=sites, default_model=True, extra=extra)
+                    s = run(cfg, "inprocess", quiet=True, overwrite=True)
+                    accs.append(s["personalized"]["mean"])
+                    pis.append(separation(cfg, clusters))
+                label = method + "".join(f" {k}={v}" for k, v in extra.items())
+                sep = None if None in pis else f"{statistics.mean(p[0] for p in pis):.2f} ({'/'.join(str(p[1]) for p in pis)})"
+                rows.append((clusters, sites, label, statistics.mean(accs), sep))
+                print(f"{clusters} clusters {sites} sites {label}: {100 * rows[-1][3]:.1f}% separation {sep}",
+                      flush=True)
+    rounds = 15 if args.rounds == 30 else args.rounds
+    text = (f"Generated by `bench/floral.py --quick` on {time.strftime('%Y-%m-%d')}: digits, label-shift clusters "
+            f"(site i in cluster i mod C, unknown to the server), C adaptors = C clusters, {per_site} examples per "
+            f"site (80 train), the default `[model]` (CNN-S, batch norm) and `[train]`, each method's defaults "
+            f"otherwise, {rounds} rounds, seeds {', '.join(map(str, args.seeds))}; {time.time() - t0:.0f} s in all. "
+            "Separation: the mean over sites of the router weight on the adaptor its cluster's sites favour most "
+            "(1/C: not separated; 1: each site routes to one adaptor), after the last round; in brackets, how many "
+            "distinct adaptors the clusters favour (C: each cluster owns one), per seed.\n\n"
+            "| clusters | sites | method | personalized % | separation |\n|---|---|---|---|---|\n")
+    text += "\n".join(f"| {c} | {n} | {m} | {100 * a:.1f} | {p or '–'} |"
+                      for c, n, m, a, p in rows) + "\n"
+    print(text)
+    if args.write:
+        from bench.results import write_section
+
+        write_section("floral-quick", text, ROOT / "bench" / "RESULTS.md")
+    return 0
+
+
+def separation(cfg, clusters: int) -> tuple[float, int] | None:
+    """How far the routers separated the clusters (``quick``'s table), from each site's saved router theta_k:
+    (mean router weight on the cluster's favourite adaptor, distinct favourites); None without a router."""
+    import torch
+
+    pis = {}
+    for f in sorted((cfg.run_dir() / "state").glob("site-*/site_state.pt")):
+        theta = torch.load(f, weights_only=False)["personal"].get("router.theta")
+        if theta is not None:
+            pis[int(f.parent.name.rsplit("-", 1)[1])] = torch.softmax(torch.as_tensor(theta).double(), 0).tolist()
+    if not pis:
+        return None
+    by_cluster: dict[int, list[list[float]]] = {}
+    for site, pi in pis.items():
+        by_cluster.setdefault(site % clusters, []).append(pi)
+    vals, favourites = [], set()
+    for members in by_cluster.values():
+        mean = [statistics.mean(col) for col in zip(*members)]
+        favourite = max(range(len(mean)), key=mean.__getitem__)
+        favourites.add(favourite)
+        vals += [pi[favourite] for pi in members]
+    return statistics.mean(vals), len(favourites)
 
 
 if __name__ == "__main__":

@@ -297,6 +297,8 @@ class FloralConfig(MethodConfig):
     precond_eps: float = Field(1e-5, gt=0.0, description="eps of the preconditioner")
     adaptor_bias: bool = Field(True, description="an output bias b_c per adaptor where the base layer has one")
     adaptor_bias_init: Literal["torch_default", "zero"] = Field("torch_default", description="b_c's initialization")
+    conv_dims: Literal["kernel", "code"] = Field("kernel", description="conv adaptor d_in, d_out (rank rule, A's "
+                                                 "init): C * k ('kernel') or the official code's C * 2 ('code')")
     absent_cluster: Literal["keep", "code"] = Field(
         "keep", description="adaptor c when no site this round weighs it (p(c) < 1e-6): keep it, or the code's shrink")
     bn_stats: Literal["federated", "personal"] = Field("federated", description="BatchNorm statistics: averaged "
@@ -307,7 +309,7 @@ class FloralConfig(MethodConfig):
     def model_options(self) -> dict[str, Any]:
         return {"num_adaptors": self.num_adaptors, "budget": self.rank_budget, "layers": tuple(self.layers),
                 "alpha": self.alpha, "min_prob": self.min_prob, "sigma": self.router_noise, "tau": self.router_temp,
-                "bias": self.adaptor_bias, "bias_init": self.adaptor_bias_init}
+                "bias": self.adaptor_bias, "bias_init": self.adaptor_bias_init, "conv_dims": self.conv_dims}
 
     def split_rules(self) -> SplitRules:
         bn = BN_BUFFERS if self.bn_stats == "personal" else ()
@@ -334,6 +336,9 @@ class LocalAdaptorsConfig(FloralConfig):
 
     name: Literal["local_adaptors"] = "local_adaptors"  # type: ignore[assignment]
     num_adaptors: int = Field(1, ge=1, le=1, description="one private adaptor set")
+    #: The official baseline is FLoRAL(1%) (``floral_locallora.yaml`` inherits ``floral.yaml``'s rank 0.01).
+    rank_budget: float = Field(0.01, gt=0.0, description="rho < 1: rank = max(1, rho d_in d_out / (d_in + d_out)) "
+                                                          "per layer; >= 1: that rank everywhere (0.01 = FLoRAL(1%))")
     #: Ours: at train.lr (0.05) the preconditioned steps of a fresh private adaptor set overshoot on CNN-S
     #: (pilot, seed 0: personalized 69.6, first-round loss 3.17); at 0.01, 83.1 (FedAvg 74.6).
     adaptor_lr: float | None = Field(0.01, gt=0.0, description="adaptor learning rate (none = train.lr)")

@@ -66,6 +66,25 @@ def test_init_b_zero_a_uniform_within_bound(make):
     assert lora.B.bias is not None and lora.B.bias.abs().sum() > 0  # torch default, non-zero
 
 
+def test_conv_dims_code_is_the_official_c_times_two_rule():
+    """Issue 25: the official conv.py counts C * numel(torch.Tensor((1, k))) = 2C for every 2-D kernel."""
+    conv = nn.Conv2d(32, 64, 3, padding=1)
+    assert ConvLoRA(conv, 0.1).rank == 6 and ConvLoRA(conv, 0.1, dims="code").rank == 4  # (96, 192) vs (64, 128)
+    assert ConvLoRA(nn.Conv2d(32, 64, 5), 0.1, dims="code").rank == 4  # k does not enter
+    assert ConvLoRA(nn.Conv2d(32, 64, 1), 0.1, dims="code").rank == 4  # a 1x1 kernel counts 2 as well
+    torch.manual_seed(0)
+    a = ConvLoRA(nn.Conv2d(64, 64, 5), 8, dims="code").A.weight
+    bound = math.sqrt(6 / (64 * 2))  # init bound from 2 C_in, not C_in * 5
+    assert a.abs().max() <= bound and a.abs().max() > 0.8 * bound
+    with pytest.raises(ValueError, match="dims"):
+        ConvLoRA(conv, 0.1, dims="official")
+    from kumiki.methods import FloralConfig
+
+    model = build_model(ModelSpec("cnn", (1, 8, 8), 10), FloralConfig(conv_dims="code"))
+    assert model.adaptors[0]["encoder_features_4"].rank == 4
+    assert build_model(ModelSpec("cnn", (1, 8, 8), 10), FloralConfig()).adaptors[0]["encoder_features_4"].rank == 6
+
+
 def test_zero_bias_init_starts_at_the_base_model():
     base = build_model(CNN)
     x = torch.randn(4, 1, 8, 8)
