@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import sys
 import time
@@ -34,14 +35,14 @@ METHODS = ("fedavg", "floral", "floral_ensemble", "local_adaptors")
 
 
 def config(data: str, transform: str, method: str, seed: int, per_site: int, rounds: int, out: Path, clusters: int,
-           sites: int = 8, default_model: bool = False, extra: dict | None = None):
+           sites: int = 8, default_model: bool = False, extra: dict | None = None, train: dict | None = None):
     """One run's config. ``default_model``: no ``[model]`` / ``[train]`` (the user's defaults: CNN-S with BN);
     otherwise the paper's MnistNN shape at lr 0.1. ``extra``: method knobs (e.g. ``conv_dims``)."""
     from kumiki.config import validate
 
     method_raw = {"name": method, **({"num_adaptors": clusters} if method not in ("fedavg", "local_adaptors") else {}),
                   **(extra or {})}
-    tag = "-".join(f"{k}_{v}" for k, v in (extra or {}).items())
+    tag = re.sub(r"[^A-Za-z0-9_.-]", "", "-".join(f"{k}_{v}" for k, v in (extra or {}).items()))
     raw = {
         "run": {"name": f"{data}-{transform}-{per_site}-{sites}x{clusters}-{method}{'-' + tag if tag else ''}-s{seed}",
                 "rounds": rounds, "seed": seed, "output_dir": str(out)},
@@ -52,6 +53,9 @@ def config(data: str, transform: str, method: str, seed: int, per_site: int, rou
     if not default_model:
         raw["model"] = {"arch": "mlp", "hidden": 200}
         raw["train"] = {"batch_size": 32, "lr": 0.1}
+    if train:
+        raw["train"] = {**raw.get("train", {}), **train}
+        raw["run"]["name"] += "-" + "-".join(f"{k}_{v}" for k, v in train.items())
     return validate(raw)
 
 
@@ -85,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick-clusters", type=int, nargs="+", default=[2, 4], help="cluster counts (quick mode)")
     ap.add_argument("--conv-dims", nargs="+", default=["kernel", "code"], help="FLoRAL rows (quick mode)")
     ap.add_argument("--set", dest="sets", nargs="*", default=[],
-                    help="extra FLoRAL variants (quick mode), each 'knob=value[,knob=value]', e.g. router_lr=1.0")
+                    help="extra FLoRAL variants (quick mode), each 'knob=value[,knob=value]', e.g. router_lr=1.0 or "
+                         "train.local_epochs=3,conv_dims=code")
+    ap.add_argument("--jobs", type=int, default=1, help="quick mode: runs in parallel, one thread each")
     args = ap.parse_args(argv)
     if args.quick:
         return quick(args)
@@ -142,33 +148,33 @@ def _value(v: str):
 
 def quick(args) -> int:
     """The defaults' check (module docstring): FedAvg and FLoRAL variants over clusters x sites."""
-    import torch
-
-    from launch.engines import run
-
-    torch.set_num_threads(1)
-    os.environ["OMP_NUM_THREADS"] = "1"
     t0 = time.time()
     variants = [("fedavg", {})] + [("floral", {"conv_dims": d}) for d in args.conv_dims]
     for s in args.sets:
         variants.append(("floral", {k: _value(v) for k, v in (kv.split("=", 1) for kv in s.split(","))}))
     per_site, rows = 100, []
+    rounds = 15 if args.rounds == 30 else args.rounds
+    todo = [(clusters, sites, method, extra, seed, per_site, rounds, args.out)
+            for clusters in args.quick_clusters for sites in args.sites for method, extra in variants
+            for seed in args.seeds]
+    if args.jobs > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(args.jobs) as pool:
+            done = pool.map(_quick_run, todo)
+    else:
+        done = [_quick_run(t) for t in todo]
+    results = {(c, n, m, repr(e), seed): r for (c, n, m, e, seed, *_), r in zip(todo, done)}
     for clusters in args.quick_clusters:
         for sites in args.sites:
             for method, extra in variants:
-                accs, pis = [], []
-                for seed in args.seeds:
-                    cfg = config("digits", "label_shift", method, seed, per_site, 15 if args.rounds == 30 else args.rounds,
-                                 Path(args.out), clusters, sites=sites, default_model=True, extra=extra)
-                    s = run(cfg, "inprocess", quiet=True, overwrite=True)
-                    accs.append(s["personalized"]["mean"])
-                    pis.append(separation(cfg, clusters))
+                got = [results[(clusters, sites, method, repr(extra), seed)] for seed in args.seeds]
+                accs, pis = [a for a, _ in got], [p for _, p in got]
                 label = method + "".join(f" {k}={v}" for k, v in extra.items())
                 sep = None if None in pis else f"{statistics.mean(p[0] for p in pis):.2f} ({'/'.join(str(p[1]) for p in pis)})"
                 rows.append((clusters, sites, label, statistics.mean(accs), sep))
                 print(f"{clusters} clusters {sites} sites {label}: {100 * rows[-1][3]:.1f}% separation {sep}",
                       flush=True)
-    rounds = 15 if args.rounds == 30 else args.rounds
     text = (f"Generated by `bench/floral.py --quick` on {time.strftime('%Y-%m-%d')}: digits, label-shift clusters "
             f"(site i in cluster i mod C, unknown to the server), C adaptors = C clusters, {per_site} examples per "
             f"site (80 train), the default `[model]` (CNN-S, batch norm) and `[train]`, each method's defaults "
@@ -185,6 +191,25 @@ def quick(args) -> int:
 
         write_section("floral-quick", text, ROOT / "bench" / "RESULTS.md")
     return 0
+
+
+def _quick_run(job) -> tuple[float, tuple[float, int] | None]:
+    """One quick-mode run: (personalized mean, separation)."""
+    import torch
+
+    from launch.engines import run
+
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    clusters, sites, method, extra, seed, per_site, rounds, out = job
+    train = {k.split(".", 1)[1]: v for k, v in extra.items() if k.startswith("train.")}
+    knobs = {k: v for k, v in extra.items() if not k.startswith("train.")}
+    cfg = config("digits", "label_shift", method, seed, per_site, rounds, Path(out), clusters, sites=sites,
+                 default_model=True, extra=knobs, train=train)
+    s = run(cfg, "inprocess", quiet=True, overwrite=True)
+    print(f"  {clusters} clusters {sites} sites {method} {extra} seed {seed}: {100 * s['personalized']['mean']:.1f}%",
+          flush=True)
+    return s["personalized"]["mean"], separation(cfg, clusters)
 
 
 def separation(cfg, clusters: int) -> tuple[float, int] | None:
