@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", nargs="+", default=["digits"])
     ap.add_argument("--transforms", nargs="+", default=["label_shift", "rotation"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=None, help="default: 30 (15 in quick mode)")
     ap.add_argument("--clusters", type=int, default=4)
     ap.add_argument("--full", type=int, default=200, help="examples per site (train + test) in the full task")
     ap.add_argument("--scarce", type=int, default=40, help="examples per site in the scarce task")
@@ -87,11 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="the defaults' check: digits, label shift, default model")
     ap.add_argument("--sites", type=int, nargs="+", default=[4, 8, 16], help="site counts (quick mode)")
     ap.add_argument("--quick-clusters", type=int, nargs="+", default=[2, 4], help="cluster counts (quick mode)")
-    ap.add_argument("--conv-dims", nargs="+", default=["kernel", "code"], help="FLoRAL rows (quick mode)")
+    ap.add_argument("--conv-dims", nargs="*", default=["kernel", "code"], help="FLoRAL rows (quick mode)")
     ap.add_argument("--set", dest="sets", nargs="*", default=[],
                     help="extra FLoRAL variants (quick mode), each 'knob=value[,knob=value]', e.g. router_lr=1.0 or "
-                         "train.local_epochs=3,conv_dims=code")
+                         "train.local_epochs=3,conv_dims=code or layers=encoder.fc+head")
     ap.add_argument("--jobs", type=int, default=1, help="quick mode: runs in parallel, one thread each")
+    ap.add_argument("--method", default="floral", help="quick mode: the method of the --set variants")
     args = ap.parse_args(argv)
     if args.quick:
         return quick(args)
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for data in args.data:
         for transform in args.transforms:
-            for per_site, rounds in ((args.full, args.rounds), (args.scarce, args.scarce_rounds)):
+            for per_site, rounds in ((args.full, args.rounds or 30), (args.scarce, args.scarce_rounds)):
                 for method in METHODS:
                     accs, up, down = [], [], []
                     for seed in args.seeds:
@@ -151,9 +152,10 @@ def quick(args) -> int:
     t0 = time.time()
     variants = [("fedavg", {})] + [("floral", {"conv_dims": d}) for d in args.conv_dims]
     for s in args.sets:
-        variants.append(("floral", {k: _value(v) for k, v in (kv.split("=", 1) for kv in s.split(","))}))
+        variants.append((args.method, {k: v.split("+") if k == "layers" else _value(v)
+                                    for k, v in (kv.split("=", 1) for kv in s.split(","))}))
     per_site, rows = 100, []
-    rounds = 15 if args.rounds == 30 else args.rounds
+    rounds = args.rounds or 15
     todo = [(clusters, sites, method, extra, seed, per_site, rounds, args.out)
             for clusters in args.quick_clusters for sites in args.sites for method, extra in variants
             for seed in args.seeds]

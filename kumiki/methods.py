@@ -270,8 +270,10 @@ class FloralConfig(MethodConfig):
 
     Two defaults are ours, for runs of tens of rounds: ``rank_budget`` 0.1 (the paper's FLoRAL(10%);
     the code's default is 1%) and ``router_lr`` 0.3 (the paper's scarce-data value; 0.1 otherwise).
-    On digits, 2 label-shift clusters, default CNN, 15 rounds: personalized 75.6% vs FedAvg's 50.0%;
-    with the code's 1% and 0.1 the router has not separated the clusters yet (50.0%).
+    The router needs SGD steps to separate the clusters: on digits, default CNN, 2 label-shift clusters,
+    100 examples per site (3 steps a round), 15 rounds, it does not at one local epoch (48.8% vs FedAvg's
+    45.6% at 8 sites) and does at three (73.8%); at 4 clusters it does not in 15 rounds (``bench/floral.py
+    --quick``, bench/RESULTS.md; docs/floral.md).
     """
 
     name: Literal["floral"] = "floral"
