@@ -302,7 +302,8 @@ class FloralConfig(MethodConfig):
     conv_dims: Literal["kernel", "code"] = Field("kernel", description="conv adaptor d_in, d_out (rank rule, A's "
                                                  "init): C * k ('kernel') or the official code's C * 2 ('code')")
     absent_cluster: Literal["keep", "code"] = Field(
-        "keep", description="adaptor c when no site this round weighs it (p(c) < 1e-6): keep it, or the code's shrink")
+        "keep", description="adaptor c when no site this round weighs it (p(c) < 1e-6): keep it, or average it "
+                            "with p(k|c) anyway, as the official code does ('code')")
     bn_stats: Literal["federated", "personal"] = Field("federated", description="BatchNorm statistics: averaged "
                                                                                "with p(k), or kept on the site")
     unseen_router_steps: int = Field(50, ge=0, description="router-only SGD steps a new site takes before its "
