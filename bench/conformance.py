@@ -23,7 +23,8 @@ cells with a config error that names the fix (``data.dataset``): that is their v
 (any other error is ``FAIL``). They join the **language cells** instead: ``markov`` (the synthetic byte-Markov
 tree, always installed: 4 training sites in 2 regions + 1 unseen, default 256 sequences of 128 bytes each) on
 the default ``[model]`` of language data (the byte-level LM: 4 blocks, d 256, context 128), 6 rounds, each
-method's own defaults, with ``fedavg``, ``fedper`` and ``local`` beside them. Language rules (perplexity: lower
+method's own defaults. Every method whose config validates for Markov text runs there (``lang_methods``: all
+but DualFed and M-Fed, whose configs refuse language data), so a method that validates cannot crash unseen. Language rules (perplexity: lower
 is better): ``learns`` (last personalized perplexity below round 1's, and falling train loss) and
 ``personalizes`` (a personalization method at most 1% above FedAvg's perplexity).
 
@@ -54,8 +55,8 @@ DATA = ("digits", "pilot")
 #: language cells (issue 10): the default language model on the synthetic Markov tree
 LANG_MODELS = {"lm": {}}
 LANG_DATA = ("markov",)
-#: the methods the language cells run (WorldLM, its hierarchical baseline and the bench's flat baselines)
-LANG_METHODS = ("fedavg", "fedper", "local", "hierfavg", "worldlm")
+#: CI's smoke cells: the default language model made tiny (one block, d 32, context 32)
+TINY_LM = {"blocks": 1, "hidden": 32, "heads": 2, "context": 32}
 PPL_TOL = 0.01
 #: Baselines without personalization (the "personalizes" rule does not apply to them).
 NON_PERSONAL = ("fedavg", "fedprox")
@@ -92,6 +93,8 @@ class Cell:
     rounds: int | None = None  # None: the data's own (digits 15, pilot 10, markov 6)
     #: CI's language cell: 3 sites + 1 unseen of 40 sequences, 2 local steps (the default model, 2 rounds)
     quick: bool = False
+    #: CI's smoke cell for every method on language data: ``quick`` on a tiny LM (1 block, d 32, context 32)
+    tiny: bool = False
 
     @property
     def key(self) -> str:
@@ -108,13 +111,15 @@ def cell_config(cell: Cell, out: Path):
     from kumiki.config import load_config, validate
 
     if cell.data in LANG_DATA:
-        quick = {"sites": 3, "unseen_sites": 1, "samples_per_site": 40} if cell.quick else {}
+        small = cell.quick or cell.tiny
+        quick = {"sites": 3, "unseen_sites": 1, "samples_per_site": 40} if small else {}
         method = {"name": cell.method}
-        if cell.quick and cell.method in ("worldlm", "hierfavg"):
+        if small and cell.method in ("worldlm", "hierfavg"):
             method["local_steps"] = 2
+        model = {**LANG_MODELS[cell.model], **(TINY_LM if cell.tiny else {})}
         raw = {"run": {"name": cell.run_key, "rounds": cell.rounds or 6, "seed": cell.seed, "output_dir": str(out)},
                "method": method, "data": {"dataset": "markov", "sites": 4, "unseen_sites": 1, **quick},
-               "model": dict(LANG_MODELS[cell.model])}
+               "model": model}
         return validate(raw)
     model = MODELS[cell.model]
     if cell.data == "pilot":
@@ -314,6 +319,26 @@ def check(res: dict, fedavg: dict | None, learn_floor: float = LEARN_DIGITS) -> 
     return fails
 
 
+def runs_on(method: str, data: str) -> bool:
+    """Whether ``method``'s config validates for ``data`` with the data's default model: every method that
+    validates for a data set must run on it, so the matrix's cells for ``data`` are exactly these methods."""
+    import tempfile
+
+    from kumiki.config import ConfigError
+
+    model = next(iter(LANG_MODELS)) if data in LANG_DATA else "cnn-bn"
+    try:
+        cell_config(Cell(data, model, method), Path(tempfile.gettempdir()))
+    except ConfigError:
+        return False
+    return True
+
+
+def lang_methods(methods) -> list[str]:
+    """The methods the language cells run: all of ``methods`` that validate for Markov text."""
+    return [m for m in methods if all(runs_on(m, d) for d in LANG_DATA)]
+
+
 def language_only(method: str) -> bool:
     """Methods that need language data or a federation tree (refused on the image cells)."""
     from kumiki.registry import entry
@@ -439,8 +464,7 @@ def main(argv: list[str] | None = None) -> int:
             print("Fashion-MNIST is not installed: the pilot cells are skipped", file=sys.stderr)
     runs = [Cell(d, m, meth, seed) for d in seeds for m in args.models for meth in methods for seed in seeds[d]]
     if args.language if args.language is not None else args.mode == "full":
-        runs += [Cell(d, m, meth, 0) for d in LANG_DATA for m in LANG_MODELS for meth in methods
-                 if meth in LANG_METHODS]
+        runs += [Cell(d, m, meth, 0) for d in LANG_DATA for m in LANG_MODELS for meth in lang_methods(methods)]
     work = Path(args.workdir)
     cache = work / "cells"
     cache.mkdir(parents=True, exist_ok=True)

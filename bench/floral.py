@@ -1,6 +1,7 @@
 """FLoRAL reproduction (issue 8; spec ``floral.md`` section 10) on cluster partitions.
 
     .venv/bin/python bench/floral.py [--data digits fashion-mnist] [--seeds 0 1] [--rounds 30] [--write]
+    .venv/bin/python bench/floral.py --quick [--clusters 2 4] [--sites 4 8 16] [--conv-dims kernel code] [--write]
 
 Tasks: label-shift clusters (y -> y + c mod 10) and rotation clusters ((360/C) c degrees), C adaptors
 = the number of clusters, the server never told which site is where; "full" data and a scarce
@@ -10,12 +11,18 @@ personalized accuracy (last round, mean over seeds), parameters per site that ar
 personal, and bytes per round. Claims checked (spec section 10): FLoRAL >> FedAvg on label shift;
 FLoRAL close to the ensemble at a fraction of its parameters; FLoRAL >= local adaptors when data
 are scarce. ``--write`` puts the table between the ``floral`` markers of bench/RESULTS.md.
+
+``--quick`` is what a user of the defaults gets (issue 25): digits, label-shift clusters only, the default
+``[model]`` (CNN-S with batch norm) and ``[train]``, 100 examples per site, 15 rounds, FedAvg and FLoRAL
+(one row per ``--conv-dims`` value, and per ``--set`` variant), over ``--clusters`` x ``--sites``, with
+C = the number of clusters. Its table goes between the ``floral-quick`` markers.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import sys
 import time
@@ -27,19 +34,28 @@ sys.path.insert(0, str(ROOT))
 METHODS = ("fedavg", "floral", "floral_ensemble", "local_adaptors")
 
 
-def config(data: str, transform: str, method: str, seed: int, per_site: int, rounds: int, out: Path, clusters: int):
+def config(data: str, transform: str, method: str, seed: int, per_site: int, rounds: int, out: Path, clusters: int,
+           sites: int = 8, default_model: bool = False, extra: dict | None = None, train: dict | None = None):
+    """One run's config. ``default_model``: no ``[model]`` / ``[train]`` (the user's defaults: CNN-S with BN);
+    otherwise the paper's MnistNN shape at lr 0.1. ``extra``: method knobs (e.g. ``conv_dims``)."""
     from kumiki.config import validate
 
+    method_raw = {"name": method, **({"num_adaptors": clusters} if method not in ("fedavg", "local_adaptors") else {}),
+                  **(extra or {})}
+    tag = re.sub(r"[^A-Za-z0-9_.-]", "", "-".join(f"{k}_{v}" for k, v in (extra or {}).items()))
     raw = {
-        "run": {"name": f"{data}-{transform}-{per_site}-{method}-s{seed}", "rounds": rounds, "seed": seed,
-                "output_dir": str(out)},
-        "method": {"name": method, **({"num_adaptors": clusters} if method != "fedavg" and method != "local_adaptors"
-                                      else {})},
-        "data": {"dataset": data, "sites": 8, "unseen_sites": 0, "samples_per_site": per_site,
+        "run": {"name": f"{data}-{transform}-{per_site}-{sites}x{clusters}-{method}{'-' + tag if tag else ''}-s{seed}",
+                "rounds": rounds, "seed": seed, "output_dir": str(out)},
+        "method": method_raw,
+        "data": {"dataset": data, "sites": sites, "unseen_sites": 0, "samples_per_site": per_site,
                  "partition": {"kind": "clusters", "clusters": clusters, "cluster_transform": transform}},
-        "model": {"arch": "mlp", "hidden": 200},
-        "train": {"batch_size": 32, "lr": 0.1},
     }
+    if not default_model:
+        raw["model"] = {"arch": "mlp", "hidden": 200}
+        raw["train"] = {"batch_size": 32, "lr": 0.1}
+    if train:
+        raw["train"] = {**raw.get("train", {}), **train}
+        raw["run"]["name"] += "-" + "-".join(f"{k}_{v}" for k, v in train.items())
     return validate(raw)
 
 
@@ -60,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", nargs="+", default=["digits"])
     ap.add_argument("--transforms", nargs="+", default=["label_shift", "rotation"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=None, help="default: 30 (15 in quick mode)")
     ap.add_argument("--clusters", type=int, default=4)
     ap.add_argument("--full", type=int, default=200, help="examples per site (train + test) in the full task")
     ap.add_argument("--scarce", type=int, default=40, help="examples per site in the scarce task")
@@ -68,7 +84,18 @@ def main(argv: list[str] | None = None) -> int:
                     help="rounds of the scarce task (one step per round there; the paper runs 1500)")
     ap.add_argument("--out", default="/tmp/kumiki-bench-floral")
     ap.add_argument("--write", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="the defaults' check: digits, label shift, default model")
+    ap.add_argument("--sites", type=int, nargs="+", default=[4, 8, 16], help="site counts (quick mode)")
+    ap.add_argument("--quick-clusters", type=int, nargs="+", default=[2, 4], help="cluster counts (quick mode)")
+    ap.add_argument("--conv-dims", nargs="*", default=["kernel", "code"], help="FLoRAL rows (quick mode)")
+    ap.add_argument("--set", dest="sets", nargs="*", default=[],
+                    help="extra FLoRAL variants (quick mode), each 'knob=value[,knob=value]', e.g. router_lr=1.0 or "
+                         "train.local_epochs=3,conv_dims=code or layers=encoder.fc+head")
+    ap.add_argument("--jobs", type=int, default=1, help="quick mode: runs in parallel, one thread each")
+    ap.add_argument("--method", default="floral", help="quick mode: the method of the --set variants")
     args = ap.parse_args(argv)
+    if args.quick:
+        return quick(args)
 
     import torch
 
@@ -80,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for data in args.data:
         for transform in args.transforms:
-            for per_site, rounds in ((args.full, args.rounds), (args.scarce, args.scarce_rounds)):
+            for per_site, rounds in ((args.full, args.rounds or 30), (args.scarce, args.scarce_rounds)):
                 for method in METHODS:
                     accs, up, down = [], [], []
                     for seed in args.seeds:
@@ -109,6 +136,106 @@ def main(argv: list[str] | None = None) -> int:
 
         _write_between(ROOT / "bench" / "RESULTS.md", text, tag="floral")
     return 0
+
+
+def _value(v: str):
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(v, v)
+
+
+def quick(args) -> int:
+    """The defaults' check (module docstring): FedAvg and FLoRAL variants over clusters x sites."""
+    t0 = time.time()
+    variants = [("fedavg", {})] + [("floral", {"conv_dims": d}) for d in args.conv_dims]
+    for s in args.sets:
+        variants.append((args.method, {k: v.split("+") if k == "layers" else _value(v)
+                                    for k, v in (kv.split("=", 1) for kv in s.split(","))}))
+    per_site, rows = 100, []
+    rounds = args.rounds or 15
+    todo = [(clusters, sites, method, extra, seed, per_site, rounds, args.out)
+            for clusters in args.quick_clusters for sites in args.sites for method, extra in variants
+            for seed in args.seeds]
+    if args.jobs > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(args.jobs) as pool:
+            done = pool.map(_quick_run, todo)
+    else:
+        done = [_quick_run(t) for t in todo]
+    results = {(c, n, m, repr(e), seed): r for (c, n, m, e, seed, *_), r in zip(todo, done)}
+    for clusters in args.quick_clusters:
+        for sites in args.sites:
+            for method, extra in variants:
+                got = [results[(clusters, sites, method, repr(extra), seed)] for seed in args.seeds]
+                accs, pis = [a for a, _ in got], [p for _, p in got]
+                label = method + "".join(f" {k}={v}" for k, v in extra.items())
+                sep = None if None in pis else f"{statistics.mean(p[0] for p in pis):.2f} ({'/'.join(str(p[1]) for p in pis)})"
+                rows.append((clusters, sites, label, statistics.mean(accs), sep))
+                print(f"{clusters} clusters {sites} sites {label}: {100 * rows[-1][3]:.1f}% separation {sep}",
+                      flush=True)
+    text = (f"Generated by `bench/floral.py --quick` on {time.strftime('%Y-%m-%d')}: digits, label-shift clusters "
+            f"(site i in cluster i mod C, unknown to the server), C adaptors = C clusters, {per_site} examples per "
+            f"site (80 train), the default `[model]` (CNN-S, batch norm) and `[train]`, each method's defaults "
+            f"otherwise, {rounds} rounds, seeds {', '.join(map(str, args.seeds))}; {time.time() - t0:.0f} s in all. "
+            "Separation: the mean over sites of the router weight on the adaptor its cluster's sites favour most "
+            "(1/C: not separated; 1: each site routes to one adaptor), after the last round; in brackets, how many "
+            "distinct adaptors the clusters favour (C: each cluster owns one), per seed.\n\n"
+            "| clusters | sites | method | personalized % | separation |\n|---|---|---|---|---|\n")
+    text += "\n".join(f"| {c} | {n} | {m} | {100 * a:.1f} | {p or '–'} |"
+                      for c, n, m, a, p in rows) + "\n"
+    print(text)
+    if args.write:
+        from bench.results import write_section
+
+        write_section("floral-quick", text, ROOT / "bench" / "RESULTS.md")
+    return 0
+
+
+def _quick_run(job) -> tuple[float, tuple[float, int] | None]:
+    """One quick-mode run: (personalized mean, separation)."""
+    import torch
+
+    from launch.engines import run
+
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    clusters, sites, method, extra, seed, per_site, rounds, out = job
+    train = {k.split(".", 1)[1]: v for k, v in extra.items() if k.startswith("train.")}
+    knobs = {k: v for k, v in extra.items() if not k.startswith("train.")}
+    cfg = config("digits", "label_shift", method, seed, per_site, rounds, Path(out), clusters, sites=sites,
+                 default_model=True, extra=knobs, train=train)
+    s = run(cfg, "inprocess", quiet=True, overwrite=True)
+    print(f"  {clusters} clusters {sites} sites {method} {extra} seed {seed}: {100 * s['personalized']['mean']:.1f}%",
+          flush=True)
+    return s["personalized"]["mean"], separation(cfg, clusters)
+
+
+def separation(cfg, clusters: int) -> tuple[float, int] | None:
+    """How far the routers separated the clusters (``quick``'s table), from each site's saved router theta_k:
+    (mean router weight on the cluster's favourite adaptor, distinct favourites); None without a router."""
+    import torch
+
+    pis = {}
+    for f in sorted((cfg.run_dir() / "state").glob("site-*/site_state.pt")):
+        theta = torch.load(f, weights_only=False)["personal"].get("router.theta")
+        if theta is not None:
+            pis[int(f.parent.name.rsplit("-", 1)[1])] = torch.softmax(torch.as_tensor(theta).double(), 0).tolist()
+    if not pis:
+        return None
+    by_cluster: dict[int, list[list[float]]] = {}
+    for site, pi in pis.items():
+        by_cluster.setdefault(site % clusters, []).append(pi)
+    vals, favourites = [], set()
+    for members in by_cluster.values():
+        mean = [statistics.mean(col) for col in zip(*members)]
+        favourite = max(range(len(mean)), key=mean.__getitem__)
+        favourites.add(favourite)
+        vals += [pi[favourite] for pi in members]
+    return statistics.mean(vals), len(favourites)
 
 
 if __name__ == "__main__":

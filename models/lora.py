@@ -16,6 +16,10 @@ import torch
 from torch import nn
 
 BIAS_INITS = ("torch_default", "zero")
+#: How ConvLoRA counts a factor's dimension (rank rule and A's init bound). ``kernel``: C times the numel of the
+#: factor's kernel (C_in k_w for A, C_out k_h for B); ``code``: the official code's C * numel(Tensor(kernel_size)),
+#: which is C * 2 for every 2-D kernel (``torch.Tensor((1, k))`` is a 2-vector), whatever k is.
+CONV_DIMS = ("kernel", "code")
 ROOT_KEY = "_root"  # adaptor key when the base model itself is the adapted layer ('' is no ModuleDict key)
 
 
@@ -83,14 +87,20 @@ def _balanced_2d(base: nn.Conv2d) -> tuple[dict, dict]:
 
 
 class ConvLoRA(nn.Module):
-    """Conv2d adaptor, ``balanced_2d`` (spec section 3): A = Conv(C_in, r, (1, k)), B = Conv(r, C_out, (k, 1))."""
+    """Conv2d adaptor, ``balanced_2d`` (spec section 3): A = Conv(C_in, r, (1, k)), B = Conv(r, C_out, (k, 1)).
+
+    ``dims`` (``CONV_DIMS``) sets d_in, d_out for the rank rule and A's init bound sqrt(6 / d_in): a 32 -> 64
+    3x3 conv at budget 0.1 gets rank 6 under ``kernel`` (96, 192), 4 under ``code`` (64, 128)."""
 
     def __init__(self, base: nn.Conv2d, budget: float | int | str, bias: bool = True,
-                 bias_init: str = "torch_default"):
+                 bias_init: str = "torch_default", dims: str = "kernel"):
         super().__init__()
+        if dims not in CONV_DIMS:
+            raise ValueError(f"dims must be one of {CONV_DIMS}, got {dims!r}")
         a_opts, b_opts = _balanced_2d(base)
-        d_in = base.in_channels * math.prod(a_opts["kernel_size"])
-        d_out = base.out_channels * math.prod(b_opts["kernel_size"])
+        k_a, k_b = ((math.prod(a_opts["kernel_size"]), math.prod(b_opts["kernel_size"])) if dims == "kernel"
+                    else (len(a_opts["kernel_size"]), len(b_opts["kernel_size"])))
+        d_in, d_out = base.in_channels * k_a, base.out_channels * k_b
         self.rank = resolve_rank(d_in, d_out, budget)
         if self.rank % base.groups:
             raise ValueError(f"ConvLoRA: rank {self.rank} is not divisible by groups={base.groups}")
@@ -178,7 +188,8 @@ class FloralModel(_Routed):
 
     def __init__(self, base: nn.Module, num_adaptors: int, budget: float | int | str = 0.01,
                  layers: tuple[str, ...] = ("*",), alpha: float = 1.0, min_prob: float = 0.01,
-                 sigma: float = 1.0, tau: float = 1.0, bias: bool = True, bias_init: str = "torch_default"):
+                 sigma: float = 1.0, tau: float = 1.0, bias: bool = True, bias_init: str = "torch_default",
+                 conv_dims: str = "kernel"):
         super().__init__()
         if num_adaptors < 1:
             raise ValueError(f"num_adaptors must be >= 1, got {num_adaptors}")
@@ -191,7 +202,7 @@ class FloralModel(_Routed):
             raise ValueError(f"adapted layer names collide once '.' becomes '_': {self.layer_names}")
         self.alpha, self.min_prob = alpha, min_prob
         self.adaptors = nn.ModuleList(
-            nn.ModuleDict({_key(n): self._adaptor(base.get_submodule(n), budget, bias, bias_init)
+            nn.ModuleDict({_key(n): self._adaptor(base.get_submodule(n), budget, bias, bias_init, conv_dims)
                            for n in self.layer_names})
             for _ in range(num_adaptors))
         self.router = Router(num_adaptors, sigma, tau)
@@ -199,9 +210,10 @@ class FloralModel(_Routed):
         self._weights: torch.Tensor | None = None  # clamped pi, set only during forward
 
     @staticmethod
-    def _adaptor(layer: nn.Module, budget, bias: bool, bias_init: str) -> nn.Module:
-        cls = ConvLoRA if isinstance(layer, nn.Conv2d) else LinearLoRA
-        return cls(layer, budget, bias=bias, bias_init=bias_init)
+    def _adaptor(layer: nn.Module, budget, bias: bool, bias_init: str, conv_dims: str) -> nn.Module:
+        if isinstance(layer, nn.Conv2d):
+            return ConvLoRA(layer, budget, bias=bias, bias_init=bias_init, dims=conv_dims)
+        return LinearLoRA(layer, budget, bias=bias, bias_init=bias_init)
 
     @property
     def num_adaptors(self) -> int:
@@ -281,7 +293,11 @@ class EnsembleModel(_Routed):
         rows = self.router(x) if pi is None else pi.expand(len(x), -1)
         pi = rows[0]
         self.last_pi = pi
-        outs = [rows[:, c:c + 1] * f(x) for c, f in enumerate(self.copies) if pi[c] >= self.SKIP_BELOW]
+        outs = []
+        for c, f in enumerate(self.copies):
+            if pi[c] >= self.SKIP_BELOW:
+                y = f(x)  # (B, classes) for a classifier, (B, T, vocab) for a language model
+                outs.append(rows[:, c].reshape((len(x),) + (1,) * (y.dim() - 1)) * y)
         return torch.stack(outs).sum(0)
 
     def base_parameters(self) -> list[nn.Parameter]:

@@ -10,7 +10,10 @@ Over the sites S that replied this round, with n_k examples and router p(c|k) = 
 Each factor is averaged on its own; the product B_c A_c is never formed. The router theta_k is
 personal by the split and never travels. The server update is replacement (the code's SGD with lr
 1). When no site this round weighs adaptor c (p(c) < 1e-6), ``absent_cluster = keep`` leaves it
-unchanged; ``code`` follows the official code (an eps of 1e-10 in the denominators shrinks it).
+unchanged; ``code`` follows the official code (``get_client_cluster_probs``): its eps of 1e-10 sits only
+in p(k) = n_k / (sum_j n_j + eps), and p(k|c) divides by p(c) without one, so the eps cancels and
+adaptor c is the p(k|c)-weighted mean (weights summing to 1) however small p(c) is. Where p(c) is exactly
+0 (every router underflowed to 0 for c) the code's 0/0 would make the adaptor NaN; both rules keep it.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from strategies.base import KumikiStrategy, Update
 from strategies.replies import BadReply
 
 ABSENT = 1e-6
-CODE_EPS = 1e-10
+CODE_EPS = 1e-10  # the official code's eps, on sum_k n_k only
 
 
 def cluster_weights(num_examples: list[float], pis: list[list[float]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -83,10 +86,14 @@ def floral_mean(arrays: list[dict[str, np.ndarray]], num_examples: list[float], 
         names = [k for k, cj in cluster_of.items() if cj == j]
         if not names:
             continue
-        if absent == "keep" and pc[j] < ABSENT:
+        if (absent == "keep" and pc[j] < ABSENT) or pc[j] == 0.0:
             out.update({k: previous[k] for k in names})
             continue
-        w = pkc[:, j] if absent == "keep" else pk * np.asarray(pis, dtype=np.float64)[:, j] / (pc[j] + CODE_EPS)
-        # p(k|c) sums to 1 already; the code's eps variant must not be renormalized
+        if absent == "keep":
+            w = pkc[:, j]
+        else:  # the code's arithmetic: eps on sum n_k only, p(c) from those p(k), no eps dividing by it
+            n = np.asarray(num_examples, dtype=np.float64)
+            joint = n / (n.sum() + CODE_EPS) * np.asarray(pis, dtype=np.float64)[:, j]
+            w = joint / joint.sum()
         out.update(weighted_sum(stack.take(rows, names), w))
     return out

@@ -11,13 +11,18 @@ minutes on one core.
 Language methods (WorldLM; HierFAVG needs a tree): on the default image config they are refused with a
 config error that names ``data.dataset``; their own cell is the language matrix's (synthetic Markov tree, the
 default LM, the method's defaults) made small: 3 sites + 1 unseen, 2 rounds of 2 local steps.
+
+Every method whose config validates for Markov text (``lang_methods``: all but DualFed and M-Fed) runs a smoke
+cell there: the same small federation on a tiny LM (1 block, d 32, context 32), 2 rounds, a few seconds each. A
+config that validates and then crashes at the first forward (issue 25: floral_ensemble; the unseen-site
+fine-tunes of local, fedper, fedrep and fedavg_ft, which trained on the classifier's loss) fails here.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from bench.conformance import Cell, language_only, run_cell, verdict
+from bench.conformance import Cell, lang_methods, language_only, run_cell, verdict
 from kumiki.registry import METHODS
 
 
@@ -53,3 +58,16 @@ def test_worldlm_learns_on_the_default_language_model(tmp_path):
     assert "error" not in res, res.get("trace")
     assert verdict(res, None) == ("pass", []), res
     assert res["personalized"] < 256 and res["unseen_adapted"] < res["unseen"]  # below uniform; adapts
+
+
+@pytest.mark.parametrize("method", lang_methods(sorted(METHODS)))
+def test_every_method_that_validates_on_language_data_runs_on_it(method, tmp_path):
+    res = run_cell(Cell("markov", "lm", method, rounds=2, tiny=True), tmp_path)
+    assert "error" not in res, res.get("trace")
+    assert verdict(res, None) == ("pass", []), res  # no rejected reply, perplexity and train loss fall
+    if res["unseen_adapted"] is not None:
+        assert res["unseen_adapted"] < 256  # a new site's adaptation ran on the language loss
+
+
+def test_language_cells_hold_every_method_that_validates_on_language_data():
+    assert set(lang_methods(METHODS)) == set(METHODS) - {"dualfed", "mfed"}

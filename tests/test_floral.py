@@ -90,7 +90,24 @@ def test_an_adaptor_no_site_weighs_is_kept_unless_the_code_rule_is_asked_for(tmp
     assert a1 and all(np.array_equal(got[k], before[k]) for k in a1)
     code = floral_mean([u.arrays for u in _updates(s, pinned)], list(N), [list(p) for p in pinned], s.cluster_of,
                        before, absent="code")
-    assert all(np.allclose(code[k], 0.0) for k in a1), "the code's eps rule shrinks an absent adaptor to 0"
+    assert all(np.array_equal(code[k], before[k]) for k in a1), "p(c) = 0: the code's 0/0 is not taken"
+
+
+def test_the_code_rule_averages_a_barely_weighed_adaptor_with_weights_summing_to_one(tmp_path):
+    """absent_cluster = "code" (issue 25): the official code's eps sits on sum n_k only and cancels, so an
+    adaptor with 0 < p(c) < 1e-6 is the p(k|c)-weighted mean, not shrunk by an eps added to p(c)."""
+    s = _strategy(tmp_path)
+    tiny = [(1.0 - 1e-9, 1e-9), (1.0 - 3e-9, 3e-9), (1.0 - 2e-9, 2e-9)]
+    before = {k: v.copy() for k, v in s.shared.items()}
+    ups = _updates(s, tiny)
+    a1 = [k for k in s.shared if k.startswith("adaptors.1.")]
+    keep = floral_mean([u.arrays for u in ups], list(N), [list(p) for p in tiny], s.cluster_of, before)
+    assert all(np.array_equal(keep[k], before[k]) for k in a1)
+    code = floral_mean([u.arrays for u in ups], list(N), [list(p) for p in tiny], s.cluster_of, before, absent="code")
+    _, _, pkc = cluster_weights(list(N), [list(p) for p in tiny])
+    assert pkc[:, 1].sum() == pytest.approx(1.0)
+    for k in a1:
+        np.testing.assert_allclose(code[k], sum(w * u.arrays[k] for w, u in zip(pkc[:, 1], ups)), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("pi", [None, (0.7, 0.7), (float("nan"), 1.0), (1.5, -0.5)])
@@ -157,6 +174,28 @@ def test_site_trains_three_groups_at_their_rates_preconditions_and_reports_the_c
     clean = torch.softmax(sj.model.router.theta.detach().double(), 0).tolist()
     assert [metrics["pi-0"], metrics["pi-1"]] == pytest.approx(clean, abs=1e-12)
     assert FloralObjective(FloralConfig(precondition=False)).precondition(sj.model) is None
+
+
+def test_the_router_never_decays_whatever_train_weight_decay_says():
+    """Issue 25: the official code's router group has weight_decay 0; the base and adaptors keep the user's."""
+    cfg = FloralConfig(num_adaptors=2)
+    sj = site_job(cfg)
+    sj.trainer.cfg = TrainSection(batch_size=32, lr=0.05, weight_decay=0.5, device="cpu")
+    for router_only in (False, True):
+        groups = FloralObjective(cfg).groups(sj, sj.model, router_only=router_only)
+        opt = sj.trainer._make_optimizer(None)(groups)
+        decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+        assert decay.pop(id(sj.model.router.theta)) == 0.0
+        assert set(decay.values()) <= {0.5} and (router_only or decay)
+
+
+def test_local_adaptors_is_floral_at_one_percent():
+    """Issue 25: the official local-adaptor baseline inherits FLoRAL's rank 0.01 (FLoRAL(1%))."""
+    cfg = LocalAdaptorsConfig()
+    assert cfg.rank_budget == 0.01 and FloralConfig().rank_budget == 0.1
+    model = build_model(ModelSpec("mlp", (1, 28, 28), 10, hidden=200), cfg)
+    first = next(iter(model.adaptors[0].values()))
+    assert first.rank == 1  # 0.01 * 784 * 200 / 984 = 1.59 -> 1 (FLoRAL(10%): 15)
 
 
 def test_global_path_is_the_uniform_mixture_and_personal_path_the_sites_router():

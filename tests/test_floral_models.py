@@ -66,6 +66,25 @@ def test_init_b_zero_a_uniform_within_bound(make):
     assert lora.B.bias is not None and lora.B.bias.abs().sum() > 0  # torch default, non-zero
 
 
+def test_conv_dims_code_is_the_official_c_times_two_rule():
+    """Issue 25: the official conv.py counts C * numel(torch.Tensor((1, k))) = 2C for every 2-D kernel."""
+    conv = nn.Conv2d(32, 64, 3, padding=1)
+    assert ConvLoRA(conv, 0.1).rank == 6 and ConvLoRA(conv, 0.1, dims="code").rank == 4  # (96, 192) vs (64, 128)
+    assert ConvLoRA(nn.Conv2d(32, 64, 5), 0.1, dims="code").rank == 4  # k does not enter
+    assert ConvLoRA(nn.Conv2d(32, 64, 1), 0.1, dims="code").rank == 4  # a 1x1 kernel counts 2 as well
+    torch.manual_seed(0)
+    a = ConvLoRA(nn.Conv2d(64, 64, 5), 8, dims="code").A.weight
+    bound = math.sqrt(6 / (64 * 2))  # init bound from 2 C_in, not C_in * 5
+    assert a.abs().max() <= bound and a.abs().max() > 0.8 * bound
+    with pytest.raises(ValueError, match="dims"):
+        ConvLoRA(conv, 0.1, dims="official")
+    from kumiki.methods import FloralConfig
+
+    model = build_model(ModelSpec("cnn", (1, 8, 8), 10), FloralConfig(conv_dims="code"))
+    assert model.adaptors[0]["encoder_features_4"].rank == 4
+    assert build_model(ModelSpec("cnn", (1, 8, 8), 10), FloralConfig()).adaptors[0]["encoder_features_4"].rank == 6
+
+
 def test_zero_bias_init_starts_at_the_base_model():
     base = build_model(CNN)
     x = torch.randn(4, 1, 8, 8)
@@ -296,3 +315,23 @@ def test_ensemble_is_pi_weighted_sum_of_independent_copies():
         assert torch.allclose(e(x), sum(pi[c] * e.copies[c](x) for c in range(3)), atol=1e-6)
         skip = torch.tensor([0.9995, 0.0005, 0.0])  # copies below 1e-3 are skipped
         assert torch.allclose(e(x, pi=skip), 0.9995 * e.copies[0](x), atol=1e-6)
+
+
+def test_ensemble_mixes_sequence_outputs_of_a_language_model():
+    """(B, T, vocab) outputs: each example's row of pi weighs its whole sequence (issue 25: a (B, 1) weight
+    did not broadcast against them, so floral_ensemble crashed on the language model)."""
+    from models.lm import ByteLM
+
+    torch.manual_seed(0)
+    e = EnsembleModel(lambda: ByteLM(context=8, d=16, blocks=1, heads=2), 2)
+    x = torch.randint(0, 256, (3, 8))
+    e.eval()
+    with torch.no_grad():
+        e.router.theta.copy_(torch.tensor([0.3, -0.2]))
+        pi = torch.softmax(e.router.theta, 0)
+        out = e(x)
+        assert out.shape == (3, 8, 256)
+        assert torch.allclose(out, pi[0] * e.copies[0](x) + pi[1] * e.copies[1](x), atol=1e-6)
+    e.train()
+    e(x).sum().backward()  # training path (noisy per-example rows) too
+    assert e.router.theta.grad is not None

@@ -14,6 +14,7 @@ import copy
 from torch import nn
 
 from client.methods.base import SiteJob, SiteObjective
+from client.methods.fedper import body_modules
 
 
 class FedAvgFTObjective(SiteObjective):
@@ -21,8 +22,9 @@ class FedAvgFTObjective(SiteObjective):
         tuned = copy.deepcopy(sj.model)
         if epochs > 0:
             params = tuned.head.parameters() if self.cfg.ft_scope == "head" else tuned.parameters()
-            frozen = [tuned.encoder] if self.cfg.ft_scope == "head" else []
-            sj.trainer.fit(tuned, params, epochs=epochs, lr=self.cfg.ft_lr, tag=tag, eval_modules=frozen)
+            frozen = body_modules(tuned) if self.cfg.ft_scope == "head" else []
+            sj.trainer.fit(tuned, params, sj.task_loss, epochs=epochs, lr=self.cfg.ft_lr, tag=tag,
+                           eval_modules=frozen)
         return tuned
 
     def personalized_model(self, sj: SiteJob) -> nn.Module:

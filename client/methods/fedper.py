@@ -19,14 +19,23 @@ from client.methods.base import SiteJob, SiteObjective
 from models import build_model
 
 
+def body_modules(model: nn.Module) -> list[nn.Module]:
+    """Everything but the head: the classifiers' ``encoder``, the language model's embeddings and blocks."""
+    return [m for n, m in model.named_children() if n != "head"]
+
+
+def body_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for m in body_modules(model) for p in m.parameters()]
+
+
 def fresh_head_on_frozen_body(sj: SiteJob, epochs: int) -> nn.Module:
     """A private copy of the model whose head is re-initialized and fitted with the body frozen."""
     model = copy.deepcopy(sj.model)
     model.head.load_state_dict(build_model(sj.job.model, sj.job.method).head.state_dict())
     model.to(sj.trainer.device)
     if epochs > 0:
-        sj.trainer.fit(model, model.head.parameters(), epochs=epochs, tag=f"newhead{sj.job.round}",
-                       eval_modules=[m for n, m in model.named_children() if n != "head"])
+        sj.trainer.fit(model, model.head.parameters(), sj.task_loss, epochs=epochs, tag=f"newhead{sj.job.round}",
+                       eval_modules=body_modules(model))
     return model
 
 

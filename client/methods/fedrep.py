@@ -1,6 +1,7 @@
 """FedRep site update (Collins et al., ICML 2021, arXiv 2102.07078).
 
-Receive the representation phi (``encoder.*``); keep the personal head h_k (``head.*``).
+Receive the representation phi (everything but the head: ``encoder.*`` on the classifiers, the embeddings
+and blocks of the language model); keep the personal head h_k (``head.*``).
 
 1. phi frozen: ``head_epochs`` (tau_h) epochs of SGD on the head; the body runs in
    eval mode, so phi (BN running statistics included) is bit-identical afterwards;
@@ -15,7 +16,7 @@ from __future__ import annotations
 from torch import nn
 
 from client.methods.base import SiteJob, SiteObjective
-from client.methods.fedper import fresh_head_on_frozen_body
+from client.methods.fedper import body_modules, body_parameters, fresh_head_on_frozen_body
 
 
 class FedRepObjective(SiteObjective):
@@ -23,9 +24,10 @@ class FedRepObjective(SiteObjective):
 
     def fit(self, sj: SiteJob) -> dict[str, float]:
         model, tag = sj.model, f"r{sj.job.round}"
-        head = sj.trainer.fit(model, model.head.parameters(), epochs=self.cfg.head_epochs, tag=f"{tag}:head",
-                              eval_modules=[model.encoder])
-        body = sj.trainer.fit(model, model.encoder.parameters(), epochs=self.cfg.body_epochs, tag=f"{tag}:body")
+        head = sj.trainer.fit(model, model.head.parameters(), sj.task_loss, epochs=self.cfg.head_epochs,
+                              tag=f"{tag}:head", eval_modules=body_modules(model))
+        body = sj.trainer.fit(model, body_parameters(model), sj.task_loss, epochs=self.cfg.body_epochs,
+                              tag=f"{tag}:body")
         return {"loss": body["loss"], "examples": body["examples"], "head-loss": head["loss"]}
 
     def adapt_unseen(self, sj: SiteJob, epochs: int) -> nn.Module:

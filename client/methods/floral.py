@@ -3,10 +3,13 @@
 Round t: load the received base and the C adaptor sets, keep the site's router theta_k (personal
 by the split: it is saved with the site state and never travels), then one pass of the one loop
 over three SGD groups: base at ``train.lr``, adaptors at ``adaptor_lr`` (default ``train.lr``),
-router at ``router_lr``; no momentum or weight decay (the method's train defaults). In training
+router at ``router_lr``; no momentum or weight decay (the method's train defaults), and the router's
+group never decays, whatever ``train.weight_decay`` says (as the official code's ``get_param_groups``:
+decay would pull theta back to the uniform mixture every step). In training
 pi = softmax((theta + sigma u) / tau), u ~ U[0,1)^C per minibatch (the model draws it, seeded per
 round); adaptor gradients are preconditioned between backward and step (PrecondLoRA). The reply
-carries p(c|k) = softmax(theta_k) as metrics ``pi-c``: the server's p(k|c) weights need it.
+carries p(c|k) = softmax(theta_k) as metrics ``pi-c`` (no noise, no temperature, no clamp): the
+server's p(k|c) weights need it.
 
 Evaluation: personalized = the site's own router (eval mode: no noise); global = the uniform
 mixture (theta = 0), which is also an unseen site's zero-shot path. A new site's protocol trains
@@ -27,7 +30,8 @@ from models.lora import precondition_
 
 
 def router_probs(model: nn.Module) -> list[float]:
-    """p(c|k) = softmax(theta_k / tau) without noise or clamp: what the server weighs adaptors with."""
+    """p(c|k) = softmax(theta_k) without noise, temperature or clamp (as the official code's server reads
+    the router's weights): what the server weighs adaptors with."""
     with torch.no_grad():
         return torch.softmax(model.router.theta.detach().double(), dim=0).tolist()
 
@@ -37,7 +41,7 @@ class FloralObjective(SiteObjective):
 
     def groups(self, sj: SiteJob, model: nn.Module, router_only: bool = False) -> list[dict]:
         lr = sj.trainer.cfg.lr
-        router = {"params": model.router_parameters(), "lr": self.cfg.router_lr}
+        router = {"params": model.router_parameters(), "lr": self.cfg.router_lr, "weight_decay": 0.0}
         if router_only:
             return [router]
         adaptors = model.adaptor_parameters() if hasattr(model, "adaptor_parameters") else []

@@ -21,5 +21,5 @@ class LocalObjective(SiteObjective):
         model = copy.deepcopy(sj.model)
         model.load_state_dict(build_model(sj.job.model, sj.job.method).state_dict())
         model.to(sj.trainer.device)
-        sj.trainer.fit(model, model.parameters(), epochs=epochs, tag=f"local{sj.job.round}")
+        sj.trainer.fit(model, model.parameters(), sj.task_loss, epochs=epochs, tag=f"local{sj.job.round}")
         return model

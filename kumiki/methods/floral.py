@@ -19,8 +19,10 @@ class FloralConfig(MethodConfig):
 
     Two defaults are ours, for runs of tens of rounds: ``rank_budget`` 0.1 (the paper's FLoRAL(10%);
     the code's default is 1%) and ``router_lr`` 0.3 (the paper's scarce-data value; 0.1 otherwise).
-    On digits, 2 label-shift clusters, default CNN, 15 rounds: personalized 75.6% vs FedAvg's 50.0%;
-    with the code's 1% and 0.1 the router has not separated the clusters yet (50.0%).
+    The router needs SGD steps to separate the clusters: on digits, default CNN, 2 label-shift clusters,
+    100 examples per site (3 steps a round), 15 rounds, it does not at one local epoch (48.8% vs FedAvg's
+    45.6% at 8 sites) and does at three (73.8%); at 4 clusters it does not in 15 rounds (``bench/floral.py
+    --quick``, bench/RESULTS.md; docs/floral.md).
     """
 
     name: Literal["floral"] = "floral"
@@ -46,8 +48,11 @@ class FloralConfig(MethodConfig):
     precond_eps: float = Field(1e-5, gt=0.0, description="eps of the preconditioner")
     adaptor_bias: bool = Field(True, description="an output bias b_c per adaptor where the base layer has one")
     adaptor_bias_init: Literal["torch_default", "zero"] = Field("torch_default", description="b_c's initialization")
+    conv_dims: Literal["kernel", "code"] = Field("kernel", description="conv adaptor d_in, d_out (rank rule, A's "
+                                                 "init): C * k ('kernel') or the official code's C * 2 ('code')")
     absent_cluster: Literal["keep", "code"] = Field(
-        "keep", description="adaptor c when no site this round weighs it (p(c) < 1e-6): keep it, or the code's shrink")
+        "keep", description="adaptor c when no site this round weighs it (p(c) < 1e-6): keep it, or average it "
+                            "with p(k|c) anyway, as the official code does ('code')")
     bn_stats: Literal["federated", "personal"] = Field("federated", description="BatchNorm statistics: averaged "
                                                                                "with p(k), or kept on the site")
     unseen_router_steps: int = Field(50, ge=0, description="router-only SGD steps a new site takes before its "
@@ -56,7 +61,7 @@ class FloralConfig(MethodConfig):
     def model_options(self) -> dict[str, Any]:
         return {"num_adaptors": self.num_adaptors, "budget": self.rank_budget, "layers": tuple(self.layers),
                 "alpha": self.alpha, "min_prob": self.min_prob, "sigma": self.router_noise, "tau": self.router_temp,
-                "bias": self.adaptor_bias, "bias_init": self.adaptor_bias_init}
+                "bias": self.adaptor_bias, "bias_init": self.adaptor_bias_init, "conv_dims": self.conv_dims}
 
     def split_rules(self) -> SplitRules:
         bn = BN_BUFFERS if self.bn_stats == "personal" else ()
