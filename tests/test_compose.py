@@ -62,6 +62,8 @@ def test_the_schema_check_can_fail():
 def test_the_root_file_is_the_server_hosts_file():
     root = load_yaml(ROOT / "docker-compose.yml")
     assert root["include"] == [{"path": "deploy/compose/server.yml", "env_file": "deploy/server.env"}]
+    # one project name whichever way the server is started: the same containers and state volume
+    assert root["name"] == load_yaml(COMPOSE_DIR / "server.yml")["name"] == "kumiki-server"
     for inc in root["include"]:
         assert (ROOT / inc["path"]).is_file() and (ROOT / inc["env_file"]).is_file()
 
@@ -129,7 +131,8 @@ def test_factory_file_one_supernode_its_runner_its_data_read_only_its_own_state(
     # the SuperNode <-> runner link: shared secret on both ends; start order by health
     assert _flag(cmd, "--superexec-auth-secret-file") == _flag(rcmd, "--superexec-auth-secret-file")
     assert runner["depends_on"] == {"supernode": {"condition": "service_healthy"}}
-    assert f"127.0.0.1:{_flag(cmd, '--port')}/health" in node["healthcheck"]["test"][-1]
+    # healthy means connected to the SuperLink (launch/fastpath.py alive), not merely started
+    assert node["healthcheck"]["test"] == ["CMD", "python", "/opt/kumiki/fastpath.py", "alive", "30"]
     assert "ports" not in node and "ports" not in runner, "a factory publishes nothing"
 
 
@@ -195,3 +198,24 @@ def test_the_compose_commands_parse_with_flowers_own_parsers():
     for p in FACTORY_ENVS:
         for svc in factory(p)["services"].values():
             check([program_of(svc), *_cmd(svc)])
+
+
+def test_a_rerun_under_the_same_run_name_is_refused_unless_overwrite_moves_the_earlier_one_aside(tmp_path):
+    """The runbook's rerun (`kumiki submit --overwrite` = run_config overwrite=true), as the ServerApp sees it."""
+    from server.app import start_mode
+    from server.recorder import Recorder
+
+    cfg = load_config(str(ROOT / "deploy" / "factories.toml"), [f"run.output_dir={json.dumps(str(tmp_path))}"])
+    run_dir = cfg.run_dir()
+    run_dir.mkdir(parents=True)
+    (run_dir / "summary.json").write_text('{"status": "ok"}')
+    assert start_mode({}, cfg) is False
+    with pytest.raises(FileExistsError, match="choose another run.name"):
+        Recorder(run_dir, cfg, "deployment", quiet=True)
+    with pytest.raises(ValueError, match="choose one"):
+        start_mode({"overwrite": True, "resume": True}, cfg)
+    assert start_mode({"overwrite": "true"}, cfg) is False
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith(f"{cfg.run.name}.replaced-")]
+    assert len(aside) == 1 and json.loads((aside[0] / "summary.json").read_text()) == {"status": "ok"}
+    assert not run_dir.exists()
+    Recorder(run_dir, cfg, "deployment", quiet=True)  # the rerun starts
