@@ -1,6 +1,7 @@
 # Kumiki: the two commands. Each sets up everything it needs on a fresh machine.
 #   make pilot   - the multi-factory pilot on real SuperLink/SuperNode processes (writes runs/pilot/)
 #   make test    - the test suite (what CI runs, via .ci/run)
+#   make compose-test - deploy/README.md with real containers (needs a Docker engine; CI runs it after make test)
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
@@ -8,7 +9,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.kumiki-installed
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: setup data pilot test bench conformance mutation clean
+.PHONY: setup data pilot test compose-test bench conformance mutation clean
 
 setup: $(STAMP) data
 
@@ -44,6 +45,12 @@ pilot: setup
 test: setup
 	@$(BIN)/python -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: no tests were collected"; exit 1; fi; exit $$rc
+
+# The runbook (deploy/README.md) with real containers: images, certs, the server and three factory hosts as
+# separate compose projects, a pilot with a crashed factory, down/up, a rerun, the report; then torn down.
+# Needs Docker + Compose v2 (../shared/tools/docker-engine.sh installs them). deploy/compose_test.py --help.
+compose-test: setup
+	$(BIN)/python deploy/compose_test.py $(COMPOSE_TEST_ARGS)
 
 bench: setup
 	$(BIN)/python bench/overhead.py

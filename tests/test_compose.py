@@ -219,3 +219,43 @@ def test_a_rerun_under_the_same_run_name_is_refused_unless_overwrite_moves_the_e
     assert len(aside) == 1 and json.loads((aside[0] / "summary.json").read_text()) == {"status": "ok"}
     assert not run_dir.exists()
     Recorder(run_dir, cfg, "deployment", quiet=True)  # the rerun starts
+
+
+REGION_ENVS = sorted((ROOT / "deploy" / "regions").glob("*.env"))
+
+
+@pytest.mark.parametrize("env_path", REGION_ENVS, ids=lambda p: p.stem)
+def test_region_file_is_worldlm_shape_b_a_superlink_per_region_bridged_to_the_root(env_path):
+    from kumiki import hierarchy
+
+    env = env_file(env_path)
+    f = interpolate(load_yaml(COMPOSE_DIR / "region.yml"), env)
+    region = env["KUMIKI_REGION"]
+    assert env_path.stem == region and f["name"] == f"kumiki-{region}"
+    s = f["services"]
+    assert {program_of(v) for v in s.values()} == {"flower-superlink", "flower-supernode", "flower-superexec"}
+    for svc in s.values():
+        check([program_of(svc), *_cmd(svc)])
+    link, agg = _cmd(s["superlink"]), _cmd(s["aggregator"])
+    assert "--enable-supernode-auth" in link and "--insecure" not in link + agg
+    assert s["superlink"]["ports"] == [f"{env['KUMIKI_REGION_PUBLISH']}:8000"]
+    # the aggregator: a site of the ROOT (its key from the root's certificates) named after the region
+    assert _flag(agg, "--superlink") == env["KUMIKI_ROOT_SUPERLINK"]
+    assert f["secrets"]["aggregator.key"]["file"] == f"{env['KUMIKI_ROOT_CERTS']}/sites/{region}.key"
+    assert f["secrets"]["ca.crt"]["file"] == f"{env['KUMIKI_REGION_CERTS']}/ca.crt"
+    nc = dict(re.findall(r"(\S+?)='([^']*)'", _flag(agg, "--node-config")))
+    assert nc["site"] == region and nc["region-config"] == f"deploy/{env['KUMIKI_REGION_CONFIG']}"
+    # the bridge (aggregator-superexec) and the region's ServerApp share the region dir; the bridge's flwr CLI
+    # reaches this region's SuperLink under the connection the node config names
+    def mounts(svc):
+        return {v.split(":")[1] if isinstance(v, str) else v["target"]: v.split(":")[0] if isinstance(v, str)
+                else v["source"] for v in svc["volumes"]}
+    state = [t for t in mounts(s["aggregator-superexec"]) if nc["region-dir"].startswith(t + "/")]
+    assert state and mounts(s["aggregator-superexec"])[state[0]] == mounts(s["superexec-serverapp"])[state[0]]
+    conf = f["configs"]["region-flwr"]["content"]
+    assert f'[superlink.{nc["region-federation"]}]' in conf and 'address = "superlink:8000"' in conf
+    assert s["aggregator-superexec"]["configs"][0]["target"] == f"{nc['region-flwr-home']}/config.toml"
+    assert _flag(_cmd(s["aggregator-superexec"]), "--runtime-api-address") == "aggregator:9094"
+    # the config it names is a shape (b) config with this region in its tree
+    cfg = load_config(str(ROOT / "deploy" / env["KUMIKI_REGION_CONFIG"]))
+    assert cfg.federation.superlinks == "per_group" and region in hierarchy.resolve(cfg).groups
