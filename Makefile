@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.kumiki-installed
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: setup data pilot test compose-test bench conformance mutation clean
+.PHONY: setup data pilot test compose-test compose-regions bench conformance mutation clean
 
 setup: $(STAMP) data
 
@@ -51,6 +51,11 @@ test: setup
 # Needs Docker + Compose v2 (../shared/tools/docker-engine.sh installs them). deploy/compose_test.py --help.
 compose-test: setup
 	$(BIN)/python deploy/compose_test.py $(COMPOSE_TEST_ARGS)
+
+# WorldLM's deployment shape (b) in containers, a smoke start: root SuperLink, two region hosts (a SuperLink, its
+# ServerApp runner and its aggregator each), one site per region; all connected, then torn down.
+compose-regions: setup
+	$(BIN)/python deploy/compose_test.py --regions-only $(COMPOSE_TEST_ARGS)
 
 bench: setup
 	$(BIN)/python bench/overhead.py
