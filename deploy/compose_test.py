@@ -92,14 +92,19 @@ class Runner:
         return r
 
     def step(self, name: str, fn, *args) -> None:
+        self.step_value(name, fn, *args)
+
+    def step_value(self, name: str, fn, *args):
+        """Run one step, timed; its return value is the summary's note (and returned)."""
         print(f"\n===== {name}", flush=True)
         t0 = time.monotonic()
         try:
-            note = fn(*args) or ""
+            value = fn(*args)
         except BaseException:
             self.times.append((name, time.monotonic() - t0, "FAILED"))
             raise
-        self.times.append((name, time.monotonic() - t0, str(note)))
+        self.times.append((name, time.monotonic() - t0, str(value or "")))
+        return value
 
     def compose_server(self, *args: str) -> list[str]:
         # the runbook's `docker compose up -d` (the root docker-compose.yml = server.yml + server.env)
@@ -357,7 +362,8 @@ class Runner:
         with ThreadPoolExecutor(max(1, len(jobs))) as pool:
             list(pool.map(lambda j: self.sh(j[0], timeout, env=j[1]), jobs))
 
-    def teardown(self) -> str:
+    def teardown_projects(self) -> list[str]:
+        """`down -v` for the server and every factory project, in parallel; the errors, if any."""
         jobs = [(self.compose_factory(s, "down", "-v", "--timeout", "5"), self.factory_env(s)) for s in SITES]
         jobs.append((self.compose_server("down", "-v", "--timeout", "5"), self.server_env()))
         errors = []
@@ -365,6 +371,10 @@ class Runner:
             for j, e in zip(jobs, pool.map(lambda j: _try(lambda: self.sh(j[0], 300, env=j[1])), jobs)):
                 if e:
                     errors.append(f"{j[0][3]}: {e}")
+        return errors
+
+    def teardown(self) -> str:
+        errors = self.teardown_projects()
         if not self.a.work:
             shutil.rmtree(self.work, ignore_errors=True)
         if errors:
@@ -478,7 +488,7 @@ def _q(s: str) -> str:
     return shlex.quote(s)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--work", help="the test's folder (default: a fresh temporary one, removed at the end)")
     ap.add_argument("--prefix", default="kumiki", help="compose project prefix (default kumiki: the runbook's names)")
@@ -490,7 +500,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--build-timeout", type=float, default=1800)
     ap.add_argument("--up-timeout", type=int, default=300)
     ap.add_argument("--run-timeout", type=float, default=1200)
-    a = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
     r = Runner(a)
     ok = False
     try:
