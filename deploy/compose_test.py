@@ -154,13 +154,14 @@ class Runner:
         if "PIP_EXTRA_INDEX_URL" not in os.environ and not reachable(PYTORCH_INDEX):
             env["PIP_EXTRA_INDEX_URL"] = ""  # images.sh: empty = no extra index (the default one is unreachable)
             print(f"note: {PYTORCH_INDEX} is unreachable from here: PIP_EXTRA_INDEX_URL='' (the configured index only)")
+        repaired = repair_stand_in_bases(self)
         wheels = list((ROOT / "deploy" / "wheelhouse").glob("*.whl"))
         if not wheels:
             self.sh(["deploy/images.sh", "wheelhouse"], self.a.build_timeout, env=env)
         t0 = time.monotonic()
         self.sh(["deploy/images.sh", "build"], self.a.build_timeout, env=env)
         sizes = self.sh(["docker", "images", "--format", "{{.Repository}}:{{.Tag}} {{.Size}}", "kumiki/*"], 60)
-        return (f"wheelhouse {'reused' if wheels else 'downloaded'}, build {time.monotonic() - t0:.0f}s; "
+        return (f"{repaired}wheelhouse {'reused' if wheels else 'downloaded'}, build {time.monotonic() - t0:.0f}s; "
                 + ", ".join(sizes.stdout.split("\n")[:3]))
 
     def certs(self) -> str:
@@ -399,6 +400,29 @@ class Runner:
 
 
 # ---------------------------------------------------------------------- helpers
+BASES = ("flwr/superlink:1.41.0", "flwr/supernode:1.41.0", "flwr/superexec:1.41.0-py3.11-ubuntu24.04")
+
+
+def repair_stand_in_bases(r: Runner) -> str:
+    """The base images must run as their user (app, uid 49999). The stand-ins that docker-engine.sh builds from a
+    debootstrap root imported with `docker import` can have `/` at mode 0700 (the temporary folder's mode): then
+    nothing starts as app ("stat /bin/sh: permission denied"). Such a base is rebuilt here with `chmod 755 /`,
+    same tag, same entrypoint and user, and said so; Flower's official images never need this."""
+    fixed = []
+    for tag in BASES:
+        probe = r.sh(["docker", "run", "--rm", "--entrypoint", "python", tag, "-c", "pass"], 300, check=False,
+                     quiet=True)
+        if probe.returncode == 0:
+            continue
+        if "permission denied" not in (probe.stdout + probe.stderr).lower():
+            raise StepFailed(f"the base image {tag} does not run: {probe.stdout}{probe.stderr}")
+        print(f"note: {tag} cannot start as its user (its / is not traversable): rebuilding it with chmod 755 /")
+        r.sh(["docker", "build", "-q", "-t", tag, "-"], 900,
+             input_=f"FROM {tag}\nUSER root\nRUN chmod 755 /\nUSER app\n")
+        fixed.append(tag.split(":")[0])
+    return f"repaired stand-in bases ({', '.join(fixed)}: / was 0700); " if fixed else ""
+
+
 def crash(r: Runner, cid: str) -> None:
     """SIGKILL the container's main process from the host: a crash, so the restart policy applies (a
     `docker kill` counts as a manual stop, which the policy leaves alone)."""
