@@ -408,25 +408,49 @@ BASES = ("flwr/superlink:1.41.0", "flwr/supernode:1.41.0", "flwr/superexec:1.41.
 
 def repair_stand_in_bases(r: Runner) -> str:
     """The base images must run as their user (app, uid 49999). The stand-ins that docker-engine.sh builds from a
-    debootstrap root imported with `docker import` can have `/` at mode 0700 (the temporary folder's mode): then
-    nothing starts as app ("stat /bin/sh: permission denied"). Such a base is rebuilt here with `chmod 755 /`,
-    same tag, same entrypoint and user, and said so; Flower's official images never need this."""
+    debootstrap root imported with `docker import` can have `/` at mode 0700 (its temporary folder's mode): then
+    nothing starts as app ("stat /bin/sh: permission denied"). A layer cannot change the mode of `/`, so such a
+    base is flattened here (`docker export`), its `/` set to 0755, and imported again under the same tag with the
+    same user, workdir, environment and entrypoint; this is said in the output. Flower's official images never
+    need it (the fix belongs in docker-engine.sh: chmod 755 the debootstrap root before importing it)."""
     fixed = []
     for tag in BASES:
         probe = r.sh(["docker", "run", "--rm", "--user", "0", "--entrypoint", "stat", tag, "-c", "%a", "/"], 300,
                      quiet=True)
         if int(probe.stdout.strip()[-1]) & 1:  # others may traverse /
             continue
-        print(f"note: {tag} cannot start as its user (its / is not traversable): chmod 755 / and commit it again")
-        entrypoint = r.sh(["docker", "image", "inspect", "-f", "{{json .Config.Entrypoint}}", tag], 60,
-                          quiet=True).stdout.strip()
-        name = f"kumiki-repair-{tag.split(':')[0].split('/')[1]}"
-        _try(lambda: r.sh(["docker", "rm", "-f", name], 600, check=False, quiet=True))
-        r.sh(["docker", "run", "--name", name, "--user", "0", "--entrypoint", "chmod", tag, "755", "/"], 600)
-        r.sh(["docker", "commit", "--change", "USER app", "--change", f"ENTRYPOINT {entrypoint}", name, tag], 600)
-        _try(lambda: r.sh(["docker", "rm", name], 600, check=False, quiet=True))  # slow on vfs; never fatal
+        print(f"note: {tag} cannot start as its user (its / is 0{probe.stdout.strip()}): flattening it with / at 0755")
+        cfg = json.loads(r.sh(["docker", "image", "inspect", "-f", "{{json .Config}}", tag], 60, quiet=True).stdout)
+        changes = [f"USER {cfg.get('User') or 'app'}", f"WORKDIR {cfg.get('WorkingDir') or '/app'}",
+                   f"ENTRYPOINT {json.dumps(cfg.get('Entrypoint'))}", *[f"ENV {e}" for e in cfg.get("Env") or []]]
+        cid = r.sh(["docker", "create", tag], 600, quiet=True).stdout.strip()
+        try:
+            export = subprocess.Popen(["docker", "export", cid], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+            imp = subprocess.Popen(["docker", "import", *sum((["--change", c] for c in changes), []), "-", tag],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            _root_0755(export.stdout, imp.stdin)
+            imp.stdin.close()
+            out = imp.stdout.read().decode(errors="replace")
+            if export.wait(timeout=60) != 0 or imp.wait(timeout=900) != 0:
+                raise StepFailed(f"re-importing {tag} failed: {out}")
+        finally:
+            _try(lambda: r.sh(["docker", "rm", cid], 600, check=False, quiet=True))  # slow on vfs; never fatal
         fixed.append(tag.split(":")[0])
     return f"repaired stand-in bases ({', '.join(fixed)}: / was 0700); " if fixed else ""
+
+
+def _root_0755(src, dst) -> None:
+    """Copy a tar stream, with its root entry (added if absent) at mode 0755."""
+    import tarfile
+
+    with tarfile.open(fileobj=src, mode="r|") as tin, tarfile.open(fileobj=dst, mode="w|") as tout:
+        root = tarfile.TarInfo("./")
+        root.type, root.mode = tarfile.DIRTYPE, 0o755
+        tout.addfile(root)
+        for m in tin:
+            if m.name in (".", "./", ""):
+                continue
+            tout.addfile(m, tin.extractfile(m) if m.isreg() else None)
 
 
 def crash(r: Runner, cid: str) -> None:
