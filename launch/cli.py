@@ -196,7 +196,8 @@ def submit(
         err.print("[red]--resume continues the run in its run dir and --overwrite moves it aside: choose one[/]")
         raise typer.Exit(EXIT_USAGE)
     cfg = _load(config, set_)  # nothing is submitted when the config is bad
-    source = to_json(cfg) if set_ else config
+    # the resolved config on one line (a Flower config value holds no newline); the ServerApp reads JSON text
+    source = json.dumps(json.loads(to_json(cfg)), separators=(",", ":")) if set_ else config
     run_config = " ".join([f"config={toml_str(source)}", *(["overwrite=true"] if overwrite else []),
                            *(["resume=true"] if resume else [])])
     cmd = [exe("flwr"), "run", app, connection, "--run-config", run_config, "--stream"]
