@@ -259,3 +259,32 @@ def test_region_file_is_worldlm_shape_b_a_superlink_per_region_bridged_to_the_ro
     # the config it names is a shape (b) config with this region in its tree
     cfg = load_config(str(ROOT / "deploy" / env["KUMIKI_REGION_CONFIG"]))
     assert cfg.federation.superlinks == "per_group" and region in hierarchy.resolve(cfg).groups
+
+
+@pytest.mark.parametrize("status, code", [("finished:completed", 0), ("finished:failed", 1)])
+def test_kumiki_submit_exits_with_the_runs_real_status(tmp_path, monkeypatch, status, code):
+    """`flwr run` exits 0 even when the run fails in the ServerApp; `kumiki submit` reads the status back."""
+    import sys
+
+    from typer.testing import CliRunner
+
+    from launch import cli
+    from launch.engines import local
+
+    fake = tmp_path / "flwr"
+    argv_file = tmp_path / "argv.json"
+    fake.write_text(f"#!{sys.executable}\nimport json, sys\njson.dump(sys.argv[1:], open({str(argv_file)!r}, 'w'))\n"
+                    "print('Successfully started run 42')\n")  # flwr run: exit 0 whatever happens later
+    fake.chmod(0o755)
+    monkeypatch.setattr(local, "exe", lambda name: str(fake))
+    asked = []
+    monkeypatch.setattr(local, "_flwr_status", lambda env, run_id, federation: asked.append(run_id) or status)
+    r = CliRunner().invoke(cli.cli, ["submit", str(ROOT / "deploy" / "factories.toml"), "kumiki", "--overwrite",
+                                     "--set", "run.rounds=2"])
+    assert r.exit_code == code, r.output
+    assert asked == [42]
+    argv = json.loads(argv_file.read_text())
+    assert argv[:3] == ["run", ".", "kumiki"] and argv[-1] == "--stream"
+    run_config = argv[argv.index("--run-config") + 1]
+    check(["flwr", *argv])  # what it ran parses with Flower's own parser
+    assert run_config.endswith(" overwrite=true") and '"rounds":2' in run_config  # --set: the resolved config
