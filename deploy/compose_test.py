@@ -415,13 +415,17 @@ def repair_stand_in_bases(r: Runner) -> str:
     need it (the fix belongs in docker-engine.sh: chmod 755 the debootstrap root before importing it)."""
     fixed = []
     for tag in BASES:
+        label = r.sh(["docker", "image", "inspect", "-f", "{{index .Config.Labels \"kumiki.root-mode\"}}", tag], 60,
+                     quiet=True, check=False).stdout.strip()
+        if label == "0755":  # repaired here before: no container to start (each costs a copy of the image on vfs)
+            continue
         probe = r.sh(["docker", "run", "--rm", "--user", "0", "--entrypoint", "stat", tag, "-c", "%a", "/"], 300,
                      quiet=True)
         if int(probe.stdout.strip()[-1]) & 1:  # others may traverse /
             continue
         print(f"note: {tag} cannot start as its user (its / is 0{probe.stdout.strip()}): flattening it with / at 0755")
         cfg = json.loads(r.sh(["docker", "image", "inspect", "-f", "{{json .Config}}", tag], 60, quiet=True).stdout)
-        changes = [f"USER {cfg.get('User') or 'app'}", f"WORKDIR {cfg.get('WorkingDir') or '/app'}",
+        changes = ["LABEL kumiki.root-mode=0755", f"USER {cfg.get('User') or 'app'}", f"WORKDIR {cfg.get('WorkingDir') or '/app'}",
                    f"ENTRYPOINT {json.dumps(cfg.get('Entrypoint'))}", *[f"ENV {e}" for e in cfg.get("Env") or []]]
         cid = r.sh(["docker", "create", tag], 600, quiet=True).stdout.strip()
         try:
