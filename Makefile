@@ -2,6 +2,7 @@
 #   make pilot   - the multi-factory pilot on real SuperLink/SuperNode processes (writes runs/pilot/)
 #   make test    - the test suite (what CI runs, via .ci/run)
 #   make docs    - the documentation site, offline, into build/site/ (MkDocs; pages are Markdown in docs/)
+#   make compose-test - deploy/README.md with real containers (needs a Docker engine; CI runs it after make test)
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
@@ -9,7 +10,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.kumiki-installed
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: setup data pilot test docs bench conformance mutation clean
+.PHONY: setup data pilot test docs compose-test compose-regions bench conformance mutation clean
 
 setup: $(STAMP) data
 
@@ -61,6 +62,17 @@ test: setup
 docs: setup
 	$(BIN)/python docs/gen.py
 	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict
+
+# The runbook (deploy/README.md) with real containers: images, certs, the server and three factory hosts as
+# separate compose projects, a pilot with a crashed factory, down/up, a rerun, the report; then torn down.
+# Needs Docker + Compose v2 (../shared/tools/docker-engine.sh installs them). deploy/compose_test.py --help.
+compose-test: setup
+	$(BIN)/python deploy/compose_test.py $(COMPOSE_TEST_ARGS)
+
+# WorldLM's deployment shape (b) in containers, a smoke start: root SuperLink, two region hosts (a SuperLink, its
+# ServerApp runner and its aggregator each), one site per region; all connected, then torn down.
+compose-regions: setup
+	$(BIN)/python deploy/compose_test.py --regions-only $(COMPOSE_TEST_ARGS)
 
 bench: setup
 	$(BIN)/python bench/overhead.py

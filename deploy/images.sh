@@ -8,21 +8,27 @@
 #   deploy/images.sh save DIR              DIR/kumiki-images-<version>.tar.gz (+ its .sha256)
 #   deploy/images.sh load FILE             docker load on the target host, after checking the sha256
 #
+# PIP_INDEX_URL: a mirror instead of PyPI. PIP_EXTRA_INDEX_URL: unset = the PyTorch CPU index, empty = none.
 # KUMIKI_VERSION (default 0.1.0) names the image tags; FLWR_VERSION is pinned in deploy/Dockerfile.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VERSION="${KUMIKI_VERSION:-0.1.0}"
 IMAGES=("kumiki/superlink:$VERSION" "kumiki/supernode:$VERSION" "kumiki/superexec:$VERSION")
 PYTHON="${PYTHON:-python3}"
+# The PyTorch CPU index unless PIP_EXTRA_INDEX_URL is set; set and empty means no extra index (deploy/README.md;
+# deploy/compose/build.yml reads it the same way for the build).
+EXTRA_INDEX="${PIP_EXTRA_INDEX_URL-https://download.pytorch.org/whl/cpu}"
 
 case "${1:-}" in
   wheelhouse)
-    "$PYTHON" deploy/image_requirements.py pyproject.toml > deploy/wheelhouse/requirements.txt
+    reqs=$(mktemp)                          # not in the checkout: the wheelhouse leaves no untracked file
+    trap 'rm -f "$reqs"' EXIT
+    "$PYTHON" deploy/image_requirements.py pyproject.toml > "$reqs"
     "$PYTHON" -m pip download --dest deploy/wheelhouse --only-binary=:all: \
       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --python-version 3.11 \
       ${PIP_INDEX_URL:+--index-url "$PIP_INDEX_URL"} \
-      --extra-index-url "${PIP_EXTRA_INDEX_URL:-https://download.pytorch.org/whl/cpu}" \
-      -r deploy/wheelhouse/requirements.txt
+      ${EXTRA_INDEX:+--extra-index-url "$EXTRA_INDEX"} \
+      -r "$reqs"
     ;;
   build)
     docker compose -f deploy/compose/build.yml build
@@ -41,7 +47,7 @@ case "${1:-}" in
     docker load -i "$file"
     ;;
   *)
-    sed -n '2,11p' "$0"
+    sed -n '2,13p' "$0"
     exit 2
     ;;
 esac

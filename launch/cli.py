@@ -190,6 +190,81 @@ def run_cmd(
     _execute(_load(config, set_), engine, verbose, overwrite, resume, insecure=insecure)
 
 
+@cli.command("submit")
+def submit(
+    config: Annotated[str, typer.Argument(help="the Kumiki config, as a path the ServerApp resolves on the server host "
+                                               "(e.g. deploy/factories.toml)")],
+    connection: Annotated[str, typer.Argument(help="the flwr CLI's SuperLink connection ($FLWR_HOME/config.toml)")],
+    set_: SetOpt = None,
+    overwrite: OverwriteOpt = False,
+    resume: Annotated[bool, typer.Option("--resume", help="continue runs/<name>/ on the server from its last "
+                                                          "checkpoint")] = False,
+    app: Annotated[str, typer.Option(help="the app directory `flwr run` ships as a FAB")] = ".",
+    timeout_s: Annotated[float, typer.Option(help="give up waiting after this many seconds (0: wait)")] = 0,
+) -> None:
+    """Validate CONFIG, submit it to a deployment with `flwr run`, and exit with the run's real status.
+
+    `flwr run` exits 0 even when the run fails inside the ServerApp; this reads the run's status back
+    (`flwr ls --run-id`) and exits 0 only for finished:completed (1 otherwise, 2 bad input). With --set the
+    resolved config itself is sent (the server needs no copy of it); --overwrite moves an earlier run of the
+    same run.name aside on the server (nothing is deleted), so a rerun under the same name works.
+    """
+    import re
+    import subprocess
+    import time
+
+    from launch.engines.local import _ANSI, _STARTED, FLWR_ENV, _flwr_status, exe, toml_str
+
+    if overwrite and resume:
+        err.print("[red]--resume continues the run in its run dir and --overwrite moves it aside: choose one[/]")
+        raise typer.Exit(EXIT_USAGE)
+    cfg = _load(config, set_)  # nothing is submitted when the config is bad
+    # the resolved config on one line (a Flower config value holds no newline); the ServerApp reads JSON text
+    source = json.dumps(json.loads(to_json(cfg)), separators=(",", ":")) if set_ else config
+    run_config = " ".join([f"config={toml_str(source)}", *(["overwrite=true"] if overwrite else []),
+                           *(["resume=true"] if resume else [])])
+    cmd = [exe("flwr"), "run", app, connection, "--run-config", run_config, "--stream"]
+    err.print(f"$ flwr run {app} {connection} --run-config {'<resolved config>' if set_ else run_config} --stream")
+    env = {**os.environ, **FLWR_ENV}
+    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    run_id, deadline = None, (time.monotonic() + timeout_s) if timeout_s > 0 else None
+    assert proc.stdout is not None
+    import threading
+
+    def pump() -> None:
+        nonlocal run_id
+        for line in proc.stdout:  # type: ignore[union-attr]
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            if run_id is None and (m := _STARTED.search(_ANSI.sub("", line))):
+                run_id = int(m.group(1))
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    while proc.poll() is None:
+        if deadline is not None and time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGTERM)
+            err.print(f"[red]gave up after {timeout_s:.0f}s[/]; run {run_id} goes on on the server "
+                      f"(`flwr stop {run_id} {connection}` stops it)")
+            raise typer.Exit(EXIT_FAILED)
+        time.sleep(0.2)
+    reader.join(timeout=5)
+    if run_id is None:
+        err.print(f"[red]flwr run did not start a run[/] (exit {proc.returncode})")
+        raise typer.Exit(EXIT_FAILED)
+    status = _flwr_status(env, run_id, federation=connection)
+    for _ in range(30):  # the stream can end a moment before the SuperLink records the run's end
+        if not re.match(r"(pending|starting|running)", status):
+            break
+        time.sleep(1)
+        status = _flwr_status(env, run_id, federation=connection)
+    ok = status == "finished:completed"
+    err.print(f"{'[green]' if ok else '[red]'}run {run_id}: {status}[/]"
+              + ("" if ok else f" (`flwr log {run_id} {connection}` has the ServerApp's log)"))
+    raise typer.Exit(EXIT_OK if ok else EXIT_FAILED)
+
+
 @cli.command()
 def report(run_dir: str,
            partial: Annotated[bool, typer.Option(help="render a run that did not finish, marked as partial")] = False,

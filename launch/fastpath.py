@@ -22,6 +22,12 @@ site-packages is modified):
     that runs each ClientApp/ServerApp task in a fork of this pre-warmed process (torch
     already imported, ``KUMIKI_PRELOAD``), with exactly the command line Flower would have
     exec'ed. The app itself is still installed from the FAB and imported in every child.
+``supernode-alive``
+    Flower 1.41's SuperNode serves ``/health`` before it has reached the SuperLink, so a health
+    check on it says nothing about the link. With ``KUMIKI_SUPERNODE_ALIVE_FILE`` set (the images
+    set it), every Fleet pull that returns (at most once a second) touches that file, whose first
+    line is the node id; ``python fastpath.py alive [MAX_AGE_S]`` exits 0 only while the last
+    pull is younger than MAX_AGE_S (default 30): connected, authenticated and polling.
 ``superlink-objects``
     With ``--database`` (a long-lived SuperLink keeps its registered nodes and runs), Flower 1.41
     puts the message objects (every tensor of every message, several SQL round trips each) in
@@ -56,9 +62,11 @@ copy it alone and the Flower-native commands run it from a checkout)::
     python launch/fastpath.py supernode  <flower-supernode arguments>
     python launch/fastpath.py superexec  <flower-superexec arguments>
     python launch/fastpath.py flwr       <flwr CLI arguments>   # with KUMIKI_CLIENT_CERT/KEY: mutual TLS
+    python launch/fastpath.py alive [MAX_AGE_S]   # the SuperNode's health check (supernode-alive)
     python launch/fastpath.py check      # apply every patch in a scratch process, report, exit 1 if one fails
 
 Settings: ``KUMIKI_SUPERNODE_POLL_S``, ``KUMIKI_PULL_BACKOFF_S`` (a number, or ``off``),
+``KUMIKI_SUPERNODE_ALIVE_FILE`` (a path; unset: no file),
 ``KUMIKI_SUPERLINK_OBJECTS`` (``memory`` or ``database``),
 ``KUMIKI_FORK`` (``0``: Flower's own executor), ``KUMIKI_PRELOAD`` (comma-separated modules),
 ``KUMIKI_FASTPATH_STRICT=1`` (exit 78 instead of running stock when a patch no longer applies).
@@ -130,6 +138,54 @@ def patch_supernode_poll(cap_s: float) -> Patch:
         return Patch("supernode-poll", False, f"{SUPERNODE_MODULE} no longer sleeps through its module-level `time`")
     sci.time = CappedTime(cap_s)
     return Patch("supernode-poll", True, f"sleeps in {SUPERNODE_MODULE} capped at {cap_s}s")
+
+
+# --------------------------------------------------------------------------- supernode-alive
+PULL_FUNCTION = "_pull_and_store_message"
+
+
+def patch_supernode_alive(path: str) -> Patch:
+    """Touch ``path`` after every Fleet pull that returns (see the module docstring)."""
+    sci = importlib.import_module(SUPERNODE_MODULE)
+    inner = getattr(sci, PULL_FUNCTION, None)
+    if inner is None or f"{PULL_FUNCTION}(" not in inspect.getsource(sci.start_client_internal):
+        return Patch("supernode-alive", False,
+                     f"{SUPERNODE_MODULE}.start_client_internal no longer calls {PULL_FUNCTION}")
+    inner = getattr(inner, "__wrapped__", inner)
+    last = [0.0]
+
+    def pulled(*args: Any, **kwargs: Any) -> Any:
+        out = inner(*args, **kwargs)
+        now = time.time()
+        if now - last[0] >= 1.0:
+            last[0] = now
+            try:
+                if os.path.exists(path):
+                    os.utime(path)
+                else:  # first pull of this process: the node id the SuperLink gave it
+                    node_id = kwargs["state"].get_node_id() if "state" in kwargs else ""
+                    with open(path + ".tmp", "w") as f:
+                        f.write(f"{node_id}\n")
+                    os.replace(path + ".tmp", path)
+            except (OSError, KeyError, AttributeError, ValueError):
+                pass  # a health file must never stop the SuperNode
+        return out
+
+    pulled.__wrapped__ = inner  # type: ignore[attr-defined]
+    setattr(sci, PULL_FUNCTION, pulled)
+    return Patch("supernode-alive", True, f"Fleet pulls touch {path}")
+
+
+def alive(path: str, max_age_s: float = 30.0) -> tuple[bool, str]:
+    """Whether the SuperNode behind ``path`` pulled from the SuperLink in the last ``max_age_s`` seconds."""
+    try:
+        age = time.time() - os.path.getmtime(path)
+        node_id = open(path).read().split("\n", 1)[0].strip()
+    except OSError:
+        return False, f"not connected: no Fleet pull yet ({path} missing)"
+    if age > max_age_s:
+        return False, f"not connected: last Fleet pull {age:.0f}s ago (node {node_id})"
+    return True, f"connected: node {node_id}, last Fleet pull {age:.1f}s ago"
 
 
 # --------------------------------------------------------------------------- pull-backoff
@@ -483,6 +539,9 @@ def apply(mode: str) -> list[Patch]:
     poll = setting("KUMIKI_SUPERNODE_POLL_S")
     if mode == "supernode" and poll is not None:
         patches.append(patch_supernode_poll(poll))
+    alive_file = os.environ.get("KUMIKI_SUPERNODE_ALIVE_FILE")
+    if mode == "supernode" and alive_file:
+        patches.append(patch_supernode_alive(alive_file))
     backoff = setting("KUMIKI_PULL_BACKOFF_S")
     if backoff is not None:
         patches.append(patch_pull_backoff(backoff))
@@ -513,8 +572,13 @@ def main(argv: list[str] | None = None) -> None:
         for p in patches:
             print(f"{p.name:<14} {'ok' if p.applied else 'FAILED'}  {p.detail}")
         sys.exit(0 if patches and all(p.applied for p in patches) else 1)
+    if mode == "alive":
+        ok, line = alive(os.environ.get("KUMIKI_SUPERNODE_ALIVE_FILE", ""), float(argv[0]) if argv else 30.0)
+        print(line)
+        sys.exit(0 if ok else 1)
     if mode not in ("supernode", "superexec", "superlink", "flwr"):
-        sys.exit(f"usage: fastpath.py supernode|superexec|superlink|flwr <flwr arguments> | check   (got {mode!r})")
+        sys.exit(f"usage: fastpath.py supernode|superexec|superlink|flwr <flwr arguments> | alive [MAX_AGE_S] | "
+                 f"check   (got {mode!r})")
     if mode == "flwr":  # the CLI: quiet unless a patch fails (its output is parsed, e.g. --format json)
         patches = apply(mode)
         if any(not p.applied for p in patches):
@@ -526,6 +590,11 @@ def main(argv: list[str] | None = None) -> None:
     if mode == "superexec":
         raw = os.environ.get("KUMIKI_PRELOAD")
         preload([m for m in (raw.split(",") if raw is not None else DEFAULT_PRELOAD) if m])
+    if mode == "supernode" and os.environ.get("KUMIKI_SUPERNODE_ALIVE_FILE"):
+        try:  # a restarted container keeps /tmp: an old file must not say "connected"
+            os.unlink(os.environ["KUMIKI_SUPERNODE_ALIVE_FILE"])
+        except OSError:
+            pass
     report(apply(mode), mode)
     if mode == "supernode":
         from flwr.supernode.cli.flower_supernode import flower_supernode as entry

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +26,7 @@ from pathlib import Path
 
 from kumiki.config import KumikiConfig
 from kumiki.locks import held
+from server.recorder import move_aside
 from kumiki.data.sites import SiteDataError, site_folders
 from kumiki.data.sources import DataUnavailable, fashion_mnist_available
 
@@ -107,9 +107,7 @@ def claim_run_dir(cfg: KumikiConfig, overwrite: bool = False, resume: bool = Fal
             if not overwrite:
                 raise RunDirError(f"{run_dir} already holds a run; choose another run.name, or pass --overwrite "
                                   "to move the old one aside (nothing is deleted)")
-            aside = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-            os.rename(run_dir, aside)
-            print(f"kumiki: the previous run in {run_dir} was moved to {aside}", file=sys.stderr)
+            move_aside(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
     try:

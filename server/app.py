@@ -2,8 +2,9 @@
 
 The Flower ``run_config`` carries ``config``: the path to the operator's TOML
 (or the resolved config as JSON/TOML text). Knobs are never duplicated into
-run_config; the one other key, ``resume``, says how to start, not what to run
-(true: continue the run from its last server checkpoint).
+run_config; the other keys say how to start, not what to run: ``resume`` (true:
+continue the run from its last server checkpoint) and ``overwrite`` (true: move an
+earlier run of the same run.name aside first, as ``kumiki run --overwrite`` does).
 """
 
 from __future__ import annotations
@@ -90,16 +91,32 @@ def main(grid: Grid, context: Context) -> None:
 
         serve_region(grid, cfg, str(context.run_config["region-dir"]))
         return
+    resume = start_mode(context.run_config, cfg)  # before the marker: overwrite moves the earlier run aside
     # a signal is recorded as the reason the run ended; a ServerApp killed outright leaves its marker behind
     with stopped_by_signals(), alive_marker(cfg.run_dir()):
-        run_federation(grid, cfg, sim=sim, engine="deployment", resume=wants_resume(context.run_config.get("resume")))
+        run_federation(grid, cfg, sim=sim, engine="deployment", resume=resume)
 
 
-def wants_resume(value) -> bool:
-    """run_config ``resume``: a TOML bool (``resume=true``), or the strings true/false."""
+def start_mode(run_config, cfg) -> bool:
+    """How this run starts, from run_config: ``resume`` (returned) or ``overwrite``. A rerun under the same
+    run.name (``kumiki submit --overwrite``) moves the earlier run aside, nothing is lost; without it the
+    Recorder refuses a run dir that holds a run."""
+    resume = wants_resume(run_config.get("resume"))
+    if wants_resume(run_config.get("overwrite"), "overwrite"):
+        if resume:
+            raise ValueError("run_config resume=true continues the run in its run dir and overwrite=true moves it "
+                             "aside: choose one")
+        from server.recorder import move_aside
+
+        move_aside(cfg.run_dir())
+    return resume
+
+
+def wants_resume(value, key: str = "resume") -> bool:
+    """run_config ``resume`` (or another yes/no ``key``): a TOML bool (``resume=true``), or the strings true/false."""
     if isinstance(value, bool) or value is None:
         return bool(value)
     text = str(value).strip().lower()
     if text not in ("true", "false", "1", "0", ""):
-        raise ValueError(f"run_config resume={value!r}: use resume=true or resume=false")
+        raise ValueError(f"run_config {key}={value!r}: use {key}=true or {key}=false")
     return text in ("true", "1")

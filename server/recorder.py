@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from collections import Counter, deque
 from pathlib import Path
@@ -66,6 +67,21 @@ def mixed(per_task: dict[str, Any], section: str) -> dict[str, Any] | None:
     if not per_site:
         return None
     return {"mean": None, "std": None, "bottom10": None, "per_site": dict(sorted(per_site.items()))}
+
+
+def move_aside(run_dir: Path) -> Path | None:
+    """Move a run dir that holds a run to ``<name>.replaced-<time>`` (nothing is deleted); returns where."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return None
+    aside = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 1
+    while aside.exists():  # two replacements in one second
+        aside = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+        n += 1
+    os.rename(run_dir, aside)
+    print(f"kumiki: the previous run in {run_dir} was moved to {aside}", file=sys.stderr)
+    return aside
 
 
 def read_final(run_dir: str | Path) -> dict[str, Any]:

@@ -62,6 +62,8 @@ def test_the_schema_check_can_fail():
 def test_the_root_file_is_the_server_hosts_file():
     root = load_yaml(ROOT / "docker-compose.yml")
     assert root["include"] == [{"path": "deploy/compose/server.yml", "env_file": "deploy/server.env"}]
+    # one project name whichever way the server is started: the same containers and state volume
+    assert root["name"] == load_yaml(COMPOSE_DIR / "server.yml")["name"] == "kumiki-server"
     for inc in root["include"]:
         assert (ROOT / inc["path"]).is_file() and (ROOT / inc["env_file"]).is_file()
 
@@ -129,7 +131,8 @@ def test_factory_file_one_supernode_its_runner_its_data_read_only_its_own_state(
     # the SuperNode <-> runner link: shared secret on both ends; start order by health
     assert _flag(cmd, "--superexec-auth-secret-file") == _flag(rcmd, "--superexec-auth-secret-file")
     assert runner["depends_on"] == {"supernode": {"condition": "service_healthy"}}
-    assert f"127.0.0.1:{_flag(cmd, '--port')}/health" in node["healthcheck"]["test"][-1]
+    # healthy means connected to the SuperLink (launch/fastpath.py alive), not merely started
+    assert node["healthcheck"]["test"] == ["CMD", "python", "/opt/kumiki/fastpath.py", "alive", "30"]
     assert "ports" not in node and "ports" not in runner, "a factory publishes nothing"
 
 
@@ -195,3 +198,93 @@ def test_the_compose_commands_parse_with_flowers_own_parsers():
     for p in FACTORY_ENVS:
         for svc in factory(p)["services"].values():
             check([program_of(svc), *_cmd(svc)])
+
+
+def test_a_rerun_under_the_same_run_name_is_refused_unless_overwrite_moves_the_earlier_one_aside(tmp_path):
+    """The runbook's rerun (`kumiki submit --overwrite` = run_config overwrite=true), as the ServerApp sees it."""
+    from server.app import start_mode
+    from server.recorder import Recorder
+
+    cfg = load_config(str(ROOT / "deploy" / "factories.toml"), [f"run.output_dir={json.dumps(str(tmp_path))}"])
+    run_dir = cfg.run_dir()
+    run_dir.mkdir(parents=True)
+    (run_dir / "summary.json").write_text('{"status": "ok"}')
+    assert start_mode({}, cfg) is False
+    with pytest.raises(FileExistsError, match="choose another run.name"):
+        Recorder(run_dir, cfg, "deployment", quiet=True)
+    with pytest.raises(ValueError, match="choose one"):
+        start_mode({"overwrite": True, "resume": True}, cfg)
+    assert start_mode({"overwrite": "true"}, cfg) is False
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith(f"{cfg.run.name}.replaced-")]
+    assert len(aside) == 1 and json.loads((aside[0] / "summary.json").read_text()) == {"status": "ok"}
+    assert not run_dir.exists()
+    Recorder(run_dir, cfg, "deployment", quiet=True)  # the rerun starts
+
+
+REGION_ENVS = sorted((ROOT / "deploy" / "regions").glob("*.env"))
+
+
+@pytest.mark.parametrize("env_path", REGION_ENVS, ids=lambda p: p.stem)
+def test_region_file_is_worldlm_shape_b_a_superlink_per_region_bridged_to_the_root(env_path):
+    from kumiki import hierarchy
+
+    env = env_file(env_path)
+    f = interpolate(load_yaml(COMPOSE_DIR / "region.yml"), env)
+    region = env["KUMIKI_REGION"]
+    assert env_path.stem == region and f["name"] == f"kumiki-{region}"
+    s = f["services"]
+    assert {program_of(v) for v in s.values()} == {"flower-superlink", "flower-supernode", "flower-superexec"}
+    for svc in s.values():
+        check([program_of(svc), *_cmd(svc)])
+    link, agg = _cmd(s["superlink"]), _cmd(s["aggregator"])
+    assert "--enable-supernode-auth" in link and "--insecure" not in link + agg
+    assert s["superlink"]["ports"] == [f"{env['KUMIKI_REGION_PUBLISH']}:8000"]
+    # the aggregator: a site of the ROOT (its key from the root's certificates) named after the region
+    assert _flag(agg, "--superlink") == env["KUMIKI_ROOT_SUPERLINK"]
+    assert f["secrets"]["aggregator.key"]["file"] == f"{env['KUMIKI_ROOT_CERTS']}/sites/{region}.key"
+    assert f["secrets"]["ca.crt"]["file"] == f"{env['KUMIKI_REGION_CERTS']}/ca.crt"
+    nc = dict(re.findall(r"(\S+?)='([^']*)'", _flag(agg, "--node-config")))
+    assert nc["site"] == region and nc["region-config"] == f"deploy/{env['KUMIKI_REGION_CONFIG']}"
+    # the bridge (aggregator-superexec) and the region's ServerApp share the region dir; the bridge's flwr CLI
+    # reaches this region's SuperLink under the connection the node config names
+    def mounts(svc):
+        return {v.split(":")[1] if isinstance(v, str) else v["target"]: v.split(":")[0] if isinstance(v, str)
+                else v["source"] for v in svc["volumes"]}
+    state = [t for t in mounts(s["aggregator-superexec"]) if nc["region-dir"].startswith(t + "/")]
+    assert state and mounts(s["aggregator-superexec"])[state[0]] == mounts(s["superexec-serverapp"])[state[0]]
+    conf = f["configs"]["region-flwr"]["content"]
+    assert f'[superlink.{nc["region-federation"]}]' in conf and 'address = "superlink:8000"' in conf
+    assert s["aggregator-superexec"]["configs"][0]["target"] == f"{nc['region-flwr-home']}/config.toml"
+    assert _flag(_cmd(s["aggregator-superexec"]), "--runtime-api-address") == "aggregator:9094"
+    # the config it names is a shape (b) config with this region in its tree
+    cfg = load_config(str(ROOT / "deploy" / env["KUMIKI_REGION_CONFIG"]))
+    assert cfg.federation.superlinks == "per_group" and region in hierarchy.resolve(cfg).groups
+
+
+@pytest.mark.parametrize("status, code", [("finished:completed", 0), ("finished:failed", 1)])
+def test_kumiki_submit_exits_with_the_runs_real_status(tmp_path, monkeypatch, status, code):
+    """`flwr run` exits 0 even when the run fails in the ServerApp; `kumiki submit` reads the status back."""
+    import sys
+
+    from typer.testing import CliRunner
+
+    from launch import cli
+    from launch.engines import local
+
+    fake = tmp_path / "flwr"
+    argv_file = tmp_path / "argv.json"
+    fake.write_text(f"#!{sys.executable}\nimport json, sys\njson.dump(sys.argv[1:], open({str(argv_file)!r}, 'w'))\n"
+                    "print('Successfully started run 42')\n")  # flwr run: exit 0 whatever happens later
+    fake.chmod(0o755)
+    monkeypatch.setattr(local, "exe", lambda name: str(fake))
+    asked = []
+    monkeypatch.setattr(local, "_flwr_status", lambda env, run_id, federation: asked.append(run_id) or status)
+    r = CliRunner().invoke(cli.cli, ["submit", str(ROOT / "deploy" / "factories.toml"), "kumiki", "--overwrite",
+                                     "--set", "run.rounds=2"])
+    assert r.exit_code == code, r.output
+    assert asked == [42]
+    argv = json.loads(argv_file.read_text())
+    assert argv[:3] == ["run", ".", "kumiki"] and argv[-1] == "--stream"
+    run_config = argv[argv.index("--run-config") + 1]
+    check(["flwr", *argv])  # what it ran parses with Flower's own parser
+    assert run_config.endswith(" overwrite=true") and '"rounds":2' in run_config  # --set: the resolved config

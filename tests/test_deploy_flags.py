@@ -88,12 +88,23 @@ def test_every_page_with_flower_commands_is_checked():
 
 
 def test_the_runbook_validates_first_and_uses_the_shipped_config():
+    """Runs are submitted with `kumiki submit` (flwr run, then the run's real status), after `kumiki validate`."""
+    import shlex
+
     text = (ROOT / "deploy" / "README.md").read_text()
     runs = [c for c in commands_in_markdown(text) if Path(c[0]).name == "flwr" and c[1] == "run"]
-    assert runs and all("config='deploy/factories.toml'" in " ".join(c) or "configs/" in " ".join(c) for c in runs)
+    assert all("config='deploy/factories.toml'" in " ".join(c) or "configs/" in " ".join(c) for c in runs)
+    submits = [shlex.split(line.split("#")[0]) for block in text.split("```")[1::2]
+               for line in block.splitlines() if "kumiki submit " in line]
+    assert submits and all(c[2] == "deploy/factories.toml" and c[3] == "kumiki" for c in submits), submits
     for block in text.split("```")[1::2]:
-        if block.startswith(("bash", "sh\n")) and "flwr run" in block:
-            assert "kumiki validate" in block.split("flwr run")[0], "kumiki validate comes before every flwr run"
+        if block.startswith(("bash", "sh\n")) and ("flwr run" in block or "kumiki submit" in block):
+            first = min(i for i in (block.find("flwr run"), block.find("kumiki submit")) if i >= 0)
+            if "--overwrite" in block or "run.name=" in block:
+                continue  # the rerun block: the config was validated in the block before
+            assert "kumiki validate" in block[:first], "kumiki validate comes before every run"
+    # what `kumiki submit` runs parses with Flower's own parser, the rerun's overwrite=true included
+    check(["flwr", "run", ".", "kumiki", "--run-config", "config='deploy/factories.toml' overwrite=true", "--stream"])
 
 
 @pytest.mark.parametrize("argv, why", [

@@ -31,6 +31,7 @@ def flwr_modules(monkeypatch):
     cl = importlib.import_module(fastpath.CONFIG_LOADER_MODULE)
     monkeypatch.setattr(cl, "ObjectStoreFactory", cl.ObjectStoreFactory)
     monkeypatch.setattr(sci, "time", sci.time)
+    monkeypatch.setattr(sci, fastpath.PULL_FUNCTION, getattr(sci, fastpath.PULL_FUNCTION))
     monkeypatch.setattr(rs, "get_executor", rs.get_executor)
     saved = {f: dict(getattr(iu, f).__kwdefaults__) for f in ("pull_objects", "pull_and_inflate_object_from_tree")}
     yield sci, iu, rs
@@ -175,3 +176,33 @@ def test_the_module_runs_standalone_as_the_images_copy_it(tmp_path):
         ["supernode-poll", "ok"], ["pull-backoff", "ok"], ["fork-executor", "ok"], ["superlink-objects", "ok"],
         ["client-cert", "ok"]]
     assert lines[5] == "kumiki modules: []", "the fast path must not need Kumiki's code installed"
+
+
+def test_the_supernode_health_file_means_connected_and_polling(flwr_modules, monkeypatch, tmp_path, capsys):
+    """The compose health check (``fastpath.py alive``): healthy only after a Fleet pull returned, and
+    only while pulls keep returning; the file names the node id the SuperLink gave."""
+    sci, _, _ = flwr_modules
+    path = str(tmp_path / "alive")
+    calls = []
+
+    class State:
+        def get_node_id(self):
+            return 4242
+
+    monkeypatch.setattr(sci, fastpath.PULL_FUNCTION, lambda **kw: calls.append(kw) or None)
+    assert fastpath.alive(path)[0] is False  # started, not yet connected
+    patch = fastpath.patch_supernode_alive(path)
+    assert patch.applied, patch.detail
+    assert "_pull_and_store_message(" in __import__("inspect").getsource(sci.start_client_internal)
+    getattr(sci, fastpath.PULL_FUNCTION)(state=State())  # what the SuperNode's loop calls after connecting
+    assert len(calls) == 1
+    ok, line = fastpath.alive(path)
+    assert ok and "node 4242" in line, line
+    old = time.time() - 120  # no pull for two minutes: the SuperLink is gone
+    os.utime(path, (old, old))
+    ok, line = fastpath.alive(path, 30)
+    assert not ok and "120s ago" in line, line
+    monkeypatch.setenv("KUMIKI_SUPERNODE_ALIVE_FILE", path)
+    with pytest.raises(SystemExit) as e:
+        fastpath.main(["alive", "30"])
+    assert e.value.code == 1 and "not connected" in capsys.readouterr().out
