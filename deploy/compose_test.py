@@ -242,22 +242,24 @@ class Runner:
         nodes = json.loads(out[out.index("{"):]).get("nodes", [])
         return sorted(int(n["node-id"]) for n in nodes if n.get("status") == "online")
 
-    # ------------------------------------------------------------------ HOOKS for the security issue (branch
-    # `security`): a reverse proxy in front of the SuperLink that forwards only the Fleet API to factory networks,
-    # mTLS on the Control API, signed apps. Each hook is a step of its own; until the feature lands it returns
-    # "SKIPPED: ..." (printed in the summary), never a silent pass. To implement: replace the body with the check
+    # ------------------------------------------------------------------ HOOKS for the security issue (22): a
+    # reverse proxy in front of the SuperLink that forwards only the Fleet API to factory networks, mTLS on the
+    # Control API, signed apps. They run on --engine local and deploy/native.py (deploy/proxy.py, launch/fastpath.py
+    # app-sign/app-verify; docs/security.md says how compose should wire them); until the compose files do, each
+    # hook returns "SKIPPED: ..." (printed in the summary), never a silent pass. To implement: replace the body with the check
     # (the Runner gives self.container(project, service), self.sh(...), self.flwr(...), self.factory_env(site)).
     def security_control_api(self) -> str:
         """HOOK: from a factory's network, the Control API (/v1/control/...) must be unreachable, while the Fleet
         API still answers: e.g. `docker exec <factory-a supernode> python -c <HTTPS POST to /v1/control/...>`
         through the published port must fail, and the factory stays connected."""
-        return ("SKIPPED: the reverse proxy (Fleet API only for factories) has not landed; today the Control API "
-                "shares the SuperLink's port (deploy/README.md, Security notes)")
+        return ("SKIPPED: the reverse proxy (Fleet API only for factories, deploy/proxy.py) is not in the compose "
+                "files yet; here the Control API shares the SuperLink's port (docs/security.md)")
 
     def security_unsigned_app(self) -> str:
         """HOOK: a factory must refuse an app that is not signed by a trusted key: `flwr run` of an unsigned FAB
         gets no ClientApp started at any factory, and the run ends failed with the refusal in `flwr log`."""
-        return "SKIPPED: signed apps have not landed; factories run any app the SuperLink hands them"
+        return ("SKIPPED: app verification (fastpath app-verify) is not in the compose files yet; these factories run "
+                "any app the SuperLink hands them (docs/security.md)")
 
     def pilot_with_a_crash(self) -> str:
         self.kumiki("validate", "deploy/factories.toml")
