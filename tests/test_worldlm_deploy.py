@@ -116,7 +116,12 @@ def test_shape_b_a_superlink_per_sub_federation_bridged_by_aggregators(tmp_path)
     from launch.engines.regions import run_regions
     from tests.test_engine_local import _Spy
 
-    cfg = make_lm_config(tmp_path, name="shape-b", rounds=2, federation={"root_rounds": 1, "superlinks": "per_group"})
+    # A region's profile answer waits for its server to start (flwr run, a ServerApp, its own discovery): on a
+    # loaded machine that passed the tests' usual 20 s, the root re-asked at round 1, and the region served a
+    # second profile job. The default discovery timeout (180 s) is what a deployment has; it costs nothing here
+    # when the answer comes sooner.
+    cfg = make_lm_config(tmp_path, name="shape-b", rounds=2, federation={"root_rounds": 1, "superlinks": "per_group"},
+                         server={"discovery_timeout_s": 180.0})
     spy = _Spy()
     summary = run_regions(cfg, quiet=True, timeout_s=420, ready_timeout_s=120, on_start=spy)
     assert summary["status"] == "ok" and summary["rounds"] == 2, summary.get("participation")
