@@ -187,7 +187,8 @@ class KumikiStrategy(Strategy):
             log.warning("only %d of %d sites connected within %.0fs; going on with them", len(ids), expected, timeout)
         self._admit(grid, ids, timeout, live=set(ids))
         if not self.train_nodes():
-            raise RuntimeError("no training site answered the profile query; nothing to train")
+            raise RuntimeError(f"no training site answered the profile query within {timeout:.0f} s; nothing to train "
+                               "(a slow or busy machine needs a larger server.discovery_timeout_s)")
         log.info("sites: %s", ", ".join(f"{p.site}({p.role}{'/' + p.group if p.group else ''})"
                                           for p in sorted(self.profiles.values(), key=lambda p: p.site)))
         return self.profiles
