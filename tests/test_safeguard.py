@@ -1,7 +1,8 @@
 """The safeguard (client/safeguard.py, docs/safeguard.md): no factory worse off.
 
 Each training site holds out validation records, keeps an own model that never leaves it, and serves the better of
-its joined and its own model on validation. One small in-process run (digits, 2 sites, 2 rounds) feeds most tests.
+its joined and its own model on validation. One small in-process run (digits, 2 sites, 2 rounds) feeds most tests;
+tests/test_messages.py runs every registered method with the safeguard on (each image method's choice checked).
 """
 
 from __future__ import annotations
@@ -17,11 +18,10 @@ import torch
 from client import safeguard, site as sites
 from kumiki import contract as C
 from kumiki.config import ConfigError, validate
-from kumiki.registry import METHODS, entry
 from launch.engines.inprocess import run_inprocess
 from models import build_model
 from server.federation import model_spec
-from tests.conftest import language_method, make_config, untimed
+from tests.conftest import make_config, untimed
 
 ON = {"enabled": True, "val_fraction": 0.2}
 
@@ -163,25 +163,6 @@ def test_holdout_never_trains_and_dp_keeps_the_choice_home(tmp_path):
         assert safeguard.read_choice(d)["serves"] in ("joined", "own")
     trained = {r["site"]: r["num_examples"] for r in _rows(cfg) if r["kind"] == "site"}
     assert all(0 < trained[s] < profiles[s]["num_train"] for s in trained)
-
-
-IMAGE_METHODS = sorted(m for m in METHODS if not language_method(m) and entry(m).config.federated)
-
-
-def test_works_with_every_image_classification_method(tmp_path):
-    """One round of every federated image method with the safeguard: each training site on classification data
-    reports its choice, and it is never worse on validation."""
-    for method in IMAGE_METHODS:
-        cfg = make_config(tmp_path, method=method, rounds=1, sites=2, name=method, safeguard=ON,
-                          data={"samples_per_site": 150})
-        summary = run_inprocess(cfg, quiet=True)
-        assert summary["status"] == "ok", method
-        rows = [r for r in _rows(cfg) if r["kind"] == "site" and r["role"] == "train" and r["task"] == "classification"]
-        assert rows, method
-        for r in rows:
-            assert r.get("serves") in ("joined", "own"), (method, r)
-            pick, other = (r["val_own"], r["val_joined"]) if r["serves"] == "own" else (r["val_joined"], r["val_own"])
-            assert pick >= other, (method, r)
 
 
 def test_compare_and_pilot_lines_say_what_each_factory_serves_and_who_still_loses(tmp_path):
