@@ -20,7 +20,8 @@ from tests.conftest import language_method, make_config, make_lm_config
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_no_personal_tensor_in_any_message(tmp_path, method):
     make = make_lm_config if language_method(method) else make_config
-    cfg = make(tmp_path, method=method, rounds=2, sites=2, unseen=1)
+    # the safeguard on (client/safeguard.py): its own model must never travel either, with any method
+    cfg = make(tmp_path, method=method, rounds=2, sites=2, unseen=1, safeguard={"enabled": True})
     grids = []
     summary = run_inprocess(cfg, quiet=True, grid_hook=grids.append)
     grid = grids[0]
@@ -48,6 +49,13 @@ def test_no_personal_tensor_in_any_message(tmp_path, method):
     assert read_final(cfg.run_dir())["rejections"] == 0
     if split.personal:
         assert summary["personalized"]["mean"] is not None
+    rows = [json.loads(x) for x in (cfg.run_dir() / "metrics.jsonl").read_text().splitlines()]
+    chosen = [r for r in rows if r["kind"] == "site" and r["role"] == "train" and r["task"] == "classification"]
+    if cfg.method.federated and chosen:  # every image method's sites choose, never the worse model on validation
+        for r in chosen:
+            assert r.get("serves") in ("joined", "own"), r
+            pick, other = (r["val_own"], r["val_joined"]) if r["serves"] == "own" else (r["val_joined"], r["val_own"])
+            assert pick >= other, r
     if not cfg.method.federated:
         assert all(len(m.content[C.ARRAYS]) == 0 for m in grid.sent if m.metadata.message_type in ("train", "evaluate"))
         assert summary["bytes"]["up_total"] == 0
