@@ -78,7 +78,7 @@ def run_one(method: str, eps: float, rounds: int | None, out_root: Path, last_on
             "load": [load0, os.getloadavg()[0]]}
 
 
-def table(rows: list[dict], cmd: str, quick: bool) -> str:
+def table(rows: list[dict], cmd: str, quick: bool, missing: list[str] = ()) -> str:
     from bench.results import machine
 
     def pct(v):
@@ -107,6 +107,9 @@ def table(rows: list[dict], cmd: str, quick: bool) -> str:
         text += (f"| {r['method']} | {e} | {'withheld' if withheld else pct(r['personalized'])} | {local} | "
                  f"{pct(r['global'])} | {spent} | "
                  f"{r['lo']}–{r['hi']} of {r['rounds']} |\n")
+    if missing:
+        text += ("\n**Not run** (the machine's load left no time for them; `--resume` on the same `--out` runs just "
+                 "these): " + ", ".join(missing) + ".\n")
     if quick:
         text += ("\nQuick mode: 5 rounds instead of the pilot's 10 and one seed, so the noise is solved for 5 planned "
                  "rounds (less noise per step than a 10-round run at the same epsilon); one noise draw per cell; "
@@ -156,7 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = sorted((r for r in rows if r["method"] in order),
                   key=lambda r: (order[r["method"]], math.inf if r["eps"] is None else r["eps"]))
     cmd = args.command or "bench/privacy.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = table(rows, cmd.strip(), args.quick)
+    have = {(r["method"], r["eps"]) for r in rows}
+    missing = [f"{m} at ε {'∞' if not math.isfinite(e) else f'{e:g}'}" for m in args.methods for e in epsilons
+               if (m, e if math.isfinite(e) else None) not in have]
+    text = table(rows, cmd.strip(), args.quick, missing)
     print(text)
     if args.write:
         from bench.results import write_section
