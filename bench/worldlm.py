@@ -3,6 +3,7 @@
     .venv/bin/python bench/worldlm.py                      # ~25 min on 2 cores (2 runs at a time)
     .venv/bin/python bench/worldlm.py --data markov        # the synthetic tree (no Debian packages needed)
     .venv/bin/python bench/worldlm.py --write              # and update bench/RESULTS.md
+    .venv/bin/python bench/worldlm.py --quick-dp --write   # the DP comparison only, tiny LM (minutes)
 
 Sites: en, de, es, it, ru, pl, cs, zh (Debian ``fortunes-*``), each 500 sequences of 64 bytes (400 train,
 100 test); the natural tree: germanic (en, de), romance (es, it), slavic (ru, pl, cs), sinitic (zh). Model: the
@@ -18,6 +19,13 @@ sub-federation for WorldLM, FedAvg and HierFAVG. FedAvg under sub-federation DP 
 and a root phase of every round (the flat tree; ``tests/test_worldlm.py`` checks that it is FedAvg).
 Reported: last-round mean personalized perplexity over the 8 sites (and per sub-federation), and the ratio
 baseline / WorldLM (> 1: WorldLM is better).
+
+The DP runs protect at the same level: WorldLM's key layers are clipped and noised with the backbone
+(``dp_cover_k = true``, the default since issue 21), as FedAvg's whole model is. ``worldlm+dp-uncovered`` is the
+old setting (key layers sent without noise, outside epsilon), kept only to show what covering them costs.
+``--quick-dp``: only the DP comparison (WorldLM and FedAvg with and without DP, and the uncovered run) on the
+tiny LM (d 64, 2 blocks, 2 heads, context 32), 200 sequences per site, 4 rounds (WorldLM: 2 root, 2 per
+sub-federation); written to its own section (``worldlm-dp``).
 """
 
 from __future__ import annotations
@@ -37,22 +45,26 @@ TRAIN = {"optimizer": "adamw", "lr": 1e-3, "betas": [0.9, 0.95], "grad_clip": 1.
          "local_epochs": 1}
 DP_GROUP = {"fortunes": "slavic", "markov": "region-1"}
 DP = {"dp": "central", "dp_clip": 1.0, "dp_noise_multiplier": 1.0, "dp_target_epsilon": 1000.0}
-RUNS = ("worldlm", "fedavg", "hierfavg", "fedper", "local", "worldlm+dp", "fedavg+dp", "hierfavg+dp")
+TINY = {"hidden": 64, "blocks": 2, "heads": 2, "context": 32}
+RUNS = ("worldlm", "fedavg", "hierfavg", "fedper", "local", "worldlm+dp", "fedavg+dp", "hierfavg+dp",
+        "worldlm+dp-uncovered")
+QUICK_DP = ("worldlm+dp", "fedavg+dp", "worldlm", "fedavg", "worldlm+dp-uncovered")  # the DP pair first
 
 
-def config(name: str, data: str, rounds: int, out: Path, seed: int = 0):
+def config(name: str, data: str, rounds: int, out: Path, seed: int = 0, tiny: bool = False):
     from kumiki import hierarchy
     from kumiki.config import validate
 
     method, _, dp = name.partition("+")
+    samples = 200 if tiny else 500
     if data == "fortunes":
         d = {"dataset": "fortunes", "languages": ["en", "de", "es", "it", "ru", "pl", "cs", "zh"], "sites": 8,
-             "samples_per_site": 500}
+             "samples_per_site": samples}
     else:
-        d = {"dataset": "markov", "sites": 8, "samples_per_site": 500}
+        d = {"dataset": "markov", "sites": 8, "samples_per_site": samples}
     raw = {"run": {"name": f"{name.replace('+', '-')}-s{seed}", "rounds": rounds, "seed": seed, "output_dir": str(out)},
            "method": {"name": "worldlm" if method == "fedavg" and dp else method},
-           "data": d, "model": dict(MODEL), "train": dict(TRAIN), "server": {"discovery_timeout_s": 60.0}}
+           "data": d, "model": dict(TINY if tiny else MODEL), "train": dict(TRAIN), "server": {"discovery_timeout_s": 60.0}}
     if method in ("worldlm", "hierfavg") or dp:
         raw["method"]["local_steps"] = None
     if method == "fedavg" and dp:  # FedAvg as WorldLM's flat tree: no key layers, the root phase every round
@@ -61,49 +73,74 @@ def config(name: str, data: str, rounds: int, out: Path, seed: int = 0):
     if dp:
         tree = hierarchy.resolve(validate(raw))
         raw.setdefault("federation", {})["groups"] = [
-            {"name": g, "sites": p.sites, **(DP if g == DP_GROUP[data] else {})} for g, p in tree.groups.items()]
+            {"name": g, "sites": p.sites, **(DP if g == DP_GROUP[data] else {}),
+             **({"dp_cover_k": False} if g == DP_GROUP[data] and dp == "dp-uncovered" else {})}
+            for g, p in tree.groups.items()]
     return validate(raw)
 
 
-def run_one(args: tuple[str, str, int, str]) -> dict:
+def run_one(args: tuple[str, str, int, str, bool]) -> dict:
     import torch
 
-    from kumiki import hierarchy
     from launch.engines.inprocess import run_inprocess
 
-    name, data, rounds, out = args
+    name, data, rounds, out, tiny = args
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    cfg = config(name, data, rounds, Path(out))
+    cfg = config(name, data, rounds, Path(out), tiny=tiny)
     s = run_inprocess(cfg, quiet=True, overwrite=True)
+    return collect(name, cfg, s, time.perf_counter() - t0)
+
+
+def collect(name: str, cfg, s: dict, seconds: float) -> dict:
+    """One run's row from its summary and metrics.jsonl (``--from-runs`` reads both from the run dir)."""
+    from kumiki import hierarchy
+
     tree = hierarchy.resolve(cfg)
     per_site = s["personalized"]["per_site"]
     rows = [json.loads(x) for x in (cfg.run_dir() / "metrics.jsonl").read_text().splitlines()]
     curve = [r["personalized"]["mean"] for r in rows if r.get("kind") == "round"]
     return {"run": name, "status": s["status"], "mean": s["personalized"]["mean"], "per_site": per_site,
             "regions": {g: sum(per_site[x] for x in p.sites) / len(p.sites) for g, p in tree.groups.items()},
-            "global": s["global"]["mean"], "curve": curve, "privacy": s.get("privacy"),
-            "seconds": time.perf_counter() - t0}
+            "global": s["global"]["mean"], "curve": curve, "privacy": s.get("privacy"), "seconds": seconds}
 
 
-def render(res: dict[str, dict], data: str, rounds: int, seconds: float, load: str) -> str:
-    wl = res["worldlm"]["mean"]
-    regions = list(res["worldlm"]["regions"])
-    head = ("| run | mean perplexity | " + " | ".join(regions) + " | ratio run / WorldLM |\n|---|---|"
-            + "---|" * len(regions) + "---|\n")
+def _f(v: float) -> str:
+    """A perplexity: 2 decimals, or 3 significant digits with an exponent once it has diverged."""
+    return f"{v:.2f}" if abs(v) < 1e5 else f"{v:.3g}"
+
+
+def _dp(r: dict) -> str:
+    """'ε 19.1, key layers noised' for a DP run (its DP group's privacy record), '–' otherwise."""
+    groups = ((r.get("privacy") or {}).get("groups") or {})
+    g = next((v for v in groups.values() if v.get("mode") == "central"), None)
+    if g is None:
+        return "–"
+    if r["run"].startswith(("fedavg", "hierfavg")):
+        return f"ε {g['epsilon']:.1f}, the whole model noised"
+    return f"ε {g['epsilon']:.1f}, key layers {'noised' if g['cover_k'] else 'NOT noised'}"
+
+
+def render(res: dict[str, dict], data: str, rounds: int, seconds: float, load: str, cmd: str,
+           model: str = "d 128, 4 blocks") -> str:
+    first = res.get("worldlm") or next(iter(res.values()))
+    wl = first["mean"] if "worldlm" in res else float("nan")
+    regions = list(first["regions"])
+    head = ("| run | mean perplexity | " + " | ".join(regions) + " | ratio run / WorldLM | DP group |\n|---|---|"
+            + "---|" * len(regions) + "---|---|\n")
     lines = []
     for name in RUNS:
         r = res.get(name)
         if r is None:
             continue
-        ref = res["worldlm+dp"]["mean"] if name.endswith("+dp") and "worldlm+dp" in res else wl
-        lines.append(f"| {name} | {r['mean']:.2f} | " + " | ".join(f"{r['regions'][g]:.2f}" for g in regions)
-                     + f" | {r['mean'] / ref:.2f}x |")
-    curve = "\n".join(f"| {name} | " + " ".join(f"{v:.1f}" for v in res[name]["curve"]) + " |" for name in RUNS
+        ref = res["worldlm+dp"]["mean"] if name.endswith(("+dp", "+dp-uncovered")) and "worldlm+dp" in res else wl
+        lines.append(f"| {name} | {_f(r['mean'])} | " + " | ".join(_f(r['regions'][g]) for g in regions)
+                     + f" | {r['mean'] / ref:.3g}x | {_dp(r)} |")
+    curve = "\n".join(f"| {name} | " + " ".join(_f(v) for v in res[name]["curve"]) + " |" for name in RUNS
                       if name in res)
-    return (f"Generated by `bench/worldlm.py --data {data}` on {time.strftime('%Y-%m-%d')}: {rounds} rounds, 8 sites, "
-            f"seed 0, in-process engine, one thread per run; {seconds:.0f} s wall for {len(res)} runs ({load}). "
-            "Last-round personalized perplexity (bytes; lower is better), mean over the sites and per "
+    return (f"Generated by `{cmd}` on {time.strftime('%Y-%m-%d')}: data {data}, byte LM {model}, {rounds} rounds, "
+            f"8 sites, seed 0, in-process engine, one thread per run; {seconds:.0f} s of runs ({len(res)} runs) "
+            f"({load}). Last-round personalized perplexity (bytes; lower is better), mean over the sites and per "
             "sub-federation; the ratio divides each run's mean by WorldLM's (the DP runs by WorldLM's under the "
             "same DP).\n\n" + head + "\n".join(lines) + "\n\nMean perplexity per round:\n\n| run | rounds 1.. |\n"
             "|---|---|\n" + curve + "\n")
@@ -115,31 +152,49 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", choices=("fortunes", "markov"), default=None)
-    ap.add_argument("--rounds", type=int, default=10)
-    ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=RUNS)
+    ap.add_argument("--rounds", type=int, default=None, help="default 10 (--quick-dp: 6)")
+    ap.add_argument("--runs", nargs="+", default=None, choices=RUNS, help="default: all (--quick-dp: its five)")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--workdir", default="/tmp/kumiki-worldlm")
+    ap.add_argument("--quick-dp", action="store_true", help="the DP comparison only, tiny LM, 200 sequences, 4 rounds")
+    ap.add_argument("--from-runs", action="store_true",
+                    help="run nothing: table the runs in --workdir that finished (their summary.json)")
+    ap.add_argument("--command", default=None, help="the command line the table names (default: this one)")
+    ap.add_argument("--load", default=None, help="the load the runs saw (default: measured now, at start and end)")
     ap.add_argument("--write", action="store_true", help="write the table into bench/RESULTS.md")
     args = ap.parse_args(argv)
+    args.runs = args.runs or list(QUICK_DP if args.quick_dp else RUNS[:-1])
+    args.rounds = args.rounds or (4 if args.quick_dp else 10)
     data = args.data or ("markov" if text.fortunes_available(text.fortune_dir(), text.FORTUNE_LANGUAGES)
                          else "fortunes")
-    runs = list(dict.fromkeys(["worldlm", *args.runs]))
+    runs = list(dict.fromkeys(args.runs))
     t0 = time.perf_counter()
     with open("/proc/loadavg") as f:
         load0 = f.read().split()[0]
     res = {}
+    if args.from_runs:
+        for n in runs:
+            cfg = config(n, data, args.rounds, Path(args.workdir), tiny=args.quick_dp)
+            f = cfg.run_dir() / "summary.json"
+            if f.exists():
+                s = json.loads(f.read_text())
+                res[n] = collect(n, cfg, s, float(s["time"]["wall_s"]))
+        runs = []
     with mp.get_context("spawn").Pool(args.jobs) as pool:
-        for r in pool.imap_unordered(run_one, [(n, data, args.rounds, args.workdir) for n in runs]):
+        for r in pool.imap_unordered(run_one, [(n, data, args.rounds, args.workdir, args.quick_dp) for n in runs]):
             res[r["run"]] = r
             print(f"{r['run']:>12}: {r['status']} mean ppl {r['mean']:.2f} ({r['seconds']:.0f}s)", file=sys.stderr,
                   flush=True)
     with open("/proc/loadavg") as f:
         load = f"load average {load0} at start, {f.read().split()[0]} at the end, on 2 cores shared with other work"
-    table = render(res, data, args.rounds, time.perf_counter() - t0, load)
+    cmd = args.command or "bench/worldlm.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    wall = sum(r["seconds"] for r in res.values()) if args.from_runs else time.perf_counter() - t0
+    table = render(res, data, args.rounds, wall, args.load or load, cmd.strip(),
+                   "d 64, 2 blocks, context 32, 200 sequences per site" if args.quick_dp else "d 128, 4 blocks")
     print(table)
-    (Path(args.workdir) / f"results-{data}.json").write_text(json.dumps(res, indent=1))
+    (Path(args.workdir) / f"results-{data}{'-dp' if args.quick_dp else ''}.json").write_text(json.dumps(res, indent=1))
     if args.write:
-        _write_between(ROOT / "bench" / "RESULTS.md", table, f"worldlm-{data}")
+        _write_between(ROOT / "bench" / "RESULTS.md", table, "worldlm-dp" if args.quick_dp else f"worldlm-{data}")
     return 0
 
 

@@ -10,10 +10,12 @@ the server logs and drops, never a half-written state.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import time
 import traceback
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -287,21 +289,48 @@ def evaluate_first(sj: SiteJob, objective, info: sites.SiteInfo, rnd, context: C
         return None
 
 
+#: the site's own log of the metrics it kept home (in its state dir): what its operator reads
+LOCAL_LOG = "evaluation-local.jsonl"
+
+
 def evaluation_metrics(sj: SiteJob, objective, info: sites.SiteInfo) -> dict[str, float | int]:
     """The site's evaluation of the model it holds now: personalized (training sites), global (methods with a
-    shared path) and, on unseen sites, the method's new-site protocol (``eval.unseen_adapt_epochs``)."""
+    shared path) and, on unseen sites, the method's new-site protocol (``eval.unseen_adapt_epochs``).
+
+    Under per-site DP (``privacy.enabled``) no metric of a model built from the training split outside DP-SGD
+    leaves the site: FedAvg-FT's fine-tuned copy, FedHB's personalization and every unseen site's adaptation train
+    in the clear here, so a test metric of theirs is a training-split value epsilon does not cover. Such a path is
+    noticed, whatever the method, by the trainer's reads of the training split while its model is built
+    (``Trainer.reads``); its metrics go to the site's own log (``evaluation-local.jsonl`` in its state dir) and
+    the reply carries only ``withheld-<path> = 1``. Charging those steps to the ledger instead would let the
+    server spend a site's budget by asking for evaluations, and would make epsilon depend on how often it asks;
+    the site keeps its best personalized model and its operator the figure (docs/privacy.md)."""
     d, task = sj.data, sj.task.name
     m: dict[str, float | int] = {C.NUM_EXAMPLES: len(d.y_test), "unseen": int(info.role == "unseen")}
+    private = sj.job.privacy.enabled
+    kept: dict[str, float] = {}
 
-    def put(path: str, model, predict, r: dict | None = None) -> dict:
+    def build(make):
+        """(the path's model, True when building it read the training split: trained outside DP-SGD)."""
+        before = sj.trainer.reads
+        model = make()
+        return model, sj.trainer.reads != before
+
+    def put(path: str, model, predict, r: dict | None = None, clear: bool = False) -> dict:
         r = r or evaluate(model, d.x_test, d.y_test, predict, task=sj.task)
-        m.update({metric_key(path, task): r["score"], f"{path}-loss": r["loss"]})
+        values = {metric_key(path, task): r["score"], f"{path}-loss": r["loss"]}
+        if private and clear:
+            kept.update(values)
+            m[C.WITHHELD + path] = 1
+        else:
+            m.update(values)
         return r
 
     personal = done = None
+    personal_clear = False
     if info.role == "train":
-        personal = objective.personalized_model(sj)
-        done = put("personalized", personal, objective.predict_personal)
+        personal, personal_clear = build(lambda: objective.personalized_model(sj))
+        done = put("personalized", personal, objective.predict_personal, clear=personal_clear)
         if sj.val is not None:
             t0 = time.perf_counter()
             chosen = safeguard.choose(sj, objective, personal, done)
@@ -310,15 +339,30 @@ def evaluation_metrics(sj: SiteJob, objective, info: sites.SiteInfo) -> dict[str
                 m.update(chosen)
             m["safeguard-eval-time-s"] = time.perf_counter() - t0  # its extra evaluation (a time, not a value)
     if objective.has_global:
-        shared = objective.global_model(sj)
+        shared, clear = build(lambda: objective.global_model(sj))
         same = done is not None and objective.global_is_personal(personal, shared)  # FedAvg: evaluated once
-        put("global", shared, objective.predict_global, done if same else None)
+        put("global", shared, objective.predict_global, done if same else None, clear=clear or (same and personal_clear))
     epochs = sj.job.eval.unseen_adapt_epochs
     if info.role == "unseen" and epochs > 0:
-        adapted = objective.adapt_unseen(sj, epochs)
+        adapted, clear = build(lambda: objective.adapt_unseen(sj, epochs))
         if adapted is not None:
-            put("adapted", adapted, objective.predict_adapted)
+            put("adapted", adapted, objective.predict_adapted, clear=clear)
+    if kept:
+        keep_local(info, sj.job.round, kept)
     return m
+
+
+def keep_local(info: sites.SiteInfo, rnd: int, metrics: dict[str, float]) -> None:
+    """Metrics that must not leave the site (evaluation under DP): a line in its own log, and the site's logger."""
+    log.info("site %s, round %s: kept at the site under DP (trained outside DP-SGD): %s", info.name, rnd,
+             ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
+    try:
+        path = Path(info.state_dir) / LOCAL_LOG
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps({"round": int(rnd), "at": time.strftime("%Y-%m-%dT%H:%M:%S"), "metrics": metrics}) + "\n")
+    except OSError as exc:  # the site's own record; the evaluation reply goes on without it
+        log.warning("site %s: could not write %s: %s", info.name, LOCAL_LOG, exc)
 
 
 @app.evaluate()

@@ -61,14 +61,28 @@ class Trainer:
     def __init__(self, x: np.ndarray, y: np.ndarray, train_cfg, seed: int | str, device: torch.device | None = None,
                  dp=None):
         self.device = device or resolve_device(train_cfg.device)
-        self.x = torch.from_numpy(x).to(self.device)
-        self.y = torch.from_numpy(y).to(self.device)
+        self._x = torch.from_numpy(x).to(self.device)
+        self._y = torch.from_numpy(y).to(self.device)
         self.cfg = train_cfg
         self.seed = seed
         self.steps = 0
+        #: batches of the training split handed out so far (any use: a step, BN statistics): evaluation under DP
+        #: compares it before and after building a model, to tell a model trained outside DP-SGD (client/app.py)
+        self.reads = 0
         #: ``client.privacy.DPContext`` in a training message with ``privacy.enabled``: every fit is DP-SGD (the loop
         #: uses it through its methods only, so it never imports ``client.privacy``: privacy builds on the loop)
         self.dp = dp
+
+    @property
+    def x(self) -> torch.Tensor:
+        """The training split's inputs; every read counts in ``reads`` (a method reading them to build a model)."""
+        self.reads += 1
+        return self._x
+
+    @property
+    def y(self) -> torch.Tensor:
+        self.reads += 1
+        return self._y
 
     def seed_for(self, tag: str) -> int:
         """A 64-bit seed from the site's seed and a stage tag (the same on every machine)."""
@@ -78,8 +92,8 @@ class Trainer:
         return torch.Generator().manual_seed(self.seed_for(tag))
 
     def batches(self, tag: str, x: torch.Tensor | None = None, y: torch.Tensor | None = None):
-        x = self.x if x is None else x
-        y = self.y if y is None else y
+        x = self._x if x is None else x
+        y = self._y if y is None else y
         order = torch.randperm(len(y), generator=self._generator(tag)).to(self.device)
         # ceil(N / B) batches of near-equal size (B or a little less), not full batches plus a remainder:
         # a remainder of 2 or 8 examples gives BatchNorm extreme statistics and SupCon almost no pairs,
@@ -87,19 +101,21 @@ class Trainer:
         for idx in torch.tensor_split(order, max(1, math.ceil(len(y) / self.cfg.batch_size))):
             if len(idx) < 2 and len(y) >= 2:  # BatchNorm cannot train on a single example
                 continue
+            self.reads += 1
             yield x[idx], y[idx]
 
     def poisson_batches(self, tag: str, x: torch.Tensor | None = None, y: torch.Tensor | None = None):
         """DP-SGD's sampling: each example joins each of the epoch's 1/q batches with probability q
         (what the accountant assumes); a batch may be empty. The draws are the DP context's: secret
         (``client.privacy``), or seeded from the site's seed under ``privacy.reproducible_noise``."""
-        x = self.x if x is None else x
-        y = self.y if y is None else y
+        x = self._x if x is None else x
+        y = self._y if y is None else y
         dp = self.dp
         g = self._generator(tag) if dp.reproducible else dp.generator(f"poisson:{tag}")
         for _ in range(max(1, round(1 / dp.sample_rate))):
             dp.refresh(g)
             idx = (torch.rand(len(y), generator=g) < dp.sample_rate).nonzero().squeeze(1).to(self.device)
+            self.reads += 1
             yield x[idx], y[idx]
 
     def fit(

@@ -33,6 +33,9 @@ CONFIG = "config"
 METRICS = "metrics"
 PROFILE = "profile"
 NUM_EXAMPLES = "num-examples"
+#: an evaluation metric ``withheld-<path> = 1``: under DP the site kept that path's metrics home (its model trained
+#: on the training split outside DP-SGD; client/app.py ``evaluation_metrics``)
+WITHHELD = "withheld-"
 ROUND = "server-round"
 QUERY_PROFILE = "profile"  # message type "query.profile"
 #: Error code of a training reply from a site whose privacy budget is spent (it still evaluates).

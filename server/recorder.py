@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
+from kumiki.contract import WITHHELD
 from kumiki.tasks import TASKS, metric_key
 from strategies.base import KumikiStrategy, RoundStats
 
@@ -130,10 +131,14 @@ def write_json(path: Path, obj: Any) -> None:
 
 #: what summary.json's ``privacy`` section says epsilon covers (docs/privacy.md)
 COVERS_LOCAL = ("the training records of each site, in every tensor it sends (all it trains is DP-SGD, data-free "
-                "terms added after the noise); no training-split value leaves a DP site except num-examples (the "
-                "split's size), epsilon and the step count. Not covered: the test split (its metrics are reported "
-                "as computed), and the personalized metrics of methods that fine-tune at evaluation (FedAvg-FT, "
-                "FedHB's personalization): that fine-tune runs on the training split in the clear, at the site")
+                "terms added after the noise) and every metric it sends: no training-split value leaves a DP site "
+                "except num-examples (the split's size), epsilon and the step count, and no metric of a model "
+                "trained outside DP-SGD (FedAvg-FT's fine-tuned copy, FedHB's personalization, an unseen site's "
+                "adaptation) leaves at all: those stay in the site's own log (withheld_metrics). Not covered: the "
+                "test split (its metrics are reported as computed)")
+#: what ``withheld_metrics`` lists
+WITHHELD_NOTE = ("evaluation paths whose model a site trained on its training split outside DP-SGD: their metrics "
+                 "stayed at the site (its state dir's evaluation-local.jsonl); the server has none of them")
 COVERS_SHARED = ("the tensors that travel (privacy.scope = shared: personal tensors train in the clear and the "
                  "site's personalized test metrics depend on them); no training-split metric leaves the site")
 COVERS_CENTRAL = ("the aggregate the server publishes each round (one joint clip per site over all the parts it "
@@ -168,6 +173,8 @@ class Recorder:
         #: wall time of the earlier segments of a resumed run, and the rounds after which it was resumed
         self.wall_offset = 0.0
         self.resumed: list[int] = []
+        #: evaluation paths whose metrics some DP site kept home (a model trained outside DP-SGD): privacy summary
+        self.withheld: set[str] = set()
         if resume_from is not None:
             self._continue(resume_from)
         else:
@@ -186,6 +193,8 @@ class Recorder:
             if (kind in ("round", "site") and int(obj.get("round", 0)) > k) or kind in ("final", None):
                 continue
             kept.append(obj)
+            if kind == "site":
+                self.withheld.update(obj.get("withheld") or [])
             if kind == "round":
                 self.totals.add(obj)
             elif kind == "resume":
@@ -237,6 +246,8 @@ class Recorder:
         self._append(row)
         for site, m in sorted(ev.items()):
             task = tasks.get(site, "classification")
+            withheld = sorted(k[len(WITHHELD):] for k in m if k.startswith(WITHHELD))
+            self.withheld.update(withheld)
             self._append({"kind": "site", "round": rnd, "site": site, "role": roles.get(site), "task": task,
                           "metric": TASKS[task].metric, "personalized": m.get(metric_key("personalized", task)),
                           "global": m.get(metric_key("global", task)), "adapted": m.get(metric_key("adapted", task)),
@@ -253,7 +264,9 @@ class Recorder:
                               "val_joined": m.get(metric_key("val_joined", task)),
                               "val_own": m.get(metric_key("val_own", task))} if "safeguard-own" in m else {}),
                           "safeguard_time_s": st.train_metrics.get(site, {}).get("safeguard-time-s"),
-                          "safeguard_eval_time_s": m.get("safeguard-eval-time-s")})
+                          "safeguard_eval_time_s": m.get("safeguard-eval-time-s"),
+                          # paths whose metrics the site kept home under DP (their model trained outside DP-SGD)
+                          **({"withheld": withheld} if withheld else {})})
         self.totals.add(row)
         if not self.quiet:
             def fmt(d):
@@ -279,6 +292,7 @@ class Recorder:
             eps = self.totals.epsilon
             return {"accountant": p.accountant, "groups": groups, "epsilon_per_site": dict(sorted(eps.items())),
                     "stopped_at_round": dict(sorted(strategy.budget_spent.items())),
+                    "withheld_metrics": sorted(self.withheld), "withheld": WITHHELD_NOTE,
                     "noise": NOISE_REPRODUCIBLE if p.reproducible_noise else NOISE_SECRET}
         if not (p.enabled or p.central):
             return None
@@ -290,7 +304,8 @@ class Recorder:
                         "scope": p.scope, "stopped_at_round": dict(sorted(strategy.budget_spent.items())),
                         "epsilon_per_round": {s: dict(sorted(v.items())) for s, v in sorted(strategy.site_epsilon.items())},
                         "unit": "one training record of a site (its ledger spans every run and every change of its data)",
-                        "covers": COVERS_LOCAL if p.scope == "all" else COVERS_SHARED})
+                        "covers": COVERS_LOCAL if p.scope == "all" else COVERS_SHARED,
+                        "withheld_metrics": sorted(self.withheld), "withheld": WITHHELD_NOTE})
         if p.central:
             out["central"] = {"epsilon": strategy.central_epsilon(), "releases": strategy.central_releases,
                               "clip": p.central_clip, "noise_multiplier": p.central_noise_multiplier,
