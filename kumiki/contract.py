@@ -45,6 +45,9 @@ _RUN_ID = "kumiki.run-id"
 COMPLETED = "kumiki.completed"
 #: train-message config entry: evaluate the received model as round k's evaluation before training
 EVALUATE_ROUND = "kumiki.evaluate-round"
+#: evaluate/train-message config entry: evaluate on the whole test split (the run's last round); without it a site
+#: scores its fixed evaluation sample (``eval.sample``; client/eval_sample.py)
+EVAL_FULL = "kumiki.eval-full"
 #: MetricRecord of a train reply holding that evaluation (the keys of an evaluate reply's ``metrics``)
 EVALUATION = "evaluation"
 
