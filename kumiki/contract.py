@@ -1,10 +1,12 @@
 """The message contract between strategies and sites.
 
 A train or evaluate message holds:
-  ``arrays``  ArrayRecord: the shared tensors (+ the site's group tensors), nothing else
+  ``arrays``  ArrayRecord: the shared tensors (+ the site's group tensors), nothing else, packed into one
+              array (``packed``) whose index rides in ``config`` (``kumiki/packing.py``)
   ``config``  ConfigRecord: ``server-round`` and the job knobs below, as JSON strings
   ``extra``   optional ArrayRecord: server-side method state a site needs (FedHB's precision)
-A site replies with ``arrays`` (train only: the same names it received) and
+A site replies with ``arrays`` (train only: the same names it received, packed the same way, the index in
+the reply's own ``config`` record) and
 ``metrics`` (MetricRecord with ``num-examples``). A train message whose config holds
 ``kumiki.evaluate-round = k`` also asks the site to evaluate the received model first, as the evaluate
 message of round k would (the model it receives is round k's aggregate); the reply then carries that

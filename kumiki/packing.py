@@ -59,8 +59,8 @@ def pack(arrays: Mapping[str, Any]) -> tuple[Array, str]:
         if hasattr(value, "detach"):
             value = value.detach().cpu().numpy()
         v = np.asarray(value)
-        if v.dtype.name not in DTYPES:
-            raise PackError(f"tensor {name}: dtype {v.dtype} cannot travel (one of {DTYPES})")
+        if v.dtype.kind not in "biufc" or v.dtype.hasobject:  # the receiver refuses all but DTYPES (``unpack``)
+            raise PackError(f"tensor {name}: dtype {v.dtype} is not numeric")
         v = v if v.flags.c_contiguous else v.copy(order="C")
         start = _aligned(offset)
         if start > offset:
@@ -97,7 +97,7 @@ def _index(index: Any) -> tuple[int, list[tuple[str, np.dtype, tuple[int, ...], 
             raise PackError(f"tensor {name}: listed twice in the packed index")
         seen.add(name)
         if dtype not in DTYPES:
-            raise PackError(f"tensor {name}: dtype {dtype!r} is not one of {DTYPES}")
+            raise PackError(f"tensor {name}: dtype {dtype} is not one of {DTYPES}")
         if not all(_int(d) and 0 <= d <= 2**40 for d in shape):
             raise PackError(f"tensor {name}: shape {shape!r} is not a list of non-negative integers")
         dt = np.dtype(dtype)

@@ -95,6 +95,12 @@ def test_an_index_that_is_not_one_is_refused(index):
         packing.unpack(array, index, expect=EXPECT)
 
 
+def test_a_complex_tensor_packs_but_never_unpacks():
+    array, index = packing.pack({"w": np.ones(3, np.complex64)})
+    with pytest.raises(packing.PackError, match="dtype complex64 is not one of"):
+        packing.unpack(array, index)
+
+
 def test_bytes_that_do_not_match_the_index_are_refused():
     array, index = packing.pack(ARRAYS)
     short, _ = packing.pack({"x": np.zeros(3, np.uint8)})
