@@ -7,13 +7,13 @@ come from, always evaluates the whole test split (the server marks it with ``kum
 takes the whole split when the round is the last the run plans, so a forwarding tier that drops the mark cannot
 make the final numbers noisier).
 
-``eval.sample = "auto"`` sizes the sample from the training the site does per round: a quarter of the examples
+``eval.sample = "auto"`` sizes the sample from the training the site does per round: a share of the examples
 it trains on (``local_steps x batch_size`` for methods that train a fixed number of steps, else
-``local_epochs x`` its training split), at least 64. An evaluation pass is a forward pass, about a third to a half
-of a training step per example, and a site evaluates up to two models (personalized and global), so a quarter
-keeps evaluation near 20 % of the site's round. On image data with one local epoch the quarter is the whole test
-split (``data.test_fraction = 0.2``): nothing changes there. WorldLM on fortunes trains 50 x 32 sequences a round
-against test splits of thousands of windows: there it scores 400 windows instead of all of them.
+``local_epochs x`` its training split), at least 64: a quarter on image data, a tenth on language data
+(``PER_TRAINED``: what an evaluation pass costs per example against a training step, measured), so that a site's
+two evaluation passes (personalized and global) stay near 20 % of its round. On image data with one local epoch
+the quarter is the whole test split (``data.test_fraction = 0.2``): nothing changes there. WorldLM on fortunes
+trains 50 x 32 sequences a round against test splits of thousands of windows: it scores 160 of them.
 Methods whose evaluation *trains* (FedAvg-FT's fine-tuning, FedHB's personalization) spend that on training data,
 which no test sample shortens; ``eval.every`` is their lever (docs/performance.md).
 """
@@ -31,13 +31,22 @@ from kumiki.contract import EVAL_FULL
 MIN_AUTO = 64
 
 
-def sample_size(job, num_train: int, num_test: int) -> int | None:
+#: ``auto``: one test example per this many examples trained per round. An image model's forward pass costs about a
+#: third of a training step per example, so a quarter keeps two evaluation passes near 20 % of a round. The
+#: language model's evaluation (batches of 512 windows of 128 bytes) measured about as much per window as a
+#: training step per sequence (WorldLM on fortunes, 2 cores: 0.24 s against 0.22 s, bench/eval_share.py
+#: --datasets), so there a tenth.
+PER_TRAINED = {"language": 10}
+PER_TRAINED_DEFAULT = 4
+
+
+def sample_size(job, num_train: int, num_test: int, task: str = "classification") -> int | None:
     """How many test examples a site scores in a round before the last, or None for the whole split."""
     want = job.eval.sample
     if want == "auto":
         steps = getattr(job.method, "local_steps", None)
         trained = steps * job.train.batch_size if steps else job.train.local_epochs * num_train
-        want = max(MIN_AUTO, math.ceil(trained / 4))
+        want = max(MIN_AUTO, math.ceil(trained / PER_TRAINED.get(task, PER_TRAINED_DEFAULT)))
     want = int(want)
     return None if want <= 0 or want >= num_test else want
 
@@ -51,7 +60,7 @@ def indices(num_test: int, n: int, seed: int, site: str) -> np.ndarray:
 def test_split(job, data, site: str, full: bool) -> tuple[np.ndarray, np.ndarray]:
     """The test examples this evaluation scores: the whole split when ``full`` (the last round), else the fixed
     sample (or the whole split when the sample would cover it)."""
-    n = None if full else sample_size(job, data.num_train, len(data.y_test))
+    n = None if full else sample_size(job, data.num_train, len(data.y_test), getattr(data, "task", "classification"))
     if n is None:
         return data.x_test, data.y_test
     idx = indices(len(data.y_test), n, job.model.seed, site)

@@ -247,9 +247,9 @@ class EvalSection(_Section):
         "auto",
         description="test examples each site evaluates in every round but the last, the same fixed sample every "
                     "round (drawn once per site from run.seed and its name, so curves stay comparable); the last "
-                    "round is always evaluated on the whole test split. auto: a quarter of the examples the site "
-                    "trains on per round (at least 64), so evaluation stays near 20 % of a round; 0: the whole "
-                    "split every round",
+                    "round is always evaluated on the whole test split. auto: a share of the examples the site "
+                    "trains on per round (a quarter on images, a tenth on language data; at least 64), so "
+                    "evaluation stays near 20 % of a round; 0: the whole split every round",
     )
     in_train_reply: bool = Field(
         True,

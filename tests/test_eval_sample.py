@@ -23,7 +23,8 @@ def _job(sample="auto", steps=None, batch=32, epochs=1, rnd=1, rounds=3):
 
 
 def test_auto_sizes_the_sample_from_the_training_of_a_round():
-    assert eval_sample.sample_size(_job(steps=50), num_train=20_000, num_test=5_000) == 400  # WorldLM: 50 x 32 / 4
+    assert eval_sample.sample_size(_job(steps=50), num_train=20_000, num_test=5_000) == 400  # 50 x 32 / 4
+    assert eval_sample.sample_size(_job(steps=50), 20_000, 5_000, task="language") == 160  # WorldLM: 50 x 32 / 10
     assert eval_sample.sample_size(_job(), num_train=240, num_test=60) is None  # images: a quarter is the split
     assert eval_sample.sample_size(_job(steps=1, batch=8), num_train=10_000, num_test=1_000) == eval_sample.MIN_AUTO
     assert eval_sample.sample_size(_job(sample=0), num_train=10_000, num_test=1_000) is None
