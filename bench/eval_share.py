@@ -20,7 +20,7 @@ spent evaluating.
   FedAvg-FT on Fashion-MNIST) and WorldLM on fortunes (4 languages, 2 sub-federations), each with its own
   defaults and ``eval.sample = "auto"``: evaluation's share of the sites' rounds (summary.json's ``eval_share``)
   in the rounds that score the fixed sample, and in the last round, which scores the whole test split as every
-  round did before. Quick: 2 rounds, fortunes capped at 4000 sequences per site (the sampled rounds are the
+  round did before. Quick: 2 rounds, fortunes capped at 8000 sequences per site (the sampled rounds are the
   same; the last round's whole split is smaller than by default); full: 3 rounds, fortunes uncapped.
   ``--write`` puts it between the ``eval-datasets`` markers.
 
@@ -89,7 +89,7 @@ def dataset_configs(mode: str, out: Path) -> list[tuple[str, object]]:
                                                    f'run.output_dir="{out}"']))]
     langs = ["en", "de", "es", "it"]
     if not text.fortunes_available(text.fortune_dir(), langs):
-        data = {"dataset": "fortunes", "languages": langs, **({"samples_per_site": 4000} if mode == "quick" else {})}
+        data = {"dataset": "fortunes", "languages": langs, **({"samples_per_site": 8000} if mode == "quick" else {})}
         cfgs.append(("fortunes (WorldLM)", validate({"run": {"name": "ds-fortunes", **run},
                                                      "method": {"name": "worldlm"}, "data": data})))
     return cfgs
@@ -120,7 +120,7 @@ def datasets_main(mode: str, out: Path, write: bool) -> int:
     pct = lambda v: "–" if v is None else f"{100 * v:.0f} %"  # noqa: E731
     lines = [f"{stamp(f'bench/eval_share.py --datasets --mode {mode}')} Machine: {machine()}. In-process engine "
              f"(sites in turn), each data set's defaults with {2 if mode == 'quick' else 3} rounds"
-             + (" (fortunes capped at 4000 sequences per site)" if mode == "quick" else "")
+             + (" (fortunes capped at 8000 sequences per site)" if mode == "quick" else "")
              + f", `eval.sample = \"auto\"`. Load average {load0} at the start, {load()} at the end (shared "
              "machine: the shares are ratios within each site's own round, measured in the same run).", "",
              "| data set | method | sites | evaluated per site, rounds before the last | the whole test split "
