@@ -147,3 +147,35 @@ def test_the_server_rejects_a_nan_and_a_wrong_dtype_as_a_bad_reply():
     packing.put(reply, dict(ARRAYS, **{"a.bias": np.ones(3, np.float32)}))
     with pytest.raises(BadReply, match="dtype"):
         check_packed(reply, ref, list(ARRAYS), wire=wire)
+
+
+def test_a_site_answers_a_hostile_index_with_an_error_not_a_crash():
+    from types import SimpleNamespace
+
+    from client.app import BadArrays, _received
+
+    content = RecordDict({"config": ConfigRecord({"server-round": 1})})
+    packing.put(content, ARRAYS)
+    content["config"][packing.INDEX] = _edit(content["config"][packing.INDEX], HOSTILE["overlapping offsets"])
+    msg = SimpleNamespace(content=content)  # _received reads the message's content only
+    with pytest.raises(BadArrays, match="offset"):
+        _received(msg, tuple(ARRAYS))
+
+
+def test_a_reply_with_a_hostile_index_is_a_logged_rejection_and_the_run_goes_on(tmp_path):
+    import json as _json
+
+    from launch.engines.inprocess import run_inprocess
+    from tests.conftest import make_config
+    from tests.replies import rewrite_replies
+
+    def overlap(rep):
+        rep.content["config"][packing.INDEX] = _edit(rep.content["config"][packing.INDEX], HOSTILE["overlapping offsets"])
+
+    cfg = make_config(tmp_path, rounds=1, sites=3)
+    summary = run_inprocess(cfg, quiet=True, grid_hook=rewrite_replies("train", overlap))
+    rows = [_json.loads(x) for x in (cfg.run_dir() / "metrics.jsonl").read_text().splitlines()]
+    [row] = [r for r in rows if r["kind"] == "round"]
+    [rej] = row["sites"]["rejected"]
+    assert rej["site"] == "site-1" and "offset" in rej["reason"]
+    assert row["sites"]["aggregated"] and summary["rounds"] == 1
