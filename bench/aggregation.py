@@ -74,7 +74,7 @@ def cell(k: int, p: int, repeat: int) -> dict:
     from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from kumiki import contract as C
+    from kumiki import contract as C, packing
     from kumiki.config import validate
     from kumiki.split import ParamSplit
     from models import ModelSpec, build_model
@@ -99,8 +99,8 @@ def cell(k: int, p: int, repeat: int) -> dict:
         out = []
         for i, m in enumerate(msgs):
             arrays = {n: (v + np.float32(0.001 * (i + 1))) if v.dtype.kind == "f" else v for n, v in initial.items()}
-            content = RecordDict({C.ARRAYS: C.to_record(arrays),
-                                  C.METRICS: MetricRecord({C.NUM_EXAMPLES: 100 + i, "train-loss": 1.0})})
+            content = RecordDict({C.METRICS: MetricRecord({C.NUM_EXAMPLES: 100 + i, "train-loss": 1.0})})
+            packing.put(content, arrays)  # as a site replies (kumiki/packing.py)
             out.append(Message(content, reply_to=m))
         return out
 
@@ -117,8 +117,7 @@ def cell(k: int, p: int, repeat: int) -> dict:
         ups, w = [], []
         for r in rs:
             arrays = {}
-            for name, a in r.content[C.ARRAYS].items():
-                v = a.numpy()
+            for name, v in packing.take(r.content).items():
                 if v.dtype.kind in "fc" and not np.isfinite(v).all():
                     raise ValueError(name)
                 arrays[name] = v

@@ -16,6 +16,14 @@ spent evaluating.
   other, also twice in alternating order. Steady state = the median round before the last (the last round
   sends its evaluate messages in both).
 
+* **Every data set's defaults** (``--datasets``, issue 26 item 4): digits (FedAvg), the pilot (``deploy/pilot.toml``:
+  FedAvg-FT on Fashion-MNIST) and WorldLM on fortunes (4 languages, 2 sub-federations), each with its own
+  defaults and ``eval.sample = "auto"``: evaluation's share of the sites' rounds (summary.json's ``eval_share``)
+  in the rounds that score the fixed sample, and in the last round, which scores the whole test split as every
+  round did before. Quick: 2 rounds, fortunes capped at 8000 sequences per site (the sampled rounds are the
+  same; the last round's whole split is smaller than by default); full: 3 rounds, fortunes uncapped.
+  ``--write`` puts it between the ``eval-datasets`` markers.
+
 ``--write`` puts the section between the ``eval-share`` markers of bench/RESULTS.md and refreshes the docs'
 copies of it (``docs/gen.py``).
 """
@@ -67,6 +75,71 @@ def steady(rounds: list[dict]) -> float:
     return median([r["time"]["round_s"] for r in rounds[:-1]] or [rounds[-1]["time"]["round_s"]])
 
 
+def dataset_configs(mode: str, out: Path) -> list[tuple[str, object]]:
+    """Each data set's defaults (issue 26 item 4), with fewer rounds and, quick, a capped fortunes corpus."""
+    from kumiki.config import load_config, validate
+    from kumiki.data import text
+
+    rounds = 2 if mode == "quick" else 3
+    run = {"rounds": rounds, "seed": 0, "output_dir": str(out)}
+    cfgs = [("digits", validate({"run": {"name": "ds-digits", **run}, "method": {"name": "fedavg"},
+                                 "data": {"dataset": "digits", "sites": 4}})),
+            ("pilot (Fashion-MNIST)", load_config(str(ROOT / "deploy" / "pilot.toml"),
+                                                  [f"run.rounds={rounds}", 'run.name="ds-pilot"',
+                                                   f'run.output_dir="{out}"']))]
+    langs = ["en", "de", "es", "it"]
+    if not text.fortunes_available(text.fortune_dir(), langs):
+        data = {"dataset": "fortunes", "languages": langs, **({"samples_per_site": 8000} if mode == "quick" else {})}
+        cfgs.append(("fortunes (WorldLM)", validate({"run": {"name": "ds-fortunes", **run},
+                                                     "method": {"name": "worldlm"}, "data": data})))
+    return cfgs
+
+
+def dataset_row(name: str, cfg, summary: dict, rounds: list[dict], sites: list[dict]) -> dict:
+    share = summary["eval_share"]
+    last = rounds[-1]["time"]["sites"]
+    fit = sum(t["fit_s"] or 0 for t in last.values())
+    ev = sum(t["eval_s"] or 0 for t in last.values())
+    first = [int(s["eval_examples"]) for s in sites if s["round"] == rounds[0]["round"] and s["eval_examples"]]
+    full = [int(s["eval_examples"]) for s in sites if s["round"] == rounds[-1]["round"] and s["eval_examples"]]
+    per = [v for v in share["before_last"]["per_site"].values() if v is not None]
+    return {"data": name, "method": cfg.method.name, "sites": len(last), "sample": f"{min(first)}–{max(first)}",
+            "test": f"{min(full)}–{max(full)}", "sampled": share["before_last"]["overall"],
+            "sampled_range": (min(per), max(per)) if per else None, "last": ev / (fit + ev) if fit + ev else None,
+            "overall": share["overall"], "sampled_s": rounds[0]["time"]["round_s"],
+            "last_s": rounds[-1]["time"]["round_s"], "status": summary["status"]}
+
+
+def datasets_main(mode: str, out: Path, write: bool) -> int:
+    load0 = load()
+    rows = []
+    for name, cfg in dataset_configs(mode, out):
+        summary, rounds, sites = run_rows(cfg, "inprocess")
+        rows.append(dataset_row(name, cfg, summary, rounds, sites))
+        print(json.dumps(rows[-1]), flush=True)
+    pct = lambda v: "–" if v is None else f"{100 * v:.0f} %"  # noqa: E731
+    lines = [f"{stamp(f'bench/eval_share.py --datasets --mode {mode}')} Machine: {machine()}. In-process engine "
+             f"(sites in turn), each data set's defaults with {2 if mode == 'quick' else 3} rounds"
+             + (" (fortunes capped at 8000 sequences per site)" if mode == "quick" else "")
+             + f", `eval.sample = \"auto\"`. Load average {load0} at the start, {load()} at the end (shared "
+             "machine: the shares are ratios within each site's own round, measured in the same run).", "",
+             "| data set | method | sites | evaluated per site, rounds before the last | the whole test split "
+             "(last round) | evaluation, % of the sites' rounds before the last (per site) | the same in the last "
+             "round (every round before this change) | whole run | s/round: first / last |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        rng = r["sampled_range"]
+        lines.append(f"| {r['data']} | {r['method']} | {r['sites']} | {r['sample']} | {r['test']} | "
+                     f"{pct(r['sampled'])} ({pct(rng[0]) if rng else '–'}–{pct(rng[1]) if rng else '–'}) | "
+                     f"{pct(r['last'])} | {pct(r['overall'])} | {r['sampled_s']:.1f} / {r['last_s']:.1f} |"
+                     + ("" if r["status"] == "ok" else f" ({r['status']})"))
+    text = "\n".join(lines)
+    print("\n" + text)
+    if write:
+        publish("eval-datasets", text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mode", choices=("quick", "full"), default="quick")
@@ -74,11 +147,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--local-methods", nargs="+", default=None, help="methods timed on --engine local")
     ap.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "kumiki-bench" / "eval-share")
     ap.add_argument("--write", action="store_true", help="write the section into bench/RESULTS.md")
+    ap.add_argument("--datasets", action="store_true", help="every data set's defaults (issue 26 item 4)")
     a = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # in-process: one thread, as the tests and benchmarks use
     import torch
 
     torch.set_num_threads(1)
+    if a.datasets:
+        return datasets_main(a.mode, a.out, a.write)
     full = a.mode == "full"
     methods = a.methods or (list(METHODS) if full else ["fedhb", "fedavg", "fedavg_ft"])
     local_methods = a.local_methods or (["fedhb", "fedavg_ft"] if full else ["fedavg"])

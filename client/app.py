@@ -21,7 +21,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client import privacy
+from client import eval_sample, privacy
 from client import safeguard
 from client.bridge import bridge_mod
 from client import site as sites
@@ -29,7 +29,7 @@ from client.loop import Trainer, evaluate, resolve_device
 from client.methods.base import SiteJob
 from client.state import SiteState, SiteStore, StateMismatch, StateMissing
 from client.threads import apply_site_threads
-from kumiki import contract as C
+from kumiki import contract as C, packing
 from kumiki.tasks import metric_key
 from kumiki.registry import entry
 from kumiki.split import ParamSplit
@@ -143,6 +143,18 @@ def to_wire(out: dict[str, torch.Tensor], wire: dict[str, torch.dtype]) -> dict[
     return res
 
 
+def _received(msg: Message, allowed: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The tensors a message carries (one packed array and its index, ``kumiki/packing.py``), as tensors the
+    site owns (one copy each); a malformed index or array is refused (an error reply), never a crash."""
+    if C.ARRAYS not in msg.content.array_records:
+        return {}
+    try:
+        arrays = packing.take(msg.content, allowed=allowed)
+    except packing.PackError as exc:
+        raise BadArrays(str(exc)) from None
+    return {k: torch.from_numpy(v.copy()) for k, v in arrays.items()}
+
+
 def prepare(msg: Message, context: Context, for_training: bool) -> tuple[SiteJob, object, SiteStore, sites.SiteInfo]:
     job = C.Job.from_config(msg.content[C.CONFIG])
     node_config = dict(context.node_config)
@@ -161,7 +173,7 @@ def prepare(msg: Message, context: Context, for_training: bool) -> tuple[SiteJob
     completed = int(msg.content[C.CONFIG].get(C.COMPLETED, 0))
     state = load_state(store, _fingerprint(split, job, skeleton, info.name), split, info, job, completed,
                        node_config, before_round=job.round if for_training else None)
-    received = msg.content[C.ARRAYS].to_torch_state_dict() if C.ARRAYS in msg.content else {}
+    received = _received(msg, split.travelling(info.group or None))
     check_incoming(received, skeleton, split.travelling(info.group or None))
     wire = {k: v.dtype for k, v in received.items()}
     received = widen(received, skeleton)
@@ -218,7 +230,8 @@ def train(msg: Message, context: Context) -> Message:
     evaluation, eval_s = None, 0.0
     if C.EVALUATE_ROUND in msg.content[C.CONFIG]:  # one message per round: evaluate what arrived, then train
         t1 = time.perf_counter()
-        evaluation = evaluate_first(sj, objective, info, msg.content[C.CONFIG][C.EVALUATE_ROUND], context)
+        evaluation = evaluate_first(sj, objective, info, msg.content[C.CONFIG][C.EVALUATE_ROUND], context,
+                                    full=bool(msg.content[C.CONFIG].get(C.EVAL_FULL, False)))
         eval_s = time.perf_counter() - t1
         if evaluation is not None:
             evaluation["eval-time-s"] = eval_s
@@ -263,13 +276,15 @@ def train(msg: Message, context: Context) -> Message:
     if dp is None:
         m["train-loss"] = float(metrics.get("loss", 0.0))
     m.update({f"train-{k}": float(v) for k, v in metrics.items() if k not in ("loss", "examples")})
-    content = RecordDict({C.ARRAYS: C.to_record(out), C.METRICS: MetricRecord(m)})
+    content = RecordDict({C.METRICS: MetricRecord(m)})
+    packing.put(content, out)  # one array and its index, as the server sent them (kumiki/packing.py)
     if evaluation is not None:
         content[C.EVALUATION] = MetricRecord(evaluation)
     return Message(content, reply_to=msg)
 
 
-def evaluate_first(sj: SiteJob, objective, info: sites.SiteInfo, rnd, context: Context) -> dict | None:
+def evaluate_first(sj: SiteJob, objective, info: sites.SiteInfo, rnd, context: Context,
+                   full: bool = False) -> dict | None:
     """Round ``rnd``'s evaluation inside a training message, equal to what round ``rnd``'s evaluate message
     computes: the received model is that round's aggregate and the personal state the one after it. It runs on a
     copy of the model, with that message's seeds, without a DP context and with the global RNG restored after, so
@@ -280,7 +295,7 @@ def evaluate_first(sj: SiteJob, objective, info: sites.SiteInfo, rnd, context: C
         trainer = Trainer(sj.data.x_train, sj.data.y_train, job.train, seed=_seed(job, info), device=sj.trainer.device)
         ev = replace(sj, model=copy.deepcopy(sj.model), trainer=trainer, job=job)
         with torch.random.fork_rng(devices=[]):
-            m = evaluation_metrics(ev, objective, info)
+            m = evaluation_metrics(ev, objective, info, full=eval_sample.is_full(job, {C.EVAL_FULL: full}))
         if job.privacy.enabled:
             m["epsilon"] = privacy.spent(ev, _privacy_dir(context, info, job.sim))
         return m
@@ -293,9 +308,10 @@ def evaluate_first(sj: SiteJob, objective, info: sites.SiteInfo, rnd, context: C
 LOCAL_LOG = "evaluation-local.jsonl"
 
 
-def evaluation_metrics(sj: SiteJob, objective, info: sites.SiteInfo) -> dict[str, float | int]:
+def evaluation_metrics(sj: SiteJob, objective, info: sites.SiteInfo, full: bool = True) -> dict[str, float | int]:
     """The site's evaluation of the model it holds now: personalized (training sites), global (methods with a
-    shared path) and, on unseen sites, the method's new-site protocol (``eval.unseen_adapt_epochs``).
+    shared path) and, on unseen sites, the method's new-site protocol (``eval.unseen_adapt_epochs``). ``full``:
+    the whole test split (the last round); else the site's fixed evaluation sample (``eval.sample``).
 
     Under per-site DP (``privacy.enabled``) no metric of a model built from the training split outside DP-SGD
     leaves the site: FedAvg-FT's fine-tuned copy, FedHB's personalization and every unseen site's adaptation train
@@ -305,8 +321,9 @@ def evaluation_metrics(sj: SiteJob, objective, info: sites.SiteInfo) -> dict[str
     the reply carries only ``withheld-<path> = 1``. Charging those steps to the ledger instead would let the
     server spend a site's budget by asking for evaluations, and would make epsilon depend on how often it asks;
     the site keeps its best personalized model and its operator the figure (docs/privacy.md)."""
-    d, task = sj.data, sj.task.name
-    m: dict[str, float | int] = {C.NUM_EXAMPLES: len(d.y_test), "unseen": int(info.role == "unseen")}
+    task = sj.task.name
+    x_test, y_test = eval_sample.test_split(sj.job, sj.data, info.name, full)
+    m: dict[str, float | int] = {C.NUM_EXAMPLES: len(y_test), "unseen": int(info.role == "unseen")}
     private = sj.job.privacy.enabled
     kept: dict[str, float] = {}
 
@@ -317,7 +334,7 @@ def evaluation_metrics(sj: SiteJob, objective, info: sites.SiteInfo) -> dict[str
         return model, sj.trainer.reads != before
 
     def put(path: str, model, predict, r: dict | None = None, clear: bool = False) -> dict:
-        r = r or evaluate(model, d.x_test, d.y_test, predict, task=sj.task)
+        r = r or evaluate(model, x_test, y_test, predict, task=sj.task)
         values = {metric_key(path, task): r["score"], f"{path}-loss": r["loss"]}
         if private and clear:
             kept.update(values)
@@ -333,7 +350,7 @@ def evaluation_metrics(sj: SiteJob, objective, info: sites.SiteInfo) -> dict[str
         done = put("personalized", personal, objective.predict_personal, clear=personal_clear)
         if sj.val is not None:
             t0 = time.perf_counter()
-            chosen = safeguard.choose(sj, objective, personal, done)
+            chosen = safeguard.choose(sj, objective, personal, done, (x_test, y_test))
             safeguard.record(info.state_dir, sj.job, chosen, task)
             if not sj.job.privacy.enabled:  # under DP every safeguard number is a training-split value: it stays
                 m.update(chosen)
@@ -370,7 +387,7 @@ def evaluate_(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()
     try:
         sj, objective, _, info = prepare(msg, context, for_training=False)
-        m = evaluation_metrics(sj, objective, info)
+        m = evaluation_metrics(sj, objective, info, full=eval_sample.is_full(sj.job, msg.content[C.CONFIG]))
         if sj.job.privacy.enabled and info.role == "train":
             m["epsilon"] = privacy.spent(sj, _privacy_dir(context, info, sj.job.sim))
     except Exception as exc:  # noqa: BLE001

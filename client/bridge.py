@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 
-from kumiki import contract as C
+from kumiki import contract as C, packing
 from kumiki.locks import held
 
 APP_DIR = Path(__file__).resolve().parents[1]
@@ -72,10 +72,10 @@ def write_job(job_dir: Path, msg: Message, node_config: dict) -> None:
     config = content[C.CONFIG] if C.CONFIG in content.config_records else ConfigRecord()
     job = {"kind": _kind(msg), "round": int(config.get(C.ROUND, 0)), "group": str(node_config["site"]),
            "region_dir": str(node_config["region-dir"]),
-           "config": {k: str(v) for k, v in config.items() if isinstance(v, (str, int, float))}}
+           "config": {k: str(v) for k, v in config.items() if isinstance(v, (str, int, float)) and k != packing.INDEX}}
     arrays = {}
     if C.ARRAYS in content.array_records:
-        arrays.update({f"arrays/{k}": v.numpy() for k, v in content[C.ARRAYS].items()})
+        arrays.update({f"arrays/{k}": v for k, v in packing.take(content).items()})
     if C.EXTRA in content.array_records:
         arrays.update({f"extra/{k}": v.numpy() for k, v in content[C.EXTRA].items()})
     with open(job_dir / "job.npz", "wb") as f:
@@ -200,7 +200,7 @@ def answer(msg: Message, node_config: dict) -> Message:
     content = RecordDict({C.METRICS: MetricRecord(metrics)})
     if (job_dir / "result.npz").is_file():
         with np.load(job_dir / "result.npz") as z:
-            content[C.ARRAYS] = C.to_record({k: z[k] for k in z.files})
+            packing.put(content, {k: z[k] for k in z.files})  # one array and its index (kumiki/packing.py)
     elif _kind(msg) == "train":
         content[C.ARRAYS] = ArrayRecord()
     return Message(content, reply_to=msg)

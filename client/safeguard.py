@@ -148,9 +148,11 @@ def serves_own(val_joined: float, val_own: float | None, higher_is_better: bool 
     return val_own > val_joined if higher_is_better else val_own < val_joined
 
 
-def choose(sj, objective, personal: nn.Module, joined_test: dict) -> dict[str, float]:
+def choose(sj, objective, personal: nn.Module, joined_test: dict, test=None) -> dict[str, float]:
     """The served model's evaluation keys (module docstring); ``joined_test`` is the personalized model's test
-    evaluation already computed."""
+    evaluation already computed, on ``test`` = (x, y) (the round's evaluation sample; default the whole split),
+    which the own model is scored on too, so that served, own and joined compare on the same examples."""
+    x_test, y_test = test if test is not None else (sj.data.x_test, sj.data.y_test)
     hold: Holdout = sj.val
     task = sj.task.name
     vj = evaluate(personal, hold.x, hold.y, objective.predict_personal, task=sj.task)["score"]
@@ -159,7 +161,7 @@ def choose(sj, objective, personal: nn.Module, joined_test: dict) -> dict[str, f
     vo = ot = None
     if own is not None:
         vo = evaluate(own, hold.x, hold.y, forward, task=sj.task)["score"]
-        ot = evaluate(own, sj.data.x_test, sj.data.y_test, forward, task=sj.task)["score"]
+        ot = evaluate(own, x_test, y_test, forward, task=sj.task)["score"]
         m.update({metric_key("val_own", task): vo, metric_key("own", task): ot})
     pick = serves_own(vj, vo, TASKS[task].higher_is_better)
     m[metric_key("served", task)] = ot if pick else joined_test["score"]

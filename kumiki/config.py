@@ -243,6 +243,14 @@ class EvalSection(_Section):
         description="evaluate after every k-th round (and always after the last one); rounds in between have no "
                     "evaluation sections in metrics.jsonl",
     )
+    sample: Union[Literal["auto"], Annotated[int, Field(ge=0, le=10_000_000)]] = Field(
+        "auto",
+        description="test examples each site evaluates in every round but the last, the same fixed sample every "
+                    "round (drawn once per site from run.seed and its name, so curves stay comparable); the last "
+                    "round is always evaluated on the whole test split. auto: a share of the examples the site "
+                    "trains on per round (a quarter on images, a tenth on language data; at least 64), so "
+                    "evaluation stays near 20 % of a round; 0: the whole split every round",
+    )
     in_train_reply: bool = Field(
         True,
         description="training sites evaluate the received model inside the next training message (one message per "

@@ -1,10 +1,12 @@
 """The message contract between strategies and sites.
 
 A train or evaluate message holds:
-  ``arrays``  ArrayRecord: the shared tensors (+ the site's group tensors), nothing else
+  ``arrays``  ArrayRecord: the shared tensors (+ the site's group tensors), nothing else, packed into one
+              array (``packed``) whose index rides in ``config`` (``kumiki/packing.py``)
   ``config``  ConfigRecord: ``server-round`` and the job knobs below, as JSON strings
   ``extra``   optional ArrayRecord: server-side method state a site needs (FedHB's precision)
-A site replies with ``arrays`` (train only: the same names it received) and
+A site replies with ``arrays`` (train only: the same names it received, packed the same way, the index in
+the reply's own ``config`` record) and
 ``metrics`` (MetricRecord with ``num-examples``). A train message whose config holds
 ``kumiki.evaluate-round = k`` also asks the site to evaluate the received model first, as the evaluate
 message of round k would (the model it receives is round k's aggregate); the reply then carries that
@@ -49,6 +51,9 @@ _SAFEGUARD = "kumiki.safeguard"
 COMPLETED = "kumiki.completed"
 #: train-message config entry: evaluate the received model as round k's evaluation before training
 EVALUATE_ROUND = "kumiki.evaluate-round"
+#: evaluate/train-message config entry: evaluate on the whole test split (the run's last round); without it a site
+#: scores its fixed evaluation sample (``eval.sample``; client/eval_sample.py)
+EVAL_FULL = "kumiki.eval-full"
 #: MetricRecord of a train reply holding that evaluation (the keys of an evaluate reply's ``metrics``)
 EVALUATION = "evaluation"
 

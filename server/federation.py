@@ -203,6 +203,8 @@ def run_federation(grid: Grid, cfg: KumikiConfig, sim: dict | None = None, engin
             budget_spent = not strategy.train_nodes() and bool(strategy.budget_spent)
             last = rnd == cfg.run.rounds or budget_spent or not strategy.central_budget_left()
             if evaluates(cfg, rnd, last):
+                if last:  # the report's numbers: the whole test split (earlier rounds score a fixed sample)
+                    strategy.full_eval_rounds.add(rnd)
                 if in_train_reply(cfg) and not last:
                     pending = rnd
                 else:
@@ -218,6 +220,7 @@ def run_federation(grid: Grid, cfg: KumikiConfig, sim: dict | None = None, engin
                 recorder.ended = f"every training site spent its privacy budget (after round {rnd})"
                 break
         if pending is not None:  # resumed with an evaluation due, and no round left to carry it
+            strategy.full_eval_rounds.add(pending)
             _evaluate(grid, strategy, pending, pending, timeout)
             recorder.round(pending, strategy, strategy.rounds[pending].round_s)
     except BaseException as exc:  # the run is over: record how it ended (status "failed"), then re-raise

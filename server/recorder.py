@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
+from kumiki.contract import NUM_EXAMPLES as C_NUM_EXAMPLES
 from kumiki.contract import WITHHELD
 from kumiki.tasks import TASKS, metric_key
 from strategies.base import KumikiStrategy, RoundStats
@@ -227,7 +228,9 @@ class Recorder:
             "bytes": {"up": st.bytes_up, "down": st.bytes_down},
             "time": {"round_s": round_s, "wall_s": self.wall_offset + time.perf_counter() - self.t0,
                      # the slowest site's reported compute per exchange, summed: round_s minus it is the framework's
-                     "site_compute_s": st.compute_s},
+                     "site_compute_s": st.compute_s,
+                     # each site's seconds training and evaluating this round (summary.json's eval_share)
+                     "sites": site_seconds(st.train_metrics, ev)},
             "sites": {"sampled": len(st.sent), "accepted": st.accepted, "aggregated": st.aggregated,
                       "took_part": sorted(st.train_metrics), "evaluated": sorted(ev), "rejected": st.rejected,
                       "declined": st.declined},
@@ -266,7 +269,9 @@ class Recorder:
                           "safeguard_time_s": st.train_metrics.get(site, {}).get("safeguard-time-s"),
                           "safeguard_eval_time_s": m.get("safeguard-eval-time-s"),
                           # paths whose metrics the site kept home under DP (their model trained outside DP-SGD)
-                          **({"withheld": withheld} if withheld else {})})
+                          **({"withheld": withheld} if withheld else {}),
+                          # test examples scored: the site's fixed sample, or its whole split (the last round)
+                          "eval_examples": m.get(C_NUM_EXAMPLES)})
         self.totals.add(row)
         if not self.quiet:
             def fmt(d):
@@ -381,6 +386,7 @@ class Recorder:
             "bytes": {"up_per_round": int(tot.up / n), "down_per_round": int(tot.down / n),
                       "up_total": int(tot.up), "down_total": int(tot.down)},
             "time": {"wall_s": wall, "per_round_s": tot.round_s / n},
+            "eval_share": tot.eval_share(),
             "privacy": self.privacy(strategy),
             "tasks": last.get("tasks") or {t: {"metric": TASKS[t].metric, "higher_is_better": TASKS[t].higher_is_better,
                                                **dict.fromkeys(SECTIONS)} for t in run_tasks},
@@ -423,6 +429,9 @@ class _Totals:
         self.last5: deque = deque(maxlen=5)  # section -> mean, for the last five rounds
         self.last: dict[str, Any] = {}  # the last round's full row
         self.guard_rounds, self.guard_max, self.guard_mean = 0, 0.0, 0.0  # the safeguard's seconds (its rounds)
+        #: site -> [seconds training, seconds evaluating], over all rounds and over the rounds before the last
+        self.site_s: dict[str, list[float]] = {}
+        self.site_s_before: dict[str, list[float]] = {}
 
     def add(self, row: dict[str, Any]) -> None:
         sites = row["sites"]
@@ -442,4 +451,44 @@ class _Totals:
             self.guard_rounds += 1
             self.guard_max += secs["max"]
             self.guard_mean += secs["mean"]
+        if self.last:  # the previous row is now a round before the last
+            _fold(self.site_s_before, self.last["time"].get("sites") or {})
+        _fold(self.site_s, row["time"].get("sites") or {})
         self.last = row
+
+    def eval_share(self) -> dict[str, Any]:
+        """Evaluation's share of the sites' rounds: per site, a site's evaluating seconds over its training plus
+        evaluating seconds (what its round costs it; in-process engines run sites in turn, so this is also the
+        share of the round's wall time); overall, the same summed over sites; ``before_last``: the rounds that
+        score the fixed sample (the last round scores the whole test split)."""
+        def share(d: dict[str, list[float]]) -> dict[str, Any]:
+            fit, ev = sum(v[0] for v in d.values()), sum(v[1] for v in d.values())
+            return {"overall": ev / (fit + ev) if fit + ev > 0 else None, "eval_s": ev, "fit_s": fit,
+                    "per_site": {s: (v[1] / (v[0] + v[1]) if v[0] + v[1] > 0 else None) for s, v in sorted(d.items())}}
+        return {**share(self.site_s), "before_last": share(self.site_s_before)}
+
+
+def _fold(into: dict[str, list[float]], sites: dict[str, dict]) -> None:
+    for site, t in sites.items():
+        acc = into.setdefault(site, [0.0, 0.0])
+        acc[0] += t.get("fit_s") or 0.0
+        acc[1] += t.get("eval_s") or 0.0
+
+
+def site_seconds(train_metrics: dict[str, dict], evaluation: dict[str, dict]) -> dict[str, dict[str, float | None]]:
+    """Each site's reported seconds for a round: training (its train reply) and evaluating (its evaluation).
+    The server range-checked both (``strategies.replies``); a figure outside [0, a week] is dropped."""
+    out = {}
+    for site in sorted(set(train_metrics) | set(evaluation)):
+        fit = _seconds(train_metrics.get(site, {}).get("fit-time-s"))
+        ev = _seconds(evaluation.get(site, {}).get("eval-time-s"))
+        out[site] = {"fit_s": fit, "eval_s": ev}
+    return out
+
+
+def _seconds(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) and 0.0 <= f <= 7 * 24 * 3600.0 else None

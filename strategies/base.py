@@ -38,13 +38,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from kumiki import contract as C
+from kumiki import contract as C, packing
 from kumiki.accounting import epsilon
 from kumiki.split import ParamSplit
 from strategies.aggregate import (central_dp_mean, clip_to_median_norm, coordinate_median, joint_norms, noise_rng,
                                  trimmed_mean, weighted_mean)
 from strategies.flat import Layout, Stack
-from strategies.replies import (BadReply, check_arrays, eval_metrics, parse_profile, rejection, site_seconds,
+from strategies.replies import (BadReply, check_arrays, check_packed, eval_metrics, parse_profile, rejection, site_seconds,
                                train_metrics)
 
 log = logging.getLogger("kumiki.server")
@@ -166,6 +166,9 @@ class KumikiStrategy(Strategy):
         self.central_releases = 0
         #: site -> {round: epsilon its DP-SGD ledger reported with that round's update} (never goes down)
         self.site_epsilon: dict[str, dict[int, float]] = {}
+        #: rounds evaluated on the sites' whole test splits (the run's last; set by the round driver), the others
+        #: on each site's fixed sample (``eval.sample``)
+        self.full_eval_rounds: set[int] = set()
 
     # ------------------------------------------------------------- sites
     def train_nodes(self) -> list[int]:
@@ -267,16 +270,20 @@ class KumikiStrategy(Strategy):
 
     def _message(self, node_id: int, mtype: str, server_round: int, stats: RoundStats,
                  evaluate: int | None = None) -> Message:
-        arrays, wire = self._record(self.payload(node_id), self._cache("wire"), convert=True)
+        packed, index, wire = self._packed(self.payload(node_id))
         config = replace(self.job, round=server_round).to_config()
         config[C.COMPLETED] = self.completed.get(self.profiles[node_id].site, 0)
         if evaluate is not None:  # the site evaluates what it receives (round `evaluate`'s model) before training
             config[C.EVALUATE_ROUND] = evaluate
             self.rounds.setdefault(evaluate, RoundStats()).eval_sent.add(node_id)
+        evaluated = evaluate if evaluate is not None else (server_round if mtype != MessageType.TRAIN else None)
+        if evaluated is not None and evaluated in self.full_eval_rounds:  # the run's last round: the whole split
+            config[C.EVAL_FULL] = True
         for k, v in self.extra_config(node_id, server_round).items():
             config[k] = v
-        content = RecordDict({C.ARRAYS: arrays, C.CONFIG: config})
-        stats.bytes_down += arrays.count_bytes()
+        content = RecordDict({C.CONFIG: config})
+        packing.attach(content, packed, index)  # one array and its index (kumiki/packing.py)
+        stats.bytes_down += content[C.ARRAYS].count_bytes()
         extra = self.extra_arrays(node_id, server_round)
         if extra:
             content[C.EXTRA], _ = self._record(extra, self._cache("extra"), convert=False)
@@ -321,6 +328,32 @@ class KumikiStrategy(Strategy):
         if key not in wires:  # one name -> dtype mapping per payload composition, shared by its sites
             wires[key] = dict(key)
         return rec, wires[key]
+
+    #: packed payloads kept (one per payload composition: the shared tensors, and each group's with them)
+    KEEP_PACKS = 16
+
+    def _packed(self, arrays: dict[str, np.ndarray]) -> tuple[Any, str, dict]:
+        """``arrays`` as one packed Array, its index and name -> the dtype each tensor travels in (what its reply
+        must use). Floating tensors travel in ``server.transport_dtype`` (see :meth:`_to_wire`). Each tensor is
+        converted once while it stays the same array, and each payload composition is packed once: every site
+        that gets the same tensors gets the same Array (one copy of the bytes, however many sites)."""
+        tensors, packs = self.__dict__.setdefault("_packs", ({}, {}))
+        wired = {}
+        for k, v in arrays.items():
+            hit = tensors.get(k)
+            if hit is None or hit[0] is not v:  # the entry holds v: its id cannot be reused while cached
+                hit = tensors[k] = (v, self._to_wire(k, v))
+                if isinstance(v, np.ndarray):
+                    v.flags.writeable = False  # cached bytes stand for v: an in-place change must fail, not go stale
+            wired[k] = hit[1]
+        key = tuple((k, id(w)) for k, w in wired.items())
+        hit = packs.get(key)
+        if hit is None or any(a is not b for a, b in zip(hit[0], wired.values())):
+            array, index = packing.pack(wired)
+            hit = packs[key] = (tuple(wired.values()), array, index, {k: w.dtype for k, w in wired.items()})
+            while len(packs) > self.KEEP_PACKS:
+                packs.pop(next(iter(packs)))
+        return hit[1], hit[2], hit[3]
 
     def _to_wire(self, name: str, value: np.ndarray) -> np.ndarray:
         value = np.asarray(value)
@@ -476,7 +509,7 @@ class KumikiStrategy(Strategy):
         profile = self.profiles[nid]
         n, metrics = train_metrics(content, announced=profile.num_train)
         self.check_epsilon(profile.site, metrics)
-        arrays = check_arrays(content[C.ARRAYS], self.reference_arrays(), expected, finite=False,
+        arrays = check_packed(content, self.reference_arrays(), expected, finite=False,
                               wire=expected if isinstance(expected, Mapping) else None)
         return Update(profile, arrays, n, metrics)
 

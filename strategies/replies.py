@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from kumiki import contract as C
+from kumiki import contract as C, packing
 from kumiki.data.sites import SITE_NAME_PATTERN
 from kumiki.tasks import TASKS, metric_of_key
 from kumiki.npy import NpyError, expect, read_npy
@@ -121,6 +121,27 @@ def check_arrays(arrays: Any, reference: Mapping[str, np.ndarray], expected: Ite
         if (value.dtype.kind == "c" or (finite and value.dtype.kind == "f")) and not np.isfinite(value).all():
             raise BadReply(f"tensor {name}: NaN or inf")
         out[name] = value
+    return out
+
+
+def check_packed(content: Any, reference: Mapping[str, np.ndarray], expected: Iterable[str], *,
+                 wire: Mapping[str, np.dtype] | None = None, finite: bool = True) -> dict[str, np.ndarray]:
+    """A packed reply's tensors (``kumiki.packing``: one array and its index) as read-only numpy views, or
+    BadReply, checked as strictly as :func:`check_arrays`: exactly the names sent, each in the dtype it was sent
+    in (``wire``) and with the reference's shape, a well-formed index whose offsets are the canonical layout, and
+    finite values unless ``finite=False``."""
+    want = {}
+    for name in expected:
+        ref = reference[name]
+        want[name] = (np.dtype(wire.get(name, ref.dtype)) if wire else ref.dtype, ref.shape)
+    try:
+        out = packing.take(content, expect=want)
+    except packing.PackError as exc:
+        raise BadReply(str(exc)) from None
+    if finite:
+        for name, value in out.items():
+            if value.dtype.kind == "f" and not np.isfinite(value).all():
+                raise BadReply(f"tensor {name}: NaN or inf")
     return out
 
 

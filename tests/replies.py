@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kumiki import contract as C
+from kumiki import contract as C, packing
 
 HOSTILE = 2  # node id of site-1
 
@@ -46,5 +46,15 @@ def as_evaluate_reply(rep, change) -> None:
 def on_arrays(change):
     """A reply change that rewrites the reply's arrays (as numpy) with ``change``."""
     def apply(rep):
-        rep.content[C.ARRAYS] = C.to_record(change({k: v.numpy() for k, v in rep.content[C.ARRAYS].items()}))
+        packing.put(rep.content, change(arrays_of(rep.content)))
     return apply
+
+
+def arrays_of(content) -> dict:
+    """A message's or reply's tensors (one packed array, ``kumiki.packing``) as writable numpy copies."""
+    return {k: v.copy() for k, v in packing.take(content).items()}
+
+
+def names_of(content) -> set[str]:
+    """The tensor names a message carries (its packed index)."""
+    return set(packing.take(content)) if C.ARRAYS in content.array_records else set()

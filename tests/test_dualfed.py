@@ -26,6 +26,7 @@ from models import ModelSpec, build_model
 from server.federation import build_strategy
 from strategies.base import SiteProfile, Update
 from tests.conftest import make_config, personalized_means, untimed
+from tests.replies import names_of
 
 
 
@@ -280,7 +281,7 @@ def test_messages_restart_and_unseen_bn(tmp_path):
             assert not names & set(split.personal), f"personal tensors left a site: {names & set(split.personal)}"
             assert not any(n.startswith(("projector.", "personal_head.")) or "running" in n for n in names)
     ups = [r for r in grid.replies if C.ARRAYS in r.content.array_records]
-    assert ups and all(set(r.content[C.ARRAYS].keys()) == set(split.shared) for r in ups)
+    assert ups and all(names_of(r.content) == set(split.shared) for r in ups)
     assert summary["unseen"]["mean"] is not None and summary["global"]["mean"] is not None
 
     # restart: rebuilding each site from the last evaluate message and its state file gives identical results

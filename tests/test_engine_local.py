@@ -77,6 +77,9 @@ def test_local_engine_two_sites(tmp_path):
     assert SUMMARY_KEYS <= set(summary)
     assert summary["method"] == "fedavg" and summary["dataset"] == "digits" and summary["metric"] == "accuracy"
     assert summary["rounds"] == 2 and summary["sites"] == 2
+    # every packed message (kumiki/packing.py) crossed the real transport and was accepted, both ways
+    assert summary["status"] == "ok" and summary["participation"]["incomplete_rounds"] == []
+    assert 0 < summary["eval_share"]["overall"] < 1
     assert {"mean", "std", "bottom10", "per_site"} <= set(summary["personalized"])
     assert set(summary["personalized"]["per_site"]) == {"site-0", "site-1"}
     assert {"mean", "per_site"} <= set(summary["global"])

@@ -17,7 +17,7 @@ from kumiki import contract as C
 from launch.engines.inprocess import run_inprocess
 from strategies.aggregate import clip_to_median_norm, coordinate_median, trimmed_mean
 from tests.conftest import make_config
-from tests.replies import on_arrays, rewrite_replies
+from tests.replies import arrays_of, on_arrays, rewrite_replies
 
 def _rows(cfg):
     rows = [json.loads(x) for x in (cfg.run_dir() / "metrics.jsonl").read_text().splitlines()]
@@ -66,7 +66,7 @@ def test_num_examples_must_be_a_positive_integer_within_the_announcement(tmp_pat
 
     def change(rep):
         _metric(C.NUM_EXAMPLES, value)(rep)
-        poisoned.update({k: v.numpy().copy() for k, v in rep.content[C.ARRAYS].items()})
+        poisoned.update(arrays_of(rep.content))
 
     cfg, _, rows = _run(tmp_path, rewrite_replies("train", change), rounds=1)
     [rej] = rows[1]["sites"]["rejected"]

@@ -22,6 +22,7 @@ from server.federation import build_strategy
 from strategies.base import SiteProfile, Update
 from strategies.fedhb import auto_psi0, niw_diag_update
 from tests.conftest import make_config, personalized_means, untimed
+from tests.replies import arrays_of
 
 PREFIX = FedHBConfig.precision_prefix
 
@@ -178,17 +179,18 @@ def test_messages_server_state_and_site_restart(tmp_path):
     evals = [m for m in grid.sent if m.metadata.message_type == "evaluate"][-4:]
     h = cfg.method
     # the L_0 sent after round 2 is the closed form of the round-2 uploads
-    ups = [{k: v.numpy() for k, v in r.content[C.ARRAYS].items()} for r in replies.values()]
+    ups = [arrays_of(r.content) for r in replies.values()]
     coords = [k for k in ups[0] if "running" not in k and "num_batches" not in k]
     n = [r.content[C.METRICS][C.NUM_EXAMPLES] for r in replies.values()]
     nu = h.nu0 + 3
     post = niw_diag_update([{k: u[k] for k in coords} for u in ups], h.lambda0, h.mu0, h.nu0,
                            auto_psi0(nu, h.mu_max, float(np.mean(n))), h.eps)
     sent = evals[0].content
+    sent_arrays = arrays_of(sent)
     for k in coords:
-        assert np.allclose(sent[C.ARRAYS][k].numpy(), post.m[k], atol=1e-6)
+        assert np.allclose(sent_arrays[k], post.m[k], atol=1e-6)
         assert np.allclose(sent[C.EXTRA][PREFIX + k].numpy(), post.w[k], rtol=1e-5)
-    assert np.allclose(sent[C.ARRAYS]["encoder.net.2.running_mean"].numpy(),
+    assert np.allclose(sent_arrays["encoder.net.2.running_mean"],
                        np.mean([u["encoder.net.2.running_mean"] for u in ups], axis=0), atol=1e-6)
     # the site's state file holds its uploaded m_i; replaying the last evaluation from disk is identical
     nid, reply = next(iter(replies.items()))
@@ -196,7 +198,7 @@ def test_messages_server_state_and_site_restart(tmp_path):
     saved = torch.load(cfg.run_dir() / "state" / site / "site_state.pt", weights_only=True)
     assert saved["last_round"] == 2
     for k, v in saved["extra"]["m_i"].items():
-        assert np.array_equal(v.numpy(), reply.content[C.ARRAYS][k].numpy())
+        assert np.array_equal(v.numpy(), arrays_of(reply.content)[k])
     for msg, r in zip(evals, grid.replies[-4:]):
         again = grid.app(msg, grid.contexts[msg.metadata.dst_node_id]).content[C.METRICS]
         assert untimed(again) == untimed(r.content[C.METRICS])

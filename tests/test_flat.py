@@ -14,7 +14,7 @@ import pytest
 from flwr.app import Array, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from kumiki import contract as C
+from kumiki import contract as C, packing
 from kumiki.split import ParamSplit
 from models import build_model
 from server.federation import build_strategy, model_spec
@@ -22,6 +22,7 @@ from strategies.base import KumikiStrategy, SiteProfile
 from kumiki.npy import NpyError, expect, npy_bytes, npy_header, read_npy
 from strategies.flat import Layout, Stack
 from tests.conftest import make_config
+from tests.replies import arrays_of
 
 
 def _strategy(tmp_path, groups=None, **server):
@@ -45,12 +46,12 @@ def _round(s, values, sizes, ints=None, order=None, rnd=1):
     msgs = {m.metadata.dst_node_id: m for m in s.configure_train(rnd, None, ConfigRecord(), None)}
     replies = []
     for nid in order or sorted(values):
-        sent = msgs[nid].content[C.ARRAYS]
+        sent = arrays_of(msgs[nid].content)
         fill = values[nid] if callable(values[nid]) else (lambda k, a, v=values[nid]: np.full(a.shape, v, a.dtype))
         arrays = {k: (fill(k, a) if a.dtype.kind == "f" else np.full(a.shape, (ints or {}).get(nid, 0), a.dtype))
-                  for k, a in ((k, v.numpy()) for k, v in sent.items())}
-        content = RecordDict({C.ARRAYS: C.to_record(arrays),
-                              C.METRICS: MetricRecord({C.NUM_EXAMPLES: sizes[nid], "train-loss": 1.0})})
+                  for k, a in sent.items()}
+        content = RecordDict({C.METRICS: MetricRecord({C.NUM_EXAMPLES: sizes[nid], "train-loss": 1.0})})
+        packing.put(content, arrays)
         replies.append(Message(content, reply_to=msgs[nid]))
     return s.aggregate_train(rnd, replies)
 

@@ -15,6 +15,7 @@ from models import build_model
 from server.federation import model_spec
 from server.recorder import read_final
 from tests.conftest import language_method, make_config, make_lm_config
+from tests.replies import names_of
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -40,7 +41,7 @@ def test_no_personal_tensor_in_any_message(tmp_path, method):
     assert len(replies) == len(grid.sent), [r.error.reason for r in grid.replies if r.has_error()]
     for msg, node in [(m, m.metadata.dst_node_id) for m in grid.sent] + [(r, r.metadata.src_node_id) for r in replies]:
         content = msg.content
-        names = set(content[C.ARRAYS].keys()) if C.ARRAYS in content.array_records else set()
+        names = names_of(content)
         allowed = travelling(node)
         assert names <= allowed, f"{method}: {sorted(names - allowed)} left a site or the server"
         assert not names & set(split.personal)

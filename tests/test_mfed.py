@@ -29,7 +29,7 @@ from server.federation import build_strategy
 from strategies.base import SiteProfile, Update
 from strategies.mfed import encoder_weights
 from strategies.replies import BadReply
-from tests.replies import on_arrays, rewrite_replies
+from tests.replies import names_of, on_arrays, rewrite_replies
 
 
 def mfed_config(tmp_path, name: str = "m", rounds: int = 2, sites: int = 4, unseen: int = 0, knobs: dict | None = None,
@@ -363,7 +363,7 @@ def test_four_tasks_and_two_decoders_per_task_train_together_and_no_site_sees_an
     for msg, node in [(m, m.metadata.dst_node_id) for m in grid.sent] + \
                      [(r, r.metadata.src_node_id) for r in grid.replies if not r.has_error()]:
         if C.ARRAYS in msg.content.array_records and msg.metadata.message_type in ("train", "evaluate"):
-            assert set(msg.content[C.ARRAYS].keys()) == set(split.travelling(groups[node])), (node, groups[node])
+            assert names_of(msg.content) == set(split.travelling(groups[node])), (node, groups[node])
     rows = [json.loads(x) for x in (cfg.run_dir() / "metrics.jsonl").read_text().splitlines()]
     site_rows = {r["site"]: r for r in rows if r["kind"] == "site" and r["round"] == 2}
     assert site_rows["site-5"]["task"] == "denoising" and site_rows["site-5"]["metric"] == "psnr"

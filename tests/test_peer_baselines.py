@@ -19,6 +19,7 @@ from kumiki.methods.fedrep import FedRepConfig
 from kumiki.split import ParamSplit
 from models import ModelSpec, build_model
 from tests.conftest import make_config, untimed
+from tests.replies import arrays_of
 
 
 
@@ -115,8 +116,8 @@ def test_ditto_lambda_pulls_v_toward_the_global_model(tmp_path):
         cfg, grid, _ = run(tmp_path / name, "ditto", rounds=1, sites=2, unseen=0, knobs={"lam": lam})
         v = torch.load(cfg.run_dir() / "state" / "site-0" / "site_state.pt", weights_only=True)["extra"]["v"]
         first = next(m for m in grid.sent if m.metadata.message_type == "train" and m.metadata.dst_node_id == 1)
-        w = first.content[C.ARRAYS]  # the w_t site-0 (node 1) received in round 1
-        return max(float(np.abs(v[k].numpy() - a.numpy()).max()) for k, a in w.items() if "running" not in k
+        w = arrays_of(first.content)  # the w_t site-0 (node 1) received in round 1
+        return max(float(np.abs(v[k].numpy() - a).max()) for k, a in w.items() if "running" not in k
                    and "num_batches" not in k)
 
     free, pinned = distance(0.0, "zero"), distance(30.0, "big")

@@ -11,9 +11,10 @@ import torch
 from flwr.app import ConfigRecord, MetricRecord
 
 from client.app import BadArrays, check_incoming
-from kumiki import contract as C
+from kumiki import contract as C, packing
 from launch.engines.inprocess import run_inprocess
 from tests.conftest import make_config
+from tests.replies import arrays_of
 
 
 def _rounds(cfg):
@@ -34,7 +35,7 @@ def _tamper(grid, nodes, rounds, change):
         replies = send(messages, timeout=timeout)
         for msg, rep in zip(messages, replies):
             if msg.metadata.message_type == "train" and msg.metadata.dst_node_id in nodes and _train_round(msg) in rounds:
-                rep.content[C.ARRAYS] = C.to_record(change({k: v.numpy() for k, v in rep.content[C.ARRAYS].items()}))
+                packing.put(rep.content, change(arrays_of(rep.content)))
         return replies
 
     grid.send_and_receive = wrapped
@@ -67,11 +68,11 @@ def test_round_with_too_few_valid_updates_keeps_the_previous_model(tmp_path):
 
     run_inprocess(cfg, quiet=True, grid_hook=hook)
     assert not _rounds(cfg)[2]["sites"]["aggregated"]
-    sent = {(_train_round(m), m.metadata.dst_node_id): m.content[C.ARRAYS] for m in grids[0].sent
+    sent = {(_train_round(m), m.metadata.dst_node_id): arrays_of(m.content) for m in grids[0].sent
             if m.metadata.message_type == "train"}
     for k in sent[(2, 1)].keys():  # round 3 starts from exactly the round-2 model
-        assert np.array_equal(sent[(2, 1)][k].numpy(), sent[(3, 1)][k].numpy())
-    assert any(not np.array_equal(sent[(1, 1)][k].numpy(), sent[(2, 1)][k].numpy()) for k in sent[(1, 1)].keys())
+        assert np.array_equal(sent[(2, 1)][k], sent[(3, 1)][k])
+    assert any(not np.array_equal(sent[(1, 1)][k], sent[(2, 1)][k]) for k in sent[(1, 1)].keys())
 
 
 def test_site_that_disappears_is_logged_and_the_others_go_on(tmp_path):
@@ -123,9 +124,9 @@ def test_min_reply_fraction_decides_whether_a_round_aggregates(tmp_path, fractio
     r = _rounds(cfg)
     assert r[1]["sites"]["accepted"] == 2 and r[1]["sites"]["aggregated"] is aggregated
     assert r[2]["sites"]["aggregated"]
-    sent = {(_train_round(m), m.metadata.dst_node_id): m.content[C.ARRAYS] for m in grids[0].sent
+    sent = {(_train_round(m), m.metadata.dst_node_id): arrays_of(m.content) for m in grids[0].sent
             if m.metadata.message_type == "train"}
-    same = all(np.array_equal(sent[(1, 2)][k].numpy(), sent[(2, 2)][k].numpy()) for k in sent[(1, 2)].keys())
+    same = all(np.array_equal(sent[(1, 2)][k], sent[(2, 2)][k]) for k in sent[(1, 2)].keys())
     assert same is not aggregated  # kept model <=> round 2 starts from exactly the round-1 model
 
 
@@ -166,8 +167,8 @@ def _big_announcer(count):
                     m = dict(rep.content[C.METRICS].items())
                     m[C.NUM_EXAMPLES] = count(others)
                     rep.content[C.METRICS] = MetricRecord(m)
-                    rep.content[C.ARRAYS] = C.to_record({k: np.full_like(v, 7.0) if v.dtype.kind == "f" else v
-                                                         for k, v in ((k, v.numpy()) for k, v in rep.content[C.ARRAYS].items())})
+                    packing.put(rep.content, {k: np.full_like(v, 7.0) if v.dtype.kind == "f" else v
+                                              for k, v in arrays_of(rep.content).items()})
             return replies
 
         grid.send_and_receive = wrapped

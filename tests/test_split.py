@@ -8,12 +8,13 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
 
-from kumiki import contract as C
+from kumiki import contract as C, packing
 from kumiki.contract import Job
 from kumiki.split import ParamSplit, SplitError
 from models import ModelSpec
 from strategies.base import KumikiStrategy, SiteProfile
 from tests.conftest import make_config
+from tests.replies import arrays_of, names_of
 
 
 class Toy(nn.Module):
@@ -70,15 +71,17 @@ def test_groups_receive_own_tensors_and_average_within_group(tmp_path):
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     st, split = _strategy(tmp_path)
     msgs = list(st.configure_train(1, None, ConfigRecord(), None))
-    sent = {m.metadata.dst_node_id: set(m.content[C.ARRAYS].keys()) for m in msgs}
+    sent = {m.metadata.dst_node_id: names_of(m.content) for m in msgs}
     assert sent[1] == sent[2] == set(split.shared) | set(split.groups["a"])
     assert sent[3] == set(split.shared) | set(split.groups["b"])
     # Each site replies with constant tensors = its node id, so the means are easy to write by hand.
     replies, n = [], {1: 10, 2: 30, 3: 20}
     for m in msgs:
         nid = m.metadata.dst_node_id
-        arrays = {k: np.full_like(v.numpy(), float(nid)) for k, v in m.content[C.ARRAYS].items()}
-        replies.append(Message(RecordDict({C.ARRAYS: C.to_record(arrays), C.METRICS: MetricRecord({C.NUM_EXAMPLES: n[nid]})}), reply_to=m))
+        arrays = {k: np.full_like(v, float(nid)) for k, v in arrays_of(m.content).items()}
+        content = RecordDict({C.METRICS: MetricRecord({C.NUM_EXAMPLES: n[nid]})})
+        packing.put(content, arrays)
+        replies.append(Message(content, reply_to=m))
     st.aggregate_train(1, replies)
     assert np.allclose(st.shared["body.weight"], (1 * 10 + 2 * 30 + 3 * 20) / 60)  # all three sites
     assert np.allclose(st.group_arrays["a"]["dec_a.weight"], (1 * 10 + 2 * 30) / 40)  # group a only

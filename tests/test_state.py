@@ -17,7 +17,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from client import app as client_app
 from client.state import FILE, SiteState, SiteStore, StateMismatch
-from kumiki import contract as C
+from kumiki import contract as C, packing
 from kumiki.contract import Job
 from kumiki.split import ParamSplit
 from launch.engines import node_configs, prepare_sites
@@ -158,8 +158,9 @@ def test_every_message_reloads_the_personal_tensors_from_the_state_file(tmp_path
              for k, v in model.state_dict().items() if k in split.personal}
     SiteStore(node["state-dir"]).save(SiteState(_fingerprint(split, job, model, node["site"]), 3, saved))
     shared = {k: v for k, v in model.state_dict().items() if k in split.travelling(None)}
-    msg = Message(RecordDict({C.ARRAYS: C.to_record(shared), C.CONFIG: job.to_config()}), dst_node_id=1,
-                  message_type=MessageType.EVALUATE)
+    content = RecordDict({C.CONFIG: job.to_config()})
+    packing.put(content, shared)
+    msg = Message(content, dst_node_id=1, message_type=MessageType.EVALUATE)
     ctx = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
     sj, _, _, _ = prepare(msg, ctx, for_training=False)
     got = sj.model.state_dict()

@@ -11,10 +11,9 @@ import pytest
 import torch
 
 from client.app import BadArrays, check_incoming, to_wire, widen
-from kumiki import contract as C
+from kumiki import contract as C, packing
 from kumiki.config import ConfigError, load_config
 from launch.engines.inprocess import run_inprocess
-from kumiki.npy import npy_header
 from tests.conftest import make_config
 from tests.test_flat import _round, _strategy
 
@@ -30,19 +29,18 @@ def test_float16_round_trips_through_real_sites_and_the_model_stays_float32(tmp_
     ups = [r for r in grid.replies if not r.has_error() and C.ARRAYS in r.content.array_records]
     downs = [m for m in grid.sent if C.ARRAYS in m.content.array_records]
     assert len(ups) == 6 and downs
-    for rec in [m.content[C.ARRAYS] for m in downs] + [r.content[C.ARRAYS] for r in ups]:
-        kinds = {k: v.numpy().dtype for k, v in rec.items()}
+    for content in [m.content for m in downs] + [r.content for r in ups]:
+        kinds = {k: v.dtype for k, v in packing.take(content).items()}
         assert all(d == np.float16 for k, d in kinds.items() if "num_batches" not in k), kinds
         assert all(d == np.int64 for k, d in kinds.items() if "num_batches" in k)
     with np.load(cfg.run_dir() / "checkpoints" / "global.npz") as z:
         model = {k: z[k] for k in z.files if k != "__round__"}
     assert all(v.dtype == np.float32 and np.isfinite(v).all() for k, v in model.items() if "num_batches" not in k)
-    # every message (3 train a round, 3 evaluate after the last) carries half the float32 bytes, plus each
-    # tensor's name and .npy header
-    half = sum(v.nbytes // 2 if v.dtype.kind == "f" else v.nbytes for v in model.values())
-    overhead = sum(len(k) + len(npy_header(np.float16 if v.dtype.kind == "f" else v.dtype, v.shape))
-                   for k, v in model.items())
-    assert len(downs) == 9 and summary["bytes"]["down_total"] == len(downs) * (half + overhead)
+    # every message (3 train a round, 3 evaluate after the last) carries one packed array (kumiki/packing.py):
+    # half the float32 bytes, each tensor at an aligned offset, one .npy header and the array's name
+    half = packing.pack({k: v.astype(np.float16) if v.dtype.kind == "f" else v for k, v in model.items()})[0]
+    assert half.shape[0] < sum(v.nbytes for v in model.values()) // 2 + 64 * len(model)
+    assert len(downs) == 9 and summary["bytes"]["down_total"] == len(downs) * (len(half.data) + len(packing.PACKED))
     assert summary["personalized"]["mean"] > 0.3
 
 
@@ -61,10 +59,10 @@ def test_a_tensor_beyond_float16_range_travels_in_its_own_dtype(tmp_path, caplog
     s.shared["head.bias"] = np.full_like(s.shared["head.bias"], 1e6)
     with caplog.at_level(logging.WARNING, logger="kumiki.server"):
         msgs = s.configure_train(1, None, C.ConfigRecord(), None)
-    rec = msgs[0].content[C.ARRAYS]
-    assert rec["head.bias"].numpy().dtype == np.float32 and rec["head.weight"].numpy().dtype == np.float16
+    rec = packing.take(msgs[0].content)
+    assert rec["head.bias"].dtype == np.float32 and rec["head.weight"].dtype == np.float16
     assert "head.bias has values beyond float16's range" in caplog.text
-    assert len({id(m.content[C.ARRAYS]["head.weight"]) for m in msgs}) == 1, "serialized once for all sites"
+    assert len({id(m.content[C.ARRAYS][packing.PACKED]) for m in msgs}) == 1, "packed once for all sites"
 
 
 def test_sites_widen_float16_refuse_other_dtypes_and_never_send_an_overflowed_update():

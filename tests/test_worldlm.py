@@ -21,6 +21,7 @@ from strategies.worldlm import key_names
 from strategies.worldlm_tree import (AttentionOptions, Node, OuterOptimizer, attend, attention_weights,
                                      residual_embeddings, sketch)
 from tests.conftest import make_lm_config
+from tests.replies import names_of
 
 lm_config = make_lm_config
 
@@ -275,8 +276,8 @@ def test_messages_carry_the_split_and_the_server_state_survives_a_restart(tmp_pa
     for msg, reply in zip(grid.sent, grid.replies):
         kind = msg.metadata.message_type
         if kind == "train":
-            assert set(msg.content[C.ARRAYS].keys()) == names and C.EXTRA not in msg.content
-            assert set(reply.content[C.ARRAYS].keys()) == names  # no optimizer or accountant state goes up
+            assert names_of(msg.content) == names and C.EXTRA not in msg.content
+            assert names_of(reply.content) == names  # no optimizer or accountant state goes up
             assert reply.content[C.METRICS]["train-tokens"] == 51 * 32  # 4 steps: the 51 training sequences
         elif kind == "evaluate":
             role = "unseen" if grid.contexts[msg.metadata.dst_node_id].node_config["site"] == "site-4" else "train"
