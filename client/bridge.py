@@ -22,6 +22,7 @@ Optional node config: ``region-app`` (the app folder ``flwr run`` builds; defaul
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -44,6 +45,7 @@ _STARTED = re.compile(r"Successfully started run (\d+)")
 BOOT_GRACE_S = 30.0  # a server that was just submitted gets this long to take the lock before anyone asks
 UNKNOWN_GRACE_S = 180.0  # ``flwr ls`` that cannot tell (a busy machine times it out) is no verdict for this long
 RUN_ID_FILE = "server-run-id"  # the region's submitted server run, known to every job of the region
+START_LOCK = "server-start.lock"  # held while a job of the region submits its server: one submission at a time
 
 
 def is_bridge(context: Context) -> bool:
@@ -148,7 +150,9 @@ def run_region(job_dir: Path, node_config: dict) -> None:
     A submitted server is not started again while its Flower run is still pending, starting or running (a
     slow start is not a dead server), whichever job of the region submitted it (its run id is kept in the
     region's folder), nor while ``flwr ls`` cannot tell its status (on a busy machine the CLI times out) for
-    less than ``UNKNOWN_GRACE_S``: only Flower's word that the run ended, or a long silence, starts another."""
+    less than ``UNKNOWN_GRACE_S``: only Flower's word that the run ended, or a long silence, starts another.
+    Jobs of one region submit under one lock (``START_LOCK``) and re-read the submitted id inside it, so two jobs
+    that both found no server (the root re-asking while the first start is still in ``flwr run``) start one."""
     region_dir = job_dir.parent.parent
     timeout = float(node_config.get("region-timeout-s", 900))
     deadline, starts, checked, boot = time.monotonic() + timeout, 0, 0.0, 0.0
@@ -171,9 +175,15 @@ def run_region(job_dir: Path, node_config: dict) -> None:
                 if starts >= 3:
                     raise RuntimeError(f"the region's server stopped {starts} times without answering; see "
                                        f"{region_dir / 'flwr-run.log'} and the region SuperLink's logs")
-                run_id, unknown_since = start_server(node_config, region_dir), None
-                if run_id is not None:
-                    (region_dir / RUN_ID_FILE).write_text(str(run_id))
+                with open(region_dir / START_LOCK, "a+") as lock:
+                    fcntl.flock(lock, fcntl.LOCK_EX)  # another job of the region may be submitting right now
+                    latest = _submitted(region_dir)
+                    if latest != run_id:  # it did (or had, since this job looked): wait on that server instead
+                        run_id, unknown_since, boot = latest, None, time.monotonic()
+                        continue
+                    run_id, unknown_since = start_server(node_config, region_dir), None
+                    if run_id is not None:
+                        (region_dir / RUN_ID_FILE).write_text(str(run_id))
                 starts, boot = starts + 1, time.monotonic()
         time.sleep(0.05)
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from client import bridge
+
+REAL_SLEEP = time.sleep  # the fixture below makes time.sleep a no-op (for the bridge's loop)
 
 
 @pytest.fixture
@@ -82,3 +86,37 @@ def test_a_status_flower_cannot_tell_is_waited_on_before_a_restart(region, monke
     bridge.run_region(job, {"region-timeout-s": 50_000})
     assert calls["starts"] == 1 and not calls["statuses"]
     assert (job.parent.parent / bridge.RUN_ID_FILE).read_text() == "101"
+
+
+def test_two_jobs_that_find_no_server_at_once_start_one(region, monkeypatch):
+    """Two jobs of one region (the root re-asked while the first start was still in ``flwr run``) both find no
+    server: the second waits on the first's submission instead of starting a second server."""
+    import threading
+
+    job, calls = region
+    real_sleep = REAL_SLEEP
+    second = job.parent / "000002-query.profile"
+    second.mkdir()
+    entered = threading.Event()
+
+    def slow_start(node_config, region_dir):
+        calls["starts"] += 1
+        entered.set()
+        real_sleep(0.5)  # flwr run takes its time; the other job looks meanwhile
+        return 100 + calls["starts"]
+
+    def status(node_config, run_id):
+        real_sleep(0.01)
+        if calls["starts"] and entered.is_set():
+            for j in (job, second):
+                (j / "result.json").write_text("{}")
+        return "running"
+
+    monkeypatch.setattr(bridge, "start_server", slow_start)
+    monkeypatch.setattr(bridge, "run_status", status)
+    t = threading.Thread(target=bridge.run_region, args=(job, {"region-timeout-s": 30}))
+    t.start()
+    entered.wait(10)
+    bridge.run_region(second, {"region-timeout-s": 30})
+    t.join(30)
+    assert calls["starts"] == 1
