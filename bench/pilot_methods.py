@@ -1,0 +1,364 @@
+"""The pilot's leaderboard (issue 24): which method makes each factory better than training alone, and where
+(with how many images per factory) joining pays at all.
+
+    .venv/bin/python bench/pilot_methods.py                               # quick: a few minutes on 2 cores
+    .venv/bin/python bench/pilot_methods.py --mode full --jobs 2 --write   # the table in bench/RESULTS.md + docs
+    .venv/bin/python bench/pilot_methods.py --mode full --part sweep --write   # the data-size sweep only
+
+**Leaderboard** (``--part board``): every registered method whose config validates for the pilot
+(``deploy/pilot.toml``: Fashion-MNIST, 4 training factories + 1 new one, 600 images each) runs at each seed
+on the same factory data as the local-only baseline (``method.name = local``: each factory alone) at that
+seed: ``data.partition_seed`` is fixed, so a seed pair differs only in the training randomness. Every run
+uses the in-process engine (the same ServerApp and ClientApp code as the pilot, without sockets) and
+evaluates only at the reported rounds (``eval.every``), which changes no training. A run first goes to the
+pilot's 10 rounds; its ``summary.json`` is kept, then it is resumed (``--resume``: as if it had never
+stopped) to 30 rounds. Per method and round count: each factory's gain over alone (mean ± std over the seeds),
+the mean gain (± its spread over seeds), the factories worse off, whether the issue-24 goal holds, and the
+bytes a run moved. Ranking and definitions: ``server/leaderboard.py``. Methods run with their own defaults
+(knobs and paper optimizer): no knob is tuned here, so nothing is chosen on test.
+
+**Sweep** (``--part sweep``): the same comparison for one method (``--sweep-method``, default the pilot's)
+at other amounts of data per factory: ``data.samples_per_site`` (images per factory, train + test, 80/20)
+60, 150, 600 and 2,400 each, and the unequal mix 60/300/1,200/2,400 (the new factory keeps 600), at the
+pilot's 10 rounds. ``--write`` also draws ``docs/img/pilot_sweep.svg`` and keeps its numbers in
+``docs/img/pilot_sweep.json``, which ``kumiki pilot`` copies into its report.
+
+Modes: ``quick`` (a smoke test of the whole path, numbers not for reading: 3 methods, 1 seed, 2 and 4
+rounds, sweep 60 and 150 images, 2 rounds) and ``full`` (every method, 3 seeds, 10 and 30 rounds; the sweep at
+3 seeds, 10 rounds). ``--seeds`` / ``--methods`` / ``--rounds`` narrow a mode; the table says exactly what
+produced it. Finished runs are cached under ``--workdir`` (a rerun computes only what is missing; ``--fresh``
+starts over), and the table is written from whatever finished, each row with its number of seed pairs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PILOT = ROOT / "deploy" / "pilot.toml"
+TAG = "pilot-methods"
+SWEEP_TAG = "pilot-sweep"
+SWEEP_JSON = ROOT / "docs" / "img" / "pilot_sweep.json"
+SWEEP_SVG = ROOT / "docs" / "img" / "pilot_sweep.svg"
+#: regimes of the sweep: label -> images per factory (training factories in order; the new factory keeps 600)
+SWEEP = {"60 each": [60] * 4, "150 each": [150] * 4, "600 each (the pilot)": [600] * 4,
+         "2,400 each": [2400] * 4, "unequal 60/300/1,200/2,400": [60, 300, 1200, 2400]}
+UNSEEN_IMAGES = 600
+#: methods refused on image data (language only) are left out by their config error; these need a setting
+#: to be an image-classification method at all (not a tuned knob: the task itself)
+AS_CLASSIFIER = {"mfed": ['method.tasks=["classification"]']}
+MODES = {
+    "quick": {"methods": ["fedavg_ft", "fedper", "ditto"], "seeds": 1, "rounds": [2, 4],
+              "sweep": ["60 each", "150 each"], "sweep_rounds": 2, "sweep_seeds": 1},
+    "full": {"methods": None, "seeds": 3, "rounds": [10, 30], "sweep": list(SWEEP), "sweep_rounds": 10,
+             "sweep_seeds": 3},
+}
+
+
+def image_methods() -> tuple[list[str], dict[str, str]]:
+    """The registered methods whose config validates for the pilot (``local`` is the baseline), and why the
+    others are left out."""
+    from kumiki.config import ConfigError, load_config
+    from kumiki.registry import METHODS
+
+    ok, refused = [], {}
+    for name in METHODS:
+        if name == "local":
+            continue
+        try:
+            load_config(PILOT, [f'method.name="{name}"', *AS_CLASSIFIER.get(name, [])])
+            ok.append(name)
+        except ConfigError as exc:
+            refused[name] = " ".join(str(exc).split())[:200]
+    return ok, refused
+
+
+def overrides(method: str, seed: int, rounds: int, sizes: list[int] | None, out: Path, name: str,
+              every: int) -> list[str]:
+    """The pilot's config for one run; ``every`` (eval.every) is the same at every stage of a resumed run."""
+    sets = [f'method.name="{method}"', *AS_CLASSIFIER.get(method, []), f'run.name="{name}"',
+            f'run.output_dir="{out}"', f"run.seed={seed}", "data.partition_seed=0", f"run.rounds={rounds}",
+            f"eval.every={every}"]
+    if sizes is not None:
+        per = [*sizes, UNSEEN_IMAGES]
+        sets.append(f"data.samples_per_site={per[0] if len(set(per)) == 1 else per}")
+    return sets
+
+
+def regime_key(label: str | None) -> str | None:
+    """The run-name tail of a sweep regime; None for the pilot's own sizes (those runs are the leaderboard's)."""
+    if label is None or SWEEP[label] == [600] * 4:
+        return None
+    return "".join(c for c in label if c.isalnum() or c == "/").replace("/", "-")
+
+
+def run_name(method: str, seed: int, regime: str | None) -> str:
+    key = regime_key(regime)
+    return f"{method}-s{seed}" + (f"-{key}" if key else "")
+
+
+def snap_dir(work: Path, name: str, rounds: int) -> Path:
+    return work / "snap" / f"{name}-r{rounds}"
+
+
+def done(work: Path, name: str, rounds: int) -> bool:
+    s = snap_dir(work, name, rounds) / "summary.json"
+    try:
+        return json.loads(s.read_text()).get("status") == "ok"
+    except (OSError, ValueError):
+        return False
+
+
+def run_task(task: dict) -> dict:
+    """Run (or resume) one run to each of ``task['rounds']`` in turn; keep its summary at each."""
+    import torch
+
+    from kumiki.config import load_config
+    from launch.engines.inprocess import run_inprocess
+
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    work, name = Path(task["work"]), task["name"]
+    out = work / "runs"
+    t0 = time.perf_counter()
+    log = []
+    try:
+        for r in task["rounds"]:
+            if done(work, name, r):
+                continue
+            cfg = load_config(PILOT, overrides(task["method"], task["seed"], r, task["sizes"], out, name,
+                                               task["every"]))
+            rd = cfg.run_dir()
+            resume = False
+            if (rd / "summary.json").is_file():
+                try:
+                    prev = json.loads((rd / "summary.json").read_text())
+                    resume = prev.get("status") == "ok" and int(prev.get("rounds") or 0) < r
+                except (OSError, ValueError):
+                    resume = False
+            t1 = time.perf_counter()
+            run_inprocess(cfg, quiet=True, overwrite=not resume, resume=resume)
+            snap = snap_dir(work, name, r)
+            snap.mkdir(parents=True, exist_ok=True)
+            for f in ("summary.json", "config.json"):
+                shutil.copy2(rd / f, snap / f)
+            log.append(f"{name} r{r}: {time.perf_counter() - t1:.0f}s{' (resumed)' if resume else ''}")
+    except Exception as exc:  # noqa: BLE001 - a failed run is a missing cell, reported, not a crashed bench
+        return {"name": name, "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-1500:],
+                "seconds": time.perf_counter() - t0, "log": log}
+    return {"name": name, "seconds": time.perf_counter() - t0, "log": log}
+
+
+def tasks_for(work: Path, methods: list[str], seeds: list[int], rounds: list[int], regime: str | None,
+              sizes: list[int] | None) -> list[dict]:
+    out = []
+    for seed in seeds:  # seed 0 of every method first: a table cut short still ranks every method
+        for m in ["local", *methods]:
+            out.append({"work": str(work), "name": run_name(m, seed, regime), "method": m, "seed": seed,
+                        "rounds": rounds, "sizes": sizes, "every": math.gcd(*rounds)})
+    return out
+
+
+def execute(tasks: list[dict], jobs: int) -> None:
+    todo = [t for t in tasks if not all(done(Path(t["work"]), t["name"], r) for r in t["rounds"])]
+    print(f"{len(todo)} run(s) to do ({len(tasks) - len(todo)} cached); load {os.getloadavg()[0]:.2f}", flush=True)
+    if not todo:
+        return
+    if jobs > 1:
+        with mp.get_context("spawn").Pool(jobs, maxtasksperchild=1) as pool:
+            for res in pool.imap_unordered(run_task, todo):
+                report(res)
+    else:
+        for t in todo:
+            report(run_task(t))
+
+
+def report(res: dict) -> None:
+    if "error" in res:
+        print(f"FAILED {res['name']}: {res['error']}\n{res.get('trace', '')}", flush=True)
+    for line in res.get("log", []):
+        print(f"  {line}  (load {os.getloadavg()[0]:.2f}, {time.strftime('%H:%M:%S')})", flush=True)
+
+
+# ----------------------------------------------------------------------------- the tables
+
+def collect(work: Path, methods: list[str], seeds: list[int], rounds: int, regime: str | None) -> dict:
+    """Per method: its comparison against local (the seed pairs that both finished) and its bytes."""
+    from server.compare import compare
+    from server.leaderboard import bytes_moved
+
+    alone = {s: snap_dir(work, run_name("local", s, regime), rounds) for s in seeds}
+    alone = {s: d for s, d in alone.items() if done(work, run_name("local", s, regime), rounds)}
+    out = {}
+    for m in methods:
+        joined = {s: snap_dir(work, run_name(m, s, regime), rounds) for s in seeds
+                  if done(work, run_name(m, s, regime), rounds)}
+        pairs = sorted(set(joined) & set(alone))
+        if not pairs:
+            continue
+        comp = compare([joined[s] for s in pairs], [alone[s] for s in pairs])
+        sums = [json.loads((joined[s] / "summary.json").read_text()) for s in pairs]
+        out[m] = (comp, bytes_moved(sums))
+    return out
+
+
+def pts(x: float | None, sd: float | None = None) -> str:
+    if x is None:
+        return "–"
+    return f"{100 * x:+.1f}" + (f" ± {100 * sd:.1f}" if sd is not None else "")
+
+
+def fmt_bytes(b: float | None) -> str:
+    if b is None:
+        return "–"
+    return "0" if b == 0 else f"{b / 2**20:.0f} MiB" if b >= 2**20 else f"{b / 2**10:.0f} KiB"
+
+
+def board_table(rows: list[dict], sites: list[str]) -> list[str]:
+    head = "| rank | method | seed pairs | " + " | ".join(sites) + " | mean gain | factories worse off | goal | bytes per run |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        cells = [pts(r["sites"][s]["mean"], r["sites"][s]["std"]) if s in r["sites"] else "–" for s in sites]
+        lines.append(f"| {r['rank']} | {r['method']} | {r['pairs']} | " + " | ".join(cells)
+                     + f" | **{pts(r['mean_gain'], r['mean_gain_std'])}** | {len(r['worse_off']) or 'none'}"
+                     + (f" ({', '.join(r['worse_off'])})" if r["worse_off"] else "")
+                     + f" | {'met' if r['goal'] else 'not met'} | {fmt_bytes(r['bytes'])} |")
+    return lines
+
+
+def board_section(work: Path, methods: list[str], refused: dict[str, str], seeds: list[int], rounds: list[int],
+                  mode: str, command: str, loads: tuple[str, str]) -> tuple[str, dict]:
+    from bench.results import machine, stamp
+    from server.leaderboard import board
+
+    text = [f"{stamp(command)} Mode `{mode}`: methods {', '.join(methods)}; seeds {', '.join(map(str, seeds))} "
+            f"(each paired with local-only at the same seed, same factory data: `data.partition_seed = 0`); "
+            f"rounds {' and '.join(map(str, rounds))} (the longer run resumes the shorter one); in-process engine; "
+            f"`deploy/pilot.toml` otherwise (Fashion-MNIST, 600 images per factory, 80/20 train/test). "
+            f"Machine: {machine()}; load average {loads[0]} before, {loads[1]} after (shared with other jobs).", ""]
+    boards = {}
+    for r in rounds:
+        found = collect(work, methods, seeds, r, None)
+        rows = board([(m, c, b) for m, (c, b) in found.items()], rounds=r)
+        boards[r] = rows
+        sites = sorted({s for row in rows for s in row["sites"]})
+        text += [f"**{r} rounds** (gain over alone in accuracy points, mean ± std over the seed pairs; "
+                 f"{len(rows)} of {len(methods)} methods finished):", ""]
+        text += board_table(rows, sites) if rows else ["(no finished runs)"]
+        text.append("")
+    if refused:
+        text.append("Left out (their configs refuse the pilot's image data): "
+                    + "; ".join(f"{m} ({why})" for m, why in refused.items()) + ".")
+    text.append("Gain = joined minus alone, personalized test accuracy. Mean gain = the mean over the 4 training "
+                "factories (± its std over seeds). Worse off: gain + std < 0. Goal (issue 24): every factory's "
+                "gain ≥ −its std and mean gain ≥ +3 points. Ranked by mean gain. Bytes: up + down, whole run. "
+                "No knob was tuned: every method runs with its own defaults, so nothing was chosen on test.")
+    return "\n".join(text), boards
+
+
+def sweep_section(work: Path, method: str, seeds: list[int], rounds: int, regimes: list[str], mode: str,
+                  command: str, loads: tuple[str, str]) -> tuple[str, dict]:
+    from bench.results import machine, stamp
+    from server.leaderboard import sweep_point
+
+    points = []
+    for label in regimes:
+        found = collect(work, [method], seeds, rounds, label)
+        if method in found:
+            points.append(sweep_point(label, SWEEP[label], found[method][0]))
+    numbers = {"method": method, "rounds": rounds, "seeds": seeds, "mode": mode, "command": command,
+               "date": time.strftime("%Y-%m-%d"), "points": points}
+    text = [f"{stamp(command)} Mode `{mode}`: {method} vs local-only, seeds {', '.join(map(str, seeds))}, "
+            f"{rounds} rounds, in-process engine, `deploy/pilot.toml` with `data.samples_per_site` per regime "
+            f"(images per factory, train + test; the new factory keeps {UNSEEN_IMAGES}). Machine: {machine()}; "
+            f"load average {loads[0]} before, {loads[1]} after.", "",
+            "| images per factory | seed pairs | " + " | ".join(f"factory-{c}" for c in "abcd") + " | mean gain |",
+            "|---|---|---|---|---|---|---|"]
+    for p in points:
+        by = {s["site"]: s for s in p["sites"]}
+        cells = [(f"{pts(by[s]['gain'], by[s]['std'])}" + ("" if p["equal"] else f" ({by[s]['images']})"))
+                 if s in by else "–" for s in (f"factory-{c}" for c in "abcd")]
+        text.append(f"| {p['label']} | {p['pairs']} | " + " | ".join(cells)
+                    + f" | **{pts(p['mean_gain'], p['mean_gain_std'])}** |")
+    text += ["", "Gain over alone in accuracy points (mean ± std over the seed pairs). The figure: "
+             "`docs/img/pilot_sweep.svg` (docs/pilot.md), also in every `kumiki pilot` report."]
+    return "\n".join(text), numbers
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mode", choices=list(MODES), default="quick")
+    ap.add_argument("--part", choices=["board", "sweep", "all"], default="all")
+    ap.add_argument("--methods", help="comma-separated subset (default: the mode's)")
+    ap.add_argument("--seeds", type=int, help="number of seeds (default: the mode's)")
+    ap.add_argument("--rounds", help="comma-separated round counts of the leaderboard (default: the mode's)")
+    ap.add_argument("--sweep-method", default=None, help="the sweep's method (default: deploy/pilot.toml's)")
+    ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/kumiki-pilot-methods"))
+    ap.add_argument("--fresh", action="store_true")
+    ap.add_argument("--write", action="store_true", help="write bench/RESULTS.md (and the sweep figure), run docs/gen.py")
+    ap.add_argument("--table-only", action="store_true", help="write the tables from the cached runs, run nothing")
+    a = ap.parse_args(argv)
+    mode = MODES[a.mode]
+    work = a.workdir / a.mode
+    if a.fresh and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    from bench.results import load, publish
+
+    ok, refused = image_methods()
+    methods = [m.strip() for m in a.methods.split(",")] if a.methods else (mode["methods"] or ok)
+    unknown = [m for m in methods if m not in ok]
+    if unknown:
+        ap.error(f"not image-classification methods on the pilot: {', '.join(unknown)} (these are: {', '.join(ok)})")
+    seeds = list(range(a.seeds or mode["seeds"]))
+    rounds = sorted(int(x) for x in a.rounds.split(",")) if a.rounds else mode["rounds"]
+    command = "python bench/pilot_methods.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    before = load()
+    if a.part in ("board", "all"):
+        if not a.table_only:
+            execute(tasks_for(work, methods, seeds, rounds, None, None), a.jobs)
+        text, boards = board_section(work, methods, refused if not a.methods else {}, seeds, rounds, a.mode,
+                                     command, (before, load()))
+        print(text)
+        (work / "board.json").write_text(json.dumps({str(k): v for k, v in boards.items()}, indent=1))
+        if a.write:
+            publish(TAG, text)
+    if a.part in ("sweep", "all"):
+        from kumiki.config import load_config
+
+        method = a.sweep_method or load_config(PILOT).method.name
+        s_seeds = list(range(a.seeds or mode["sweep_seeds"]))
+        if not a.table_only:
+            tasks = []
+            for label in mode["sweep"]:
+                if regime_key(label) is not None:  # the pilot's own sizes are the leaderboard's runs (--part board)
+                    tasks += tasks_for(work, [method], s_seeds, [mode["sweep_rounds"]], label, SWEEP[label])
+            tasks.sort(key=lambda t: (t["seed"], sum(t["sizes"])))  # seed 0 of every regime first, cheap first
+            execute(tasks, a.jobs)
+        text, numbers = sweep_section(work, method, s_seeds, mode["sweep_rounds"], mode["sweep"], a.mode, command,
+                                      (before, load()))
+        print(text)
+        (work / "sweep.json").write_text(json.dumps(numbers, indent=1))
+        if a.write:
+            SWEEP_JSON.write_text(json.dumps(numbers, indent=1) + "\n")
+            from server.report_methods import sweep_svg
+
+            sweep_svg(numbers, SWEEP_SVG)
+            publish(SWEEP_TAG, text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
