@@ -85,11 +85,12 @@ def image_methods() -> tuple[list[str], dict[str, str]]:
 
 
 def overrides(method: str, seed: int, rounds: int, sizes: list[int] | None, out: Path, name: str,
-              every: int) -> list[str]:
-    """The pilot's config for one run; ``every`` (eval.every) is the same at every stage of a resumed run."""
+              every: int, extra: list[str] | None = None) -> list[str]:
+    """The pilot's config for one run; ``every`` (eval.every) is the same at every stage of a resumed run;
+    ``extra``: a tuned knob, or the validation folders (``validation_overrides``)."""
     sets = [f'method.name="{method}"', *AS_CLASSIFIER.get(method, []), f'run.name="{name}"',
             f'run.output_dir="{out}"', f"run.seed={seed}", "data.partition_seed=0", f"run.rounds={rounds}",
-            f"eval.every={every}"]
+            f"eval.every={every}", *(extra or [])]
     if sizes is not None:
         per = [*sizes, UNSEEN_IMAGES]
         sets.append(f"data.samples_per_site={per[0] if len(set(per)) == 1 else per}")
@@ -103,9 +104,9 @@ def regime_key(label: str | None) -> str | None:
     return "".join(c for c in label if c.isalnum() or c == "/").replace("/", "-")
 
 
-def run_name(method: str, seed: int, regime: str | None) -> str:
+def run_name(method: str, seed: int, regime: str | None, tail: str | None = None) -> str:
     key = regime_key(regime)
-    return f"{method}-s{seed}" + (f"-{key}" if key else "")
+    return f"{method}-s{seed}" + (f"-{key}" if key else "") + (f"-{tail}" if tail else "")
 
 
 def snap_dir(work: Path, name: str, rounds: int) -> Path:
@@ -118,6 +119,77 @@ def done(work: Path, name: str, rounds: int) -> bool:
         return json.loads(s.read_text()).get("status") == "ok"
     except (OSError, ValueError):
         return False
+
+
+# ----------------------------------------------------------------------------- tuning without peeking
+VAL_FRACTION = 0.2
+
+
+def validation_sites(cfg, root: Path, fraction: float = VAL_FRACTION, seed: int = 0) -> Path:
+    """``cfg``'s factories without their test split: each factory's training split is cut (seeded) into a
+    training part and a validation part (``fraction`` of it), written as the folder's train.npz and test.npz.
+    A run on these folders (``validation_overrides``) is scored on validation images only: a knob or a method
+    chosen on it never saw a test image, and the test images are not even on disk beside it."""
+    import numpy as np
+
+    from kumiki.data.prepare import materialize
+    from kumiki.data.sites import write_site
+
+    full = materialize(cfg, root / "with-test")
+    out = root / "validation"
+    for d in full:
+        meta = json.loads((d / "site.json").read_text())
+        with np.load(d / "train.npz") as tr:
+            x, y = tr["x"], tr["y"]
+        idx = np.random.default_rng([seed, 24]).permutation(len(y))
+        n_val = max(1, int(round(len(y) * fraction)))
+        write_site(out / d.name, {**meta, "split": f"validation: {n_val} of the {len(y)} training images"},
+                   x[idx[n_val:]], y[idx[n_val:]], x[idx[:n_val]], y[idx[:n_val]])
+    shutil.rmtree(root / "with-test")
+    return out
+
+
+def validation_overrides(cfg, folders: Path) -> list[str]:
+    """The config keys that point a pilot run at the validation folders (the same images, the same cameras)."""
+    from server.federation import model_spec
+
+    spec = model_spec(cfg)
+    return ['data.dataset="site-folders"', f'data.path="{folders}"', f"data.input_shape={list(spec.input_shape)}",
+            f"data.num_classes={spec.num_classes}", "data.site_names=[]", "data.domains=[]"]
+
+
+def parse_tune(text: str) -> tuple[str, list[str]]:
+    """``method.ft_lr=0.005,0.01,0.02`` -> (``method.ft_lr``, the candidate values as TOML)."""
+    key, sep, values = text.partition("=")
+    cands = [v.strip() for v in values.split(",") if v.strip()]
+    if not sep or not key.strip().startswith("method.") or len(cands) < 2:
+        raise ValueError(f"--tune {text!r}: give a method knob and at least two values, e.g. method.ft_lr=0.005,0.01")
+    return key.strip(), cands
+
+
+def tune_section(work: Path, method: str, key: str, cands: list[str], seeds: list[int], rounds: int,
+                 command: str, loads: tuple[str, str]) -> tuple[str, dict]:
+    """Each candidate's gain over alone on validation, and the one chosen (highest mean gain)."""
+    from bench.results import machine, stamp
+    from server.leaderboard import board
+
+    entries = []
+    for v in cands:
+        found = collect(work, [method], seeds, rounds, None, tail=f"val-{knob_tag(key, v)}", alone_tail="val")
+        if method in found:
+            entries.append((f"{key} = {v}", found[method][0], found[method][1]))
+    rows = board(entries, rounds=rounds)
+    chosen = rows[0]["method"] if rows else None
+    text = [f"{stamp(command)} {method}, {key} in {{{', '.join(cands)}}}, seeds {', '.join(map(str, seeds))}, "
+            f"{rounds} rounds, scored on **validation** ({int(VAL_FRACTION * 100)}% of each factory's training "
+            f"images; its test images were not on disk). Machine: {machine()}; load {loads[0]} before, {loads[1]} "
+            "after.", "", *board_table(rows, sorted({s for r in rows for s in r["sites"]})), "",
+            f"Chosen on validation: **{chosen}**." if chosen else "(no finished runs)"]
+    return "\n".join(text), {"key": key, "chosen": chosen, "rows": rows}
+
+
+def knob_tag(key: str, value: str) -> str:
+    return key.split(".", 1)[1] + "-" + "".join(c if c.isalnum() or c in ".-" else "_" for c in value)
 
 
 def run_task(task: dict) -> dict:
@@ -133,12 +205,18 @@ def run_task(task: dict) -> dict:
     out = work / "runs"
     t0 = time.perf_counter()
     log = []
+    lock = work / "locks" / f"{name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    try:  # another bench process (same --workdir) may be running this one: leave it to that one
+        os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return {"name": name, "seconds": 0.0, "log": [f"{name}: running in another process ({lock})"]}
     try:
         for r in task["rounds"]:
             if done(work, name, r):
                 continue
             cfg = load_config(PILOT, overrides(task["method"], task["seed"], r, task["sizes"], out, name,
-                                               task["every"]))
+                                               task["every"], task.get("extra")))
             rd = cfg.run_dir()
             resume = False
             if (rd / "summary.json").is_file():
@@ -157,16 +235,23 @@ def run_task(task: dict) -> dict:
     except Exception as exc:  # noqa: BLE001 - a failed run is a missing cell, reported, not a crashed bench
         return {"name": name, "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-1500:],
                 "seconds": time.perf_counter() - t0, "log": log}
+    finally:
+        lock.unlink(missing_ok=True)
     return {"name": name, "seconds": time.perf_counter() - t0, "log": log}
 
 
 def tasks_for(work: Path, methods: list[str], seeds: list[int], rounds: list[int], regime: str | None,
-              sizes: list[int] | None) -> list[dict]:
+              sizes: list[int] | None, variants: list[tuple[str, list[str]]] | None = None,
+              alone: tuple[str | None, list[str]] = (None, [])) -> list[dict]:
+    """local and every method at every seed (seed 0 of every method first: a table cut short still ranks every
+    method); ``variants``: (name tail, extra keys) of each method run (a tuned knob's candidates), ``alone``:
+    the local runs' (tail, extra keys)."""
     out = []
-    for seed in seeds:  # seed 0 of every method first: a table cut short still ranks every method
-        for m in ["local", *methods]:
-            out.append({"work": str(work), "name": run_name(m, seed, regime), "method": m, "seed": seed,
-                        "rounds": rounds, "sizes": sizes, "every": math.gcd(*rounds)})
+    for seed in seeds:
+        runs = [("local", *alone)] + [(m, t, e) for m in methods for t, e in (variants or [(None, [])])]
+        for m, tail, extra in runs:
+            out.append({"work": str(work), "name": run_name(m, seed, regime, tail), "method": m, "seed": seed,
+                        "rounds": rounds, "sizes": sizes, "every": math.gcd(*rounds), "extra": extra})
     return out
 
 
@@ -193,17 +278,18 @@ def report(res: dict) -> None:
 
 # ----------------------------------------------------------------------------- the tables
 
-def collect(work: Path, methods: list[str], seeds: list[int], rounds: int, regime: str | None) -> dict:
+def collect(work: Path, methods: list[str], seeds: list[int], rounds: int, regime: str | None,
+            tail: str | None = None, alone_tail: str | None = None) -> dict:
     """Per method: its comparison against local (the seed pairs that both finished) and its bytes."""
     from server.compare import compare
     from server.leaderboard import bytes_moved
 
-    alone = {s: snap_dir(work, run_name("local", s, regime), rounds) for s in seeds}
-    alone = {s: d for s, d in alone.items() if done(work, run_name("local", s, regime), rounds)}
+    alone = {s: snap_dir(work, run_name("local", s, regime, alone_tail), rounds) for s in seeds}
+    alone = {s: d for s, d in alone.items() if done(work, run_name("local", s, regime, alone_tail), rounds)}
     out = {}
     for m in methods:
-        joined = {s: snap_dir(work, run_name(m, s, regime), rounds) for s in seeds
-                  if done(work, run_name(m, s, regime), rounds)}
+        joined = {s: snap_dir(work, run_name(m, s, regime, tail), rounds) for s in seeds
+                  if done(work, run_name(m, s, regime, tail), rounds)}
         pairs = sorted(set(joined) & set(alone))
         if not pairs:
             continue
@@ -299,7 +385,10 @@ def sweep_section(work: Path, method: str, seeds: list[int], rounds: int, regime
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mode", choices=list(MODES), default="quick")
-    ap.add_argument("--part", choices=["board", "sweep", "all"], default="all")
+    ap.add_argument("--part", choices=["board", "sweep", "tune", "all"], default="all")
+    ap.add_argument("--tune", help="--part tune: a method knob and its candidates, e.g. method.ft_lr=0.005,0.01,0.02;"
+                                   " each is scored on validation (never on test) against local on the same")
+    ap.add_argument("--tune-method", default=None, help="the tuned method (default: deploy/pilot.toml's)")
     ap.add_argument("--methods", help="comma-separated subset (default: the mode's)")
     ap.add_argument("--seeds", type=int, help="number of seeds (default: the mode's)")
     ap.add_argument("--rounds", help="comma-separated round counts of the leaderboard (default: the mode's)")
@@ -357,6 +446,26 @@ def main(argv: list[str] | None = None) -> int:
 
             sweep_svg(numbers, SWEEP_SVG)
             publish(SWEEP_TAG, text)
+    if a.part == "tune":
+        from kumiki.config import load_config
+
+        try:
+            key, cands = parse_tune(a.tune or "")
+        except ValueError as e:
+            ap.error(str(e))
+        pilot = load_config(PILOT)
+        method = a.tune_method or pilot.method.name
+        t_rounds = rounds[0]
+        val = validation_sites(pilot, work / "tune") if not (work / "tune" / "validation").is_dir() else \
+            work / "tune" / "validation"
+        extra = validation_overrides(pilot, val)
+        if not a.table_only:
+            variants = [(f"val-{knob_tag(key, v)}", [*extra, f"{key}={v}"]) for v in cands]
+            execute(tasks_for(work, [method], seeds, [t_rounds], None, None, variants, ("val", extra)), a.jobs)
+        text, chosen = tune_section(work, method, key, cands, seeds, t_rounds, command, (before, load()))
+        print(text)
+        if a.write:
+            publish(f"pilot-tune-{method}-{key.split('.', 1)[1]}", text)
     return 0
 
 

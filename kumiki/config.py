@@ -93,7 +93,7 @@ class DataSection(_Section):
     unseen_sites: int = Field(0, ge=0, le=1000, description="sites held out of training, evaluated only")
     partition: Partition = Field(default_factory=IidPartition)
     samples_per_site: Annotated[int, Field(ge=10)] | list[Annotated[int, Field(ge=10)]] | None = Field(
-        None, description="cap on a site's examples (train + test): one number for every site, or image data: one "
+        None, description="cap on a site's examples (train + test), each ≥ 10: one number for every site, or image data: one "
                           "per site (training sites first, then unseen), e.g. [60, 300, 1200, 2400, 600]")
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="share of each site's data kept for its test split")
     domains: list[str] = Field(

@@ -140,3 +140,25 @@ def test_a_list_of_caps_gives_each_factory_its_own_amount_of_data(tmp_path):
     assert sizes == [20, 40, 30]
     with pytest.raises(ConfigError, match="one cap per site"):
         make_config(tmp_path, sites=2, unseen=1, data={"samples_per_site": [20, 40]})
+
+
+def test_tuning_scores_on_validation_images_cut_from_the_training_split_and_never_on_test(tmp_path):
+    from bench.pilot_methods import parse_tune, validation_overrides, validation_sites
+    from kumiki.config import apply_overrides, validate
+    from kumiki.data.prepare import materialize
+
+    cfg = make_config(tmp_path, sites=2, unseen=1, data={"samples_per_site": 60, "site_names": ["f-a", "f-b", "f-c"]})
+    full = {d.name: d for d in materialize(cfg, tmp_path / "full")}
+    val = validation_sites(cfg, tmp_path / "tune")
+    assert sorted(p.name for p in (tmp_path / "tune").iterdir()) == ["validation"]  # no test split left on disk
+    for name, d in full.items():
+        rows = lambda f, k="x": {r.tobytes() for r in np.load(f)[k]}  # noqa: E731
+        train, test = rows(d / "train.npz"), rows(d / "test.npz")
+        v_train, v_val = rows(val / name / "train.npz"), rows(val / name / "test.npz")
+        assert v_train | v_val == train and not (v_train & v_val) and not ((v_train | v_val) & test)
+        assert len(v_val) == round(0.2 * len(train))
+    tuned = validate(apply_overrides(json.loads(cfg.model_dump_json()), validation_overrides(cfg, val)))
+    assert tuned.data.dataset == "site-folders" and tuned.data.path == str(val)
+    assert parse_tune("method.ft_lr=0.005, 0.01") == ("method.ft_lr", ["0.005", "0.01"])
+    with pytest.raises(ValueError, match="at least two values"):
+        parse_tune("train.lr=0.1,0.2")
