@@ -20,6 +20,7 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 from flwr.clientapp import ClientApp
 
 from client import privacy
+from client import safeguard
 from client.bridge import bridge_mod
 from client import site as sites
 from client.loop import Trainer, evaluate, resolve_device
@@ -145,6 +146,9 @@ def prepare(msg: Message, context: Context, for_training: bool) -> tuple[SiteJob
     node_config = dict(context.node_config)
     apply_site_threads(node_config, job.sim)  # this site's share of the machine's cores (client/threads.py)
     info, data = sites.resolve(node_config, job.sim, job.model, job.method)
+    holdout = None
+    if safeguard.applies(job, info.role, data):  # the holdout leaves the site's data: no model trains on it
+        data, holdout = safeguard.split(data, job.safeguard.val_fraction)
     if for_training and info.role != "train":
         raise ValueError(f"site {info.name} is an unseen site: it evaluates only and never trains")
     method = entry(job.method.name)
@@ -170,7 +174,7 @@ def prepare(msg: Message, context: Context, for_training: bool) -> tuple[SiteJob
     trainer = Trainer(data.x_train, data.y_train, job.train, seed=_seed(job, info), device=device)
     extra = msg.content[C.EXTRA].to_torch_state_dict() if C.EXTRA in msg.content else {}
     sj = SiteJob(model, split, trainer, data, state, job, received, role=info.role, extra=extra,
-                 task=objective.make_task(data.task), group=info.group, wire=wire)
+                 task=objective.make_task(data.task), group=info.group, wire=wire, val=holdout)
     return sj, objective, store, info
 
 
@@ -243,6 +247,7 @@ def train(msg: Message, context: Context) -> Message:
         if bad is not None:
             raise FloatingPointError(f"local update of {bad} is not finite")
         sj.state.personal = {k: state[k].clone() for k in sj.split.personal}
+        own_s = safeguard.train_own(sj) if sj.val is not None else None  # saved with the round, never sent
         sj.state.last_round = sj.job.round
         store.save(sj.state)
     except Exception as exc:  # noqa: BLE001
@@ -251,6 +256,8 @@ def train(msg: Message, context: Context) -> Message:
         C.NUM_EXAMPLES: sj.data.num_train,
         "fit-time-s": time.perf_counter() - t0 - eval_s,  # the site's compute for training (evaluation apart)
     }
+    if own_s is not None:  # the safeguard's extra compute: its own model's round (inside fit-time-s)
+        m["safeguard-time-s"] = own_s
     if dp is None:
         m["train-loss"] = float(metrics.get("loss", 0.0))
     m.update({f"train-{k}": float(v) for k, v in metrics.items() if k not in ("loss", "examples")})
@@ -295,6 +302,11 @@ def evaluation_metrics(sj: SiteJob, objective, info: sites.SiteInfo) -> dict[str
     if info.role == "train":
         personal = objective.personalized_model(sj)
         done = put("personalized", personal, objective.predict_personal)
+        if sj.val is not None:
+            chosen = safeguard.choose(sj, objective, personal, done)
+            safeguard.record(info.state_dir, sj.job, chosen, task)
+            if not sj.job.privacy.enabled:  # under DP every safeguard number is a training-split value: it stays
+                m.update(chosen)
     if objective.has_global:
         shared = objective.global_model(sj)
         same = done is not None and objective.global_is_personal(personal, shared)  # FedAvg: evaluated once

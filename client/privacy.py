@@ -69,6 +69,12 @@ def data_hash(x: np.ndarray, y: np.ndarray) -> str:
     return h.hexdigest()[:16]
 
 
+def _legacy(sj) -> str:
+    """The old data-hash name of the site's ledger: of its whole training split (before the safeguard's holdout)."""
+    full = sj.val.full if getattr(sj, "val", None) is not None else sj.data
+    return data_hash(full.x_train, full.y_train)
+
+
 @dataclass
 class Ledger:
     """The accountant history (noise multiplier, sample rate, steps) of one site's records, on disk."""
@@ -170,7 +176,7 @@ RECORD = "privacy"
 def open_ledger(sj, privacy_dir: str | Path) -> Ledger:
     """The site's ledger (named after the site), checked against what the site's state says it spent: a ledger
     that is missing, emptied or shorter than the state's record is refused (``LedgerMissing``), never restarted."""
-    ledger = Ledger.open(privacy_dir, sj.data.name, legacy=data_hash(sj.data.x_train, sj.data.y_train))
+    ledger = Ledger.open(privacy_dir, sj.data.name, legacy=_legacy(sj))
     record = (sj.state.extra or {}).get(RECORD) or {}
     need = int(record.get("ledger_steps", 0))
     if ledger.steps < need:
@@ -250,6 +256,6 @@ def finish(ledger: Ledger, dp: DPContext, p, state=None) -> float:
 def spent(sj, privacy_dir: str | Path) -> float:
     """Epsilon spent so far on this site's records (evaluation reports it; it never trains here)."""
     p = sj.job.privacy
-    ledger = Ledger.open(privacy_dir, sj.data.name, legacy=data_hash(sj.data.x_train, sj.data.y_train))
+    ledger = Ledger.open(privacy_dir, sj.data.name, legacy=_legacy(sj))
     recorded = float(((sj.state.extra or {}).get(RECORD) or {}).get("epsilon", 0.0))
     return max(epsilon(p.accountant, ledger.history, p.delta), recorded)  # never less than the state knows

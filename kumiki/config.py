@@ -266,6 +266,21 @@ class SiteSection(_Section):
                              "it from fresh personal state (reset); a site's node config on-missing-state overrides")
 
 
+class SafeguardSection(_Section):
+    """No factory worse off (docs/safeguard.md): each training site holds out part of its training split as
+    validation, keeps a model that is only its own, and serves whichever of the two is better on validation."""
+
+    enabled: bool = Field(True, description="each training site of a federated classification method also trains "
+                                            "a local-only model of its own (it never leaves the site) and serves, "
+                                            "at each evaluation, the better of it and its personalized model on a "
+                                            "validation split held out of its training data; false: off")
+    val_fraction: float = Field(
+        0.15, gt=0.0, le=0.5,
+        description="share of each site's training records held out as validation (neither model trains on them); "
+                    "each record's membership is a hash of the record itself: the same in every run, unknown to the "
+                    "server")
+
+
 class PrivacySection(_Section):
     """Per-example DP-SGD at every site (Opacus); see docs/differential-privacy.md."""
 
@@ -327,6 +342,7 @@ class KumikiConfig(_Section):
     eval: EvalSection = Field(default_factory=EvalSection)
     site: SiteSection = Field(default_factory=SiteSection)
     privacy: PrivacySection = Field(default_factory=PrivacySection)
+    safeguard: SafeguardSection = Field(default_factory=SafeguardSection)
     server: ServerSection = Field(default_factory=ServerSection)
     federation: FederationSection = Field(default_factory=FederationSection)
     #: ``[train]`` keys filled from the method's paper defaults (not set by the operator).

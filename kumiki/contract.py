@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
-from kumiki.config import EvalSection, PrivacySection, SiteSection, TrainSection
+from kumiki.config import EvalSection, PrivacySection, SafeguardSection, SiteSection, TrainSection
 from kumiki.methods.base import MethodConfig
 from kumiki.npy import npy_bytes
 from kumiki.registry import entry
@@ -41,6 +41,7 @@ ERR_BUDGET = 4300
 _METHOD, _TRAIN, _MODEL, _PRIVACY, _SIM = "kumiki.method", "kumiki.train", "kumiki.model", "kumiki.privacy", "kumiki.sim"
 _EVAL, _SITE, _RUN, _ROUNDS = "kumiki.eval", "kumiki.site", "kumiki.run", "kumiki.rounds"
 _RUN_ID = "kumiki.run-id"
+_SAFEGUARD = "kumiki.safeguard"
 #: per-site config entry: the last round the server accepted this site's update for (0: none yet)
 COMPLETED = "kumiki.completed"
 #: train-message config entry: evaluate the received model as round k's evaluation before training
@@ -66,6 +67,8 @@ class Job:
     #: this run's identity, drawn when it starts fresh and kept by a resume: a site whose state belongs to another
     #: run (an earlier run, or a rerun under the same name) archives it and starts fresh (``client.state``)
     run_id: str = ""
+    #: the safeguard's knobs (``client/safeguard.py``); a message without them (an older server) turns it off
+    safeguard: SafeguardSection = field(default_factory=lambda: SafeguardSection(enabled=False))
 
     def to_config(self) -> ConfigRecord:
         rec: dict[str, Any] = {
@@ -79,6 +82,7 @@ class Job:
             _RUN: self.run,
             _ROUNDS: self.rounds,
             _RUN_ID: self.run_id,
+            _SAFEGUARD: self.safeguard.model_dump_json(),
         }
         if self.sim is not None:
             rec[_SIM] = json.dumps(self.sim)
@@ -101,6 +105,8 @@ class Job:
                 run=str(rec[_RUN]) if _RUN in rec else "",
                 rounds=int(rec[_ROUNDS]) if _ROUNDS in rec else 0,
                 run_id=str(rec[_RUN_ID]) if _RUN_ID in rec else "",
+                safeguard=(SafeguardSection.model_validate_json(str(rec[_SAFEGUARD])) if _SAFEGUARD in rec
+                           else SafeguardSection(enabled=False)),
             )
         except (KeyError, ValueError) as e:
             raise ValueError(f"malformed job config in message: {e}") from None

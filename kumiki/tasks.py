@@ -17,7 +17,9 @@ import math
 from dataclasses import dataclass
 
 #: The evaluation paths a site reports (ARCHITECTURE section 7).
-PATHS = ("personalized", "global", "adapted")
+PATHS = ("personalized", "global", "adapted",
+         # the safeguard's (client/safeguard.py): the served and own models on test, both on validation
+         "served", "own", "val_joined", "val_own")
 
 
 @dataclass(frozen=True)

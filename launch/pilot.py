@@ -158,6 +158,16 @@ def console_lines(comp: dict) -> list[str]:
     out = [f"what joining gains each factory ({comp.get('metric')}, {comp.get('pairs')} seed(s)):"]
     for r in comp.get("train") or []:
         out.append(f"  {r['site']:<14} alone {v(r.get('b')):<16} joined {v(r.get('a')):<16} gain {g(r.get('gain'))}")
+    guarded = [r for r in comp.get("train") or [] if r.get("gain_served")]
+    for r in guarded:  # the safeguard: the model each factory serves, against alone
+        picks = ", ".join(f"{k} {n}x" for k, n in (r.get("serves") or {}).items())
+        out.append(f"  {r['site']:<14} serves {picks:<16} served {v(r.get('served')):<16} gain {g(r.get('gain_served'))}")
+    if guarded:
+        losing = [r["site"] for r in guarded if r["gain_served"]["mean"] < 0]
+        mean = (comp.get("overall") or {}).get("served_gain_mean")
+        out.append("  with the safeguard: " + (f"{len(losing)} factory(ies) still worse off than alone: "
+                                                 f"{', '.join(losing)}" if losing else "no factory worse off than alone")
+                   + f"; mean gain {g({'mean': mean}) if mean is not None else '-'}")
     for r in comp.get("unseen") or []:
         out.append(f"  {r['site']:<14} new factory: zero-shot {v(r.get('zero_shot'))}, adapted {v(r.get('adapted'))}"
                    f", alone {v(r.get('alone'))}")

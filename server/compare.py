@@ -50,6 +50,18 @@ def _per_site(summary: dict[str, Any], key: str) -> dict[str, float]:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
 
+def _served(summary: dict[str, Any]) -> dict[str, float]:
+    """The safeguard's served model per training site (``summary["safeguard"]["served"]``), else {}."""
+    guard = summary.get("safeguard")
+    return _per_site(guard, "served") if isinstance(guard, dict) else {}
+
+
+def _serves(summary: dict[str, Any]) -> dict[str, str]:
+    guard = summary.get("safeguard")
+    serves = guard.get("serves") if isinstance(guard, dict) else None
+    return {str(k): str(v) for k, v in serves.items()} if isinstance(serves, dict) else {}
+
+
 def stats(values: list[float]) -> dict[str, Any] | None:
     """mean, sample std (None for one value), min, max and the values themselves."""
     if not values:
@@ -140,6 +152,15 @@ def compare(a_runs: list[str | Path], b_runs: list[str | Path], a_label: str | N
                "b": stats(side(paired_b, "personalized", site)), "gain": gain("personalized", "personalized", site)}
         if row["b"] is None:
             notes.append(f"{site} has no personalized value in the baseline runs")
+        # the safeguard (client/safeguard.py): what the factory serves and what that is worth against alone
+        served = [v for r in paired_a if (v := _served(r.summary).get(site)) is not None]
+        if served:
+            vals = [sign * (va - vb) for ra, rb in pairs
+                    if (va := _served(ra.summary).get(site)) is not None
+                    and (vb := _per_site(rb.summary, "personalized").get(site)) is not None]
+            picks = [_serves(r.summary).get(site) for r in paired_a]
+            row.update({"served": stats(served), "gain_served": stats(vals),
+                        "serves": {k: picks.count(k) for k in ("joined", "own") if picks.count(k)}})
         train.append(row)
     unseen = []
     for site in unseen_sites:
@@ -151,6 +172,7 @@ def compare(a_runs: list[str | Path], b_runs: list[str | Path], a_label: str | N
                        "gain_zero_shot": gain("unseen", alone_key, site),
                        "gain_adapted": gain("unseen_adapted", alone_key, site)})
     gains = [row["gain"]["mean"] for row in train if row["gain"]]
+    served_gains = [row["gain_served"]["mean"] for row in train if row.get("gain_served")]
     return {
         "metric": metric, "higher_is_better": sign > 0, "fraction": is_fraction(metric),
         "a": {"label": a_label or f"{a[0].method} (joined)", "method": a[0].method, "runs": [r.info() for r in a]},
@@ -160,7 +182,11 @@ def compare(a_runs: list[str | Path], b_runs: list[str | Path], a_label: str | N
         "seeds": [ra.seed for ra, _ in pairs],
         "train": train, "unseen": unseen,
         "overall": {"gain_mean": sum(gains) / len(gains) if gains else None,
-                    "sites_gaining": sum(g > 0 for g in gains), "sites": len(gains)},
+                    "sites_gaining": sum(g > 0 for g in gains), "sites": len(gains),
+                    # with the safeguard: the model each factory serves against alone (None: not reported)
+                    "served_gain_mean": sum(served_gains) / len(served_gains) if served_gains else None,
+                    "sites_losing_served": [row["site"] for row in train
+                                            if row.get("gain_served") and row["gain_served"]["mean"] < 0]},
         "notes": notes,
     }
 

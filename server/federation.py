@@ -57,7 +57,8 @@ def build_strategy(cfg: KumikiConfig, sim: dict | None = None):
     model = build_model(spec, cfg.method)
     split = ParamSplit.build(model, cfg.method.split_rules())
     initial = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
-    job = Job(0, cfg.method, cfg.train, spec, cfg.privacy, sim, cfg.eval, cfg.site, cfg.run.name, cfg.run.rounds)
+    job = Job(0, cfg.method, cfg.train, spec, cfg.privacy, sim, cfg.eval, cfg.site, cfg.run.name, cfg.run.rounds,
+              safeguard=cfg.safeguard)
     return entry(cfg.method.name).strategy_for(cfg)(cfg, job, split, initial)
 
 

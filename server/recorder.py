@@ -60,6 +60,32 @@ def task_sections(ev: dict[str, dict[str, float]], roles: dict[str, str], tasks:
     return out
 
 
+def safeguard_section(ev: dict[str, dict[str, float]], roles: dict[str, str], tasks: dict[str, str],
+                      train: dict[str, dict[str, float]]) -> dict[str, Any] | None:
+    """The safeguard's round (client/safeguard.py): which model each training site serves, the served and own
+    models on test, both on validation, and the seconds its own model's training took (None: nothing reported,
+    as when it is off or under DP, where its numbers stay at the sites)."""
+    serves, val, served, own = {}, {}, {}, {}
+    for site, m in ev.items():
+        task = tasks.get(site, "classification")
+        if roles.get(site) != "train" or "safeguard-own" not in m:
+            continue
+        serves[site] = "own" if m["safeguard-own"] else "joined"
+        val[site] = {"joined": m.get(metric_key("val_joined", task)), "own": m.get(metric_key("val_own", task))}
+        if metric_key("served", task) in m:
+            served[site] = m[metric_key("served", task)]
+        if metric_key("own", task) in m:
+            own[site] = m[metric_key("own", task)]
+    secs = {s: float(m["safeguard-time-s"]) for s, m in train.items() if "safeguard-time-s" in m}
+    if not serves and not secs:
+        return None
+    higher = all(TASKS[tasks.get(s, "classification")].higher_is_better for s in serves)
+    return {"serves": dict(sorted(serves.items())), "validation": dict(sorted(val.items())),
+            "served": describe(served, higher), "own": describe(own, higher),
+            "time_s": {"max": max(secs.values()), "mean": float(np.mean(list(secs.values()))),
+                       "per_site": dict(sorted(secs.items()))} if secs else None}
+
+
 def mixed(per_task: dict[str, Any], section: str) -> dict[str, Any] | None:
     """A section over sites of different tasks: per-site values in each site's own metric, no mean
     (an accuracy and a PSNR do not average); ``tasks`` has each task's statistics."""
@@ -199,6 +225,9 @@ class Recorder:
             row["epsilon"] = dict(sorted(eps.items()))
         if self.cfg.privacy.central:
             row["central_epsilon"] = strategy.central_epsilon(st.central_releases)
+        guard = safeguard_section(ev, roles, tasks, st.train_metrics)
+        if guard is not None:  # which model each factory serves, and what its own model costs (docs/safeguard.md)
+            row["safeguard"] = guard
         if st.method_record:  # method-specific facts of the round (WorldLM: its phase, attention, group epsilons)
             row["method"] = st.method_record
         self._append(row)
@@ -212,7 +241,14 @@ class Recorder:
                           "num_examples": st.train_metrics.get(site, {}).get("num-examples"),
                           # seconds the site computed for this round: training it, and evaluating its model
                           "fit_time_s": st.train_metrics.get(site, {}).get("fit-time-s"),
-                          "eval_time_s": m.get("eval-time-s")})
+                          "eval_time_s": m.get("eval-time-s"),
+                          # the safeguard (client/safeguard.py): the model it serves, the served and own models on
+                          # test, and both on validation (absent when it is off or under DP)
+                          **({"serves": "own" if m["safeguard-own"] else "joined",
+                              "served": m.get(metric_key("served", task)), "own": m.get(metric_key("own", task)),
+                              "val_joined": m.get(metric_key("val_joined", task)),
+                              "val_own": m.get(metric_key("val_own", task))} if "safeguard-own" in m else {}),
+                          "safeguard_time_s": st.train_metrics.get(site, {}).get("safeguard-time-s")})
         self.totals.add(row)
         if not self.quiet:
             def fmt(d):
@@ -254,6 +290,29 @@ class Recorder:
             out["central"] = {"epsilon": strategy.central_epsilon(), "releases": strategy.central_releases,
                               "clip": p.central_clip, "noise_multiplier": p.central_noise_multiplier,
                               "unit": "one site (all its records)", "covers": COVERS_CENTRAL}
+        return out
+
+    def safeguard(self, last: dict[str, Any]) -> dict[str, Any] | None:
+        """summary.json's ``safeguard``: the knobs, the last round's choice per factory and its worth on test, and
+        the extra compute per round (None when it is off)."""
+        g = self.cfg.safeguard
+        if not g.enabled:
+            return None
+        tot = self.totals
+        out: dict[str, Any] = {"enabled": True, "val_fraction": g.val_fraction}
+        if not self.cfg.method.federated:
+            out["applies"] = "no: local-only sites serve their own model already and train on all their data"
+            return out
+        row = last.get("safeguard") or {}
+        if self.cfg.privacy.enabled:
+            out["withheld"] = ("privacy.enabled: the choice and the own model's numbers are training-split values "
+                               "outside epsilon, so they stay at each site (<state-dir>/safeguard.json)")
+        out.update({"serves": row.get("serves") or {}, "validation": row.get("validation") or {},
+                    "served": row.get("served"), "own": row.get("own"),
+                    # the own model's training, per round: the slowest site's seconds (the round's critical path)
+                    # and the mean over sites, averaged over the rounds that reported it
+                    "extra_time_per_round_s": {"max": tot.guard_max / tot.guard_rounds,
+                                               "mean": tot.guard_mean / tot.guard_rounds} if tot.guard_rounds else None})
         return out
 
     def participation(self, strategy: KumikiStrategy) -> dict[str, Any]:
@@ -315,6 +374,7 @@ class Recorder:
             summary["resumed_after"] = list(self.resumed)
         summary["status"] = "failed" if error else ("ok" if complete else "incomplete")
         summary["participation"] = part
+        summary["safeguard"] = self.safeguard(last)
         if error:
             summary["error"] = error
         self._append({"kind": "final", "last_round": {"personalized": pers and pers["mean"],
@@ -342,6 +402,7 @@ class _Totals:
         self.incomplete: list[int] = []
         self.last5: deque = deque(maxlen=5)  # section -> mean, for the last five rounds
         self.last: dict[str, Any] = {}  # the last round's full row
+        self.guard_rounds, self.guard_max, self.guard_mean = 0, 0.0, 0.0  # the safeguard's seconds (its rounds)
 
     def add(self, row: dict[str, Any]) -> None:
         sites = row["sites"]
@@ -356,4 +417,9 @@ class _Totals:
         if sites["rejected"] or not (sites["aggregated"] or everyone_declined):
             self.incomplete.append(row["round"])
         self.last5.append({sec: row[sec]["mean"] for sec in SECTIONS if row.get(sec)})
+        secs = (row.get("safeguard") or {}).get("time_s")
+        if secs:
+            self.guard_rounds += 1
+            self.guard_max += secs["max"]
+            self.guard_mean += secs["mean"]
         self.last = row

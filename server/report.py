@@ -291,6 +291,9 @@ def _factory_sections(run_dir: Path, summary: dict, config: dict) -> list[str]:
     table = rf.factories(summary, site_key)
     if table:
         out.append(_section("The factories", table))
+    guard = rf.safeguard(summary, site_key)
+    if guard:
+        out.append(_section("No factory worse off: the model each factory serves", guard))
     return out
 
 

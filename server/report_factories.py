@@ -258,6 +258,27 @@ def comparison(comp: dict, img) -> str:
                 "a gain" if g["mean"] > 0 else "a loss" if g["mean"] < 0 else "no change")
             lines.append(f"<strong>{_esc(r['site'])}</strong>: {fmt_stat(r.get('b'), frac)} alone &rarr; "
                          f"{fmt_stat(r.get('a'), frac)} joined: {fmt_gain(g, frac)} ({verdict}).")
+    guarded = [r for r in train if r.get("gain_served")]
+    if guarded:  # the safeguard: what each factory serves, against alone; an honest verdict first
+        losing = [r for r in guarded if r["gain_served"]["mean"] < 0]
+        clear = [r for r in losing if r["gain_served"]["mean"] + (r["gain_served"].get("std") or 0.0) < 0]
+        mean = _num(overall.get("served_gain_mean"))
+        if not losing:
+            verdict = (f"With the safeguard no training factory is worse off than alone: each serves the better of its "
+                       f"joined and its own model on validation, and the served model gains "
+                       f"<strong>{fmt_gain({'mean': mean}, frac, spread=False)}</strong> on average.")
+        else:
+            verdict = (f"With the safeguard <strong>{len(losing)} of {len(guarded)}</strong> training factories "
+                       f"({_names([r['site'] for r in losing])}) still do worse than alone on test"
+                       + (f", {len(clear)} of them beyond the spread over seeds" if n > 1 else "")
+                       + f"; the served model changes the {_esc(metric)} by "
+                         f"<strong>{fmt_gain({'mean': mean}, frac, spread=False)}</strong> on average.")
+        lines.append(verdict)
+        for r in guarded:
+            picks = r.get("serves") or {}
+            which = ", ".join(f"{k} model in {v} of {n}" for k, v in picks.items()) or "&ndash;"
+            lines.append(f"<strong>{_esc(r['site'])}</strong> serves its {which} run(s): {fmt_stat(r.get('served'), frac)}"
+                         f" against {fmt_stat(r.get('b'), frac)} alone, {fmt_gain(r['gain_served'], frac)}.")
     for r in unseen:
         parts = [f"zero-shot {fmt_stat(r.get('zero_shot'), frac)}"]
         if r.get("adapted"):
@@ -312,3 +333,44 @@ def comparison(comp: dict, img) -> str:
                    for side in (a, b) for x in side.get("runs", []))
     return (answer + (img or "") + table + "<ul class=\"how\">" + "".join(f"<li>{x}</li>" for x in how) + "</ul>"
             + f"<details><summary>runs compared</summary><ul>{runs}</ul></details>")
+
+
+def safeguard(summary: dict, site_key) -> str:
+    """The safeguard's table (client/safeguard.py): per training factory, the model it serves, both models on
+    validation and on test, what the choice is worth, and the extra compute per round."""
+    g = summary.get("safeguard")
+    if not isinstance(g, dict):
+        return ""
+    if g.get("applies"):
+        return f"<p>{_esc(g['applies'])}.</p>"
+    frac = is_fraction(str(summary.get("metric") or "accuracy"))
+    secs = g.get("extra_time_per_round_s") or {}
+    cost = (f"The own models' training adds {secs['max']:.2f} s per round on the slowest factory "
+            f"({secs['mean']:.2f} s on average per factory)." if _num(secs.get("max")) is not None else "")
+    if g.get("withheld"):
+        return f"<p>{_esc(g['withheld'])}. {cost}</p>"
+    serves = g.get("serves") or {}
+    if not serves:
+        return f"<p>No factory reported a choice. {cost}</p>"
+    pers = (summary.get("personalized") or {}).get("per_site") or {}
+    own = (g.get("own") or {}).get("per_site") or {}
+    served = (g.get("served") or {}).get("per_site") or {}
+    val = g.get("validation") or {}
+    rows = []
+    for site in sorted(serves, key=site_key):
+        v = val.get(site) or {}
+        worth = (_num(served.get(site)) - _num(pers.get(site))
+                 if _num(served.get(site)) is not None and _num(pers.get(site)) is not None else None)
+        rows.append(f"<tr><td><strong>{_esc(site)}</strong></td><td>{_esc(serves[site])}</td>"
+                    f"<td class=\"n\">{fmt_value(v.get('joined'), frac)}</td><td class=\"n\">{fmt_value(v.get('own'), frac)}</td>"
+                    f"<td class=\"n\">{fmt_value(pers.get(site), frac)}</td><td class=\"n\">{fmt_value(own.get(site), frac)}</td>"
+                    f"<td class=\"n\"><strong>{fmt_value(served.get(site), frac)}</strong></td>"
+                    f"<td class=\"n\">{fmt_gain({'mean': worth}, frac, spread=False, unit=False)}</td></tr>")
+    head = ("<tr><th>factory</th><th>serves</th><th>validation: joined</th><th>validation: own</th>"
+            "<th>test: joined</th><th>test: own</th><th>test: served</th><th>choice worth (served &minus; joined)</th></tr>")
+    n_own = sum(1 for x in serves.values() if x == "own")
+    text = (f"<p>Each training factory held out {100 * float(g.get('val_fraction') or 0):.0f}% of its training images as "
+            f"validation, trained a model of its own beside the federation (it never left the factory), and serves "
+            f"whichever is better on validation: <strong>{n_own} of {len(serves)}</strong> serve their own model "
+            f"this round. {cost}</p>")
+    return text + f"<table>{head}{''.join(rows)}</table>"

@@ -53,6 +53,8 @@ class SiteJob:
     wire: dict[str, torch.dtype] = field(default_factory=dict)
     #: The site's group (node config / site.json ``group``; M-Fed: its task group): which group tensors it gets.
     group: str = ""
+    #: The validation records the safeguard holds out of the training split (``client.safeguard``), or None.
+    val: Any = None
 
     @property
     def task_loss(self) -> LossFn:
