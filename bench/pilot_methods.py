@@ -192,6 +192,26 @@ def knob_tag(key: str, value: str) -> str:
     return key.split(".", 1)[1] + "-" + "".join(c if c.isalnum() or c in ".-" else "_" for c in value)
 
 
+def set_aside_pre_safeguard(work: Path) -> list[str]:
+    """Federated runs from before the safeguard existed (their config.json has no ``safeguard`` section) move to
+    ``snap-pre-safeguard/`` and run again: a table never mixes runs with and without it. Local-only runs stay
+    (the safeguard does not apply to them: the same computation either way)."""
+    moved = []
+    for d in sorted((work / "snap").glob("*")):
+        try:
+            cfg = json.loads((d / "config.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if "safeguard" not in cfg and (cfg.get("method") or {}).get("name") != "local":
+            dest = work / "snap-pre-safeguard" / d.name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if dest.exists():
+                shutil.rmtree(dest)
+            d.rename(dest)
+            moved.append(d.name)
+    return moved
+
+
 def run_task(task: dict) -> dict:
     """Run (or resume) one run to each of ``task['rounds']`` in turn; keep its summary at each."""
     import torch
@@ -312,13 +332,23 @@ def fmt_bytes(b: float | None) -> str:
 
 
 def board_table(rows: list[dict], sites: list[str]) -> list[str]:
-    head = "| rank | method | seed pairs | " + " | ".join(sites) + " | mean gain | factories worse off | goal | bytes per run |"
+    """Per factory the gain of what it deploys (with the safeguard: the served model; its choice over the seed
+    pairs, own / joined), the mean gain, and the personalized model's own mean gain beside it."""
+    head = ("| rank | method | seed pairs | " + " | ".join(sites)
+            + " | mean gain | personalized model's mean gain | factories worse off | goal | bytes per run |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        cells = [pts(r["sites"][s]["mean"], r["sites"][s]["std"]) if s in r["sites"] else "–" for s in sites]
-        lines.append(f"| {r['rank']} | {r['method']} | {r['pairs']} | " + " | ".join(cells)
-                     + f" | **{pts(r['mean_gain'], r['mean_gain_std'])}** | {len(r['worse_off']) or 'none'}"
-                     + (f" ({', '.join(r['worse_off'])})" if r["worse_off"] else "")
+        cells = []
+        for s in sites:
+            v = r["sites"].get(s)
+            pick = (r.get("serves") or {}).get(s) or {}
+            cells.append("–" if v is None else pts(v["mean"], v["std"])
+                         + (f" (own {pick.get('own', 0)}/{sum(pick.values())})" if pick else ""))
+        joined = r.get("joined") or {}
+        lines.append(f"| {r['rank']} | {r['method']}{' + safeguard' if r.get('safeguard') else ''} | {r['pairs']} | "
+                     + " | ".join(cells)
+                     + f" | **{pts(r['mean_gain'], r['mean_gain_std'])}** | {pts(joined.get('mean_gain'), joined.get('mean_gain_std'))}"
+                     + f" | {len(r['worse_off']) or 'none'}" + (f" ({', '.join(r['worse_off'])})" if r["worse_off"] else "")
                      + f" | {'met' if r['goal'] else 'not met'} | {fmt_bytes(r['bytes'])} |")
     return lines
 
@@ -346,7 +376,11 @@ def board_section(work: Path, methods: list[str], refused: dict[str, str], seeds
     if refused:
         text.append("Left out (their configs refuse the pilot's image data): "
                     + "; ".join(f"{m} ({why})" for m, why in refused.items()) + ".")
-    text.append("Gain = joined minus alone, personalized test accuracy. Mean gain = the mean over the 4 training "
+    text.append("Gain = what the factory deploys minus alone, test accuracy in points: with the safeguard "
+                "(`+ safeguard`, on by default) the served model, the better on the factory's validation split of "
+                "its personalized model and its own (own k/n: the own model served in k of n seed pairs); without "
+                "it the personalized model. Alone = local-only at the same seed (it trains on all its training "
+                "images; a safeguarded site holds 15% out as validation). Mean gain = the mean over the 4 training "
                 "factories (± its std over seeds). Worse off: gain + std < 0. Goal (issue 24): every factory's "
                 "gain ≥ −its std and mean gain ≥ +3 points. Ranked by mean gain. Bytes: up + down, whole run. "
                 "No knob was tuned: every method runs with its own defaults, so nothing was chosen on test.")
@@ -407,6 +441,9 @@ def main(argv: list[str] | None = None) -> int:
     from bench.results import load, publish
 
     ok, refused = image_methods()
+    moved = set_aside_pre_safeguard(work)
+    if moved:
+        print(f"set aside (from before the safeguard; they run again): {', '.join(moved)}", flush=True)
     methods = [m.strip() for m in a.methods.split(",")] if a.methods else (mode["methods"] or ok)
     unknown = [m for m in methods if m not in ok]
     if unknown:

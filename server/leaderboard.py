@@ -19,6 +19,9 @@ Definitions (the report and ``bench/RESULTS.md`` state them too):
   the standard deviation over seeds of the per-seed mean over factories (how much the headline itself moves
   with the training randomness);
 * a factory is **worse off** when its gain plus its spread is still below zero (the seeds agree it loses);
+* with the safeguard (``client/safeguard.py``: each factory serves the better, on its validation split, of
+  its personalized model and a model of its own), the gain is that of the **served** model; the personalized
+  model's numbers stay in the row (``joined``);
 * the **goal** (issue 24) holds when no factory's mean gain is below minus its spread and the mean gain is at
   least ``GOAL_POINTS`` (in the metric's units: 0.03 = 3 points of accuracy);
 * methods are ranked by mean gain, then by fewer factories worse off, then by fewer bytes.
@@ -35,39 +38,51 @@ from server.compare import stats
 GOAL_POINTS = 0.03
 
 
-def _per_seed_means(train: list[dict]) -> list[float]:
+def _per_seed_means(train: list[dict], key: str = "gain") -> list[float]:
     """The mean over factories of each seed pair's gain (pairs where every factory has a value)."""
-    cols = [r["gain"]["values"] for r in train if r.get("gain") and r["gain"].get("values")]
+    cols = [r[key]["values"] for r in train if r.get(key) and r[key].get("values")]
     if not cols:
         return []
     n = min(len(c) for c in cols)
     return [sum(c[i] for c in cols) / len(cols) for i in range(n)]
 
 
+def _side(train: list[dict], key: str) -> dict[str, Any]:
+    """Per-factory gains under ``key`` (``gain``: the personalized model; ``gain_served``: what the safeguard
+    serves), their mean, its spread over seeds, the factories worse off and the goal."""
+    sites = {r["site"]: {"mean": r[key]["mean"], "std": r[key].get("std"), "n": r[key].get("n")}
+             for r in train if r.get(key)}
+    means = [v["mean"] for v in sites.values()]
+    per_seed = _per_seed_means(train, key)
+    spread = stats(per_seed) if per_seed else None
+    mean_gain = sum(means) / len(means) if means else None
+    below = [s for s, v in sites.items() if v["mean"] < -(v["std"] or 0.0)]
+    return {"sites": sites, "mean_gain": mean_gain, "mean_gain_std": spread["std"] if spread else None,
+            "worst": min(means) if means else None, "gaining": sum(m > 0 for m in means),
+            "worse_off": [s for s, v in sites.items() if v["mean"] + (v["std"] or 0.0) < 0],
+            "goal": mean_gain is not None and not below and mean_gain >= GOAL_POINTS}
+
+
 def summarize(method: str, comp: dict[str, Any], bytes_moved: float | None = None,
               rounds: int | None = None) -> dict[str, Any]:
-    """One leaderboard row from one method's comparison (``compare``'s output) against each factory alone."""
+    """One leaderboard row from one method's comparison (``compare``'s output) against each factory alone.
+
+    The row's headline is what each factory would deploy: with the safeguard (runs that report it,
+    ``client/safeguard.py``) the model it serves, else its personalized model; ``joined`` keeps the
+    personalized model's numbers either way."""
     train = comp.get("train") or []
-    sites = {}
+    joined = _side(train, "gain")
     for r in train:
-        g = r.get("gain")
-        if g:
-            sites[r["site"]] = {"mean": g["mean"], "std": g.get("std"), "n": g.get("n"),
-                                "a": (r.get("a") or {}).get("mean"), "b": (r.get("b") or {}).get("mean"),
-                                "num_train": r.get("num_train")}
-    means = [s["mean"] for s in sites.values()]
-    per_seed = _per_seed_means(train)
-    spread = stats(per_seed) if per_seed else None
-    worse = [s for s, v in sites.items() if v["mean"] + (v["std"] or 0.0) < 0]
-    below = [s for s, v in sites.items() if v["mean"] < -(v["std"] or 0.0)]
-    mean_gain = sum(means) / len(means) if means else None
+        if r["site"] in joined["sites"]:
+            joined["sites"][r["site"]].update({"a": (r.get("a") or {}).get("mean"), "b": (r.get("b") or {}).get("mean"),
+                                               "num_train": r.get("num_train")})
+    served = _side(train, "gain_served") if any(r.get("gain_served") for r in train) else None
+    head = served or joined
+    serves: dict[str, dict[str, int]] = {r["site"]: r["serves"] for r in train if r.get("serves")}
     return {
         "method": method, "rounds": rounds, "pairs": comp.get("pairs"), "seeds": comp.get("seeds"),
-        "metric": comp.get("metric"), "fraction": comp.get("fraction"),
-        "sites": sites, "mean_gain": mean_gain, "mean_gain_std": spread["std"] if spread else None,
-        "worst": min(means) if means else None, "gaining": sum(m > 0 for m in means),
-        "worse_off": worse, "goal": (mean_gain is not None and not below and mean_gain >= GOAL_POINTS),
-        "bytes": bytes_moved,
+        "metric": comp.get("metric"), "fraction": comp.get("fraction"), "safeguard": served is not None,
+        **head, "joined": joined, "serves": serves, "bytes": bytes_moved,
     }
 
 
@@ -110,8 +125,9 @@ def sweep_point(label: str, sizes: list[int], comp: dict[str, Any]) -> dict[str,
         g = row["sites"].get(site)
         if g is None:
             continue
-        per_site.append({"site": site, "images": sizes[i] if i < len(sizes) else None, "num_train": g["num_train"],
-                         "gain": g["mean"], "std": g["std"]})
+        j = row["joined"]["sites"].get(site) or {}
+        per_site.append({"site": site, "images": sizes[i] if i < len(sizes) else None, "num_train": j.get("num_train"),
+                         "gain": g["mean"], "std": g["std"], "gain_joined": j.get("mean")})
     return {"label": label, "sizes": list(sizes), "equal": len(set(sizes)) == 1, "method": row["method"],
             "pairs": row["pairs"], "mean_gain": row["mean_gain"], "mean_gain_std": row["mean_gain_std"],
-            "sites": per_site}
+            "mean_gain_joined": row["joined"]["mean_gain"], "safeguard": row["safeguard"], "sites": per_site}

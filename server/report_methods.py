@@ -72,19 +72,27 @@ def methods_html(data: dict[str, Any]) -> str:
     answer.append("The goal (every factory at least its alone accuracy minus its spread, mean gain at least +3 "
                   "points) is met by " + (_esc(", ".join(goal)) if goal else "<strong>no method</strong>") + ".")
     head = ("<tr><th>rank</th><th>method</th><th>seed pairs</th>" + "".join(f"<th>{_esc(s)}</th>" for s in sites)
-            + f"<th>mean gain{' (points)' if frac else ''}</th><th>worse off</th><th>goal</th><th>bytes per run</th></tr>")
+            + f"<th>mean gain{' (points)' if frac else ''}</th><th>personalized model's mean gain</th><th>worse off</th>"
+            "<th>goal</th><th>bytes per run</th></tr>")
     body = []
     for r in rows:
-        cells = "".join(f"<td class=\"n\">{_pts(r['sites'][s]['mean'], r['sites'][s].get('std'), frac)}</td>"
-                        if s in (r.get("sites") or {}) else "<td>&ndash;</td>" for s in sites)
-        body.append(f"<tr><td class=\"n\">{_esc(r.get('rank'))}</td><td><strong>{_esc(r['method'])}</strong></td>"
+        cells = ""
+        for s in sites:
+            v, pick = (r.get("sites") or {}).get(s), (r.get("serves") or {}).get(s) or {}
+            own = f"<br><small>own model served {pick.get('own', 0)}/{sum(pick.values())}</small>" if pick else ""
+            cells += (f"<td class=\"n\">{_pts(v['mean'], v.get('std'), frac)}{own}</td>" if v else "<td>&ndash;</td>")
+        joined = r.get("joined") or {}
+        body.append(f"<tr><td class=\"n\">{_esc(r.get('rank'))}</td><td><strong>{_esc(r['method'])}</strong>"
+                    f"{' + safeguard' if r.get('safeguard') else ''}</td>"
                     f"<td class=\"n\">{_esc(r.get('pairs'))}</td>{cells}"
                     f"<td class=\"n\"><strong>{_pts(r.get('mean_gain'), r.get('mean_gain_std'), frac)}</strong></td>"
+                    f"<td class=\"n\">{_pts(joined.get('mean_gain'), joined.get('mean_gain_std'), frac)}</td>"
                     f"<td>{_esc(', '.join(r.get('worse_off') or [])) or 'none'}</td>"
                     f"<td>{'met' if r.get('goal') else 'not met'}</td><td class=\"n\">{_bytes(r.get('bytes'))}</td></tr>")
     how = ("Each method ran at the same seeds as the local-only baseline on the same factory data "
-           f"({_esc(data.get('rounds'))} rounds); gain = joined minus alone, &plusmn; the standard deviation over the "
-           "seed pairs. Mean gain: over the training factories (&plusmn; its spread over seeds). Worse off: gain + "
+           f"({_esc(data.get('rounds'))} rounds); gain = what the factory deploys minus alone (with the safeguard: "
+           "the model it serves, the better on its validation split of its personalized model and its own; "
+           "without: its personalized model), &plusmn; the standard deviation over the seed pairs. Mean gain: over the training factories (&plusmn; its spread over seeds). Worse off: gain + "
            "spread below zero. Ranked by mean gain, then fewer factories worse off, then fewer bytes.")
     return ("<ul class=\"answer\">" + "".join(f"<li>{x}</li>" for x in answer) + "</ul>"
             + f"<table>{head}{''.join(body)}</table><p class=\"note\">{how}</p>")

@@ -162,3 +162,21 @@ def test_tuning_scores_on_validation_images_cut_from_the_training_split_and_neve
     assert parse_tune("method.ft_lr=0.005, 0.01") == ("method.ft_lr", ["0.005", "0.01"])
     with pytest.raises(ValueError, match="at least two values"):
         parse_tune("train.lr=0.1,0.2")
+
+
+def test_with_the_safeguard_the_served_model_is_the_headline_and_the_personalized_one_stays_beside_it(tmp_path):
+    alone = _runs(tmp_path, "local", [(0.80, 0.70), (0.82, 0.70)])
+    fed = _runs(tmp_path, "fedavg_ft", [(0.70, 0.74), (0.72, 0.76)])  # factory-a loses 10 points joined
+    for d, served in zip(fed, [(0.81, 0.74), (0.83, 0.76)]):  # ... and serves its own model instead
+        s = json.loads((d / "summary.json").read_text())
+        s["safeguard"] = {"served": {"mean": sum(served) / 2, "per_site": dict(zip(["factory-a", "factory-b"], served))},
+                          "serves": {"factory-a": "own", "factory-b": "joined"}}
+        (d / "summary.json").write_text(json.dumps(s))
+    [row] = board([("fedavg_ft", compare(fed, alone), None)])
+    assert row["safeguard"] and row["sites"]["factory-a"]["mean"] == pytest.approx(0.01)
+    assert row["mean_gain"] == pytest.approx(0.03) and row["worse_off"] == [] and row["goal"]
+    assert row["joined"]["mean_gain"] == pytest.approx(-0.025) and row["joined"]["worse_off"] == ["factory-a"]
+    assert row["serves"]["factory-a"] == {"own": 2}
+    html = rm.methods_html({"rounds": 10, "board": [row]})
+    assert "fedavg_ft</strong> + safeguard" in html and "own model served 2/2" in html and "&minus;" not in html
+    assert "-2.5 &plusmn; 0.7" in html  # the personalized model's mean gain beside the served one
