@@ -180,7 +180,7 @@ def tune_section(work: Path, method: str, key: str, cands: list[str], seeds: lis
             entries.append((f"{key} = {v}", found[method][0], found[method][1]))
     rows = board(entries, rounds=rounds)
     chosen = rows[0]["method"] if rows else None
-    text = [f"{stamp(command)} {method}, {key} in {{{', '.join(cands)}}}, seeds {', '.join(map(str, seeds))}, "
+    text = [f"{stamp(command)}{' ' + NOTE if NOTE else ''} {method}, {key} in {{{', '.join(cands)}}}, seeds {', '.join(map(str, seeds))}, "
             f"{rounds} rounds, scored on **validation** ({int(VAL_FRACTION * 100)}% of each factory's training "
             f"images; its test images were not on disk). Machine: {machine()}; load {loads[0]} before, {loads[1]} "
             "after.", "", *board_table(rows, sorted({s for r in rows for s in r["sites"]})), "",
@@ -353,12 +353,16 @@ def board_table(rows: list[dict], sites: list[str]) -> list[str]:
     return lines
 
 
+#: ``--note``: said after the command that wrote a table (which commands made its cached runs)
+NOTE = ""
+
+
 def board_section(work: Path, methods: list[str], refused: dict[str, str], seeds: list[int], rounds: list[int],
                   mode: str, command: str, loads: tuple[str, str]) -> tuple[str, dict]:
     from bench.results import machine, stamp
     from server.leaderboard import board
 
-    text = [f"{stamp(command)} Mode `{mode}`: methods {', '.join(methods)}; seeds {', '.join(map(str, seeds))} "
+    text = [f"{stamp(command)}{' ' + NOTE if NOTE else ''} Mode `{mode}`: methods {', '.join(methods)}; seeds {', '.join(map(str, seeds))} "
             f"(each paired with local-only at the same seed, same factory data: `data.partition_seed = 0`); "
             f"rounds {' and '.join(map(str, rounds))} (the longer run resumes the shorter one); in-process engine; "
             f"`deploy/pilot.toml` otherwise (Fashion-MNIST, 600 images per factory, 80/20 train/test). "
@@ -399,7 +403,7 @@ def sweep_section(work: Path, method: str, seeds: list[int], rounds: int, regime
             points.append(sweep_point(label, SWEEP[label], found[method][0]))
     numbers = {"method": method, "rounds": rounds, "seeds": seeds, "mode": mode, "command": command,
                "date": time.strftime("%Y-%m-%d"), "points": points}
-    text = [f"{stamp(command)} Mode `{mode}`: {method} vs local-only, seeds {', '.join(map(str, seeds))}, "
+    text = [f"{stamp(command)}{' ' + NOTE if NOTE else ''} Mode `{mode}`: {method} vs local-only, seeds {', '.join(map(str, seeds))}, "
             f"{rounds} rounds, in-process engine, `deploy/pilot.toml` with `data.samples_per_site` per regime "
             f"(images per factory, train + test; the new factory keeps {UNSEEN_IMAGES}). Machine: {machine()}; "
             f"load average {loads[0]} before, {loads[1]} after.", "",
@@ -427,11 +431,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, help="number of seeds (default: the mode's)")
     ap.add_argument("--rounds", help="comma-separated round counts of the leaderboard (default: the mode's)")
     ap.add_argument("--sweep-method", default=None, help="the sweep's method (default: deploy/pilot.toml's)")
+    ap.add_argument("--regimes", help="the sweep's regimes to run, by their first number: e.g. 60,150,600,2400,unequal "
+                                      "(default: the mode's); the table lists every regime that has runs")
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/kumiki-pilot-methods"))
     ap.add_argument("--fresh", action="store_true")
     ap.add_argument("--write", action="store_true", help="write bench/RESULTS.md (and the sweep figure), run docs/gen.py")
     ap.add_argument("--table-only", action="store_true", help="write the tables from the cached runs, run nothing")
+    ap.add_argument("--note", default="", help="a sentence for the table: which commands made the cached runs")
     a = ap.parse_args(argv)
     mode = MODES[a.mode]
     work = a.workdir / a.mode
@@ -450,7 +457,13 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"not image-classification methods on the pilot: {', '.join(unknown)} (these are: {', '.join(ok)})")
     seeds = list(range(a.seeds or mode["seeds"]))
     rounds = sorted(int(x) for x in a.rounds.split(",")) if a.rounds else mode["rounds"]
-    command = "python bench/pilot_methods.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    args = list(argv if argv is not None else sys.argv[1:])
+    if "--note" in args:  # the note is said in the table, not repeated inside the command
+        i = args.index("--note")
+        del args[i:i + 2]
+    command = "python bench/pilot_methods.py " + " ".join(args)
+    global NOTE
+    NOTE = a.note
     before = load()
     if a.part in ("board", "all"):
         if not a.table_only:
@@ -468,7 +481,10 @@ def main(argv: list[str] | None = None) -> int:
         s_seeds = list(range(a.seeds or mode["sweep_seeds"]))
         if not a.table_only:
             tasks = []
+            wanted = [r.strip() for r in a.regimes.split(",")] if a.regimes else None
             for label in mode["sweep"]:
+                if wanted is not None and label.split(" ")[0].replace(",", "") not in wanted:
+                    continue
                 if regime_key(label) is not None:  # the pilot's own sizes are the leaderboard's runs (--part board)
                     tasks += tasks_for(work, [method], s_seeds, [mode["sweep_rounds"]], label, SWEEP[label])
             tasks.sort(key=lambda t: (t["seed"], sum(t["sizes"])))  # seed 0 of every regime first, cheap first
