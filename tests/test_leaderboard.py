@@ -180,3 +180,16 @@ def test_with_the_safeguard_the_served_model_is_the_headline_and_the_personalize
     html = rm.methods_html({"rounds": 10, "board": [row]})
     assert "fedavg_ft</strong> + safeguard" in html and "own model served 2/2" in html and "&minus;" not in html
     assert "-2.5 &plusmn; 0.7" in html  # the personalized model's mean gain beside the served one
+
+
+def test_kumiki_pilot_refuses_a_bad_methods_list_before_any_run_starts(tmp_path):
+    from typer.testing import CliRunner
+
+    from launch.cli import cli
+
+    out = f'run.output_dir="{tmp_path}"'
+    r = CliRunner().invoke(cli, ["pilot", "--methods", "fedavg_ft,fedavgg", "--set", out])
+    assert r.exit_code == 2 and "unknown method 'fedavgg'" in r.output
+    r = CliRunner().invoke(cli, ["pilot", "--methods", "fedavg_ft,ditto", "--no-baseline", "--set", out])
+    assert r.exit_code == 2 and "drop --no-baseline" in r.output
+    assert not any(tmp_path.iterdir())  # nothing ran
