@@ -303,10 +303,12 @@ def evaluation_metrics(sj: SiteJob, objective, info: sites.SiteInfo) -> dict[str
         personal = objective.personalized_model(sj)
         done = put("personalized", personal, objective.predict_personal)
         if sj.val is not None:
+            t0 = time.perf_counter()
             chosen = safeguard.choose(sj, objective, personal, done)
             safeguard.record(info.state_dir, sj.job, chosen, task)
             if not sj.job.privacy.enabled:  # under DP every safeguard number is a training-split value: it stays
                 m.update(chosen)
+            m["safeguard-eval-time-s"] = time.perf_counter() - t0  # its extra evaluation (a time, not a value)
     if objective.has_global:
         shared = objective.global_model(sj)
         same = done is not None and objective.global_is_personal(personal, shared)  # FedAvg: evaluated once

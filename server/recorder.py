@@ -76,7 +76,11 @@ def safeguard_section(ev: dict[str, dict[str, float]], roles: dict[str, str], ta
             served[site] = m[metric_key("served", task)]
         if metric_key("own", task) in m:
             own[site] = m[metric_key("own", task)]
+    # its extra compute per site: the own model's training round plus the choice's evaluation
     secs = {s: float(m["safeguard-time-s"]) for s, m in train.items() if "safeguard-time-s" in m}
+    for s, m in ev.items():
+        if "safeguard-eval-time-s" in m:
+            secs[s] = secs.get(s, 0.0) + float(m["safeguard-eval-time-s"])
     if not serves and not secs:
         return None
     higher = all(TASKS[tasks.get(s, "classification")].higher_is_better for s in serves)
@@ -248,7 +252,8 @@ class Recorder:
                               "served": m.get(metric_key("served", task)), "own": m.get(metric_key("own", task)),
                               "val_joined": m.get(metric_key("val_joined", task)),
                               "val_own": m.get(metric_key("val_own", task))} if "safeguard-own" in m else {}),
-                          "safeguard_time_s": st.train_metrics.get(site, {}).get("safeguard-time-s")})
+                          "safeguard_time_s": st.train_metrics.get(site, {}).get("safeguard-time-s"),
+                          "safeguard_eval_time_s": m.get("safeguard-eval-time-s")})
         self.totals.add(row)
         if not self.quiet:
             def fmt(d):
@@ -309,8 +314,8 @@ class Recorder:
                                "outside epsilon, so they stay at each site (<state-dir>/safeguard.json)")
         out.update({"serves": row.get("serves") or {}, "validation": row.get("validation") or {},
                     "served": row.get("served"), "own": row.get("own"),
-                    # the own model's training, per round: the slowest site's seconds (the round's critical path)
-                    # and the mean over sites, averaged over the rounds that reported it
+                    # the safeguard's compute per round (its own model's training and the choice's evaluation): the
+                    # slowest site's seconds and the mean over sites, averaged over the rounds that reported it
                     "extra_time_per_round_s": {"max": tot.guard_max / tot.guard_rounds,
                                                "mean": tot.guard_mean / tot.guard_rounds} if tot.guard_rounds else None})
         return out

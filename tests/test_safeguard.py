@@ -1,0 +1,218 @@
+"""The safeguard (client/safeguard.py, docs/safeguard.md): no factory worse off.
+
+Each training site holds out validation records, keeps an own model that never leaves it, and serves the better of
+its joined and its own model on validation. One small in-process run (digits, 2 sites, 2 rounds) feeds most tests.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from client import safeguard, site as sites
+from kumiki import contract as C
+from kumiki.config import ConfigError, validate
+from kumiki.registry import METHODS, entry
+from launch.engines.inprocess import run_inprocess
+from models import build_model
+from server.federation import model_spec
+from tests.conftest import language_method, make_config, untimed
+
+ON = {"enabled": True, "val_fraction": 0.2}
+
+
+def _rows(cfg) -> list[dict]:
+    return [json.loads(x) for x in (cfg.run_dir() / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("guard")
+    cfg = make_config(tmp, method="fedavg", rounds=2, sites=2, safeguard=ON)
+    grids = []
+    summary = run_inprocess(cfg, quiet=True, grid_hook=grids.append)
+    return cfg, grids[0], summary
+
+
+def test_knob_validates_with_clear_errors(tmp_path):
+    base = make_config(tmp_path).model_dump(mode="json")
+    for bad, words in (({"val_fraction": 0.0}, "greater than 0"), ({"val_fraction": 0.7}, "less than or equal to 0.5"),
+                       ({"val_fraction": "0.1"}, "valid number"), ({"enabled": "yes"}, "valid boolean"),
+                       ({"fraction": 0.1}, "unknown key")):
+        with pytest.raises(ConfigError) as exc:
+            validate({**base, "safeguard": bad})
+        text = str(exc.value)
+        assert "safeguard." in text and words in text, text
+    assert validate({k: v for k, v in base.items() if k != "safeguard"}).safeguard.enabled  # on by default
+    assert validate({**base, "safeguard": {"val_fraction": 0.5}}).safeguard.val_fraction == 0.5
+
+
+def test_holdout_is_per_record_deterministic_and_disjoint(tmp_path):
+    rng = np.random.default_rng(0)
+    x, y = rng.random((400, 1, 8, 8), dtype=np.float32), rng.integers(0, 10, 400)
+    mask = safeguard.holdout_mask(x, y, 0.2)
+    assert 40 < mask.sum() < 120  # about a fifth
+    # a record's membership depends on that record alone: any subset keeps its members' memberships
+    assert np.array_equal(safeguard.holdout_mask(x[::3], y[::3], 0.2), mask[::3])
+    assert np.array_equal(safeguard.holdout_mask(x, y, 0.2), mask)  # the same every time (no server-known seed)
+    cfg = make_config(tmp_path, method="fedavg", rounds=1, sites=1, safeguard=ON)
+    from launch.engines.prepare import prepare_sites
+    sim = prepare_sites(cfg)
+    data = sites.load_site(Path(sim["sites_root"]) / sim["site_dirs"][0])
+    fit, hold = safeguard.split(data, 0.2)
+    assert len(fit.y_train) + len(hold.y) == len(data.y_train) and len(hold.y) > 0
+    rows = {r.tobytes() for r in hold.x}
+    assert not any(r.tobytes() in rows for r in fit.x_train)  # no validation record in the fit part
+
+
+def test_served_model_is_never_worse_on_validation(run):
+    cfg, _, summary = run
+    site_rows = [r for r in _rows(cfg) if r["kind"] == "site" and r["role"] == "train"]
+    assert len(site_rows) == 2 * 2 and all("serves" in r for r in site_rows)
+    for r in site_rows:
+        other = r["val_own"] if r["serves"] == "joined" else r["val_joined"]
+        mine = r["val_joined"] if r["serves"] == "joined" else r["val_own"]
+        assert mine >= other, r
+        assert r["served"] == (r["own"] if r["serves"] == "own" else r["personalized"]), r
+    assert all(safeguard.serves_own(j, o) == (o > j) for j in (0.2, 0.5) for o in (0.1, 0.5, 0.9))
+    g = summary["safeguard"]
+    assert set(g["serves"]) == {"site-0", "site-1"} and g["extra_time_per_round_s"]["max"] > 0
+
+
+def test_own_model_never_leaves_the_site(run):
+    cfg, grid, _ = run
+    init = build_model(model_spec(cfg), "plain").state_dict()
+    probes = []
+    for d in sorted((cfg.run_dir() / "state").iterdir()):
+        for f in ("site_state.pt", "site_state.prev.pt"):  # the own model after round 2 and after round 1
+            tensors = torch.load(d / f, weights_only=True)["extra"][safeguard.KEY]["own"]
+            for k, v in tensors.items():
+                if not v.is_floating_point():
+                    continue
+                t, moved = v.numpy().reshape(-1), (v != init[k]).numpy().reshape(-1)
+                # 8 consecutive values training changed (an untrained value is the shared initial one)
+                run_ends = [i for i in range(8, len(t) + 1) if moved[i - 8:i].all()]
+                if run_ends:
+                    probes.append(np.ascontiguousarray(t[run_ends[0] - 8:run_ends[0]]).tobytes())
+    assert len(probes) >= 8
+    # every byte of every array in every message, both ways
+    blobs = []
+    for msg in list(grid.sent) + [r for r in grid.replies if not r.has_error()]:
+        for rec in msg.content.array_records.values():
+            blobs += [bytes(a.data) for a in rec.values()]
+    assert blobs
+    for probe in probes:
+        assert not any(probe in b for b in blobs), "an own-model tensor left a site"
+    for msg in list(grid.sent) + list(grid.replies):
+        for rec in msg.content.metric_records.values():
+            assert not any("own" in str(k) and "accuracy" not in str(k) and k != safeguard.FLAG for k in rec.keys())
+
+
+def test_choice_survives_a_restart(run):
+    """A site rebuilt from its state dir alone (no process memory: caches emptied) serves the same model with
+    the same numbers; the own model in the state file is what makes it so."""
+    cfg, grid, _ = run
+    last = [(m, r) for m, r in zip(grid.sent, grid.replies) if m.metadata.message_type == "evaluate"][-2:]
+    assert len(last) == 2
+    for msg, reply in last:
+        sites._CACHE.clear()
+        importlib.reload(safeguard)  # the site process's memory is gone: only its disk remains
+        ctx = grid.contexts[msg.metadata.dst_node_id]
+        again = grid.app(msg, ctx).content[C.METRICS]
+        before = reply.content[C.METRICS]
+        assert untimed(again) == untimed(before) and "val_own-accuracy" in again
+        state = Path(ctx.node_config["state-dir"])
+        assert safeguard.read_choice(state)["serves"] == ("own" if again[safeguard.FLAG] else "joined")
+
+
+def test_off_switch(tmp_path):
+    cfg = make_config(tmp_path, method="fedavg", rounds=1, sites=2, safeguard={"enabled": False})
+    grids = []
+    summary = run_inprocess(cfg, quiet=True, grid_hook=grids.append)
+    assert summary["safeguard"] is None
+    for r in grids[0].replies:
+        for rec in r.content.metric_records.values():
+            assert not any(k.startswith(("served", "own", "val_", "safeguard")) for k in rec.keys())
+    for d in (cfg.run_dir() / "state").iterdir():
+        assert not (d / safeguard.FILE).exists()
+        assert safeguard.KEY not in torch.load(d / "site_state.pt", weights_only=True)["extra"]
+    # the whole training split trains: num-examples is every training record of the site
+    profiles = summary["participation"]["profiles"]
+    trained = {r["site"]: r["num_examples"] for r in _rows(cfg) if r["kind"] == "site"}
+    assert all(trained[s] == profiles[s]["num_train"] for s in trained)
+
+
+def test_holdout_never_trains_and_dp_keeps_the_choice_home(tmp_path):
+    """Under DP every safeguard number is a training-split value: none leaves; the site still records its choice.
+    Both models train on the fit part only (num-examples)."""
+    cfg = make_config(tmp_path, method="fedavg", rounds=1, sites=2, safeguard=ON,
+                      privacy={"enabled": True, "noise_multiplier": 1.0, "fix_model": True})
+    grids = []
+    summary = run_inprocess(cfg, quiet=True, grid_hook=grids.append)
+    for r in grids[0].replies:
+        for rec in r.content.metric_records.values():
+            assert not any(k.startswith(("served", "own", "val_", "safeguard-own")) for k in rec.keys()), dict(rec)
+    assert "withheld" in summary["safeguard"]
+    profiles = summary["participation"]["profiles"]
+    for d in sorted((cfg.run_dir() / "state").iterdir()):
+        assert safeguard.read_choice(d)["serves"] in ("joined", "own")
+    trained = {r["site"]: r["num_examples"] for r in _rows(cfg) if r["kind"] == "site"}
+    assert all(0 < trained[s] < profiles[s]["num_train"] for s in trained)
+
+
+IMAGE_METHODS = sorted(m for m in METHODS if not language_method(m) and entry(m).config.federated)
+
+
+def test_works_with_every_image_classification_method(tmp_path):
+    """One round of every federated image method with the safeguard: each training site on classification data
+    reports its choice, and it is never worse on validation."""
+    for method in IMAGE_METHODS:
+        cfg = make_config(tmp_path, method=method, rounds=1, sites=2, name=method, safeguard=ON,
+                          data={"samples_per_site": 150})
+        summary = run_inprocess(cfg, quiet=True)
+        assert summary["status"] == "ok", method
+        rows = [r for r in _rows(cfg) if r["kind"] == "site" and r["role"] == "train" and r["task"] == "classification"]
+        assert rows, method
+        for r in rows:
+            assert r.get("serves") in ("joined", "own"), (method, r)
+            pick, other = (r["val_own"], r["val_joined"]) if r["serves"] == "own" else (r["val_joined"], r["val_own"])
+            assert pick >= other, (method, r)
+
+
+def test_compare_and_pilot_lines_say_what_each_factory_serves_and_who_still_loses(tmp_path):
+    """comparison.json, the report and `kumiki pilot`'s lines: the served model against alone, with an honest
+    verdict when a factory still does worse."""
+    from launch.pilot import console_lines
+    from server.compare import compare, write_comparison
+    from server.report import render_report
+    from tests.test_compare import fake_run
+
+    joined, alone = [], []
+    for seed, served, serves in ((0, {"factory-a": 0.90, "factory-b": 0.60}, {"factory-a": "joined", "factory-b": "own"}),
+                                 (1, {"factory-a": 0.86, "factory-b": 0.64}, {"factory-a": "joined", "factory-b": "own"})):
+        d = fake_run(tmp_path, f"fed{seed}", "fedavg_ft", seed, {"factory-a": served["factory-a"], "factory-b": 0.5})
+        summary = json.loads((d / "summary.json").read_text())
+        summary["safeguard"] = {"enabled": True, "val_fraction": 0.15, "serves": serves,
+                                "served": {"mean": 0.75, "per_site": served},
+                                "own": {"mean": 0.6, "per_site": {"factory-a": 0.8, "factory-b": served["factory-b"]}},
+                                "validation": {s: {"joined": 0.7, "own": 0.6 if v == "joined" else 0.8}
+                                               for s, v in serves.items()},
+                                "extra_time_per_round_s": {"max": 1.5, "mean": 1.2}}
+        (d / "summary.json").write_text(json.dumps(summary))
+        joined.append(d)
+        alone.append(fake_run(tmp_path, f"loc{seed}", "local", seed, {"factory-a": 0.80, "factory-b": 0.70}))
+    comp = compare(joined, alone)
+    a, b = comp["train"]
+    assert a["gain_served"]["mean"] == pytest.approx(0.08) and a["serves"] == {"joined": 2}
+    assert b["gain_served"]["mean"] == pytest.approx(-0.08) and b["serves"] == {"own": 2}
+    assert comp["overall"]["sites_losing_served"] == ["factory-b"]
+    lines = "\n".join(console_lines(comp))
+    assert "1 factory(ies) still worse off than alone: factory-b" in lines and "serves own 2x" in lines
+    write_comparison(joined[0], comp)
+    html = render_report(joined[0]).read_text()
+    assert "still do worse than alone" in html and "No factory worse off" in html
