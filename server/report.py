@@ -309,7 +309,9 @@ def _method_sections(run_dir: Path, comp: dict | None, config: dict) -> list[str
     if sweep and sweep.get("points"):
         here = None
         cap = (config.get("data") or {}).get("samples_per_site") if isinstance(config.get("data"), dict) else None
-        gain = ((comp or {}).get("overall") or {}).get("gain_mean")
+        overall = (comp or {}).get("overall") or {}
+        gain = overall.get("served_gain_mean")  # with the safeguard: what the factories serve, as the sweep shows
+        gain = overall.get("gain_mean") if gain is None else gain
         if isinstance(cap, int) and isinstance(gain, (int, float)):
             here = (cap, float(gain))
         b64 = rm.plot_sweep(sweep, here)
