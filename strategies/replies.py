@@ -160,6 +160,8 @@ def eval_metrics(content: Any, announced_test: int, record: str = C.METRICS) -> 
             raise BadReply(f"metric {k!r} = {f} is outside [{task.low:g}, {task.high:g}]")
         if k.endswith("-loss") and f < 0:
             raise BadReply(f"metric {k!r} = {f} is negative")
+        if k == "safeguard-own" and f not in (0.0, 1.0):  # which model the site serves (client/safeguard.py)
+            raise BadReply(f"metric {k!r} = {f} is neither 0 (joined) nor 1 (own)")
         out[str(k)] = f
     return out
 

@@ -216,3 +216,16 @@ def test_compare_and_pilot_lines_say_what_each_factory_serves_and_who_still_lose
     write_comparison(joined[0], comp)
     html = render_report(joined[0]).read_text()
     assert "still do worse than alone" in html and "No factory worse off" in html
+
+
+def test_a_site_cannot_report_a_served_value_out_of_range_or_a_third_choice():
+    """The server range-checks the safeguard's numbers like any metric; the choice flag is 0 (joined) or 1 (own)."""
+    from strategies.replies import BadReply, eval_metrics
+    from tests.test_tasks import _Content
+
+    ok = {"num-examples": 10, "served-accuracy": 0.8, "val_own-accuracy": 0.7, safeguard.FLAG: 1}
+    assert eval_metrics(_Content({"metrics": ok}), announced_test=10)[safeguard.FLAG] == 1
+    for key, value, words in (("served-accuracy", 1.5, "outside"), ("val_joined-accuracy", -0.1, "outside"),
+                              (safeguard.FLAG, 0.5, "neither 0")):
+        with pytest.raises(BadReply, match=words):
+            eval_metrics(_Content({"metrics": {**ok, key: value}}), announced_test=10)
