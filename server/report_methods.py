@@ -131,9 +131,10 @@ def _draw_sweep(ax, numbers: dict[str, Any], here: tuple[float, float] | None = 
     ax.minorticks_off()
     ax.set_xlabel("images per factory (train + test)")
     ax.set_ylabel("gain over training alone (accuracy points)")
-    seeds = numbers.get("seeds") or []
+    pairs = sorted({p.get("pairs") for p in points if p.get("pairs")})
+    npairs = "?" if not pairs else str(pairs[0]) if len(pairs) == 1 else f"{pairs[0]}–{pairs[-1]}"
     ax.set_title(f"Where joining pays: {numbers.get('method', '?')} vs each factory alone, "
-                 f"{numbers.get('rounds', '?')} rounds, {len(seeds)} seed(s)", fontsize=10)
+                 f"{numbers.get('rounds', '?')} rounds, {npairs} seed pair(s) per point", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="best")
 
