@@ -92,7 +92,9 @@ class DataSection(_Section):
     sites: int = Field(..., ge=1, le=1000, description="training sites")
     unseen_sites: int = Field(0, ge=0, le=1000, description="sites held out of training, evaluated only")
     partition: Partition = Field(default_factory=IidPartition)
-    samples_per_site: int | None = Field(None, ge=10, description="cap on a site's examples (train + test)")
+    samples_per_site: Annotated[int, Field(ge=10)] | list[Annotated[int, Field(ge=10)]] | None = Field(
+        None, description="cap on a site's examples (train + test), each ≥ 10: one number for every site, or image data: one "
+                          "per site (training sites first, then unseen), e.g. [60, 300, 1200, 2400, 600]")
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="share of each site's data kept for its test split")
     domains: list[str] = Field(
         default_factory=list,
@@ -159,6 +161,13 @@ class DataSection(_Section):
         if self.input_shape is not None and len(self.input_shape) not in (1, 3):
             raise ValueError("data.input_shape must be [C, H, W] (images) or [T] (language: bytes per sequence)")
         self._check_clusters()
+        if isinstance(self.samples_per_site, list):
+            if self.dataset in TEXT_DATASETS or self.dataset == "site-folders":
+                raise ValueError("data.samples_per_site: a list (one cap per site) applies to partitioned image data "
+                                 "(digits, fashion-mnist); give one number")
+            if len(self.samples_per_site) != self.sites + self.unseen_sites:
+                raise ValueError(f"data.samples_per_site: give one cap per site ({self.sites + self.unseen_sites}: "
+                                 f"data.sites + data.unseen_sites, training sites first), got {len(self.samples_per_site)}")
         if self.site_names and self.dataset == "site-folders":
             raise ValueError("data.site_names: site-folders sites are named by their own site.json; drop data.site_names")
         if self.site_names and (len(self.site_names) != self.sites + self.unseen_sites

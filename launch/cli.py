@@ -320,14 +320,27 @@ def pilot(
                                                                             "(method.name=local) to compare")] = True,
     extra_engine: Annotated[str, typer.Option(help="engine of the other seeds and of the baseline")] = "inprocess",
     insecure: InsecureOpt = False,
+    methods: Annotated[Optional[str], typer.Option(
+        "--methods", help="compare these methods, e.g. fedavg_ft,fedper,ditto: the first is the main run's, the "
+                          "others run at every seed on the extra engine; the report ranks them all against each "
+                          "factory alone")] = None,
 ) -> None:
     """The multi-factory pilot: deploy/pilot.toml on real SuperLink/SuperNode processes, its other seeds and
     the local-only baseline (in-process), then the report: what joining gains each factory, and what a new
     factory gets on day one."""
     from kumiki.data.sources import fashion_mnist_available
     from launch.engines import ENGINES
-    from launch.pilot import busy_dirs, console_lines, plan
+    from kumiki.registry import METHODS
+    from launch.pilot import busy_dirs, by_method, console_lines, parse_methods, plan
 
+    try:
+        chosen = parse_methods(methods, METHODS)
+    except ValueError as e:
+        err.print(f"[red]{escape(str(e))}[/]")
+        raise typer.Exit(EXIT_USAGE) from None
+    if chosen and not baseline:
+        err.print("[red]--methods compares every method with each factory alone: drop --no-baseline[/]")
+        raise typer.Exit(EXIT_USAGE)
     for e in (engine, extra_engine):
         if e not in ENGINES:
             err.print(f"[red]engines must be one of {', '.join(ENGINES)}[/]")
@@ -337,7 +350,8 @@ def pilot(
     if cfg.data.dataset == "fashion-mnist" and not fashion_mnist_available(cfg.data.dataset_dir()):
         err.print(f"[yellow]Fashion-MNIST not found in {cfg.data.dataset_dir()}; the pilot falls back to scikit-learn digits[/]")
         overrides = ['data.dataset="digits"', "data.samples_per_site=300", *overrides]
-    runs = plan(lambda more: _load(str(PILOT_CONFIG), more), overrides, seeds, baseline, engine, extra_engine)
+    runs = plan(lambda more: _load(str(PILOT_CONFIG), more), overrides, seeds, baseline, engine, extra_engine,
+                chosen)
     busy = busy_dirs(runs)
     if busy and not overwrite:
         err.print(f"[red]run dir(s) already hold a run: {', '.join(map(str, busy))}; pass --overwrite to move them "
@@ -353,21 +367,36 @@ def pilot(
             done[i] = _execute(r.cfg, r.engine, verbose, overwrite, exit_on_status=False, insecure=insecure)
         except typer.Exit:  # reported by _execute; the comparison uses the runs that finished
             err.print(f"[yellow]pilot: {r.cfg.run.name} did not finish; the comparison leaves it out[/]")
-    joined = [r.cfg.run_dir() for i, r in enumerate(runs) if r.side == "joined" and i in done]
+    joined = by_method(runs, set(done))
     alone = [r.cfg.run_dir() for i, r in enumerate(runs) if r.side == "alone" and i in done]
-    if alone:
+    if alone and joined.get(main.cfg.method.name):
         from server.compare import compare, write_comparison
         from server.report import render_report
 
-        comp = compare(joined, alone, a_label=f"{main.cfg.method.name}, the factories together",
-                       b_label="local: each factory alone on its own images")
+        b_label = "local: each factory alone on its own images"
+        comp = compare(joined[main.cfg.method.name], alone, a_label=f"{main.cfg.method.name}, the factories together",
+                       b_label=b_label)
         write_comparison(main.cfg.run_dir(), comp)
         err.print("\n".join(console_lines(comp)), markup=False)
+        if len(chosen) > 1:
+            from launch.pilot import board_lines, write_methods
+
+            rows = write_methods(main.cfg.run_dir(), joined, alone, main.cfg.run.rounds)
+            err.print("\n".join(board_lines(rows)), markup=False)
+        _copy_sweep(main.cfg.run_dir())
         err.print(f"report: {render_report(main.cfg.run_dir())}")
     code = exit_code(done[0])
     if code == EXIT_OK and len(done) < len(runs):
         code = EXIT_INCOMPLETE
     raise typer.Exit(code)
+
+
+def _copy_sweep(run_dir: Path) -> None:
+    """The measured data-size sweep (``docs/img/pilot_sweep.json``, ``bench/pilot_methods.py``) into the run dir:
+    the report draws "where joining pays" from it and marks this run on it."""
+    src = PILOT_CONFIG.parents[1] / "docs" / "img" / "pilot_sweep.json"
+    if src.is_file():
+        (run_dir / "sweep.json").write_text(src.read_text())
 
 
 site_cli = typer.Typer(no_args_is_help=True, help="A factory's own data: turn its images into a site folder.")

@@ -15,7 +15,8 @@ minutes); the report says which engine ran what.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,10 +32,39 @@ class PilotRun:
     main: bool = False
 
 
+def parse_methods(text: str | None, known: Iterable[str]) -> list[str]:
+    """``--methods a,b,c``: the methods to compare, in order, each once. Raises ``ValueError`` naming the
+    problem: an unknown name (with the known ones), ``local`` (it is the baseline every method is compared
+    against, always run), or nothing listed."""
+    if text is None:
+        return []
+    known = list(known)
+    out: list[str] = []
+    for raw in text.split(","):
+        m = raw.strip()
+        if not m or m in out:
+            continue
+        if m == "local":
+            raise ValueError("--methods: local is the baseline every method is compared against (each factory "
+                             "alone); it always runs, so leave it out")
+        if m not in known:
+            raise ValueError(f"--methods: unknown method {m!r}; known: {', '.join(sorted(k for k in known if k != 'local'))}")
+        out.append(m)
+    if not out:
+        raise ValueError("--methods: name at least one method, e.g. --methods fedavg_ft,fedper,ditto")
+    return out
+
+
 def plan(load: Callable[[list[str]], KumikiConfig], overrides: list[str], seeds: int, baseline: bool,
-         engine: str, extra_engine: str) -> list[PilotRun]:
-    """The pilot's runs, the main one first (``load(overrides)`` validates a config)."""
-    main = load(overrides)
+         engine: str, extra_engine: str, methods: list[str] | None = None) -> list[PilotRun]:
+    """The pilot's runs, the main one first (``load(overrides)`` validates a config).
+
+    ``methods`` (``kumiki pilot --methods a,b,c``): the first is the main run's method (``method.name``), each
+    other runs at every seed as ``<name>-<method>`` / ``<name>-<method>-seed<s>`` on the extra engine; all are
+    compared with the same local-only runs."""
+    methods = list(methods or [])
+    first = [f'method.name="{methods[0]}"'] if methods else []
+    main = load([*overrides, *first])
     s0, name = main.run.seed, main.run.name
     data_seed = main.data.partition_seed if main.data.partition_seed is not None else s0
     runs = [PilotRun("joined", s0, main, engine, main=True)]
@@ -48,10 +78,57 @@ def plan(load: Callable[[list[str]], KumikiConfig], overrides: list[str], seeds:
     for i in range(seeds):
         s = s0 + i
         if i:
-            runs.append(extra("joined", s, f"{name}-seed{s}", []))
+            runs.append(extra("joined", s, f"{name}-seed{s}", first))
         if alone:
             runs.append(extra("alone", s, f"{name}-local" + (f"-seed{s}" if i else ""), ["method.name=local"]))
+    for m in methods[1:]:
+        for i in range(seeds):
+            s = s0 + i
+            runs.append(extra("joined", s, f"{name}-{m}" + (f"-seed{s}" if i else ""), [f'method.name="{m}"']))
     return runs
+
+
+def by_method(runs: list[PilotRun], finished: set[int]) -> dict[str, list[Path]]:
+    """The finished joined runs' dirs per method, in plan order (the main method first)."""
+    out: dict[str, list[Path]] = {}
+    for i, r in enumerate(runs):
+        if r.side == "joined" and i in finished:
+            out.setdefault(r.cfg.method.name, []).append(r.cfg.run_dir())
+    return out
+
+
+def write_methods(run_dir: Path, joined: dict[str, list[Path]], alone: list[Path], rounds: int) -> list[dict]:
+    """Each method's comparison against the same local-only runs, and their leaderboard, into
+    ``run_dir/methods.json`` (numbers, not links); returns the ranked rows."""
+    from server.compare import compare
+    from server.leaderboard import board, bytes_moved
+    from server.report_parts import read_json
+
+    entries, comps = [], {}
+    for m, dirs in joined.items():
+        comp = compare(dirs, alone, a_label=f"{m}, the factories together",
+                       b_label="local: each factory alone on its own images")
+        comps[m] = comp
+        entries.append((m, comp, bytes_moved([read_json(Path(d) / "summary.json") for d in dirs])))
+    rows = board(entries, rounds=rounds)
+    path = Path(run_dir) / "methods.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"rounds": rounds, "board": rows, "comparisons": comps}, indent=1))
+    tmp.replace(path)
+    return rows
+
+
+def board_lines(rows: list[dict]) -> list[str]:
+    """The leaderboard (``server.leaderboard.board``) in a few plain lines for the terminal."""
+    def p(x, sd=None):
+        return "-" if x is None else f"{100 * x:+.1f}" + (f" ± {100 * sd:.1f}" if sd is not None else "")
+
+    out = ["which method pays (gain over each factory alone, accuracy points):"]
+    for r in rows:
+        worse = ", ".join(r.get("worse_off") or []) or "none"
+        out.append(f"  {r['rank']}. {r['method']:<16} mean gain {p(r.get('mean_gain'), r.get('mean_gain_std')):<14}"
+                   f" worse off: {worse}; goal {'met' if r.get('goal') else 'not met'}")
+    return out
 
 
 def busy_dirs(runs: list[PilotRun]) -> list[Path]:

@@ -33,6 +33,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from server import report_factories as rf
+from server import report_methods as rm
 from server.compare import read_comparison
 from server.report_parts import (esc, fmt_acc, fmt_bytes, fmt_seconds, img as _img, mean_of, num, per_site,
                                  png as _png, read_json as _read_json, read_metrics as _read_metrics, site_key)
@@ -286,12 +287,36 @@ def _factory_sections(run_dir: Path, summary: dict, config: dict) -> list[str]:
         b64 = rf.plot_comparison(comp)
         out.append(_section("What joining gains each factory",
                             rf.comparison(comp, _img(b64, "each factory alone vs joined") if b64 else "")))
+    out += _method_sections(run_dir, comp, config)
     table = rf.factories(summary, site_key)
     if table:
         out.append(_section("The factories", table))
     guard = rf.safeguard(summary, site_key)
     if guard:
         out.append(_section("No factory worse off: the model each factory serves", guard))
+    return out
+
+
+def _method_sections(run_dir: Path, comp: dict | None, config: dict) -> list[str]:
+    """Which method pays (``methods.json``: ``kumiki pilot --methods``) and where joining pays (``sweep.json``)."""
+    out = []
+    methods = rm.read(run_dir, rm.METHODS_FILE)
+    if methods:
+        body = rm.methods_html(methods)
+        if body:
+            out.append(_section("Which method pays: every method against each factory alone", body))
+    sweep = rm.read(run_dir, rm.SWEEP_FILE)
+    if sweep and sweep.get("points"):
+        here = None
+        cap = (config.get("data") or {}).get("samples_per_site") if isinstance(config.get("data"), dict) else None
+        overall = (comp or {}).get("overall") or {}
+        gain = overall.get("served_gain_mean")  # with the safeguard: what the factories serve, as the sweep shows
+        gain = overall.get("gain_mean") if gain is None else gain
+        if isinstance(cap, int) and isinstance(gain, (int, float)):
+            here = (cap, float(gain))
+        b64 = rm.plot_sweep(sweep, here)
+        out.append(_section("Where joining pays: gain over alone vs images per factory",
+                            rm.sweep_html(sweep, _img(b64, "gain over alone vs images per factory") if b64 else "")))
     return out
 
 

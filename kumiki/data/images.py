@@ -45,8 +45,9 @@ def materialize_images(cfg, root: str | Path) -> list[Path]:
     out = []
     for i, idx in enumerate(parts):
         idx = rng.permutation(idx)
-        if data.samples_per_site is not None:
-            idx = idx[: data.samples_per_site]
+        cap = data.samples_per_site[i] if isinstance(data.samples_per_site, list) else data.samples_per_site
+        if cap is not None:
+            idx = idx[:cap]
         domain = data.domains[i % len(data.domains)] if data.domains else "identity"
         xs = domains.apply(x[idx], domain, rng)
         ys = y[idx]
