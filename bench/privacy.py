@@ -9,12 +9,17 @@ runs under DP with ``con_lambda = 0`` and ``privacy.fix_model`` (its projector's
 personalized and global accuracy at the end, epsilon spent per site, and the rounds each site
 trained before its budget stopped it.
 ``--write`` puts the table between the ``privacy`` markers of bench/RESULTS.md.
+
+``--variants`` (issue 25, FLoRAL under DP): extra rows per (method, epsilon), each a list of ``--set``
+assignments joined by ``;`` (e.g. ``method.precondition=false`` or ``privacy.scope="shared"``), labelled
+by that text; with ``--rounds`` / ``--sites-samples`` for a quick mode. ``--write-tag`` picks the markers.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import re
 import os
 import sys
 import time
@@ -31,6 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=None, help="default: the pilot's")
     ap.add_argument("--out", default="/tmp/kumiki-bench-privacy")
     ap.add_argument("--write", action="store_true")
+    ap.add_argument("--variants", nargs="*", default=[""],
+                    help="';'-joined --set lists, one row each ('' = the method's defaults)")
+    ap.add_argument("--samples", type=int, default=None, help="data.samples_per_site (default: the pilot's)")
+    ap.add_argument("--dataset", default=None, help="data.dataset (default: the pilot's)")
+    ap.add_argument("--write-tag", default="privacy")
     args = ap.parse_args(argv)
 
     import torch
@@ -43,31 +53,42 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     lines = []
     for method in args.methods:
-        for eps in args.epsilons:
-            out = Path(args.out) / f"{method}-eps{eps:g}"
-            sets = [f'method.name="{method}"', 'model.norm="group"', f'run.output_dir="{out}"',
-                    f'run.name="{method}"', *([f"run.rounds={args.rounds}"] if args.rounds else [])]
-            if math.isfinite(eps):
-                sets += ["privacy.enabled=true", f"privacy.target_epsilon={eps}"]
-                if method == "dualfed":  # its two DP fixes (docs/differential-privacy.md)
-                    sets += ["method.con_lambda=0.0", "privacy.fix_model=true"]
-            cfg = load_config(str(ROOT / "deploy" / "pilot.toml"), sets)
-            s = run(cfg, "inprocess", quiet=True, overwrite=True)
-            p = s.get("privacy") or {}
-            spent = p.get("epsilon_per_site", {})
-            trained = s["participation"]["trained_rounds"]
-            row = (method, eps, s["personalized"]["mean"], s["global"]["mean"],
-                   max(spent.values()) if spent else None, min(trained.values()) if trained else 0,
-                   max(trained.values()) if trained else 0, s["rounds"], s["time"]["wall_s"])
-            lines.append(row)
-            print(f"{method} eps={eps:g}: personalized {row[2]:.3f} global {row[3]} spent {row[4]} trained "
-                  f"{row[5]}-{row[6]} of {row[7]} rounds ({row[8]:.0f}s)", flush=True)
+        for variant in args.variants:
+            extra = [v for v in variant.split(";") if v]
+            label = method + (f" ({', '.join(extra)})" if extra else "")
+            for eps in args.epsilons:
+                out = Path(args.out) / f"{method}-{re.sub(r'[^A-Za-z0-9_.=-]', '', variant)}-eps{eps:g}"
+                sets = [f'method.name="{method}"', 'model.norm="group"', f'run.output_dir="{out}"',
+                        f'run.name="{method}"', *([f"run.rounds={args.rounds}"] if args.rounds else []),
+                        *([f"data.samples_per_site={args.samples}"] if args.samples else []),
+                        *([f'data.dataset="{args.dataset}"'] if args.dataset else [])]
+                if math.isfinite(eps):
+                    sets += ["privacy.enabled=true", f"privacy.target_epsilon={eps}"]
+                    if method == "dualfed":  # its two DP fixes (docs/differential-privacy.md)
+                        sets += ["method.con_lambda=0.0", "privacy.fix_model=true"]
+                if not math.isfinite(eps) and any(v.startswith("privacy.") for v in extra):
+                    continue  # a privacy-only variant without DP is the default row again
+                sets += extra
+                cfg = load_config(str(ROOT / "deploy" / "pilot.toml"), sets)
+                s = run(cfg, "inprocess", quiet=True, overwrite=True)
+                p = s.get("privacy") or {}
+                spent = p.get("epsilon_per_site", {})
+                trained = s["participation"]["trained_rounds"]
+                row = (label, eps, s["personalized"]["mean"], s["global"]["mean"],
+                       max(spent.values()) if spent else None, min(trained.values()) if trained else 0,
+                       max(trained.values()) if trained else 0, s["rounds"], s["time"]["wall_s"])
+                lines.append(row)
+                print(f"{label} eps={eps:g}: personalized {row[2]:.3f} global {row[3]} spent {row[4]} trained "
+                      f"{row[5]}-{row[6]} of {row[7]} rounds ({row[8]:.0f}s)", flush=True)
 
     def pct(v):
         return "–" if v is None else f"{100 * v:.1f}"
 
-    text = (f"Generated by `bench/privacy.py` on {time.strftime('%Y-%m-%d')}: the pilot config (Fashion-MNIST, 4 "
-            "factories + 1 unseen, CNN-S with group norm, 10 rounds, seed 0), per-site DP-SGD (RDP accountant, "
+    cmd = " ".join(["bench/privacy.py", *(argv if argv is not None else sys.argv[1:])])
+    load = os.getloadavg()
+    text = (f"Generated by `{cmd}` on {time.strftime('%Y-%m-%d')} (load average {load[0]:.1f}): the pilot config "
+            f"({args.dataset or 'Fashion-MNIST'}, 4 factories + 1 unseen, "
+            f"{args.samples or 600} examples each, CNN-S with group norm, {args.rounds or 10} rounds, seed 0), per-site DP-SGD (RDP accountant, "
             "delta 1e-5, clip 1, noise solved from the target over the planned rounds), in-process engine; "
             f"{time.time() - t0:.0f} s in all.\n\n"
             "| method | target epsilon | personalized % | global % | max epsilon spent | rounds trained per site "
@@ -79,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.write:
         from bench.conformance import _write_between
 
-        _write_between(ROOT / "bench" / "RESULTS.md", text, tag="privacy")
+        _write_between(ROOT / "bench" / "RESULTS.md", text, tag=args.write_tag)
     return 0
 
 

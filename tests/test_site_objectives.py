@@ -85,6 +85,25 @@ def test_dualfed_stages_use_their_epochs_losses_and_report_their_metrics():
         assert DualFedObjective.stage_b_loss(sj.model, x, y) == F.cross_entropy(sj.model.shared_logits(x), y)
 
 
+@pytest.mark.parametrize("bn_mode", ["train", "eval"])
+def test_dualfed_balanced_head_leaves_the_labels_a_site_lacks_alone(bn_mode):
+    """Issue 25: with ``balanced_head`` stage B fits logits + log p_site(y), so a site that holds only digits 0-4
+    does not push the shared head's rows of 5-9 down (plain CE does), and the head's bias does not learn the
+    site's prior."""
+    def shared_head_change(balanced: bool) -> torch.Tensor:
+        cfg = DualFedConfig(balanced_head=balanced, stage_b_bn_mode=bn_mode)
+        sj = site_job(cfg)
+        keep = sj.data.y_train < 5
+        sj.trainer = Trainer(sj.data.x_train[keep], sj.data.y_train[keep], sj.trainer.cfg, seed="t")
+        before = sj.model.shared_head.bias.detach().clone()
+        DualFedObjective(cfg).fit_shared_head(sj, sj.model, "b")
+        return sj.model.shared_head.bias.detach() - before
+
+    plain, balanced = shared_head_change(False), shared_head_change(True)
+    assert plain[5:].max() < -0.01  # CE teaches the head that 5-9 never occur
+    assert balanced[5:].abs().max() < 1e-4
+
+
 def test_dualfed_new_client_trains_for_the_given_epochs():
     cfg = DualFedConfig()
     sj = site_job(cfg)
