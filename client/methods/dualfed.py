@@ -85,10 +85,10 @@ class DualFedObjective(SiteObjective):
         (balanced softmax): the head then fits p(x|y) up to a constant instead of the site's p(y|x), so
         the average over label-skewed sites is not pulled toward each site's frequent labels."""
         cfg, epochs = self.cfg, self.cfg.stage_b_epochs
-        shift = self.log_prior(sj, model.shared_head.out_features) if cfg.balanced_head else 0.0
+        balanced = cfg.balanced(sj.job.privacy.enabled)
+        shift = self.log_prior(sj, model.shared_head.out_features) if balanced else 0.0
         if cfg.stage_b_bn_mode == "train":
-            loss = (lambda m, x, y: F.cross_entropy(m.shared_logits(x) + shift, y)) if cfg.balanced_head \
-                else self.stage_b_loss
+            loss = (lambda m, x, y: F.cross_entropy(m.shared_logits(x) + shift, y)) if balanced else self.stage_b_loss
             return sj.trainer.fit(model, model.shared_head.parameters(), loss, epochs=epochs, tag=tag)
         model.encoder.eval()
         with torch.no_grad():
