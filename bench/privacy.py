@@ -22,6 +22,10 @@ per evaluation would otherwise dominate). Rows go to ``<out>/rows.jsonl`` as eac
 run ends (``--resume`` skips the (method, epsilon) pairs already there; ``--table-only`` runs nothing and tables
 the rows there, e.g. those of several streams run in parallel, concatenated), and ``--write`` puts the table of
 all rows between the ``privacy`` markers of bench/RESULTS.md.
+
+``--variants`` (issue 25, FLoRAL under DP): extra rows per (method, epsilon), each a list of ``--set``
+assignments joined by ``;`` (e.g. ``method.dp_precondition=true`` or ``privacy.scope="shared"``), labelled by
+that text; with ``--rounds`` / ``--samples`` / ``--dataset`` for a quick mode; ``--write-tag`` picks the markers.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import os
 import sys
 import time
@@ -51,26 +56,32 @@ def site_local(run_dir: Path, path: str = "personalized") -> float | None:
     return sum(last.values()) / len(last) if last else None
 
 
-def run_one(method: str, eps: float, rounds: int | None, out_root: Path, last_only: bool = False) -> dict:
+def run_one(method: str, eps: float, rounds: int | None, out_root: Path, last_only: bool = False,
+            variant: str = "", samples: int | None = None, dataset: str | None = None) -> dict:
     from kumiki.config import load_config
     from launch.engines import run
 
-    out = out_root / f"{method}-eps{eps:g}"
+    extra = [v for v in variant.split(";") if v]
+    label = method + (f" ({', '.join(extra)})" if extra else "")
+    out = out_root / (f"{method}-{re.sub(r'[^A-Za-z0-9_.=-]', '', variant)}-eps{eps:g}" if extra else f"{method}-eps{eps:g}")
     sets = [f'method.name="{method}"', 'model.norm="group"', f'run.output_dir="{out}"',
             f'run.name="{method}"', *([f"run.rounds={rounds}"] if rounds else []),
             # evaluation never changes training (it runs on a copy): the quick mode evaluates after the last round only
-            *([f"eval.every={rounds}"] if last_only and rounds else [])]
+            *([f"eval.every={rounds}"] if last_only and rounds else []),
+            *([f"data.samples_per_site={samples}"] if samples else []),
+            *([f'data.dataset="{dataset}"'] if dataset else [])]
     if math.isfinite(eps):
         sets += ["privacy.enabled=true", f"privacy.target_epsilon={eps}"]
         if method == "dualfed":  # its two DP fixes (docs/differential-privacy.md)
             sets += ["method.con_lambda=0.0", "privacy.fix_model=true"]
+    sets += extra
     cfg = load_config(str(ROOT / "deploy" / "pilot.toml"), sets)
     load0 = os.getloadavg()[0]
     s = run(cfg, "inprocess", quiet=True, overwrite=True)
     p = s.get("privacy") or {}
     spent = p.get("epsilon_per_site", {})
     trained = s["participation"]["trained_rounds"]
-    return {"method": method, "eps": eps if math.isfinite(eps) else None,
+    return {"method": label, "eps": eps if math.isfinite(eps) else None,
             "personalized": s["personalized"]["mean"], "global": s["global"]["mean"],
             "site_personalized": site_local(out / method),
             "spent": max(spent.values()) if spent else None, "lo": min(trained.values()) if trained else 0,
@@ -129,6 +140,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="run nothing: the table of the rows in <out>/rows.jsonl (runs made in parallel streams, merged)")
     ap.add_argument("--command", default=None, help="the command line the table names (default: this one)")
     ap.add_argument("--write", action="store_true")
+    ap.add_argument("--variants", nargs="*", default=[""],
+                    help="';'-joined --set lists, one row each ('' = the method's defaults)")
+    ap.add_argument("--samples", type=int, default=None, help="data.samples_per_site (default: the pilot's)")
+    ap.add_argument("--dataset", default=None, help="data.dataset (default: the pilot's)")
+    ap.add_argument("--write-tag", default="privacy")
     args = ap.parse_args(argv)
     epsilons = args.epsilons or ([1.0, 4.0, math.inf] if args.quick else [1.0, 4.0, 8.0, math.inf])
     rounds = args.rounds or (5 if args.quick else None)
@@ -145,29 +161,38 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.resume or args.table_only):
         store.write_text("")
     done = {(r["method"], r["eps"]) for r in rows}
+    labels = []  # (method, variant, the row's label)
     for method in args.methods:
+        for variant in args.variants:
+            extra = [v for v in variant.split(";") if v]
+            labels.append((method, variant, method + (f" ({', '.join(extra)})" if extra else "")))
+    for method, variant, label in labels:
         for eps in epsilons:
-            key = (method, eps if math.isfinite(eps) else None)
+            if not math.isfinite(eps) and any(v.startswith("privacy.") for v in variant.split(";")):
+                continue  # a privacy-only variant without DP is the default row again
+            key = (label, eps if math.isfinite(eps) else None)
             if key in done or args.table_only:
                 continue
-            r = run_one(method, eps, rounds, out, last_only=args.quick)
+            r = run_one(method, eps, rounds, out, last_only=args.quick, variant=variant, samples=args.samples,
+                        dataset=args.dataset)
             rows.append(r)
             with open(store, "a") as f:
                 f.write(json.dumps(r) + "\n")
             print(json.dumps(r), flush=True)
-    order = {m: i for i, m in enumerate(args.methods)}
+    order = {label: i for i, (_, _, label) in enumerate(labels)}
     rows = sorted((r for r in rows if r["method"] in order),
                   key=lambda r: (order[r["method"]], math.inf if r["eps"] is None else r["eps"]))
     cmd = args.command or "bench/privacy.py " + " ".join(argv if argv is not None else sys.argv[1:])
     have = {(r["method"], r["eps"]) for r in rows}
-    missing = [f"{m} at ε {'∞' if not math.isfinite(e) else f'{e:g}'}" for m in args.methods for e in epsilons
-               if (m, e if math.isfinite(e) else None) not in have]
+    missing = [f"{label} at ε {'∞' if not math.isfinite(e) else f'{e:g}'}" for _, v, label in labels for e in epsilons
+               if (label, e if math.isfinite(e) else None) not in have
+               and not (not math.isfinite(e) and any(x.startswith("privacy.") for x in v.split(";")))]
     text = table(rows, cmd.strip(), args.quick, missing)
     print(text)
     if args.write:
         from bench.results import write_section
 
-        write_section("privacy", text, ROOT / "bench" / "RESULTS.md")
+        write_section(args.write_tag, text, ROOT / "bench" / "RESULTS.md")
     return 0
 
 

@@ -26,6 +26,14 @@ old setting (key layers sent without noise, outside epsilon), kept only to show 
 ``--quick-dp``: only the DP comparison (WorldLM and FedAvg with and without DP, and the uncovered run) on the
 tiny LM (d 64, 2 blocks, 2 heads, context 32), 200 sequences per site, 4 rounds (WorldLM: 2 root, 2 per
 sub-federation); written to its own section (``worldlm-dp``).
+
+``--ablate`` (issue 25: does WorldLM's attention do anything?): a reduced model and data (``QUICK_MODEL``, 120
+sequences of 32 bytes per site, ``--rounds``: the root phase is the first half), Local as a reference, then WorldLM with each ``ABLATIONS`` setting: temperature 1e-4 (in effect self-only: each group keeps
+its own key layers), 0.1 (the default), 1 and 1e4 (in effect uniform over groups), similarity on values
+instead of deltas, a 64-dim sketch. ``--related r`` mixes a share r of one common transition table into every
+Markov region (related languages; ``kumiki.data.text.MARKOV_RELATED``). Reported: perplexity and each group's mean
+attention weight on its own key layers over the run's last attention round. ``--write`` puts the table between
+the ``worldlm-ablate-<data>`` markers.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import sys
 import time
 from pathlib import Path
@@ -51,20 +60,37 @@ RUNS = ("worldlm", "fedavg", "hierfavg", "fedper", "local", "worldlm+dp", "fedav
 QUICK_DP = ("worldlm+dp", "fedavg+dp", "worldlm", "fedavg", "worldlm+dp-uncovered")  # the DP pair first
 
 
-def config(name: str, data: str, rounds: int, out: Path, seed: int = 0, tiny: bool = False):
+#: ``--ablate``: the reduced model, and WorldLM's settings (label -> method knobs)
+QUICK_MODEL = TINY
+QUICK_SEQUENCES = 120
+ABLATIONS = {
+    "T=1e-4 (self-only)": {"temperature": 1e-4},
+    "T=0.1 (default)": {},
+    "T=1": {"temperature": 1.0},
+    "T=1e4 (uniform)": {"temperature": 1e4},
+    "T=0.1, attn on values": {"attn_on": "params"},
+    "T=0.1, sketch 64": {"embed_dim": 64},
+}
+
+
+def config(name: str, data: str, rounds: int, out: Path, seed: int = 0, tiny: bool = False,
+           knobs: dict | None = None, quick: bool = False, sites: int = 8):
     from kumiki import hierarchy
     from kumiki.config import validate
 
     method, _, dp = name.partition("+")
-    samples = 200 if tiny else 500
+    samples = QUICK_SEQUENCES if quick else 200 if tiny else 500
     if data == "fortunes":
-        d = {"dataset": "fortunes", "languages": ["en", "de", "es", "it", "ru", "pl", "cs", "zh"], "sites": 8,
-             "samples_per_site": samples}
+        d = {"dataset": "fortunes", "languages": ["en", "de", "es", "it", "ru", "pl", "cs", "zh"][:sites],
+             "sites": sites, "samples_per_site": samples}
     else:
-        d = {"dataset": "markov", "sites": 8, "samples_per_site": samples}
-    raw = {"run": {"name": f"{name.replace('+', '-')}-s{seed}", "rounds": rounds, "seed": seed, "output_dir": str(out)},
-           "method": {"name": "worldlm" if method == "fedavg" and dp else method},
-           "data": d, "model": dict(TINY if tiny else MODEL), "train": dict(TRAIN), "server": {"discovery_timeout_s": 60.0}}
+        d = {"dataset": "markov", "sites": sites, "samples_per_site": samples}
+    tag = "".join(f"-{k}_{v}" for k, v in (knobs or {}).items())
+    raw = {"run": {"name": f"{name.replace('+', '-')}{tag}-s{seed}", "rounds": rounds, "seed": seed,
+                   "output_dir": str(out)},
+           "method": {"name": "worldlm" if method == "fedavg" and dp else method, **(knobs or {})},
+           "data": d, "model": dict(TINY if (tiny or quick) else MODEL), "train": dict(TRAIN),
+           "server": {"discovery_timeout_s": 60.0}}
     if method in ("worldlm", "hierfavg") or dp:
         raw["method"]["local_steps"] = None
     if method == "fedavg" and dp:  # FedAvg as WorldLM's flat tree: no key layers, the root phase every round
@@ -103,6 +129,76 @@ def collect(name: str, cfg, s: dict, seconds: float) -> dict:
     return {"run": name, "status": s["status"], "mean": s["personalized"]["mean"], "per_site": per_site,
             "regions": {g: sum(per_site[x] for x in p.sites) / len(p.sites) for g, p in tree.groups.items()},
             "global": s["global"]["mean"], "curve": curve, "privacy": s.get("privacy"), "seconds": seconds}
+
+
+def run_ablation(args: tuple) -> dict:
+    """One ``--ablate`` run: perplexity and each group's last attention weight on its own key layers."""
+    import torch
+
+    from kumiki.data import text
+    from launch.engines.inprocess import run_inprocess
+
+    label, name, knobs, data, rounds, out, related, sites = args
+    torch.set_num_threads(1)
+    text.MARKOV_RELATED = related
+    t0 = time.perf_counter()
+    cfg = config(name, data, rounds, Path(out), knobs=knobs, quick=True, sites=sites)
+    s = run_inprocess(cfg, quiet=True, overwrite=True)
+    rows = [json.loads(x) for x in (cfg.run_dir() / "metrics.jsonl").read_text().splitlines()]
+    att = [a for r in rows if r.get("kind") == "round" for a in _find(r, "attention")]
+    own = [w for node in att[-1]["self_weight"].values() for w in node.values()] if att else []
+    return {"label": label, "mean": s["personalized"]["mean"], "global": s["global"]["mean"],
+            "self": (min(own), max(own)) if own else None, "seconds": time.perf_counter() - t0}
+
+
+def _find(obj, key: str):
+    """Every value under ``key`` anywhere in a nested dict (a round row's attention summary)."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if k == key:
+                yield v
+            else:
+                yield from _find(v, key)
+
+
+def ablate(args, data: str) -> int:
+    from bench.conformance import _write_between
+
+    jobs = [("local", "local", {})] * args.local + [(f"worldlm {k}", "worldlm", v) for k, v in ABLATIONS.items()
+                                                   if not args.only or k in args.only]
+    related = args.related if data == "markov" else 0.0
+    todo = [(label, name, {**({"local_steps": None} if name == "worldlm" else {}), **knobs}, data, args.rounds,
+             f"{args.workdir}/ablate-{data}-{related:g}", related, args.sites) for label, name, knobs in jobs]
+    load0, t0 = os.getloadavg()[0], time.perf_counter()
+    with mp.get_context("spawn").Pool(args.jobs) as pool:
+        res = {}
+        for r in pool.imap_unordered(run_ablation, todo):
+            res[r["label"]] = r
+            print(f"{r['label']:>30}: ppl {r['mean']:.3f} self {r['self']} ({r['seconds']:.0f}s)", file=sys.stderr,
+                  flush=True)
+    cmd = " ".join(["bench/worldlm.py", *(sys.argv[1:])])
+    what = (f"the synthetic Markov tree ({args.sites // 2} regions of 2 sites), related languages (share {related:g} "
+            "of one common table in every region)" if data == "markov" and related
+            else f"the synthetic Markov tree ({args.sites // 2} regions of 2 sites)" if data == "markov"
+            else f"the fortunes tree ({', '.join(['en', 'de', 'es', 'it', 'ru', 'pl', 'cs', 'zh'][:args.sites])} in "
+                 "their families)")
+    text = (f"Generated by `{cmd}` on {time.strftime('%Y-%m-%d')}: {what}; {args.sites} sites of {QUICK_SEQUENCES} "
+            "sequences, "
+            f"the byte LM at d {QUICK_MODEL['hidden']}, {QUICK_MODEL['blocks']} blocks, context "
+            f"{QUICK_MODEL['context']}, one pass per round, {args.rounds} rounds (root phase first half), seed 0; "
+            f"{time.perf_counter() - t0:.0f} s for {len(res)} runs, {args.jobs} at a time, load average "
+            f"{load0:.1f} at start and {os.getloadavg()[0]:.1f} at the end on 2 shared cores. Own weight: the "
+            "smallest and largest over groups of a group's mean attention weight on its own key layers in the last "
+            "round with attention (1: no mixing).\n\n"
+            "| run | mean perplexity | ratio to WorldLM default | own weight (min–max) |\n|---|---|---|---|\n")
+    ref = res.get("worldlm T=0.1 (default)", next(iter(res.values())))["mean"]
+    text += "\n".join(f"| {label} | {res[label]['mean']:.3f} | {res[label]['mean'] / ref:.3f} | "
+                      + ("–" if res[label]["self"] is None else f"{res[label]['self'][0]:.3f}–{res[label]['self'][1]:.3f}")
+                      + " |" for label, _, _ in jobs if label in res) + "\n"
+    print(text)
+    if args.write:
+        _write_between(ROOT / "bench" / "RESULTS.md", text, f"worldlm-ablate-{data}{'-related' if related else ''}")
+    return 0
 
 
 def _f(v: float) -> str:
@@ -162,11 +258,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--command", default=None, help="the command line the table names (default: this one)")
     ap.add_argument("--load", default=None, help="the load the runs saw (default: measured now, at start and end)")
     ap.add_argument("--write", action="store_true", help="write the table into bench/RESULTS.md")
+    ap.add_argument("--ablate", action="store_true", help="the attention ablation (module docstring)")
+    ap.add_argument("--related", type=float, default=0.0, help="--ablate on markov: related languages")
+    ap.add_argument("--sites", type=int, default=8, help="--ablate: sites (fortunes: the first languages)")
+    ap.add_argument("--local", type=int, default=1, choices=(0, 1), help="--ablate: with Local as a reference")
+    ap.add_argument("--only", nargs="*", default=[], help="--ablate: these ABLATIONS labels only")
     args = ap.parse_args(argv)
     args.runs = args.runs or list(QUICK_DP if args.quick_dp else RUNS[:-1])
     args.rounds = args.rounds or (4 if args.quick_dp else 10)
     data = args.data or ("markov" if text.fortunes_available(text.fortune_dir(), text.FORTUNE_LANGUAGES)
                          else "fortunes")
+    if args.ablate:
+        return ablate(args, data)
     runs = list(dict.fromkeys(args.runs))
     t0 = time.perf_counter()
     with open("/proc/loadavg") as f:

@@ -413,6 +413,10 @@ class KumikiConfig(_Section):
             if not fixed:
                 raise ValueError("privacy.enabled: DualFed's projector uses BatchNorm; set privacy.fix_model = true "
                                  "to replace it by GroupNorm")
+            if self.method.balanced_head is True:
+                raise ValueError("privacy.enabled: DualFed's balanced_head shifts every example's loss by the site's "
+                                 "label prior, a statistic of all its examples, so clipping one example's gradient "
+                                 "does not bound its influence; set method.balanced_head = \"auto\" or false")
 
     def _check_tasks(self) -> None:
         from kumiki.data.sources import TASK_DATASETS

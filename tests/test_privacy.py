@@ -267,7 +267,7 @@ def test_dp_round_with_negligible_noise_and_no_clipping_equals_the_clear_round(m
     from models import ModelSpec, build_model
     from tests.test_floral import site_job
 
-    cfg = FloralConfig(num_adaptors=2, router_noise=0.0) if method == "floral" else FedAvgConfig()
+    cfg = FloralConfig(num_adaptors=2, router_noise=0.0, dp_precondition=True) if method == "floral" else FedAvgConfig()
     objective = FloralObjective if method == "floral" else SiteObjective
     sj = site_job(cfg, n=96)
     sj.model = build_model(ModelSpec("mlp", (1, 8, 8), 10, hidden=64, norm="group"), cfg)
@@ -280,3 +280,26 @@ def test_dp_round_with_negligible_noise_and_no_clipping_equals_the_clear_round(m
     objective(cfg).fit(sj)
     for k, v in sj.model.state_dict().items():
         torch.testing.assert_close(v, clear[k], rtol=0, atol=1e-5, msg=k)
+
+
+def test_floral_under_dp_does_not_precondition_the_noise_unless_asked():
+    """Issue 25: Opacus noises the gradient before FLoRAL's preconditioner runs, and with B = 0 (its init)
+    (B^T B + eps I)^-1 multiplies the noise on A by 1/eps = 1e5. By default DP-SGD rounds skip the
+    preconditioner, so A moves by about lr x noise; ``dp_precondition = true`` restores the amplification."""
+    from client.methods.floral import FloralObjective
+    from kumiki.methods.floral import FloralConfig
+    from models import ModelSpec, build_model
+    from tests.test_floral import site_job
+
+    def max_a_change(**knobs) -> float:
+        cfg = FloralConfig(num_adaptors=2, **knobs)
+        sj = site_job(cfg, n=64)
+        sj.model = build_model(ModelSpec("mlp", (1, 8, 8), 10, hidden=32, norm="group"), cfg)
+        before = {k: v.clone() for k, v in sj.model.state_dict().items() if k.endswith("A.weight")}
+        sj.trainer.dp = DPContext(1.0, max_grad_norm=1.0, sample_rate=0.5, expected_batch_size=32, seed=0)
+        FloralObjective(cfg).fit(sj)
+        after = sj.model.state_dict()
+        return max(float((after[k] - v).abs().max()) for k, v in before.items())
+
+    assert max_a_change() < 0.1  # lr 0.05 x a few steps of N(0, 1/32) noise
+    assert max_a_change(dp_precondition=True) > 10.0

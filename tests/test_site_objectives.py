@@ -66,7 +66,7 @@ def spy(sj: SiteJob) -> list[dict]:
 
 
 def test_dualfed_stages_use_their_epochs_losses_and_report_their_metrics():
-    cfg = DualFedConfig(stage_epochs=2, stage_b_epochs=3)
+    cfg = DualFedConfig(stage_epochs=2, stage_b_epochs=3, balanced_head=False)
     sj = site_job(cfg)
     calls = spy(sj)
     metrics = DualFedObjective(cfg).fit(sj)
@@ -83,6 +83,40 @@ def test_dualfed_stages_use_their_epochs_losses_and_report_their_metrics():
     x, y = torch.from_numpy(sj.data.x_train[:32]), torch.from_numpy(sj.data.y_train[:32])
     with torch.no_grad():
         assert DualFedObjective.stage_b_loss(sj.model, x, y) == F.cross_entropy(sj.model.shared_logits(x), y)
+
+
+@pytest.mark.parametrize("bn_mode", ["train", "eval"])
+def test_dualfed_balanced_head_leaves_the_labels_a_site_lacks_alone(bn_mode):
+    """Issue 25: with ``balanced_head`` stage B fits logits + log p_site(y), so a site that holds only digits 0-4
+    does not push the shared head's rows of 5-9 down (plain CE does), and the head's bias does not learn the
+    site's prior."""
+    def shared_head_change(balanced: bool) -> torch.Tensor:
+        cfg = DualFedConfig(balanced_head=balanced, stage_b_bn_mode=bn_mode)
+        sj = site_job(cfg)
+        keep = sj.data.y_train < 5
+        sj.trainer = Trainer(sj.data.x_train[keep], sj.data.y_train[keep], sj.trainer.cfg, seed="t")
+        before = sj.model.shared_head.bias.detach().clone()
+        DualFedObjective(cfg).fit_shared_head(sj, sj.model, "b")
+        return sj.model.shared_head.bias.detach() - before
+
+    plain, balanced = shared_head_change(False), shared_head_change(True)
+    assert plain[5:].max() < -0.01  # CE teaches the head that 5-9 never occur
+    assert balanced[5:].abs().max() < 1e-4
+
+
+def test_dualfed_balanced_head_is_the_default_but_never_under_dp(tmp_path):
+    """``auto`` balances stage B without DP and falls back to the paper's CE under DP-SGD (the site's label prior
+    would couple its examples); asking for it under DP is refused with the fix."""
+    from kumiki.config import ConfigError
+    from tests.conftest import make_config
+
+    assert DualFedConfig().balanced(private=False) and not DualFedConfig().balanced(private=True)
+    assert DualFedConfig(balanced_head=True).balanced(private=True)
+    with pytest.raises(ConfigError, match="balanced_head"):
+        make_config(tmp_path, method="dualfed", model={"norm": "group"},
+                    knobs={"con_lambda": 0.0, "balanced_head": True}, privacy={"enabled": True, "fix_model": True})
+    make_config(tmp_path, method="dualfed", model={"norm": "group"}, knobs={"con_lambda": 0.0},
+                privacy={"enabled": True, "fix_model": True})  # auto: accepted, and off at the sites
 
 
 def test_dualfed_new_client_trains_for_the_given_epochs():
@@ -179,7 +213,7 @@ def test_ditto_tracks_report_and_use_their_epochs():
 
 
 def test_dualfed_eval_mode_stage_b_trains_the_head_on_cached_features_for_its_epochs():
-    cfg = DualFedConfig(stage_b_bn_mode="eval", stage_b_epochs=3)
+    cfg = DualFedConfig(stage_b_bn_mode="eval", stage_b_epochs=3, balanced_head=False)
     sj = site_job(cfg)
     calls = spy(sj)
     DualFedObjective(cfg).fit(sj)

@@ -80,16 +80,28 @@ class DualFedObjective(SiteObjective):
 
     def fit_shared_head(self, sj: SiteJob, model: nn.Module, tag: str) -> dict[str, float]:
         """Stage B. In ``eval`` BN mode the frozen encoder is a fixed function, so its features are
-        computed once and the head trains on them (the same SGD, one encoder pass for all epochs)."""
+        computed once and the head trains on them (the same SGD, one encoder pass for all epochs).
+        ``balanced_head`` adds the log of the site's label prior to the logits in the loss
+        (balanced softmax): the head then fits p(x|y) up to a constant instead of the site's p(y|x), so
+        the average over label-skewed sites is not pulled toward each site's frequent labels."""
         cfg, epochs = self.cfg, self.cfg.stage_b_epochs
+        balanced = cfg.balanced(sj.job.privacy.enabled)
+        shift = self.log_prior(sj, model.shared_head.out_features) if balanced else 0.0
         if cfg.stage_b_bn_mode == "train":
-            return sj.trainer.fit(model, model.shared_head.parameters(), self.stage_b_loss, epochs=epochs, tag=tag)
+            loss = (lambda m, x, y: F.cross_entropy(m.shared_logits(x) + shift, y)) if balanced else self.stage_b_loss
+            return sj.trainer.fit(model, model.shared_head.parameters(), loss, epochs=epochs, tag=tag)
         model.encoder.eval()
         with torch.no_grad():
             z = torch.cat([model.encoder(x) for x in sj.trainer.x.split(1024)])
-        head_loss = lambda m, x, y: F.cross_entropy(m(x), y)  # noqa: E731 - m is the shared head here
+        head_loss = lambda m, x, y: F.cross_entropy(m(x) + shift, y)  # noqa: E731 - m is the shared head here
         return sj.trainer.fit(model.shared_head, model.shared_head.parameters(), head_loss, epochs=epochs,
                               tag=tag, data=(z, sj.trainer.y))
+
+    @staticmethod
+    def log_prior(sj: SiteJob, classes: int) -> torch.Tensor:
+        """log p_site(y) from the site's train labels (a label it lacks gets log(1e-6): no gradient to speak of)."""
+        counts = torch.bincount(sj.trainer.y.long().cpu(), minlength=classes).double()
+        return (counts / counts.sum()).clamp_min(1e-6).log().float().to(sj.trainer.device)
 
     def predict_personal(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model(x)  # h_psi(g_phi(z)) + h_omega(z)

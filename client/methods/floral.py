@@ -7,7 +7,8 @@ router at ``router_lr``; no momentum or weight decay (the method's train default
 group never decays, whatever ``train.weight_decay`` says (as the official code's ``get_param_groups``:
 decay would pull theta back to the uniform mixture every step). In training
 pi = softmax((theta + sigma u) / tau), u ~ U[0,1)^C per minibatch (the model draws it, seeded per
-round); adaptor gradients are preconditioned between backward and step (PrecondLoRA). The reply
+round); adaptor gradients are preconditioned between backward and step (PrecondLoRA; not under DP-SGD
+unless ``dp_precondition``: there the hook would amplify the noise). The reply
 carries p(c|k) = softmax(theta_k) as metrics ``pi-c`` (no noise, no temperature, no clamp): the
 server's p(k|c) weights need it.
 
@@ -51,8 +52,13 @@ class FloralObjective(SiteObjective):
             out.append({"params": adaptors, "lr": self.cfg.adaptor_lr or lr})
         return out + [router]
 
-    def precondition(self, model: nn.Module):
+    def precondition(self, model: nn.Module, private: bool = False):
+        """The step hook, or None: off with ``precondition = false``, and under DP-SGD (``private``) unless
+        ``dp_precondition``: Opacus adds the noise before this hook, and (B^T B + eps I)^-1 with B near 0 (its
+        initialization) multiplies the noise on A by up to 1/eps, which drowns the model (issue 25)."""
         if not self.cfg.precondition or not hasattr(model, "adaptor_parameters"):
+            return None
+        if private and not self.cfg.dp_precondition:
             return None
         return lambda m: precondition_(m, self.cfg.precond_eps)
 
@@ -60,7 +66,7 @@ class FloralObjective(SiteObjective):
         model = sj.model
         model.router.reseed(_seed(sj, "r"))
         out = sj.trainer.fit(model, self.groups(sj, model), sj.task_loss, tag=f"r{sj.job.round}",
-                             before_step=self.precondition(model))
+                             before_step=self.precondition(model, private=sj.trainer.dp is not None))
         out.update({f"pi-{c}": p for c, p in enumerate(router_probs(model))})
         return out
 

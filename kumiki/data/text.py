@@ -158,6 +158,9 @@ MARKOV_ALPHABET = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz .,;!?", dtype=np.ui
 #: successors per byte), and of a site's rows around its region's (the spec's 1000: near-IID within a region)
 MARKOV_REGION_ALPHA = 0.1
 MARKOV_SITE_CONCENTRATION = 1000.0
+#: share of a region's transition rows drawn from one row set common to all regions (0: unrelated languages, the
+#: default; 0.7: related ones, as the languages of one family). Research knob of ``bench/worldlm.py --ablate``.
+MARKOV_RELATED = 0.0
 #: sequences per site (train + test) when data.samples_per_site is not set
 MARKOV_DEFAULT_SEQUENCES = 256
 
@@ -233,6 +236,9 @@ def _texts(cfg, names: list[str], groups: dict[str, str], rng: np.random.Generat
         k = len(MARKOV_ALPHABET)
         regions = {g: np.stack([rng.dirichlet([MARKOV_REGION_ALPHA] * k) for _ in range(k)])
                    for g in sorted(set(groups.values()))}
+        if MARKOV_RELATED > 0:  # related languages: one common row set mixed into every region's
+            common = np.stack([rng.dirichlet([MARKOV_REGION_ALPHA] * k) for _ in range(k)])
+            regions = {g: (1 - MARKOV_RELATED) * r + MARKOV_RELATED * common for g, r in regions.items()}
         seqs = data.samples_per_site or MARKOV_DEFAULT_SEQUENCES
         n_test = max(1, int(round(seqs * data.test_fraction)))
         for s in names:

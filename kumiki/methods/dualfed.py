@@ -28,6 +28,11 @@ class DualFedConfig(MethodConfig):
       shared head, a linear probe re-fitted from the average each round on a drifting encoder, stays
       underfitted at 10-15 rounds: global 40% on digits with CNN-S against 91% with five;
     * ``weighting`` (uniform): server mean, ``uniform`` (code) or ``num_examples``;
+    * ``balanced_head`` (auto = on without DP; ours, issue 25): stage B adds log p_site(y) to the shared
+      head's logits in its loss (balanced softmax), so the averaged head is fitted for a uniform label
+      prior. On digits (CNN-S, Dirichlet 0.3, 10 rounds) it lifts global 81 -> 95% and unseen zero-shot
+      9 -> 28% (bench/dualfed.py). Off under DP-SGD: the prior depends on every example of the site, so
+      each example's clipped gradient would depend on the others;
     * ``stage_b_bn_mode`` (train): BN mode of the encoder while stage B fits the shared head;
     * ``unseen_bn`` (target_reestimate): BN statistics of the shared path on unseen sites,
       re-estimated from the site's unlabelled train data (no weight update).
@@ -47,6 +52,10 @@ class DualFedConfig(MethodConfig):
     stage_b_epochs: int = Field(
         5, ge=1, description="epochs of stage B (ours: the spec's 1 leaves the shared head underfitted at 10-15 rounds)")
     weighting: Literal["uniform", "num_examples"] = Field("uniform", description="server mean weights")
+    balanced_head: bool | Literal["auto"] = Field(
+        "auto", description="stage B's loss on logits + log of the site's label prior (balanced softmax; ours), so a "
+                            "label-skewed site does not teach the shared head its prior; auto: on, except under "
+                            "privacy.enabled (the prior is a statistic of the whole site); false: the paper's CE")
     stage_b_bn_mode: Literal["train", "eval"] = Field("train", description="encoder BN mode in stage B")
     unseen_bn: Literal["target_reestimate"] = Field(
         "target_reestimate", description="BN statistics of the shared path on unseen sites"
@@ -57,6 +66,10 @@ class DualFedConfig(MethodConfig):
         if self.con_lambda != "auto" and not self.con_lambda >= 0:
             raise ValueError("method.con_lambda must be 'auto' or a number >= 0")
         return self
+
+    def balanced(self, private: bool) -> bool:
+        """Whether stage B uses the balanced loss (``balanced_head``; auto: not under DP-SGD)."""
+        return (not private) if self.balanced_head == "auto" else bool(self.balanced_head)
 
     def epochs_per_round(self, train) -> int:
         return self.stage_epochs + self.stage_b_epochs

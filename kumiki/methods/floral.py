@@ -46,6 +46,9 @@ class FloralConfig(MethodConfig):
     alpha: float = Field(1.0, gt=0.0, description="scale of the adaptor sum")
     precondition: bool = Field(True, description="precondition adaptor gradients (the paper's PrecondLoRA)")
     precond_eps: float = Field(1e-5, gt=0.0, description="eps of the preconditioner")
+    dp_precondition: bool = Field(
+        False, description="precondition under DP-SGD too (off: the preconditioner runs after the noise and, while "
+                           "B is near 0, scales the noise on A by up to 1/precond_eps; docs/floral.md)")
     adaptor_bias: bool = Field(True, description="an output bias b_c per adaptor where the base layer has one")
     adaptor_bias_init: Literal["torch_default", "zero"] = Field("torch_default", description="b_c's initialization")
     conv_dims: Literal["kernel", "code"] = Field("kernel", description="conv adaptor d_in, d_out (rank rule, A's "
