@@ -180,7 +180,7 @@ class Runner:
         self.sh(["deploy/images.sh", "build"], self.a.build_timeout, env=env)
         sizes = self.sh(["docker", "images", "--format", "{{.Repository}}:{{.Tag}} {{.Size}}", "kumiki/*"], 60)
         return (f"{repaired}wheelhouse {'reused' if wheels else 'downloaded'}, build {time.monotonic() - t0:.0f}s; "
-                + ", ".join(sizes.stdout.split("\n")[:3]))
+                + ", ".join(line for line in sizes.stdout.splitlines() if line.strip()))
 
     def certs(self) -> str:
         self.kumiki("certs", str(self.work / "certs"), "--host", "host.docker.internal")
@@ -291,8 +291,11 @@ class Runner:
         plan = {"http": [[fleet, self.port, path, verify] for path in paths for verify in (True, False)]
                 + [[fleet, self.control_port, "/v1/control/list-runs", False]],
                 "address": f"{fleet}:{self.port}", "pub": (attacker / "sites" / "intruder.pub").read_text()}
-        r = self.sh(["docker", "exec", node, "python", "-c", ATTACK_CONTROL, json.dumps(plan)], 300)
+        print(f"$ docker exec {node[:12]} python -c ATTACK_CONTROL   # deploy/compose_test.py: {len(plan['http'])} "
+              "requests, then flwr ls / flwr supernode register from factory-a's SuperNode container", flush=True)
+        r = self.sh(["docker", "exec", node, "python", "-c", ATTACK_CONTROL, json.dumps(plan)], 300, quiet=True)
         res = json.loads(r.stdout.strip().splitlines()[-1])
+        print(_indent(json.dumps(res)[-3000:]), flush=True)
         wrong = [h for h in res["http"] if h[1] == self.port and not (h[4] == 403 and "nginx" in h[5])]
         wrong += [h for h in res["http"] if h[1] == self.control_port and h[4] != "unreachable"]
         wrong += [f for f in res["flwr"] if f[1]]
