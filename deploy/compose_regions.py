@@ -31,14 +31,17 @@ def smoke(r) -> str:
 
     work = r.work / "regions"
     work.mkdir(parents=True, exist_ok=True)
-    root_port, ports = free_port(), {g: free_port() for g in REGIONS}
+    root_port, root_control, ports = free_port(), free_port(), {g: free_port() for g in REGIONS}
     root_certs, certs = work / "certs-root", {g: work / f"certs-{g}" for g in REGIONS}
     homes = {"root": work / "flwr-root", **{g: work / f"flwr-{g}" for g in REGIONS}}
     projects = {"root": f"{r.a.prefix}-regions-root", **{g: f"{r.a.prefix}-{g}" for g in REGIONS},
                 **{s: f"{r.a.prefix}-{s}" for s in REGIONS.values()}}
 
     def env(**kw: str) -> dict[str, str]:
-        return r.env(KUMIKI_CONFIGS=str(ROOT / "deploy"), **kw)
+        # the root's operator: its certificate for the root proxy's Control listener (launch/fastpath.py flwr)
+        return r.env(KUMIKI_CONFIGS=str(ROOT / "deploy"), KUMIKI_CLIENT_CERT=str(root_certs / "operator.crt"),
+                     KUMIKI_CLIENT_KEY=str(root_certs / "operator.key"),
+                     KUMIKI_APP_SIGNING_KEY=str(root_certs / "app-signing.key"), **kw)
 
     def flwr_home(home: Path, port: int, ca: Path, name: str) -> None:
         home.mkdir(parents=True, exist_ok=True)
@@ -46,16 +49,16 @@ def smoke(r) -> str:
                                           f'address = "localhost:{port}"\nroot-certificates = "{ca}"\n')
 
     def register(home: Path, name: str, pub: Path, site: str) -> None:
-        r.sh([str(Path(sys.executable).parent / "flwr"), "supernode", "register", str(pub), name, "--name", site],
+        r.sh([*ct.FLWR, "supernode", "register", str(pub), name, "--name", site],
              120, env=env(FLWR_HOME=str(home)))
 
     def online(home: Path, name: str) -> int:
-        out = r.sh([str(Path(sys.executable).parent / "flwr"), "supernode", "list", name, "--format", "json"], 120,
+        out = r.sh([*ct.FLWR, "supernode", "list", name, "--format", "json"], 120,
                    env=env(FLWR_HOME=str(home)), quiet=True, check=False).stdout
         return out.count('"online"')
 
     root_env = env(KUMIKI_CERTS=str(root_certs), KUMIKI_RUNS=str(work / "runs"),
-                   KUMIKI_SUPERLINK_PUBLISH=str(root_port))
+                   KUMIKI_SUPERLINK_PUBLISH=str(root_port), KUMIKI_CONTROL_PUBLISH=f"127.0.0.1:{root_control}")
     region_env = {g: env(KUMIKI_ROOT_CERTS=str(root_certs), KUMIKI_REGION_CERTS=str(certs[g]),
                          KUMIKI_ROOT_SUPERLINK=f"host.docker.internal:{root_port}",
                          KUMIKI_REGION_PUBLISH=str(ports[g])) for g in REGIONS}
@@ -81,10 +84,10 @@ def smoke(r) -> str:
         (work / "runs").mkdir(exist_ok=True)
         for p in (root_certs, *certs.values(), work / "runs"):
             chown_tree(r, p)
-        flwr_home(homes["root"], root_port, root_certs / "ca.crt", "kumiki")
+        flwr_home(homes["root"], root_control, root_certs / "ca.crt", "kumiki")  # the root proxy's Control port
         r.sh(compose("root", *up), r.a.up_timeout + 60, env=root_env)
         wait_until("the root SuperLink answers", 120,
-                   lambda: r.sh([str(Path(sys.executable).parent / "flwr"), "supernode", "list", "kumiki"], 60,
+                   lambda: r.sh([*ct.FLWR, "supernode", "list", "kumiki"], 60,
                                 env=env(FLWR_HOME=str(homes["root"])), quiet=True, check=False).returncode == 0)
         for g in REGIONS:  # each region is one site of the root
             register(homes["root"], "kumiki", root_certs / "sites" / f"{g}.pub", g)

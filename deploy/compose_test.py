@@ -11,12 +11,21 @@ What it does (each step bounded, timed, summarised at the end; the runbook secti
   images    deploy/images.sh wheelhouse (only when deploy/wheelhouse/ holds no wheel), deploy/images.sh build  [2]
   certs     kumiki certs WORK/certs --host host.docker.internal, owned by the containers' uid 49999         [3]
   data      python deploy/native.py demo-data WORK/data: rehearsal site folders for the three factories     [1]
-  server    the server host's project kumiki-server (the root docker-compose.yml), healthy                 [4]
-  register  flwr supernode register, one per factory, through the published port                           [5, 6]
+  server    the server host's project kumiki-server (the root docker-compose.yml), healthy: the SuperLink on an
+            internal network, the proxy publishing the Fleet port (factories) and the Control port on the
+            host's loopback (the operator, mutual TLS)                                                      [4]
+  register  flwr supernode register, one per factory, through the Control port with operator.crt           [5, 6]
   factories three projects kumiki-factory-{a,b,c}, each on its own network; a factory reaches only the
-            server's published port (checked: the SuperLink's container address is unreachable from it);
-            "healthy" = connected to the SuperLink                                                        [7]
-  security  hooks for the reverse proxy and signed apps (skipped, with a message, until they land)
+            proxy's Fleet port (checked: the SuperLink's and the proxy's container addresses and the Control
+            port are unreachable from it); "healthy" = connected to the SuperLink                          [7]
+  security:control-api   from factory-a's container, as an attacker there would: Control API paths through
+            the Fleet port (with the CA and with verification off) get nginx's 403, `flwr ls` and
+            `flwr supernode register` fail, the Control port does not answer; on the host, the Control port
+            refuses a client without operator.crt and one with another CA's certificate; no key was added
+  security:unsigned-app  an app whose ClientApp writes a marker into each site's state volume, submitted
+            unsigned and signed with another key: no marker at any site, every SuperNode logs the refusal,
+            the attacker's ServerApp gets only errors back, the factories stay online (and the operator's run,
+            next, completes)                                                                               [security]
   run       kumiki validate + kumiki submit deploy/factories.toml; mid-run one factory's SuperNode is
             killed (SIGKILL, a crash) and comes back by its restart policy with the same node id          [8, 9]
   report    summary.json status, every round recorded, report.html; kumiki report renders it again        [10]
@@ -24,6 +33,7 @@ What it does (each step bounded, timed, summarised at the end; the runbook secti
   rerun     the same run.name again: refused with a non-zero exit, then --overwrite: a second run     [8]
   teardown  every project down -v, WORK removed
 
+--security-only stops after the two security steps (both run even if the first fails), then tears down.
 WORK is a fresh temporary folder (--work to choose one). The projects carry a prefix (--prefix, default
 `kumiki`, so the names are the runbook's). Exit status 0 only when every step passed.
 """
@@ -63,14 +73,20 @@ class Runner:
         self.work = Path(args.work or tempfile.mkdtemp(prefix="kumiki-compose-test-")).resolve()
         self.times: list[tuple[str, float, str]] = []
         self.port = args.port or free_port()
+        self.control_port = args.control_port or free_port()
         self.server = f"{args.prefix}-server"
         self.factories = {s: f"{args.prefix}-{s}" for s in SITES}
         self.node_ids: dict[str, int] = {}
 
     # ------------------------------------------------------------------ plumbing
     def env(self, **extra: str) -> dict[str, str]:
+        certs = self.work / "certs"
+        # the operator's flwr commands (launch/fastpath.py flwr, also under `kumiki submit`): the client
+        # certificate the proxy's Control listener asks for, the key that signs every app submitted
         env = {**os.environ, "FLWR_HOME": str(self.work / "flwr"), "FLWR_TELEMETRY_ENABLED": "0",
-               "FLWR_DISABLE_UPDATE_CHECK": "1", "KUMIKI_CERTS": str(self.work / "certs"),
+               "FLWR_DISABLE_UPDATE_CHECK": "1", "KUMIKI_CERTS": str(certs),
+               "KUMIKI_CLIENT_CERT": str(certs / "operator.crt"), "KUMIKI_CLIENT_KEY": str(certs / "operator.key"),
+               "KUMIKI_APP_SIGNING_KEY": str(certs / "app-signing.key"),
                "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
         env.update(extra)
         return env
@@ -116,15 +132,17 @@ class Runner:
 
     def server_env(self) -> dict[str, str]:
         # what an operator sets in deploy/server.env: absolute paths, the published port
-        return self.env(KUMIKI_RUNS=str(self.work / "runs"), KUMIKI_SUPERLINK_PUBLISH=str(self.port))
+        return self.env(KUMIKI_RUNS=str(self.work / "runs"), KUMIKI_SUPERLINK_PUBLISH=str(self.port),
+                        KUMIKI_CONTROL_PUBLISH=f"127.0.0.1:{self.control_port}")
 
     def factory_env(self, site: str) -> dict[str, str]:
         # what an operator sets in deploy/sites/<site>.env; three factories share this host's cores
         return self.env(KUMIKI_SUPERLINK=f"host.docker.internal:{self.port}",
                         KUMIKI_DATA=str(self.work / "data" / site / "data"), KUMIKI_LOCAL_SITES=str(len(SITES)))
 
-    def flwr(self, *args: str, timeout: float = 120, check: bool = True, quiet: bool = False):
-        return self.sh([str(BIN / "flwr"), *args], timeout, check=check, quiet=quiet)
+    def flwr(self, *args: str, timeout: float = 120, check: bool = True, quiet: bool = False, env: dict | None = None):
+        """The operator's flwr CLI (through launch/fastpath.py: it presents operator.crt and signs apps)."""
+        return self.sh([*FLWR, *args], timeout, check=check, quiet=quiet, env=env)
 
     def kumiki(self, *args: str, timeout: float = 120, check: bool = True):
         return self.sh([str(BIN / "kumiki"), *args], timeout, check=check)
@@ -162,18 +180,19 @@ class Runner:
         self.sh(["deploy/images.sh", "build"], self.a.build_timeout, env=env)
         sizes = self.sh(["docker", "images", "--format", "{{.Repository}}:{{.Tag}} {{.Size}}", "kumiki/*"], 60)
         return (f"{repaired}wheelhouse {'reused' if wheels else 'downloaded'}, build {time.monotonic() - t0:.0f}s; "
-                + ", ".join(sizes.stdout.split("\n")[:3]))
+                + ", ".join(line for line in sizes.stdout.splitlines() if line.strip()))
 
     def certs(self) -> str:
         self.kumiki("certs", str(self.work / "certs"), "--host", "host.docker.internal")
         chown_tree(self, self.work / "certs")
-        # the operator's flwr CLI: runbook section 5
+        # the operator's flwr CLI: runbook section 5 (the proxy's Control port, on this host's loopback)
         home = self.work / "flwr"
         home.mkdir(parents=True, exist_ok=True)
         (home / "config.toml").write_text(
-            f'[superlink]\ndefault = "kumiki"\n\n[superlink.kumiki]\naddress = "localhost:{self.port}"\n'
+            f'[superlink]\ndefault = "kumiki"\n\n[superlink.kumiki]\naddress = "localhost:{self.control_port}"\n'
             f'root-certificates = "{self.work / "certs" / "ca.crt"}"\n')
-        return "CA, SuperLink certificate, three factory keys; flwr connection 'kumiki'"
+        return ("CA, SuperLink certificate, three factory keys, operator certificate, app-signing key; "
+                f"flwr connection 'kumiki' (localhost:{self.control_port})")
 
     def data(self) -> str:
         self.sh([str(BIN / "python"), "deploy/native.py", "demo-data", str(self.work / "data")], 600)
@@ -194,7 +213,8 @@ class Runner:
             raise StepFailed(f"the two ways to start the server name different projects: {names}")
         wait_until("the flwr CLI reaches the SuperLink", 120,
                    lambda: self.flwr("supernode", "list", "kumiki", check=False, quiet=True).returncode == 0)
-        return f"SuperLink healthy on :{self.port} (TLS), project {self.server}"
+        return (f"SuperLink healthy behind the proxy: Fleet :{self.port}, Control 127.0.0.1:{self.control_port} "
+                f"(mutual TLS), project {self.server}")
 
     def register(self) -> str:
         for site in SITES:
@@ -224,42 +244,155 @@ class Runner:
                 raise StepFailed(f"{site}'s health check names another node: {r.stdout}")
         return f"3 factories healthy and online; {self.isolation()}"
 
+    def addresses(self, project: str, service: str) -> list[str]:
+        cid = self.container(project, service)
+        return self.sh(["docker", "inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}", cid],
+                       60, quiet=True).stdout.split()
+
     def isolation(self) -> str:
-        """A factory reaches the SuperLink only through the published port: not its container address."""
-        link = self.container(self.server, "superlink")
-        addrs = self.sh(["docker", "inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}", link],
-                        60, quiet=True).stdout.split()
+        """A factory reaches the server only through the proxy's published Fleet port: not the SuperLink's or the
+        proxy's container addresses, not the Control port (published on the server host's loopback only)."""
+        targets = [f"{a}:{p}" for a in self.addresses(self.server, "superlink") for p in (8000,)]
+        targets += [f"{a}:{p}" for a in self.addresses(self.server, "proxy") for p in (8000, 8001)]
+        targets.append(f"host.docker.internal:{self.control_port}")
         node = self.container(self.factories["factory-a"], "supernode")
-        probe = ("import socket, sys\nfor a in sys.argv[1:]:\n    try:\n        socket.create_connection((a, 8000), 3)"
-                 "\n        print('REACHED', a)\n    except OSError as e:\n        print('refused', a, e)")
-        r = self.sh(["docker", "exec", node, "python", "-c", probe, *addrs], 60)
+        probe = ("import socket, sys\nfor t in sys.argv[1:]:\n    a, p = t.rsplit(':', 1)\n    try:\n"
+                 "        socket.create_connection((a, int(p)), 3)\n        print('REACHED', t)\n"
+                 "    except OSError as e:\n        print('refused', t, e)")
+        r = self.sh(["docker", "exec", node, "python", "-c", probe, *targets], 120)
         if "REACHED" in r.stdout:
-            raise StepFailed(f"factory-a reaches the SuperLink's container address directly: {r.stdout}")
-        return f"factory-a cannot reach the SuperLink container ({', '.join(addrs)}:8000)"
+            raise StepFailed(f"factory-a reaches the server other than through the Fleet port: {r.stdout}")
+        return f"factory-a reaches none of {', '.join(targets)}"
 
     def online(self) -> list[int]:
         out = self.flwr("supernode", "list", "kumiki", "--format", "json", quiet=True).stdout
         nodes = json.loads(out[out.index("{"):]).get("nodes", [])
         return sorted(int(n["node-id"]) for n in nodes if n.get("status") == "online")
 
-    # ------------------------------------------------------------------ HOOKS for the security issue (22): a
-    # reverse proxy in front of the SuperLink that forwards only the Fleet API to factory networks, mTLS on the
-    # Control API, signed apps. They run on --engine local and deploy/native.py (deploy/proxy.py, launch/fastpath.py
-    # app-sign/app-verify; docs/security.md says how compose should wire them); until the compose files do, each
-    # hook returns "SKIPPED: ..." (printed in the summary), never a silent pass. To implement: replace the body with the check
-    # (the Runner gives self.container(project, service), self.sh(...), self.flwr(...), self.factory_env(site)).
+    # ------------------------------------------------------------------ security (issue 22): the proxy, signed apps
+    def attacker_certs(self) -> Path:
+        """The attacker's own `kumiki certs`: a CA with an "operator" certificate, an app-signing key, a node key."""
+        d = self.work / "attacker"
+        if not (d / "app-signing.key").is_file():
+            self.kumiki("certs", str(d), "--site", "intruder")
+        return d
+
     def security_control_api(self) -> str:
-        """HOOK: from a factory's network, the Control API (/v1/control/...) must be unreachable, while the Fleet
-        API still answers: e.g. `docker exec <factory-a supernode> python -c <HTTPS POST to /v1/control/...>`
-        through the published port must fail, and the factory stays connected."""
-        return ("SKIPPED: the reverse proxy (Fleet API only for factories, deploy/proxy.py) is not in the compose "
-                "files yet; here the Control API shares the SuperLink's port (docs/security.md)")
+        """From a factory's network, as an attacker inside factory-a's SuperNode container would try it: Control API
+        paths through the Fleet port (with the federation's CA, and with verification off) get nginx's own 403 and
+        never reach the SuperLink; `flwr ls` and `flwr supernode register` fail; the Control port does not answer.
+        On the server host, the Control port refuses a client without operator.crt and one presenting another CA's
+        "operator" certificate. Afterwards no key was added, and the factories are still online."""
+        attacker = self.attacker_certs()
+        before_nodes, before_runs = self.registered(), self.run_ids()
+        node = self.container(self.factories["factory-a"], "supernode")
+        fleet = "host.docker.internal"
+        paths = ("/v1/control/list-runs", "/v1/control/register-node", "/v1/control/start-run", "/health")
+        plan = {"http": [[fleet, self.port, path, verify] for path in paths for verify in (True, False)]
+                + [[fleet, self.control_port, "/v1/control/list-runs", False]],
+                "address": f"{fleet}:{self.port}", "pub": (attacker / "sites" / "intruder.pub").read_text()}
+        print(f"$ docker exec {node[:12]} python -c ATTACK_CONTROL   # deploy/compose_test.py: {len(plan['http'])} "
+              "requests, then flwr ls / flwr supernode register from factory-a's SuperNode container", flush=True)
+        r = self.sh(["docker", "exec", node, "python", "-c", ATTACK_CONTROL, json.dumps(plan)], 300, quiet=True)
+        res = json.loads(r.stdout.strip().splitlines()[-1])
+        print(_indent(json.dumps(res)[-3000:]), flush=True)
+        wrong = [h for h in res["http"] if h[1] == self.port and not (h[4] == 403 and "nginx" in h[5])]
+        wrong += [h for h in res["http"] if h[1] == self.control_port and h[4] != "unreachable"]
+        wrong += [f for f in res["flwr"] if f[1]]
+        # on the server host: the Control port without the operator's certificate, and with another CA's
+        host = []
+        for who, extra in (("no client certificate", {"KUMIKI_CLIENT_CERT": "", "KUMIKI_CLIENT_KEY": ""}),
+                           ("another CA's operator certificate",
+                            {"KUMIKI_CLIENT_CERT": str(attacker / "operator.crt"),
+                             "KUMIKI_CLIENT_KEY": str(attacker / "operator.key")})):
+            for args in (("ls", "kumiki", "--format", "json"),
+                         ("supernode", "register", str(attacker / "sites" / "intruder.pub"), "kumiki", "--format",
+                          "json")):
+                out = self.flwr(*args, check=False, quiet=True, env=self.env(**extra))
+                text = _strip(out.stdout + out.stderr)
+                if out.returncode == 0 and '"success": false' not in text:
+                    wrong.append([who, " ".join(args[:2]), text[-300:]])
+                host.append(f"{who}: {args[0]} refused")
+        if wrong:
+            raise StepFailed("the Control API answered from where it must not:\n" + json.dumps(wrong, indent=1))
+        after_nodes, after_runs = self.registered(), self.run_ids()
+        if after_nodes != before_nodes or after_runs != before_runs:
+            raise StepFailed(f"the attempts changed the SuperLink: nodes {before_nodes} -> {after_nodes}, "
+                             f"runs {before_runs} -> {after_runs}")
+        access = self.sh(["docker", "exec", self.container(self.server, "proxy"), "cat",
+                          "/tmp/kumiki-proxy/access.log"], 60, quiet=True).stdout
+        if '"POST /v1/control/register-node HTTP/1.1" 403' not in access:
+            raise StepFailed("the proxy's access log has no 403 for the factory's register-node")
+        if set(self.online()) != set(self.node_ids.values()):
+            raise StepFailed(f"a factory went offline: {self.online()}")
+        n = len(res["http"]) - 1
+        return (f"from factory-a: {n} Control/health requests through the Fleet port -> nginx 403 (CA and no "
+                f"verification), flwr ls/register refused, Control port unreachable; on the host: {len(host)} "
+                "attempts without operator.crt refused; no key added, factories online")
+
+    def run_ids(self) -> set[int]:
+        out = self.flwr("ls", "kumiki", "--format", "json", quiet=True).stdout
+        return {int(r["run-id"]) for r in json.loads(out[out.index("{"):]).get("runs", [])}
 
     def security_unsigned_app(self) -> str:
-        """HOOK: a factory must refuse an app that is not signed by a trusted key: `flwr run` of an unsigned FAB
-        gets no ClientApp started at any factory, and the run ends failed with the refusal in `flwr log`."""
-        return ("SKIPPED: app verification (fastpath app-verify) is not in the compose files yet; these factories run "
-                "any app the SuperLink hands them (docs/security.md)")
+        """The attacker's app (with Control access: here the operator's certificate, as a stolen one would be),
+        submitted unsigned and signed with another key. Its ClientApp writes a marker into the site's state volume
+        at import time: no marker at any site, each SuperNode logs `kumiki app-verify: refused app`, the attacker's
+        ServerApp gets only error replies, and the factories stay online for the operator's run (the next step)."""
+        attacker = self.attacker_certs()
+        app = self.work / "attacker-app"
+        app.mkdir(exist_ok=True)
+        (app / "pyproject.toml").write_text(ATTACKER_PYPROJECT)
+        (app / "LICENSE").write_text("attacker\n")
+        (app / "atk_client.py").write_text(ATTACKER_CLIENT)
+        (app / "atk_server.py").write_text(ATTACKER_SERVER)
+        since = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(time.time() - 5))
+        runs = []
+        for label, key in (("unsigned", None), ("signed with another key", attacker / "app-signing.key")):
+            env = self.env()
+            env.pop("KUMIKI_APP_SIGNING_KEY")
+            if key is not None:
+                env["KUMIKI_APP_SIGNING_KEY"] = str(key)
+            r = self.flwr("run", str(app), "kumiki", env=env, timeout=180)
+            m = re.search(r"Successfully started run (\d+)", _strip(r.stdout + r.stderr))
+            if not m:
+                raise StepFailed(f"the attacker's {label} app was not submitted (the Control API refused it?)")
+            runs.append(int(m.group(1)))
+        answers_dir = self.work / "runs"
+        wait_until("the attacker's two ServerApps to have their answers", 240,
+                   lambda: len(list(answers_dir.glob("attacker-*.json"))) >= 2, every=2)
+        wait_until("the attacker's runs to end", 120, lambda: all(
+            not re.match(r"(pending|starting|running)", self.run_status(rid)) for rid in runs), every=2)
+        answers = [json.loads(f.read_text()) for f in sorted(answers_dir.glob("attacker-*.json"))]
+        problems = []
+        if not all(len(a) == len(SITES) and "ok" not in a for a in answers):
+            problems.append(f"the attacker's ServerApp got these replies: {answers}")
+        for site in SITES:
+            ls = self.sh(["docker", "exec", self.container(self.factories[site], "superexec"), "ls", "-a",
+                          "/app/state"], 60, quiet=True)
+            marks = [f for f in ls.stdout.split() if f.startswith("kumiki-attacker")]
+            if marks:
+                problems.append(f"{site}: the attacker's ClientApp ran there ({marks})")
+            log = self.sh(["docker", "logs", "--since", since, self.container(self.factories[site], "supernode")], 60,
+                          quiet=True)
+            text = _strip(log.stdout + log.stderr)
+            for needle in ("refused app", "it is not signed", "its signature is not the operator key"):
+                if needle not in text:
+                    problems.append(f"{site}: no '{needle}' in its SuperNode's log")
+        if problems:
+            raise StepFailed("an app the operator did not sign was not refused:\n" + "\n".join(problems))
+        if set(self.online()) != set(self.node_ids.values()):
+            raise StepFailed(f"a factory went offline after the refusals: {self.online()}")
+        return (f"runs {runs[0]} (unsigned) and {runs[1]} (another key): refused at all {len(SITES)} factories "
+                f"(logged, no marker in any state volume, replies {answers[0]}); factories online")
+
+    def run_status(self, run_id: int) -> str:
+        out = self.flwr("ls", "kumiki", "--run-id", str(run_id), "--format", "json", quiet=True, check=False).stdout
+        try:
+            runs = json.loads(out[out.index("{"):]).get("runs") or []
+        except ValueError:
+            return "unknown"
+        return str(runs[0].get("status", "unknown")) if runs else "unknown"
 
     def pilot_with_a_crash(self) -> str:
         self.kumiki("validate", "deploy/factories.toml")
@@ -402,6 +535,94 @@ class Runner:
             print(f"{name:<14} {secs:7.1f}s  {note}")
         total = sum(t for _, t, _ in self.times)
         print(f"{'total':<14} {total:7.1f}s  {'PASSED' if ok else 'FAILED'}")
+
+
+# ---------------------------------------------------------------------- the attacker's tools
+#: the operator's flwr CLI: through launch/fastpath.py (client certificate, app signing)
+FLWR = [sys.executable, str(ROOT / "launch" / "fastpath.py"), "flwr"]
+
+#: run inside a factory's SuperNode container: Control API requests through the Fleet port, then the flwr CLI
+ATTACK_CONTROL = r"""
+import json, os, ssl, subprocess, sys, urllib.error, urllib.request
+plan, ca = json.loads(sys.argv[1]), "/run/secrets/ca.crt"
+res = {"http": [], "flwr": []}
+for host, port, path, verify in plan["http"]:
+    ctx = ssl.create_default_context(cafile=ca) if verify else ssl._create_unverified_context()
+    req = urllib.request.Request(f"https://{host}:{port}{path}", data=b"", method="POST",
+                                 headers={"Content-Type": "application/protobuf"})
+    try:
+        with urllib.request.urlopen(req, context=ctx, timeout=10) as r:
+            res["http"].append([host, port, path, verify, r.status, r.headers.get("Server", "")])
+    except urllib.error.HTTPError as e:
+        res["http"].append([host, port, path, verify, e.code, e.headers.get("Server", "")])
+    except (OSError, ssl.SSLError) as e:
+        res["http"].append([host, port, path, verify, "unreachable", str(e)[:160]])
+home = "/tmp/kumiki-attacker"
+os.makedirs(home, exist_ok=True)
+open(home + "/intruder.pub", "w").write(plan["pub"])
+open(home + "/config.toml", "w").write('[superlink]\ndefault = "x"\n[superlink.x]\naddress = "%s"\n'
+                                       'root-certificates = "%s"\n' % (plan["address"], ca))
+env = {**os.environ, "FLWR_HOME": home}
+for args in (["ls", "x", "--format", "json"],
+             ["supernode", "register", home + "/intruder.pub", "x", "--format", "json"]):
+    p = subprocess.run(["flwr", *args], env=env, capture_output=True, text=True, timeout=120)
+    out = p.stdout + p.stderr
+    res["flwr"].append([" ".join(args[:2]), p.returncode == 0 and '"success": false' not in out, out[-300:]])
+print(json.dumps(res))
+"""
+
+ATTACKER_PYPROJECT = """[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "atk"
+version = "1.0.0"
+license = { file = "LICENSE" }
+dependencies = ["flwr>=1.41.0"]
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "attacker"
+fab-format-version = 1
+flwr-version-target = "1.41.0"
+
+[tool.flwr.app.components]
+serverapp = "atk_server:app"
+clientapp = "atk_client:app"
+"""
+#: at import (the earliest point any of its code runs at a site) it marks the site's state volume
+ATTACKER_CLIENT = """from pathlib import Path
+from flwr.app import Message, RecordDict
+from flwr.clientapp import ClientApp
+
+Path("/app/state/kumiki-attacker-imported").write_text("the attacker's code ran at this site")
+app = ClientApp()
+
+
+@app.query()
+def query(msg, context):
+    Path(f"/app/state/kumiki-attacker-ran-{context.node_id}").write_text("pwned")
+    return Message(RecordDict(), reply_to=msg)
+"""
+#: on the server: asks every node, writes the reply codes where the test reads them (the runs volume)
+ATTACKER_SERVER = """import json
+from pathlib import Path
+from flwr.app import Message, RecordDict
+from flwr.serverapp import ServerApp
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid, context):
+    msgs = [Message(RecordDict(), dst_node_id=n, message_type="query") for n in grid.get_node_ids()]
+    replies = list(grid.send_and_receive(msgs, timeout=90))
+    codes = [r.error.code if r.has_error() else "ok" for r in replies]
+    Path(f"/app/runs/attacker-{context.run_id}.json").write_text(json.dumps(codes))
+"""
 
 
 # ---------------------------------------------------------------------- helpers
@@ -552,7 +773,12 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--work", help="the test's folder (default: a fresh temporary one, removed at the end)")
     ap.add_argument("--prefix", default="kumiki", help="compose project prefix (default kumiki: the runbook's names)")
-    ap.add_argument("--port", type=int, help="the SuperLink's published port (default: a free one)")
+    ap.add_argument("--port", type=int, help="the proxy's published Fleet port, factories' side (default: a free one)")
+    ap.add_argument("--control-port", type=int, help="the proxy's Control port on 127.0.0.1 (default: a free one)")
+    ap.add_argument("--quick", action="store_true",
+                    help="the runbook up to the first run and its report (no down/up, no rerun): a loaded machine's check")
+    ap.add_argument("--security-only", action="store_true",
+                    help="stop after the two security steps (both run, even if the first fails)")
     ap.add_argument("--keep", action="store_true", help="leave everything up (no teardown)")
     ap.add_argument("--regions", action="store_true", help="also start WorldLM's shape (b) (deploy/compose_regions.py)")
     ap.add_argument("--regions-only", action="store_true", help="only the images and WorldLM's shape (b)")
@@ -578,14 +804,26 @@ def main(argv: list[str] | None = None) -> int:
             r.step("server", r.server_up)
             r.step("register", r.register)
             r.step("factories", r.factories_up)
-            r.step("security:control-api", r.security_control_api)
-            r.step("security:unsigned-app", r.security_unsigned_app)
-            r.step("run+crash", r.pilot_with_a_crash)
-            r.step("report", r.report)
-            r.step("down/up", r.down_up)
-            r.step("rerun", r.rerun)
-            if a.regions:
-                r.step("regions", r.regions)
+            failed = []
+            for name, fn in (("security:control-api", r.security_control_api),
+                             ("security:unsigned-app", r.security_unsigned_app)):
+                try:
+                    r.step(name, fn)
+                except StepFailed as e:
+                    if not a.security_only:
+                        raise
+                    print(f"\nFAILED: {e}", file=sys.stderr)
+                    failed.append(name)
+            if failed:
+                raise StepFailed(f"{', '.join(failed)} failed")
+            if not a.security_only:
+                r.step("run+crash", r.pilot_with_a_crash)
+                r.step("report", r.report)
+                if not a.quick:
+                    r.step("down/up", r.down_up)
+                    r.step("rerun", r.rerun)
+                if a.regions:
+                    r.step("regions", r.regions)
         ok = True
     except StepFailed as e:
         print(f"\nFAILED: {e}", file=sys.stderr)

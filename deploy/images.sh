@@ -13,7 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VERSION="${KUMIKI_VERSION:-0.1.0}"
-IMAGES=("kumiki/superlink:$VERSION" "kumiki/supernode:$VERSION" "kumiki/superexec:$VERSION")
+IMAGES=("kumiki/superlink:$VERSION" "kumiki/proxy:$VERSION" "kumiki/supernode:$VERSION" "kumiki/superexec:$VERSION")
 PYTHON="${PYTHON:-python3}"
 # The PyTorch CPU index unless PIP_EXTRA_INDEX_URL is set; set and empty means no extra index (deploy/README.md;
 # deploy/compose/build.yml reads it the same way for the build).

@@ -23,6 +23,10 @@ in a few lines; haproxy would do as well, envoy is not packaged in Debian 12.
         --control 127.0.0.1:9094 --runtime-dir /var/lib/kumiki-proxy > nginx.conf
     nginx -p /var/lib/kumiki-proxy -c $PWD/nginx.conf        # runs in the foreground (daemon off)
 
+The compose server host's ``proxy`` service (deploy/Dockerfile's ``proxy`` stage) does both in one step:
+``--out FILE --exec`` writes the configuration, then replaces itself with nginx (PID 1 of the container, so
+``docker stop`` and the restart policy reach nginx itself).
+
 Standard library only (the images and the native path run it from a checkout).
 """
 
@@ -118,7 +122,8 @@ def write_conf(path: str | Path, **kw) -> Path:
     return path
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line (also what tests/test_compose.py checks the compose proxy service's command against)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--certs", required=True, help="the `kumiki certs` directory")
     ap.add_argument("--superlink", required=True, help="where the SuperLink listens, host:port (not public)")
@@ -129,12 +134,30 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--plain-upstream", action="store_true", help="the SuperLink runs --insecure behind the proxy")
     ap.add_argument("--user", help="workers' user when nginx starts as root")
     ap.add_argument("--out", help="write here (default: stdout)")
+    ap.add_argument("--exec", dest="exec_", action="store_true",
+                    help="with --out: then run nginx (in the foreground) with that configuration, in place of this process")
+    ap.add_argument("--nginx", default="nginx", help="the nginx executable for --exec (default: nginx on PATH)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = parser()
     a = ap.parse_args(argv)
+    if a.exec_ and not a.out:
+        ap.error("--exec needs --out")
     kw = dict(superlink=a.superlink, fleet_listen=a.fleet, control_listen=a.control, certs=a.certs,
               runtime_dir=a.runtime_dir, upstream_tls=not a.plain_upstream, upstream_name=a.superlink_name,
               user=a.user)
     if a.out:
-        print(write_conf(a.out, **kw))
+        conf = write_conf(a.out, **kw)
+        print(conf, flush=True)
+        if a.exec_:
+            import os
+            import shutil
+
+            nginx = shutil.which(a.nginx) or shutil.which(a.nginx, path="/usr/sbin:/sbin:/usr/local/sbin") or a.nginx
+            run = str(Path(a.runtime_dir).resolve())
+            os.execv(nginx, [nginx, "-p", run, "-c", str(conf.resolve()), "-e", f"{run}/error.log"])
     else:
         sys.stdout.write(nginx_conf(**kw))
 

@@ -201,6 +201,10 @@ def submit(
                                                           "checkpoint")] = False,
     app: Annotated[str, typer.Option(help="the app directory `flwr run` ships as a FAB")] = ".",
     timeout_s: Annotated[float, typer.Option(help="give up waiting after this many seconds (0: wait)")] = 0,
+    certs: Annotated[Optional[str], typer.Option(
+        help="the operator's `kumiki certs` folder: present operator.crt to the proxy's Control listener and sign "
+             "the app with app-signing.key (default: $KUMIKI_OPERATOR_CERTS; neither: the environment's "
+             "KUMIKI_CLIENT_CERT/KEY and KUMIKI_APP_SIGNING_KEY, if any)")] = None,
 ) -> None:
     """Validate CONFIG, submit it to a deployment with `flwr run`, and exit with the run's real status.
 
@@ -213,7 +217,8 @@ def submit(
     import subprocess
     import time
 
-    from launch.engines.local import _ANSI, _STARTED, FLWR_ENV, _flwr_status, exe, toml_str
+    from launch.engines import local as engine
+    from launch.engines.local import _ANSI, _STARTED, FLWR_ENV, toml_str
 
     if overwrite and resume:
         err.print("[red]--resume continues the run in its run dir and --overwrite moves it aside: choose one[/]")
@@ -223,9 +228,20 @@ def submit(
     source = json.dumps(json.loads(to_json(cfg)), separators=(",", ":")) if set_ else config
     run_config = " ".join([f"config={toml_str(source)}", *(["overwrite=true"] if overwrite else []),
                            *(["resume=true"] if resume else [])])
-    cmd = [exe("flwr"), "run", app, connection, "--run-config", run_config, "--stream"]
+    # through launch/fastpath.py (mode flwr): the operator's client certificate for the proxy, the app signed
+    cmd = [*engine.flwr_cli(), "run", app, connection, "--run-config", run_config, "--stream"]
     err.print(f"$ flwr run {app} {connection} --run-config {'<resolved config>' if set_ else run_config} --stream")
     env = {**os.environ, **FLWR_ENV}
+    certs = certs or os.environ.get("KUMIKI_OPERATOR_CERTS")
+    if certs:
+        from launch.certs import CertBundle
+
+        bundle = CertBundle(Path(certs), [])
+        missing = [p for p in (bundle.operator_crt, bundle.operator_key, bundle.app_signing_key) if not p.is_file()]
+        if missing:
+            err.print(f"[red]--certs {certs}: no {', '.join(p.name for p in missing)} (`kumiki certs {certs}` makes them)[/]")
+            raise typer.Exit(EXIT_USAGE)
+        env = engine.operator_env(env, bundle)
     proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     run_id, deadline = None, (time.monotonic() + timeout_s) if timeout_s > 0 else None
@@ -253,12 +269,12 @@ def submit(
     if run_id is None:
         err.print(f"[red]flwr run did not start a run[/] (exit {proc.returncode})")
         raise typer.Exit(EXIT_FAILED)
-    status = _flwr_status(env, run_id, federation=connection)
+    status = engine._flwr_status(env, run_id, federation=connection)
     for _ in range(30):  # the stream can end a moment before the SuperLink records the run's end
         if not re.match(r"(pending|starting|running)", status):
             break
         time.sleep(1)
-        status = _flwr_status(env, run_id, federation=connection)
+        status = engine._flwr_status(env, run_id, federation=connection)
     ok = status == "finished:completed"
     err.print(f"{'[green]' if ok else '[red]'}run {run_id}: {status}[/]"
               + ("" if ok else f" (`flwr log {run_id} {connection}` has the ServerApp's log)"))

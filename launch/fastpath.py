@@ -69,7 +69,8 @@ Settings: ``KUMIKI_SUPERNODE_POLL_S``, ``KUMIKI_PULL_BACKOFF_S`` (a number, or `
 ``KUMIKI_SUPERNODE_ALIVE_FILE`` (a path; unset: no file),
 ``KUMIKI_SUPERLINK_OBJECTS`` (``memory`` or ``database``),
 ``KUMIKI_FORK`` (``0``: Flower's own executor), ``KUMIKI_PRELOAD`` (comma-separated modules),
-``KUMIKI_FASTPATH_STRICT=1`` (exit 78 instead of running stock when a patch no longer applies).
+``KUMIKI_FASTPATH_STRICT=1`` (exit 78 instead of running stock when a patch no longer applies; app-verify
+always fails closed: with ``KUMIKI_APP_SIGNING_PUB`` set and the check not installable, the SuperNode exits 78).
 A patch that no longer applies (a Flower upgrade moved a name) is reported on stderr and
 the process runs stock Flower; ``tests/test_fastpath.py`` fails in that case.
 """
@@ -559,6 +560,10 @@ def report(patches: list[Patch], mode: str) -> None:
     for p in failed:
         print(f"kumiki fastpath: {p.name} not applied ({p.detail}); this process runs Flower's stock behaviour",
               file=sys.stderr)
+    if any(p.name == "app-verify" for p in failed):  # fail closed: stock Flower would run any app it is handed
+        print("kumiki fastpath: KUMIKI_APP_SIGNING_PUB is set but apps cannot be verified; not starting",
+              file=sys.stderr)
+        sys.exit(EXIT_PATCH_FAILED)
     if failed and os.environ.get("KUMIKI_FASTPATH_STRICT") == "1":
         sys.exit(EXIT_PATCH_FAILED)
 

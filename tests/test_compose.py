@@ -88,8 +88,8 @@ def test_server_file_tls_authentication_state_health_and_start_order():
     dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
     stage = dockerfile.split("AS superlink", 1)[1].split("FROM ", 1)[0]
     assert "mkdir -p /app/state && chown app:app /app/state" in stage and "USER app" in stage
-    # published to the factories (not only to 127.0.0.1), on the port the SuperLink listens on
-    assert link["ports"] == [f"8000:{_flag(cmd, '--port')}"]
+    # not published: factories and the operator reach it through the proxy only (test below)
+    assert "ports" not in link and link["networks"] == ["link"] and runner["networks"] == ["link"]
     # health: the SuperLink over HTTPS with the federation's CA; the runner starts once it is healthy
     assert "https://localhost:8000/health" in link["healthcheck"]["test"][-1]
     assert "cafile='/run/secrets/ca.crt'" in link["healthcheck"]["test"][-1]
@@ -99,8 +99,50 @@ def test_server_file_tls_authentication_state_health_and_start_order():
     assert _flag(rcmd, "--root-certificates") == "/run/secrets/ca.crt" and "--insecure" not in rcmd
     assert _flag(rcmd, "--superexec-auth-secret-file") == "/run/secrets/superexec.secret"
     assert any(v.endswith(":/app/runs") for v in runner["volumes"]), "run outputs land on the host"
-    for svc in (link, runner):
+    for svc in (link, runner, s["services"]["proxy"]):
         compile(svc["healthcheck"]["test"][-1], "<healthcheck>", "exec")
+
+
+def _proxy_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("kumiki_deploy_proxy", ROOT / "deploy" / "proxy.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_the_superlink_sits_behind_the_proxy_factories_reach_the_fleet_api_only():
+    """The server host publishes the proxy alone: the Fleet listener to the factories, the Control listener (mutual
+    TLS) on the host's loopback by default; the SuperLink lives on an internal network with the proxy and the
+    ServerApp runner. (make compose-test attacks it with real containers: deploy/compose_test.py.)"""
+    s = server()
+    proxy, link = s["services"]["proxy"], s["services"]["superlink"]
+    published = [svc for svc in s["services"].values() if svc.get("ports")]
+    assert published == [proxy], "only the proxy publishes a port"
+    assert s["networks"]["link"]["internal"] is True and set(proxy["networks"]) == {"link", "edge"}
+    a = _proxy_module().parser().parse_args(_cmd(proxy))
+    assert a.exec_ and a.out and a.certs == "/run/secrets" and not a.plain_upstream
+    assert a.superlink == f"superlink:{_flag(_cmd(link), '--port')}" and a.superlink_name == "superlink"
+    assert set(proxy["secrets"]) == {"ca.crt", "superlink.crt", "superlink.key"}
+    fleet, control = a.fleet.rsplit(":", 1)[1], a.control.rsplit(":", 1)[1]
+    assert proxy["ports"] == [f"8000:{fleet}", f"127.0.0.1:8001:{control}"]  # server.env's defaults
+    assert proxy["depends_on"] == {"superlink": {"condition": "service_healthy"}}
+    conf = _proxy_module().nginx_conf(superlink=a.superlink, fleet_listen=a.fleet, control_listen=a.control,
+                                      certs="/run/secrets", runtime_dir=a.runtime_dir)
+    assert "ssl_verify_client on;" in conf and conf.count("location /v1/") == 2
+    insecure = load_yaml(COMPOSE_DIR / "insecure-server.yml")["services"]
+    assert insecure["proxy"]["profiles"] == ["never"] and insecure["superlink"]["ports"]
+
+
+@pytest.mark.parametrize("env_path", FACTORY_ENVS, ids=lambda p: p.stem)
+def test_factories_run_only_apps_signed_with_the_operators_key(env_path):
+    """Every SuperNode verifies apps against app-signing.pub from the certs bundle (launch/fastpath.py app-verify)."""
+    f = factory(env_path)
+    node = f["services"]["supernode"]
+    assert node["environment"]["KUMIKI_APP_SIGNING_PUB"] == "/run/secrets/app-signing.pub"
+    assert "app-signing.pub" in node["secrets"]
+    assert f["secrets"]["app-signing.pub"]["file"] == f"{env_file(env_path)['KUMIKI_CERTS']}/app-signing.pub"
 
 
 @pytest.mark.parametrize("env_path", FACTORY_ENVS, ids=lambda p: p.stem)
@@ -168,9 +210,9 @@ def test_insecure_overrides_say_so_and_drop_every_secret():
 def test_images_build_offline_from_a_wheelhouse_and_run_the_fast_path():
     dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
     assert f"ARG FLWR_VERSION={FLWR}" in dockerfile
-    stages = dict(re.findall(r"^FROM (\S+) AS (\w+)$", dockerfile, re.M)[i][::-1] for i in range(3))
+    stages = dict(m[::-1] for m in re.findall(r"^FROM (\S+) AS (\w+)$", dockerfile, re.M))
     assert stages == {"superlink": "flwr/superlink:${FLWR_VERSION}", "supernode": "flwr/supernode:${FLWR_VERSION}",
-                      "superexec": "flwr/superexec:${FLWR_VERSION}-${PYTHON_TAG}"}
+                      "proxy": "flwr/superlink:${FLWR_VERSION}", "superexec": "flwr/superexec:${FLWR_VERSION}-${PYTHON_TAG}"}
     assert "--no-index --find-links /tmp/wheelhouse" in dockerfile and "ARG PIP_INDEX_URL" in dockerfile
     for target in ("superlink", "supernode", "superexec"):
         stage = dockerfile.split(f"AS {target}", 1)[1].split("\nFROM ", 1)[0]
@@ -178,9 +220,13 @@ def test_images_build_offline_from_a_wheelhouse_and_run_the_fast_path():
         assert f'ENTRYPOINT ["python", "/opt/kumiki/fastpath.py", "{target}"]' in stage
     build = interpolate(load_yaml(COMPOSE_DIR / "build.yml"), {})
     images = {s["build"]["target"]: s["image"] for s in build["services"].values()}
-    run_images = {program_of(s): s["image"] for s in [*server()["services"].values(),
-                                                    *factory(FACTORY_ENVS[0])["services"].values()]}
-    assert {f"flower-{t}": i for t, i in images.items()} == run_images, "the runtime files use the images built"
+    run_images = {program_of(s) or s["image"].split("/")[1].split(":")[0]: s["image"]
+                  for s in [*server()["services"].values(), *factory(FACTORY_ENVS[0])["services"].values()]}
+    assert {(t if t == "proxy" else f"flower-{t}"): i for t, i in images.items()} == run_images, \
+        "the runtime files use the images built"
+    proxy = dockerfile.split("AS proxy", 1)[1].split("\nFROM ", 1)[0]  # nginx from the base's own packages
+    assert "nginx-light" in proxy and "COPY deploy/proxy.py /opt/kumiki/proxy.py" in proxy and "USER app" in proxy
+    assert "!deploy/proxy.py" in (ROOT / ".dockerignore").read_text().split()
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {"certs/", "**/*.key", "runs/", ".venv/"} <= set(ignored), "keys and runs never enter a build context"
     assert "deploy/wheelhouse/*.whl" in (ROOT / ".gitignore").read_text()
@@ -193,8 +239,9 @@ def test_images_build_offline_from_a_wheelhouse_and_run_the_fast_path():
 
 def test_the_compose_commands_parse_with_flowers_own_parsers():
     """Also in tests/test_deploy_flags.py; here as the topology's own sanity check."""
-    for svc in server()["services"].values():
-        check([program_of(svc), *_cmd(svc)])
+    for name, svc in server()["services"].items():
+        if name != "proxy":  # nginx's, parsed by deploy/proxy.py's parser (test above)
+            check([program_of(svc), *_cmd(svc)])
     for p in FACTORY_ENVS:
         for svc in factory(p)["services"].values():
             check([program_of(svc), *_cmd(svc)])
@@ -273,17 +320,24 @@ def test_kumiki_submit_exits_with_the_runs_real_status(tmp_path, monkeypatch, st
 
     fake = tmp_path / "flwr"
     argv_file = tmp_path / "argv.json"
-    fake.write_text(f"#!{sys.executable}\nimport json, sys\njson.dump(sys.argv[1:], open({str(argv_file)!r}, 'w'))\n"
+    fake.write_text(f"#!{sys.executable}\nimport json, os, sys\njson.dump([sys.argv[1:], {{k: v for k, v in os.environ.items()"
+                    f" if k.startswith('KUMIKI_')}}], open({str(argv_file)!r}, 'w'))\n"
                     "print('Successfully started run 42')\n")  # flwr run: exit 0 whatever happens later
     fake.chmod(0o755)
-    monkeypatch.setattr(local, "exe", lambda name: str(fake))
+    monkeypatch.setattr(local, "flwr_cli", lambda: [str(fake)])  # what runs fastpath.py flwr
     asked = []
     monkeypatch.setattr(local, "_flwr_status", lambda env, run_id, federation: asked.append(run_id) or status)
+    from launch.certs import make_certs
+
+    certs = make_certs(tmp_path / "certs", [])
     r = CliRunner().invoke(cli.cli, ["submit", str(ROOT / "deploy" / "factories.toml"), "kumiki", "--overwrite",
-                                     "--set", "run.rounds=2"])
+                                     "--set", "run.rounds=2", "--certs", str(certs.root)])
     assert r.exit_code == code, r.output
     assert asked == [42]
-    argv = json.loads(argv_file.read_text())
+    argv, env = json.loads(argv_file.read_text())
+    # the proxy's Control listener wants the operator's certificate; the factories want the app signed
+    assert env["KUMIKI_CLIENT_CERT"] == str(certs.operator_crt) and env["KUMIKI_CLIENT_KEY"] == str(certs.operator_key)
+    assert env["KUMIKI_APP_SIGNING_KEY"] == str(certs.app_signing_key)
     assert argv[:3] == ["run", ".", "kumiki"] and argv[-1] == "--stream"
     run_config = argv[argv.index("--run-config") + 1]
     check(["flwr", *argv])  # what it ran parses with Flower's own parser

@@ -27,6 +27,8 @@ def _compose_commands() -> list[tuple[str, list[str]]]:
     for name in ("server.yml", "insecure-server.yml"):
         for svc_name, svc in interpolate(load_yaml(COMPOSE / name), server_env)["services"].items():
             image = load_yaml(COMPOSE / "server.yml")["services"][svc_name]
+            if svc_name == "proxy":  # nginx, not Flower: its command is deploy/proxy.py's (tests/test_compose.py)
+                continue
             out.append((f"{name}:{svc_name}", [program_of(interpolate(image, server_env)), *svc["command"]]))
     for env_path in FACTORY_ENVS:
         env = env_file(env_path)

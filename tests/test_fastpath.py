@@ -146,6 +146,18 @@ def test_a_flower_upgrade_that_moves_a_name_is_reported_not_silent(flwr_modules,
     assert e.value.code == fastpath.EXIT_PATCH_FAILED
 
 
+def test_a_supernode_that_cannot_verify_apps_does_not_start(monkeypatch, tmp_path):
+    """app-verify fails closed: with KUMIKI_APP_SIGNING_PUB set and the check not installable (a key that cannot be
+    read here; a Flower upgrade that moved the hook), the SuperNode exits 78 instead of running any app, strict or not."""
+    monkeypatch.delenv("KUMIKI_FASTPATH_STRICT", raising=False)
+    patch = fastpath.patch_app_verify(str(tmp_path / "no-such-key.pub"))
+    assert not patch.applied
+    fastpath.report([fastpath.Patch("supernode-poll", False, "moved")], "test")  # others: run stock, as before
+    with pytest.raises(SystemExit) as e:
+        fastpath.report([patch], "supernode")
+    assert e.value.code == fastpath.EXIT_PATCH_FAILED
+
+
 def test_settings_come_from_the_environment(monkeypatch):
     monkeypatch.delenv("KUMIKI_SUPERNODE_POLL_S", raising=False)
     assert fastpath.setting("KUMIKI_SUPERNODE_POLL_S") == 0.2
