@@ -15,7 +15,7 @@ from tests.conftest import config_file, make_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTRACT = {"method", "dataset", "metric", "rounds", "sites", "personalized", "global", "unseen", "unseen_adapted",
-            "bytes", "time", "privacy", "tasks", "status", "participation", "safeguard"}
+            "bytes", "time", "privacy", "tasks", "status", "participation", "safeguard", "eval_share"}
 
 
 def _checkpoint(cfg) -> dict[str, np.ndarray]:
