@@ -10,6 +10,16 @@ from launch.engines import run
 from server.recorder import read_final
 
 
+def knob_value(v: str):
+    """A ``key=value`` knob's value as typed on a bench's command line: int, float, true/false, else the text."""
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(v, v)
+
+
 def run_grid(config: str | Path, methods: list[str], seeds: list[int], out: Path, overrides: list[str] | None = None,
              engine: str = "inprocess", knobs: dict[str, list[str]] | None = None) -> dict[str, list[dict]]:
     """Run every (method, seed); return method -> list of (summary + last-5 means)."""

@@ -24,14 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def _value(v: str):
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(v, v)
+from bench.common import knob_value  # noqa: E402
 
 
 def parse(variant: str) -> tuple[dict, dict]:
@@ -39,7 +32,7 @@ def parse(variant: str) -> tuple[dict, dict]:
     method, train = {}, {}
     for kv in (x for x in variant.split(",") if x):
         k, v = kv.split("=", 1)
-        (train if k.startswith("train.") else method)[k.removeprefix("train.")] = _value(v)
+        (train if k.startswith("train.") else method)[k.removeprefix("train.")] = knob_value(v)
     return method, train
 
 

@@ -31,6 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import knob_value  # noqa: E402
+
 METHODS = ("fedavg", "floral", "floral_ensemble", "local_adaptors")
 
 
@@ -138,21 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _value(v: str):
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(v, v)
-
-
 def quick(args) -> int:
     """The defaults' check (module docstring): FedAvg and FLoRAL variants over clusters x sites."""
     t0 = time.time()
     variants = [("fedavg", {})] + [("floral", {"conv_dims": d}) for d in args.conv_dims]
     for s in args.sets:
-        variants.append((args.method, {k: v.split("+") if k == "layers" else _value(v)
+        variants.append((args.method, {k: v.split("+") if k == "layers" else knob_value(v)
                                     for k, v in (kv.split("=", 1) for kv in s.split(","))}))
     per_site, rows = 100, []
     rounds = args.rounds or 15
