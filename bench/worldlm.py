@@ -33,7 +33,9 @@ its own key layers), 0.1 (the default), 1 and 1e4 (in effect uniform over groups
 instead of deltas, a 64-dim sketch. ``--related r`` mixes a share r of one common transition table into every
 Markov region (related languages; ``kumiki.data.text.MARKOV_RELATED``). Reported: perplexity and each group's mean
 attention weight on its own key layers over the run's last attention round. ``--write`` puts the table between
-the ``worldlm-ablate-<data>`` markers.
+the ``worldlm-ablate-<data>`` markers. Every finished run (any ``--seeds``) also goes to a JSON file in
+``--workdir``; ``--ablate-table FILE...`` prints one table of all of them, per round (the ``worldlm-ablate``
+section).
 """
 
 from __future__ import annotations
@@ -138,17 +140,48 @@ def run_ablation(args: tuple) -> dict:
     from kumiki.data import text
     from launch.engines.inprocess import run_inprocess
 
-    label, name, knobs, data, rounds, out, related, sites = args
+    label, name, knobs, data, rounds, out, related, sites, seed = args
     torch.set_num_threads(1)
     text.MARKOV_RELATED = related
     t0 = time.perf_counter()
-    cfg = config(name, data, rounds, Path(out), knobs=knobs, quick=True, sites=sites)
+    cfg = config(name, data, rounds, Path(out), seed=seed, knobs=knobs, quick=True, sites=sites)
     s = run_inprocess(cfg, quiet=True, overwrite=True)
     rows = [json.loads(x) for x in (cfg.run_dir() / "metrics.jsonl").read_text().splitlines()]
-    att = [a for r in rows if r.get("kind") == "round" for a in _find(r, "attention")]
-    own = [w for node in att[-1]["self_weight"].values() for w in node.values()] if att else []
-    return {"label": label, "mean": s["personalized"]["mean"], "global": s["global"]["mean"],
-            "self": (min(own), max(own)) if own else None, "seconds": time.perf_counter() - t0}
+    rounds_rows = [r for r in rows if r.get("kind") == "round"]
+    # per round: the smallest and largest own weight over the nodes that attended (root: groups; then sites)
+    own_curve = []
+    for r in rounds_rows:
+        ws = [w for a in _find(r, "attention") for node in a["self_weight"].values() for w in node.values()]
+        own_curve.append((min(ws), max(ws)) if ws else None)
+    last = next((o for o in reversed(own_curve) if o is not None), None)
+    return {"label": label, "seed": seed, "mean": s["personalized"]["mean"], "global": s["global"]["mean"],
+            "curve": [r["personalized"]["mean"] for r in rounds_rows], "own_curve": own_curve,
+            "self": last, "seconds": time.perf_counter() - t0}
+
+
+def ablate_table(paths: list[str], rounds: int) -> str:
+    """One table from the JSON files ``--ablate`` leaves in its workdir (every finished run, any seed, both data
+    sets): per run, the personalized perplexity and the own weight per round, and the last round's perplexity
+    against self-only's at the same seed (``--ablate-table``; the caller writes the prose around it)."""
+    runs = [dict(r, data=Path(f).stem.removeprefix("ablate-")) for f in paths for r in json.loads(Path(f).read_text())]
+    order = ["local", *(f"worldlm {k}" for k in ABLATIONS)]
+    runs.sort(key=lambda r: (r["data"], order.index(r["label"]) if r["label"] in order else 99, r["seed"]))
+    ref = {(r["data"], r["seed"]): r["curve"][-1] for r in runs if r["label"] == "worldlm T=1e-4 (self-only)"}
+    name = {"fortunes-0": "fortunes (en, de; es, it)", "markov-0.7": "Markov, related (0.7 shared)"}
+
+    def own(o):  # the smallest and largest own weight of a round, one number when they agree
+        return "–" if o is None else f"{o[0]:.3f}" if f"{o[0]:.3f}" == f"{o[1]:.3f}" else f"{o[0]:.3f}–{o[1]:.3f}"
+
+    out = ["| data | run | seed | rounds | perplexity per round | own weight per round | last / self-only |",
+           "|---|---|---|---|---|---|---|"]
+    for r in runs:
+        base = ref.get((r["data"], r["seed"]))
+        ratio = "–" if base is None else f"{r['curve'][-1] / base:.3f}"
+        out.append(f"| {name.get(r['data'], r['data'])} | {r['label'].removeprefix('worldlm ')} | {r['seed']} | "
+                   f"{len(r['curve'])} of {rounds} | {', '.join(f'{v:.2f}' for v in r['curve'])} | "
+                   f"{', '.join(own(o) for o in r['own_curve']) if any(r['own_curve']) else '–'} | "
+                   f"{ratio} |")
+    return "\n".join(out) + "\n"
 
 
 def _find(obj, key: str):
@@ -168,14 +201,19 @@ def ablate(args, data: str) -> int:
                                                    if not args.only or k in args.only]
     related = args.related if data == "markov" else 0.0
     todo = [(label, name, {**({"local_steps": None} if name == "worldlm" else {}), **knobs}, data, args.rounds,
-             f"{args.workdir}/ablate-{data}-{related:g}", related, args.sites) for label, name, knobs in jobs]
+             f"{args.workdir}/ablate-{data}-{related:g}", related, args.sites, seed)
+            for seed in args.seeds for label, name, knobs in jobs]
     load0, t0 = os.getloadavg()[0], time.perf_counter()
     with mp.get_context("spawn").Pool(args.jobs) as pool:
-        res = {}
+        res, every = {}, []
+        dump = Path(args.workdir) / f"ablate-{data}-{related:g}.json"
         for r in pool.imap_unordered(run_ablation, todo):
-            res[r["label"]] = r
-            print(f"{r['label']:>30}: ppl {r['mean']:.3f} self {r['self']} ({r['seconds']:.0f}s)", file=sys.stderr,
-                  flush=True)
+            if r["seed"] == args.seeds[0]:
+                res[r["label"]] = r
+            every.append(r)
+            dump.write_text(json.dumps(every, indent=1))  # every finished run, kept if the rest are stopped
+            print(f"{r['label']:>30} seed {r['seed']}: ppl {r['mean']:.3f} curve {r['curve']} own {r['own_curve']} "
+                  f"({r['seconds']:.0f}s)", file=sys.stderr, flush=True)
     cmd = " ".join(["bench/worldlm.py", *(sys.argv[1:])])
     what = (f"the synthetic Markov tree ({args.sites // 2} regions of 2 sites), related languages (share {related:g} "
             "of one common table in every region)" if data == "markov" and related
@@ -185,7 +223,7 @@ def ablate(args, data: str) -> int:
     text = (f"Generated by `{cmd}` on {time.strftime('%Y-%m-%d')}: {what}; {args.sites} sites of {QUICK_SEQUENCES} "
             "sequences, "
             f"the byte LM at d {QUICK_MODEL['hidden']}, {QUICK_MODEL['blocks']} blocks, context "
-            f"{QUICK_MODEL['context']}, one pass per round, {args.rounds} rounds (root phase first half), seed 0; "
+            f"{QUICK_MODEL['context']}, one pass per round, {args.rounds} rounds (root phase first half), seeds {', '.join(map(str, args.seeds))} (the table: seed {args.seeds[0]}); "
             f"{time.perf_counter() - t0:.0f} s for {len(res)} runs, {args.jobs} at a time, load average "
             f"{load0:.1f} at start and {os.getloadavg()[0]:.1f} at the end on 2 shared cores. Own weight: the "
             "smallest and largest over groups of a group's mean attention weight on its own key layers in the last "
@@ -263,11 +301,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sites", type=int, default=8, help="--ablate: sites (fortunes: the first languages)")
     ap.add_argument("--local", type=int, default=1, choices=(0, 1), help="--ablate: with Local as a reference")
     ap.add_argument("--only", nargs="*", default=[], help="--ablate: these ABLATIONS labels only")
+    ap.add_argument("--ablate-table", nargs="+", default=None, metavar="JSON",
+                    help="run nothing: print one table of the --ablate runs in these JSON files (their --workdir)")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0],
+                    help="--ablate: seeds (the table shows the first; every run goes to the JSON in --workdir)")
     args = ap.parse_args(argv)
     args.runs = args.runs or list(QUICK_DP if args.quick_dp else RUNS[:-1])
     args.rounds = args.rounds or (4 if args.quick_dp else 10)
     data = args.data or ("markov" if text.fortunes_available(text.fortune_dir(), text.FORTUNE_LANGUAGES)
                          else "fortunes")
+    if args.ablate_table:
+        print(ablate_table(args.ablate_table, args.rounds))
+        return 0
     if args.ablate:
         return ablate(args, data)
     runs = list(dict.fromkeys(args.runs))
