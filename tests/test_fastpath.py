@@ -103,7 +103,10 @@ def test_the_fork_executor_runs_the_task_in_a_fork_with_that_command_line(tmp_pa
     out = tmp_path / "child.txt"
 
     def fake_clientapp():  # stands in for flwr's flwr-clientapp entry point
-        out.write_text(f"{os.getpid()}\n{' '.join(sys.argv)}")
+        # written whole, then renamed: on a loaded machine the parent's poll saw a half-written file
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(f"{os.getpid()}\n{' '.join(sys.argv)}")
+        os.replace(tmp, out)
 
     monkeypatch.setattr(fastpath, "_entry_points", lambda: {"flwr-clientapp": fake_clientapp})
     spec = _spec(root_certificates_path="/c/ca.crt", parent_pid=5)
