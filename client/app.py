@@ -352,7 +352,7 @@ def evaluation_metrics(sj: SiteJob, objective, info: sites.SiteInfo, full: bool 
             t0 = time.perf_counter()
             chosen = safeguard.choose(sj, objective, personal, done, (x_test, y_test))
             safeguard.record(info.state_dir, sj.job, chosen, task)
-            if not sj.job.privacy.enabled:  # under DP every safeguard number is a training-split value: it stays
+            if not private:  # under DP every safeguard number is a training-split value: it stays
                 m.update(chosen)
             m["safeguard-eval-time-s"] = time.perf_counter() - t0  # its extra evaluation (a time, not a value)
     if objective.has_global:
