@@ -14,13 +14,21 @@ report shows what that choice was worth on test (docs/safeguard.md).
   accountant's sample rate and ``num-examples`` see only that.
 * **The own model** (``train_own``): the plain classifier from the run's seeded initialization (the local-only
   baseline's start), trained by the one loop (``Trainer.fit``) on the fit part with the run's ``[train]`` knobs
-  after the method's own training, one pass of ``train.local_epochs`` per round. It lives in the site state
-  (``SiteState.extra["safeguard"]``, saved with the round like every personal part, so a resumed round is
-  re-trained from the state before it) and is never put in a message.
-* **The choice** (``choose``): the own model is served only when its validation metric is strictly better (a tie
-  serves the joined model). The evaluation reports ``served-<metric>``, ``own-<metric>``, ``val_joined-<metric>``,
-  ``val_own-<metric>`` and ``safeguard-own`` (1: the own model is served); ``<state-dir>/safeguard.json`` records
-  the latest choice for the factory's operator (what to deploy).
+  after the method's own training, one pass of ``train.local_epochs`` per round; beside it its **refit twin**
+  (``own_full``), the same recipe on the site's whole training split (validation included): what the factory
+  would train alone. Both live in the site state (``SiteState.extra["safeguard"]``, saved with the round like
+  every personal part, so a resumed round is re-trained from the state before it) and are never put in a message.
+* **The choice** (``choose``): made on validation between the two models that never trained on it, the joined
+  (personalized) model and the own model: the own model is chosen only when its validation metric is strictly
+  better (a tie chooses the joined model). **Then the chosen side is refit on the whole training split before it
+  is served** (the usual select-on-holdout-then-refit protocol: the 15 % held out is the choice's price only, not
+  the served model's): the own side serves ``own_full``; the joined side rebuilds the personalized model from the
+  whole split where the method builds it at evaluation from the training split (FedAvg-FT's fine-tuned copy,
+  FedHB's personalization; ``refit_joined``), else serves it as it is (its trained parts learnt from the fit part
+  in the federation's rounds). The evaluation reports ``served-<metric>`` (the served, refit model on test),
+  ``own-<metric>`` (the refit own model on test), ``val_joined-<metric>``, ``val_own-<metric>`` (the choice's
+  numbers) and ``safeguard-own`` (1: the own side is served); ``<state-dir>/safeguard.json`` records the latest
+  choice for the factory's operator (what to deploy).
 * **Under DP** the own model trains in the clear and the holdout is training data: every safeguard number would
   be a training-split value outside epsilon, so none leaves the site (``safeguard.json`` still records the choice
   at the site) and the own model's training never touches the privacy ledger.
@@ -31,6 +39,7 @@ false) already serves its own model, so its site trains on all its data as a fac
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -52,7 +61,7 @@ from models import build_model
 
 log = logging.getLogger("kumiki.client")
 
-KEY = "safeguard"  # SiteState.extra entry: {"own": {name: tensor}, "round": int}
+KEY = "safeguard"  # SiteState.extra entry: {"own": {name: tensor}, "own_full": {name: tensor}, "round": int}
 FILE = "safeguard.json"  # the latest choice, in the site's state dir
 TAG = b"kumiki-safeguard-holdout-v1"
 #: the evaluation keys the safeguard adds (besides ``served``, ``own``, ``val_joined`` and ``val_own`` metrics)
@@ -117,9 +126,10 @@ def split(data: SiteData, fraction: float) -> tuple[SiteData, Holdout | None]:
     return fit, hold
 
 
-def own_model(sj) -> nn.Module | None:
-    """The site's own model from its state, or None before its first training round."""
-    tensors = ((sj.state.extra or {}).get(KEY) or {}).get("own")
+def own_model(sj, which: str = "own") -> nn.Module | None:
+    """The site's own model (``which``: ``own``, trained on the fit part; ``own_full``, its refit twin on the whole
+    training split) from its state, or None before its first training round."""
+    tensors = ((sj.state.extra or {}).get(KEY) or {}).get(which)
     if not tensors:
         return None
     model = build_model(sj.job.model, "plain")
@@ -128,17 +138,34 @@ def own_model(sj) -> nn.Module | None:
 
 
 def train_own(sj) -> float:
-    """One round of the own model on the fit part (never DP: it never leaves and nothing computed from it leaves
-    a DP site); stored in ``sj.state.extra`` for the caller's save. Returns the seconds it took."""
+    """One round of the own model on the fit part and of its refit twin on the whole training split (never DP:
+    they never leave and nothing computed from them leaves a DP site); stored in ``sj.state.extra`` for the
+    caller's save. Returns the seconds it took."""
     t0 = time.perf_counter()
-    model = own_model(sj) or build_model(sj.job.model, "plain").to(sj.trainer.device)
-    trainer = Trainer(sj.data.x_train, sj.data.y_train, sj.job.train, seed=f"{sj.trainer.seed}:own",
-                      device=sj.trainer.device)
-    with torch.random.fork_rng(devices=[]):  # the method's randomness goes on as without the safeguard
-        trainer.fit(model, model.parameters(), sj.task_loss, tag=f"own:r{sj.job.round}")
-    sj.state.extra[KEY] = {"own": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-                           "round": int(sj.job.round)}
+    full = sj.val.full if sj.val is not None else sj.data
+    out = {"round": int(sj.job.round)}
+    for which, data in (("own", sj.data), ("own_full", full)):
+        model = own_model(sj, which) or build_model(sj.job.model, "plain").to(sj.trainer.device)
+        trainer = Trainer(data.x_train, data.y_train, sj.job.train, seed=f"{sj.trainer.seed}:{which}",
+                          device=sj.trainer.device)
+        with torch.random.fork_rng(devices=[]):  # the method's randomness goes on as without the safeguard
+            trainer.fit(model, model.parameters(), sj.task_loss, tag=f"{which}:r{sj.job.round}")
+        out[which] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    sj.state.extra[KEY] = out
     return time.perf_counter() - t0
+
+
+def refit_joined(sj, objective) -> nn.Module | None:
+    """The personalized model rebuilt from the whole training split (validation included), or None when the
+    method's personalized model does not train on the training split at evaluation (FedPer's, Ditto's: it is
+    served as it is). Runs on a copy of the model with the same seeds and tags as the fit-part one, with the
+    global RNG restored after."""
+    full = sj.val.full
+    trainer = Trainer(full.x_train, full.y_train, sj.job.train, seed=sj.trainer.seed, device=sj.trainer.device)
+    with torch.random.fork_rng(devices=[]):
+        model = objective.personalized_model(dataclasses.replace(sj, model=copy.deepcopy(sj.model), trainer=trainer,
+                                                                 data=full))
+    return model if trainer.reads else None
 
 
 def serves_own(val_joined: float, val_own: float | None, higher_is_better: bool = True) -> bool:
@@ -151,7 +178,9 @@ def serves_own(val_joined: float, val_own: float | None, higher_is_better: bool 
 def choose(sj, objective, personal: nn.Module, joined_test: dict, test=None) -> dict[str, float]:
     """The served model's evaluation keys (module docstring); ``joined_test`` is the personalized model's test
     evaluation already computed, on ``test`` = (x, y) (the round's evaluation sample; default the whole split),
-    which the own model is scored on too, so that served, own and joined compare on the same examples."""
+    which the own and the served model are scored on too, so that served, own and joined compare on the same
+    examples. The choice uses the fit-part models only; the served side is then refit (``refit_joined``,
+    ``own_full``)."""
     x_test, y_test = test if test is not None else (sj.data.x_test, sj.data.y_test)
     hold: Holdout = sj.val
     task = sj.task.name
@@ -161,10 +190,17 @@ def choose(sj, objective, personal: nn.Module, joined_test: dict, test=None) -> 
     vo = ot = None
     if own is not None:
         vo = evaluate(own, hold.x, hold.y, forward, task=sj.task)["score"]
-        ot = evaluate(own, x_test, y_test, forward, task=sj.task)["score"]
+        deployed = own_model(sj, "own_full") or own  # a state from before the refit twin: the fit-part model
+        ot = evaluate(deployed, x_test, y_test, forward, task=sj.task)["score"]
         m.update({metric_key("val_own", task): vo, metric_key("own", task): ot})
     pick = serves_own(vj, vo, TASKS[task].higher_is_better)
-    m[metric_key("served", task)] = ot if pick else joined_test["score"]
+    if pick:
+        served = ot
+    else:
+        refit = refit_joined(sj, objective)
+        served = (joined_test["score"] if refit is None
+                  else evaluate(refit, x_test, y_test, objective.predict_personal, task=sj.task)["score"])
+    m[metric_key("served", task)] = served
     m[FLAG] = int(pick)
     return m
 
@@ -199,5 +235,5 @@ def read_choice(state_dir: Path) -> dict | None:
         return None
 
 
-__all__ = ["Holdout", "applies", "split", "own_model", "train_own", "choose", "serves_own", "keys", "record",
+__all__ = ["Holdout", "applies", "split", "own_model", "train_own", "refit_joined", "choose", "serves_own", "keys", "record",
            "read_choice"]

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from client import safeguard, site as sites
+from client.loop import evaluate
 from kumiki import contract as C
 from kumiki.config import ConfigError, validate
 from launch.engines.inprocess import run_inprocess
@@ -89,8 +90,9 @@ def test_own_model_never_leaves_the_site(run):
     init = build_model(model_spec(cfg), "plain").state_dict()
     probes = []
     for d in sorted((cfg.run_dir() / "state").iterdir()):
-        for f in ("site_state.pt", "site_state.prev.pt"):  # the own model after round 2 and after round 1
-            tensors = torch.load(d / f, weights_only=True)["extra"][safeguard.KEY]["own"]
+        for f, which in [(f, w) for f in ("site_state.pt", "site_state.prev.pt") for w in ("own", "own_full")]:
+            # the own model and its refit twin, after round 2 and after round 1
+            tensors = torch.load(d / f, weights_only=True)["extra"][safeguard.KEY][which]
             for k, v in tensors.items():
                 if not v.is_floating_point():
                     continue
@@ -99,7 +101,7 @@ def test_own_model_never_leaves_the_site(run):
                 run_ends = [i for i in range(8, len(t) + 1) if moved[i - 8:i].all()]
                 if run_ends:
                     probes.append(np.ascontiguousarray(t[run_ends[0] - 8:run_ends[0]]).tobytes())
-    assert len(probes) >= 8
+    assert len(probes) >= 16
     # every byte of every array in every message, both ways
     blobs = []
     for msg in list(grid.sent) + [r for r in grid.replies if not r.has_error()]:
@@ -111,6 +113,76 @@ def test_own_model_never_leaves_the_site(run):
     for msg in list(grid.sent) + list(grid.replies):
         for rec in msg.content.metric_records.values():
             assert not any("own" in str(k) and "accuracy" not in str(k) and k != safeguard.FLAG for k in rec.keys())
+
+
+def test_the_own_side_is_served_refit_on_the_whole_training_split(run):
+    """The choice is made with the own model trained on the fit part; what is served (and reported as ``own``) is
+    its twin trained on the whole training split, validation included (what the factory would train alone)."""
+    cfg, _, _ = run
+    last = {r["site"]: r for r in _rows(cfg) if r["kind"] == "site" and r["role"] == "train" and r["round"] == 2}
+    spec = model_spec(cfg)
+    for d in sorted((cfg.run_dir() / "state").iterdir()):
+        extra = torch.load(d / "site_state.pt", weights_only=True)["extra"][safeguard.KEY]
+        data = sites.load_site(cfg.run_dir() / "sites" / d.name)
+        fit, hold = safeguard.split(data, ON["val_fraction"])
+        scores = {}
+        for which in ("own", "own_full"):
+            model = build_model(spec, "plain")
+            model.load_state_dict(extra[which])
+            scores[which] = (evaluate(model, hold.x, hold.y)["score"], evaluate(model, data.x_test, data.y_test)["score"])
+        # the choice's number is the fit-part model's; the deployed (and reported) own model is the refit one
+        assert last[d.name]["val_own"] == pytest.approx(scores["own"][0])
+        assert last[d.name]["own"] == pytest.approx(scores["own_full"][1])
+        assert not all(torch.equal(extra["own"][k], extra["own_full"][k]) for k in extra["own"])
+        # the refit twin has seen the validation records: it fits them at least as well as the fit-part model
+        assert scores["own_full"][0] >= scores["own"][0] - 1e-9
+
+
+def test_refit_sides_train_on_the_whole_split(tmp_path, monkeypatch):
+    """The own model trains on the fit part, its refit twin on the whole training split. A method that builds its
+    personalized model from the training split at evaluation (FedAvg-FT) gets the whole split (validation
+    included) for the served model; one that does not (FedPer) is served as it is."""
+    from types import SimpleNamespace
+
+    from client.loop import Trainer
+    from client.methods.base import SiteJob
+
+    cfg = make_config(tmp_path, method="fedavg", rounds=1, sites=1, safeguard=ON)
+    from launch.engines.prepare import prepare_sites
+    sim = prepare_sites(cfg)
+    data = sites.load_site(Path(sim["sites_root"]) / sim["site_dirs"][0])
+    fit, hold = safeguard.split(data, 0.2)
+    model = build_model(model_spec(cfg), "plain")
+    sj = SiteJob(model, None, Trainer(fit.x_train, fit.y_train, cfg.train, seed="s", device=torch.device("cpu")),
+                 fit, SimpleNamespace(extra={}), SimpleNamespace(train=cfg.train, model=model_spec(cfg), round=1), {},
+                 val=hold)
+    trained = {}
+
+    class Recording(Trainer):
+        def fit(self, model, *a, **k):
+            trained[k["tag"]] = len(self.y)
+            return super().fit(model, *a, **k)
+
+    monkeypatch.setattr(safeguard, "Trainer", Recording)
+    safeguard.train_own(sj)
+    assert trained == {"own:r1": len(fit.y_train), "own_full:r1": len(data.y_train)}
+    assert set(sj.state.extra[safeguard.KEY]) == {"own", "own_full", "round"}
+    monkeypatch.undo()
+    seen = []
+
+    class Tunes:
+        def personalized_model(self, job):
+            seen.append(len(job.trainer.y))
+            return job.model
+
+    class Keeps:
+        def personalized_model(self, job):
+            return job.model
+
+    refit = safeguard.refit_joined(sj, Tunes())
+    assert seen == [len(data.y_train)] and len(data.y_train) > len(fit.y_train)
+    assert refit is not None and refit is not model  # a copy: the site's model is untouched
+    assert safeguard.refit_joined(sj, Keeps()) is None
 
 
 def test_choice_survives_a_restart(run):
