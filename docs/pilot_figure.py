@@ -5,7 +5,8 @@
 
 ``docs/img/pilot.json`` holds the numbers the picture shows, in the shape of the ``comparison.json`` that
 ``kumiki pilot`` writes (``server/compare.py``): per training factory its accuracy alone and joined (mean and
-standard deviation over the seeds), per new factory zero-shot, adapted and alone. ``--comparison`` copies a
+standard deviation over the seeds) and, with the safeguard, the model it serves; per new factory zero-shot,
+adapted and alone. ``--comparison`` copies a
 real pilot's numbers into it, so the picture is always drawn from a pilot's own output, never typed in.
 The SVG is text (fonts as text, no date, a fixed id salt), so the same numbers give the same file.
 """
@@ -32,13 +33,22 @@ def trim(comparison: dict) -> dict:
         "a": {"label": comparison["a"]["label"]}, "b": {"label": comparison["b"]["label"]},
         "seeds": comparison.get("seeds"),
         "train": [{"site": r["site"], "domain": r.get("domain"), "num_train": r.get("num_train"),
-                   "num_test": r.get("num_test"), "a": s(r.get("a")), "b": s(r.get("b"))}
+                   "num_test": r.get("num_test"), "a": s(r.get("a")), "b": s(r.get("b")),
+                   **({"served": s(r["served"]), "serves": r.get("serves")} if r.get("served") else {})}
                   for r in comparison.get("train", [])],
         "unseen": [{"site": r["site"], "domain": r.get("domain"), "num_train": r.get("num_train"),
                     "num_test": r.get("num_test"), "zero_shot": s(r.get("zero_shot")),
                     "adapted": s(r.get("adapted")), "alone": s(r.get("alone"))}
                    for r in comparison.get("unseen", [])],
     }
+
+
+def camera(domain: str | None) -> str:
+    """A pilot's camera code (``rotate:25``) in the picture's words; anything else as given."""
+    kind, _, arg = str(domain or "").partition(":")
+    words = {"identity": "reference", "rotate": f"tilted {arg}°".replace("-", "\u2212"), "contrast": "low contrast",
+             "noise": "sensor noise"}
+    return words.get(kind, str(domain or "")) if (arg or kind == "identity") else str(domain or "")
 
 
 def draw(numbers: dict, out: Path) -> None:
@@ -52,12 +62,15 @@ def draw(numbers: dict, out: Path) -> None:
     unit = " (%)" if scale == 100.0 else ""
     rows = []  # (label, [(series, mean, std)])
     for r in numbers["train"]:
-        rows.append((f"{r['site']}\n{r.get('domain') or ''}",
-                     [("alone", r["b"]), ("joined", r["a"])]))
+        bars = [("alone", r["b"]), ("joined", r["a"])]
+        if r.get("served"):  # the safeguard: what the factory deploys (its choice on validation)
+            bars.append(("served (safeguard)", r["served"]))
+        rows.append((f"{r['site']}\n{camera(r.get('domain'))}", bars))
     for r in numbers["unseen"]:
-        rows.append((f"{r['site']} (new)\n{r.get('domain') or ''}",
+        rows.append((f"{r['site']} (new)\n{camera(r.get('domain'))}",
                      [("alone", r["alone"]), ("joined, day one", r["zero_shot"]), ("joined, adapted", r["adapted"])]))
-    colours = {"alone": "#9e9e9e", "joined": "#1f77b4", "joined, day one": "#aec7e8", "joined, adapted": "#1f77b4"}
+    colours = {"alone": "#9e9e9e", "joined": "#1f77b4", "served (safeguard)": "#2ca02c", "joined, day one": "#aec7e8",
+               "joined, adapted": "#1f77b4"}
     fig, ax = plt.subplots(figsize=(8, 4.6))
     width, seen = 0.26, set()
     for i, (_, bars) in enumerate(rows):
