@@ -144,6 +144,8 @@ def test_the_pilot_picture_shows_the_numbers_of_the_results_table():
         alone, joined = (re.match(r"([\d.]+) ± ([\d.]+)", c).groups() for c in cells[3:5])
         assert (f"{100 * row['b']['mean']:.1f}", f"{100 * row['b']['std']:.1f}") == alone, row["site"]
         assert (f"{100 * row['a']['mean']:.1f}", f"{100 * row['a']['std']:.1f}") == joined, row["site"]
+        if row.get("served"):  # the safeguard's served model, the column after the joined gain
+            assert cells[6].startswith(f"{100 * row['served']['mean']:.1f} ± {100 * row['served']['std']:.1f}"), row["site"]
     for row in numbers["unseen"]:
         line = next(r for r in page.splitlines() if r.startswith(f"| {row['site']} (new) |"))
         assert f"zero-shot {100 * row['zero_shot']['mean']:.1f} ± {100 * row['zero_shot']['std']:.1f}" in line
@@ -159,13 +161,15 @@ def test_the_pilot_picture_is_drawn_from_a_pilots_comparison(tmp_path):
     comparison = {"metric": "accuracy", "fraction": True, "a": {"label": "fedavg (joined)", "runs": []},
                   "b": {"label": "local (each factory alone)", "runs": []}, "seeds": [0, 1],
                   "train": [{"site": "plant-x", "domain": "rot90", "num_train": 8, "num_test": 2, "a": joined, "b": st,
-                             "gain": st}],
+                             "gain": st, "served": {**st, "mean": 0.63}, "serves": {"own": 2}}],
                   "unseen": [{"site": "plant-y", "domain": None, "num_train": 8, "num_test": 2, "zero_shot": st,
                               "adapted": st, "alone": st, "gain_zero_shot": st, "gain_adapted": st}]}
     numbers = fig.trim(comparison)
     assert numbers["train"][0]["a"] == {"mean": 0.7, "std": 0.1, "n": 2}
     assert numbers["train"][0]["b"] == numbers["unseen"][0]["adapted"] == {"mean": 0.5, "std": 0.1, "n": 2}
+    assert numbers["train"][0]["served"] == {"mean": 0.63, "std": 0.1, "n": 2}  # the safeguard's served model
     fig.draw(numbers, tmp_path / "a.svg")
     fig.draw(numbers, tmp_path / "b.svg")
     svg = (tmp_path / "a.svg").read_text()
     assert "plant-x" in svg and "plant-y (new)" in svg and svg == (tmp_path / "b.svg").read_text()
+    assert "served (safeguard)" in svg and ">63<" in svg  # its bar and its value
