@@ -130,4 +130,5 @@ def sweep_point(label: str, sizes: list[int], comp: dict[str, Any]) -> dict[str,
                          "gain": g["mean"], "std": g["std"], "gain_joined": j.get("mean")})
     return {"label": label, "sizes": list(sizes), "equal": len(set(sizes)) == 1, "method": row["method"],
             "pairs": row["pairs"], "mean_gain": row["mean_gain"], "mean_gain_std": row["mean_gain_std"],
-            "mean_gain_joined": row["joined"]["mean_gain"], "safeguard": row["safeguard"], "sites": per_site}
+            "mean_gain_joined": row["joined"]["mean_gain"], "safeguard": row["safeguard"], "goal": row["goal"],
+            "sites": per_site}

@@ -65,7 +65,10 @@ def test_a_sweep_point_gives_each_factory_its_own_size_and_the_mean_gain(tmp_pat
     assert [(s["site"], s["images"]) for s in p["sites"]] == [("factory-a", 60), ("factory-b", 2400)]
     assert p["sites"][0]["gain"] == pytest.approx(0.18) and p["sites"][1]["gain"] == pytest.approx(-0.03)
     assert p["mean_gain"] == pytest.approx(0.075)
+    assert p["goal"] is False  # +7.5 points on average, but factory-b loses by more than its spread
     assert sweep_point("eq", [600, 600], compare(fed, alone))["equal"]
+    both = _runs(tmp_path, "fedavg_ft2", [(0.70, 0.95), (0.70, 0.95)])
+    assert sweep_point("eq", [60, 60], compare(both, alone))["goal"] is True  # every factory gains, +11.5 mean
 
 
 def test_methods_are_parsed_in_order_once_and_bad_names_are_refused_with_the_fix():
