@@ -55,7 +55,9 @@ def table(run_dir: Path, load: str | None) -> str:
     own_all = mean(r.get("safeguard_time_s") for r in sites)
     ev_all = mean(r.get("safeguard_eval_time_s") for r in sites)
     round_s = mean(r["time"]["round_s"] for r in rounds)
-    worst = mean(max((r.get("safeguard_time_s") or 0.0) for r in sites if r["round"] == rr["round"]) for rr in rounds)
+    evaluated = {r["round"] for r in sites}  # site rows come with evaluations: every eval.every rounds
+    worst = mean(max((r.get("safeguard_time_s") or 0.0) for r in sites if r["round"] == rr["round"])
+                 for rr in rounds if rr["round"] in evaluated)
     evaluating = ("its evaluation not recorded by this run" if ev_all is None else f"{ev_all:.3f} s evaluating")
     out += ["", f"Mean over factories and rounds: the safeguard adds **{own_all + (ev_all or 0.0):.2f} s** of site "
                 f"compute per round ({own_all:.2f} s training the own model, {evaluating}), "
