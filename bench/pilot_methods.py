@@ -322,7 +322,7 @@ def collect(work: Path, methods: list[str], seeds: list[int], rounds: int, regim
 def pts(x: float | None, sd: float | None = None) -> str:
     if x is None:
         return "–"
-    return f"{100 * x:+.1f}" + (f" ± {100 * sd:.1f}" if sd is not None else "")
+    return f"{round(100 * x, 1) + 0.0:+.1f}" + (f" ± {100 * sd:.1f}" if sd is not None else "")  # never "-0.0"
 
 
 def fmt_bytes(b: float | None) -> str:
