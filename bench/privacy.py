@@ -89,7 +89,7 @@ def run_one(method: str, eps: float, rounds: int | None, out_root: Path, last_on
             "load": [load0, os.getloadavg()[0]]}
 
 
-def table(rows: list[dict], cmd: str, quick: bool, missing: list[str] = ()) -> str:
+def table(rows: list[dict], cmd: str, quick: bool, missing: list[str] = (), note: str = "") -> str:
     from bench.results import machine
 
     def pct(v):
@@ -101,7 +101,9 @@ def table(rows: list[dict], cmd: str, quick: bool, missing: list[str] = ()) -> s
             "after the noise, per-site ledgers, no metric of a model trained outside DP-SGD sent): the pilot config "
             f"(Fashion-MNIST, 4 factories + 1 unseen, CNN-S with group norm, {'/'.join(map(str, rounds))} rounds, "
             "seed 0, one run per cell), per-site DP-SGD (RDP accountant, delta 1e-5, clip 1, noise solved from the "
-            "target over the planned rounds and each method's passes per round), in-process engine. "
+            "target over the planned rounds and each method's passes per round), in-process engine. ε is each "
+            "site's per-record budget: one training record of a site, in everything the site sends (every tensor, "
+            "no training-split metric), against the server and any observer; not the test split (docs/privacy.md). "
             f"{machine()}; load average (1 min) {min(loads):.1f}–{max(loads):.1f} while it ran (shared machine); "
             f"{sum(r['wall_s'] for r in rows):.0f} s of runs. DualFed under DP runs with `con_lambda = 0` and "
             "`privacy.fix_model`; its no-DP row keeps SupCon. Accuracy in %. *personalized (server)*: what the "
@@ -121,6 +123,8 @@ def table(rows: list[dict], cmd: str, quick: bool, missing: list[str] = ()) -> s
     if missing:
         text += ("\n**Not run** (the machine's load left no time for them; `--resume` on the same `--out` runs just "
                  "these): " + ", ".join(missing) + ".\n")
+    if note:
+        text += "\n" + note.strip() + "\n"
     if quick:
         text += ("\nQuick mode: 5 rounds instead of the pilot's 10 and one seed, so the noise is solved for 5 planned "
                  "rounds (less noise per step than a 10-round run at the same epsilon); one noise draw per cell; "
@@ -145,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=None, help="data.samples_per_site (default: the pilot's)")
     ap.add_argument("--dataset", default=None, help="data.dataset (default: the pilot's)")
     ap.add_argument("--write-tag", default="privacy")
+    ap.add_argument("--note", default="", help="a paragraph under the table (e.g. how some rows were run)")
     args = ap.parse_args(argv)
     epsilons = args.epsilons or ([1.0, 4.0, math.inf] if args.quick else [1.0, 4.0, 8.0, math.inf])
     rounds = args.rounds or (5 if args.quick else None)
@@ -187,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     missing = [f"{label} at ε {'∞' if not math.isfinite(e) else f'{e:g}'}" for _, v, label in labels for e in epsilons
                if (label, e if math.isfinite(e) else None) not in have
                and not (not math.isfinite(e) and any(x.startswith("privacy.") for x in v.split(";")))]
-    text = table(rows, cmd.strip(), args.quick, missing)
+    text = table(rows, cmd.strip(), args.quick, missing, args.note)
     print(text)
     if args.write:
         from bench.results import write_section

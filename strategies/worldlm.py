@@ -117,14 +117,27 @@ class WorldLM(KumikiStrategy):
     def policy(self, group: str):
         return self.tree.groups[group]
 
+    def phase_keys(self, group: str, phase: int) -> tuple[str, ...]:
+        """The key layers ``group``'s sites send in ``phase`` (0: the root's, 1: the group's own policy)."""
+        p = self.policy(group)
+        return key_names(self.template, p.key_layers) if phase == 1 and p.key_layers is not None else self.root_keys
+
+    def releases_per_round(self, group: str, phase: int) -> int:
+        """Central DP: the Gaussian releases of one round of ``group`` in ``phase``: the backbone (when it has a
+        tensor) and, under ``dp_cover_k``, the key layers (when there are any), each clipped and noised on its
+        own. A flat tree without key layers (FedAvg as WorldLM) releases once a round, not twice."""
+        keys = self.phase_keys(group, phase)
+        backbone = any(k not in keys for k in self.template)
+        return int(backbone) + int(bool(keys) and self.policy(group).dp_cover_k)
+
     def _start_regions(self) -> None:
         """Phase 1 starts from the root's end state: B_g <- B_root, K_{g->c} <- K_{root->g} (spec 5.1)."""
         names = hierarchy.site_names(self.cfg)
         trained = set(names[: self.cfg.data.sites]) if names else {q.site for q in self.profiles.values()
                                                                   if q.role == "train"}
         for g, p in self.tree.groups.items():
-            keys = key_names(self.template, p.key_layers) if p.key_layers is not None else self.root_keys
-            self.regions[g] = self._node(g, self.root.model_for(g), keys, [s for s in p.sites if s in trained])
+            self.regions[g] = self._node(g, self.root.model_for(g), self.phase_keys(g, 1),
+                                         [s for s in p.sites if s in trained])
         self._refresh_residuals()
         log.info("worldlm: root phase done after %d rounds; %d sub-federations train on their own",
                  self.tree.root_rounds, len(self.regions))
@@ -299,7 +312,7 @@ class WorldLM(KumikiStrategy):
         k = reduce([{n: u.arrays[n] for n in ref_k} for u in ups], w, ref_k,
                    dp if dp and self.policy(g).dp_cover_k else None, rng) if ref_k else {}
         if dp is not None:
-            self.group_releases[g] += 1 + int(self.policy(g).dp_cover_k)
+            self.group_releases[g] += int(bool(ref_b)) + int(bool(ref_k) and self.policy(g).dp_cover_k)
         return b, k, float(sum(w))
 
     def _aggregate_regions(self, updates: list[Update]) -> None:
@@ -317,7 +330,7 @@ class WorldLM(KumikiStrategy):
                                             node.keys[u.profile.site], cover, rng), wu)
                     for u, wu in zip(mine, w)} if node.key_names else {}
             if dp is not None:
-                self.group_releases[g] += 1 + int(self.policy(g).dp_cover_k)
+                self.group_releases[g] += int(bool(node.backbone)) + int(bool(node.key_names) and cover is not None)
             alphas[g] = node.step(b, keys, self.residuals.get(g, {}), self.opts)
         self.last_alphas = alphas
         if self.cfg.method.residual_refresh == "per_round":
@@ -335,12 +348,21 @@ class WorldLM(KumikiStrategy):
         for g, p in self.tree.groups.items():
             if p.dp != "central" or g in self.group_budget_spent:
                 continue
-            nxt = self.group_releases[g] + 1 + int(p.dp_cover_k)
+            nxt = self.group_releases[g] + self.releases_per_round(g, self.phase(rnd)[0])
             if self.group_epsilon(g, nxt) > p.dp_target_epsilon:
                 log.warning("round %d: sub-federation %s stops training: another release would take its epsilon "
                             "from %.3f to %.3f > %g", rnd, g, self.group_epsilon(g), self.group_epsilon(g, nxt),
                             p.dp_target_epsilon)
                 self.group_budget_spent[g] = rnd
+
+    def _central_covers(self, g: str) -> str:
+        if not (self.phase_keys(g, 0) or self.phase_keys(g, 1)):
+            return "everything each site sends (no key layers: one release a round)"
+        if self.policy(g).dp_cover_k:
+            return ("the backbone and the key layers each site sends, each clipped and noised on its own (a release "
+                    "each a round: releases_per_round)")
+        return ("the backbone only: the key layers (and the residuals built from them) travel WITHOUT noise, outside "
+                "epsilon (dp_cover_k = false)")
 
     def privacy_record(self) -> dict | None:
         out = {}
@@ -350,9 +372,9 @@ class WorldLM(KumikiStrategy):
                           "target_epsilon": p.dp_target_epsilon, "delta": p.dp_delta, "clip": p.dp_clip,
                           "noise_multiplier": p.dp_noise_multiplier, "cover_k": p.dp_cover_k,
                           "stopped_at_round": self.group_budget_spent.get(g), "unit": "one site (all its records)",
-                          "covers": ("the backbone and the key layers each site sends (two releases a round)"
-                                     if p.dp_cover_k else "the backbone only: the key layers (and the residuals "
-                                     "built from them) travel WITHOUT noise, outside epsilon (dp_cover_k = false)")}
+                          "releases_per_round": {"root": self.releases_per_round(g, 0),
+                                                 "own": self.releases_per_round(g, 1)},
+                          "covers": self._central_covers(g)}
             elif p.dp == "local":
                 out[g] = {"mode": "local", "target_epsilon": p.dp_target_epsilon, "delta": p.dp_delta,
                           "max_grad_norm": p.dp_clip, "noise_multiplier": p.dp_noise_multiplier,

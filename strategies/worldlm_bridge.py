@@ -26,7 +26,7 @@ import numpy as np
 from kumiki import contract as C
 from strategies.aggregate import weighted_mean
 from strategies.base import SiteProfile, Update
-from strategies.worldlm import WorldLM, key_names
+from strategies.worldlm import WorldLM
 from strategies.worldlm_tree import residual_embeddings
 
 log = logging.getLogger("kumiki.server")
@@ -234,10 +234,9 @@ class RegionServer(WorldLM):
         self.residuals = {self.group: res}
 
     def _start_regions(self) -> None:
-        g, p = self.group, self.tree.groups[self.group]
-        keys = key_names(self.template, p.key_layers) if p.key_layers is not None else self.root_keys
+        g = self.group
         trained = [q.site for q in self.profiles.values() if q.role == "train"]
-        self.regions = {g: self._node(g, self.root.model_for(g), keys, sorted(trained))}
+        self.regions = {g: self._node(g, self.root.model_for(g), self.phase_keys(g, 1), sorted(trained))}
         log.info("sub-federation %s: its own phase starts from the root's model", g)
 
     def _refresh_residuals(self) -> None:

@@ -248,6 +248,27 @@ def test_central_dp_in_one_sub_federation_clips_and_noises_only_its_sites(tmp_pa
     assert s.group_epsilon("region-0") > 0 and s.privacy_record()["region-0"]["mode"] == "central"
 
 
+def test_central_dp_counts_one_release_a_round_without_key_layers(tmp_path):
+    """FedAvg as flat WorldLM (one group, no key layers): one Gaussian release a round, not two, in both phases;
+    the budget stops the group where one release a round takes it (z = 2: epsilon 4.01 after 3 releases, 4.73
+    after 4)."""
+    fed = {"root_rounds": 2, "groups": [{"name": "all", "sites": list(SITES), "dp": "central", "dp_clip": 0.5,
+                                         "dp_noise_multiplier": 2.0, "dp_target_epsilon": 4.5}]}
+    s = build_strategy(lm_config(tmp_path, rounds=4, knobs={"key_layers": []}, federation=fed))
+    _fake(s, dict.fromkeys(SITES, "all"))
+    assert s.root_keys == () and s.releases_per_round("all", 0) == s.releases_per_round("all", 1) == 1
+    for rnd in (1, 2, 3, 4):
+        s._round = rnd
+        s._ensure_phase(rnd)
+        s._spend_budgets(rnd)
+        if not s.active("all", rnd):
+            break
+        s.aggregate(_updates(s, rnd, {}))
+    assert s.group_releases == {"all": 3} and s.group_budget_spent == {"all": 4}
+    rec = s.privacy_record()["all"]
+    assert rec["epsilon"] == pytest.approx(4.011, abs=0.01) and "one release a round" in rec["covers"]
+
+
 def test_flat_root_with_no_key_layers_is_fedavg(tmp_path):
     fedavg = lm_config(tmp_path, method="fedavg", rounds=2, name="avg")
     flat = lm_config(tmp_path, rounds=2, name="flat", knobs={"key_layers": [], "local_steps": None},
