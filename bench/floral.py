@@ -16,6 +16,14 @@ are scarce. ``--write`` puts the table between the ``floral`` markers of bench/R
 ``[model]`` (CNN-S with batch norm) and ``[train]``, 100 examples per site, 15 rounds, FedAvg and FLoRAL
 (one row per ``--conv-dims`` value, and per ``--set`` variant), over ``--clusters`` x ``--sites``, with
 C = the number of clusters. Its table goes between the ``floral-quick`` markers.
+
+A ``--set`` variant may name its method (``name=fedavg``) and set ``privacy.*``, ``model.*`` and ``train.*`` keys
+besides FLoRAL's knobs; ``--per-site`` sizes the sites and ``--no-defaults`` drops the default FedAvg / FLoRAL
+rows, so FLoRAL under DP on the cluster task (issue 25) runs as, e.g.::
+
+    bench/floral.py --quick --quick-clusters 2 --sites 4 --per-site 400 --rounds 10 --no-defaults --write-tag floral-dp-clusters \
+        --set "name=fedavg,model.norm=group" "model.norm=group" \
+              "name=fedavg,privacy.enabled=true,privacy.fix_model=true" "privacy.enabled=true,privacy.fix_model=true"
 """
 
 from __future__ import annotations
@@ -37,14 +45,17 @@ METHODS = ("fedavg", "floral", "floral_ensemble", "local_adaptors")
 
 
 def config(data: str, transform: str, method: str, seed: int, per_site: int, rounds: int, out: Path, clusters: int,
-           sites: int = 8, default_model: bool = False, extra: dict | None = None, train: dict | None = None):
+           sites: int = 8, default_model: bool = False, extra: dict | None = None, train: dict | None = None,
+           more: dict | None = None, tag: dict | None = None):
     """One run's config. ``default_model``: no ``[model]`` / ``[train]`` (the user's defaults: CNN-S with BN);
-    otherwise the paper's MnistNN shape at lr 0.1. ``extra``: method knobs (e.g. ``conv_dims``)."""
+    otherwise the paper's MnistNN shape at lr 0.1. ``extra``: method knobs (e.g. ``conv_dims``); ``more``: other
+    sections' keys (``privacy``, ``model``); ``tag``: what names the run (default: ``extra``)."""
     from kumiki.config import validate
 
     method_raw = {"name": method, **({"num_adaptors": clusters} if method not in ("fedavg", "local_adaptors") else {}),
                   **(extra or {})}
-    tag = re.sub(r"[^A-Za-z0-9_.-]", "", "-".join(f"{k}_{v}" for k, v in (extra or {}).items()))
+    tag = re.sub(r"[^A-Za-z0-9_.-]", "", "-".join(f"{k}_{v}" for k, v in (tag or extra or {}).items()
+                                                  if not k.startswith("train.")))
     raw = {
         "run": {"name": f"{data}-{transform}-{per_site}-{sites}x{clusters}-{method}{'-' + tag if tag else ''}-s{seed}",
                 "rounds": rounds, "seed": seed, "output_dir": str(out)},
@@ -55,6 +66,8 @@ def config(data: str, transform: str, method: str, seed: int, per_site: int, rou
     if not default_model:
         raw["model"] = {"arch": "mlp", "hidden": 200}
         raw["train"] = {"batch_size": 32, "lr": 0.1}
+    for sec, vals in (more or {}).items():
+        raw[sec] = {**raw.get(sec, {}), **vals}
     if train:
         raw["train"] = {**raw.get("train", {}), **train}
         raw["run"]["name"] += "-" + "-".join(f"{k}_{v}" for k, v in train.items())
@@ -94,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="extra FLoRAL variants (quick mode), each 'knob=value[,knob=value]', e.g. router_lr=1.0 or "
                          "train.local_epochs=3,conv_dims=code or layers=encoder.fc+head")
     ap.add_argument("--jobs", type=int, default=1, help="quick mode: runs in parallel, one thread each")
+    ap.add_argument("--per-site", type=int, default=100, help="quick mode: examples per site (train + test)")
+    ap.add_argument("--no-defaults", action="store_true", help="quick mode: only the --set rows")
+    ap.add_argument("--write-tag", default="floral-quick", help="quick mode: the RESULTS.md markers --write fills")
     ap.add_argument("--method", default="floral", help="quick mode: the method of the --set variants")
     args = ap.parse_args(argv)
     if args.quick:
@@ -143,11 +159,11 @@ def main(argv: list[str] | None = None) -> int:
 def quick(args) -> int:
     """The defaults' check (module docstring): FedAvg and FLoRAL variants over clusters x sites."""
     t0 = time.time()
-    variants = [("fedavg", {})] + [("floral", {"conv_dims": d}) for d in args.conv_dims]
+    variants = [] if args.no_defaults else [("fedavg", {})] + [("floral", {"conv_dims": d}) for d in args.conv_dims]
     for s in args.sets:
-        variants.append((args.method, {k: v.split("+") if k == "layers" else knob_value(v)
-                                    for k, v in (kv.split("=", 1) for kv in s.split(","))}))
-    per_site, rows = 100, []
+        extra = {k: v.split("+") if k == "layers" else knob_value(v) for k, v in (kv.split("=", 1) for kv in s.split(","))}
+        variants.append((extra.pop("name", args.method), extra))
+    per_site, rows = args.per_site, []
     rounds = args.rounds or 15
     todo = [(clusters, sites, method, extra, seed, per_site, rounds, args.out)
             for clusters in args.quick_clusters for sites in args.sites for method, extra in variants
@@ -172,7 +188,7 @@ def quick(args) -> int:
                       flush=True)
     text = (f"Generated by `bench/floral.py --quick` on {time.strftime('%Y-%m-%d')}: digits, label-shift clusters "
             f"(site i in cluster i mod C, unknown to the server), C adaptors = C clusters, {per_site} examples per "
-            f"site (80 train), the default `[model]` (CNN-S, batch norm) and `[train]`, each method's defaults "
+            f"site ({int(per_site * 0.8)} train), the default `[model]` (CNN-S, batch norm) and `[train]`, each method's defaults "
             f"otherwise, {rounds} rounds, seeds {', '.join(map(str, args.seeds))}; {time.time() - t0:.0f} s in all. "
             "Separation: the mean over sites of the router weight on the adaptor its cluster's sites favour most "
             "(1/C: not separated; 1: each site routes to one adaptor), after the last round; in brackets, how many "
@@ -184,7 +200,7 @@ def quick(args) -> int:
     if args.write:
         from bench.results import write_section
 
-        write_section("floral-quick", text, ROOT / "bench" / "RESULTS.md")
+        write_section(args.write_tag, text, ROOT / "bench" / "RESULTS.md")
     return 0
 
 
@@ -197,10 +213,15 @@ def _quick_run(job) -> tuple[float, tuple[float, int] | None]:
     torch.set_num_threads(1)
     os.environ["OMP_NUM_THREADS"] = "1"
     clusters, sites, method, extra, seed, per_site, rounds, out = job
-    train = {k.split(".", 1)[1]: v for k, v in extra.items() if k.startswith("train.")}
-    knobs = {k: v for k, v in extra.items() if not k.startswith("train.")}
+    sections = {sec: {k.split(".", 1)[1]: v for k, v in extra.items() if k.startswith(sec + ".")}
+                for sec in ("train", "privacy", "model")}
+    knobs = {k: v for k, v in extra.items() if "." not in k}
+    if sections["privacy"]:  # runs in one output dir share each site's privacy ledger (it never resets): one each
+        out = Path(out) / re.sub(r"[^A-Za-z0-9_.-]", "", f"dp-{clusters}x{sites}-{method}-s{seed}-" +
+                                 "-".join(f"{k}_{v}" for k, v in extra.items()))
     cfg = config("digits", "label_shift", method, seed, per_site, rounds, Path(out), clusters, sites=sites,
-                 default_model=True, extra=knobs, train=train)
+                 default_model=True, extra=knobs, train=sections["train"],
+                 more={sec: sections[sec] for sec in ("privacy", "model") if sections[sec]}, tag=extra)
     s = run(cfg, "inprocess", quiet=True, overwrite=True)
     print(f"  {clusters} clusters {sites} sites {method} {extra} seed {seed}: {100 * s['personalized']['mean']:.1f}%",
           flush=True)

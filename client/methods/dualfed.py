@@ -8,7 +8,7 @@ not even in the graph)::
 
     z = f_theta(x),  z~ = g_phi(z),  L_A = CE(h_psi(z~), y) + lambda * L_con(z~, y)
 
-Stage B, ``stage_b_epochs``; trains omega only, on the frozen encoder's features::
+Stage B, ``stage_b_epochs`` at ``stage_b_lr``; trains omega only, on the frozen encoder's features::
 
     L_B = CE(h_omega(f_theta(x)), y)
 
@@ -86,15 +86,16 @@ class DualFedObjective(SiteObjective):
         the average over label-skewed sites is not pulled toward each site's frequent labels."""
         cfg, epochs = self.cfg, self.cfg.stage_b_epochs
         balanced = cfg.balanced(sj.job.privacy.enabled)
+        lr = cfg.head_lr(sj.job.train.lr, sj.job.privacy.enabled)
         shift = self.log_prior(sj, model.shared_head.out_features) if balanced else 0.0
         if cfg.stage_b_bn_mode == "train":
             loss = (lambda m, x, y: F.cross_entropy(m.shared_logits(x) + shift, y)) if balanced else self.stage_b_loss
-            return sj.trainer.fit(model, model.shared_head.parameters(), loss, epochs=epochs, tag=tag)
+            return sj.trainer.fit(model, model.shared_head.parameters(), loss, epochs=epochs, lr=lr, tag=tag)
         model.encoder.eval()
         with torch.no_grad():
             z = torch.cat([model.encoder(x) for x in sj.trainer.x.split(1024)])
         head_loss = lambda m, x, y: F.cross_entropy(m(x) + shift, y)  # noqa: E731 - m is the shared head here
-        return sj.trainer.fit(model.shared_head, model.shared_head.parameters(), head_loss, epochs=epochs,
+        return sj.trainer.fit(model.shared_head, model.shared_head.parameters(), head_loss, epochs=epochs, lr=lr,
                               tag=tag, data=(z, sj.trainer.y))
 
     @staticmethod
