@@ -82,7 +82,11 @@ def write_job(job_dir: Path, msg: Message, node_config: dict) -> None:
         arrays.update({f"extra/{k}": v.numpy() for k, v in content[C.EXTRA].items()})
     with open(job_dir / "job.npz", "wb") as f:
         np.savez(f, **arrays)
-    (job_dir / "job.json").write_text(json.dumps(job))
+    # job.json last and whole (written aside, then renamed): the region's server takes a job once job.json
+    # exists, and on a loaded machine it read a half-written one and died (tests/test_bridge.py)
+    tmp = job_dir / "job.json.tmp"
+    tmp.write_text(json.dumps(job))
+    os.replace(tmp, job_dir / "job.json")
 
 
 def server_alive(region_dir: Path) -> bool:

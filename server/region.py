@@ -147,8 +147,13 @@ class RegionService:
     def serve(self, job_dir: Path) -> None:
         from strategies.worldlm_bridge import check_same_run, profile_of
 
-        job, arrays, extra = read_job(job_dir)
-        group, kind, rnd = job["group"], job["kind"], int(job["round"])
+        try:
+            job, arrays, extra = read_job(job_dir)
+            group, kind, rnd = job["group"], job["kind"], int(job["round"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # answer the job with the error; serve the next
+            log.error("%s: unreadable job: %s", job_dir, exc)
+            _write_result(job_dir, {}, error={"code": 4100, "reason": f"unreadable job: {type(exc).__name__}: {exc}"})
+            return
         try:
             s = self._at(group, rnd, before=kind == "train")
             if group != s.group:

@@ -120,3 +120,45 @@ def test_two_jobs_that_find_no_server_at_once_start_one(region, monkeypatch):
     bridge.run_region(second, {"region-timeout-s": 30})
     t.join(30)
     assert calls["starts"] == 1
+
+
+def test_an_interrupted_job_write_leaves_no_job_for_the_server(tmp_path, monkeypatch):
+    """The region's server takes a job as soon as its ``job.json`` exists: a write cut off half-way (on a loaded
+    machine, the server read such a file and its whole run died) must leave no ``job.json`` at all."""
+    from pathlib import Path
+
+    from types import SimpleNamespace
+
+    from flwr.app import ConfigRecord, RecordDict
+
+    job_dir = tmp_path / "jobs" / "train-1"
+    job_dir.mkdir(parents=True)
+    msg = SimpleNamespace(content=RecordDict({"config": ConfigRecord({"server-round": 1})}),
+                          metadata=SimpleNamespace(message_type="train"))  # what write_job reads of a Message
+    real = Path.write_text
+
+    def cut_off(self, data, *args, **kwargs):
+        real(self, data[: len(data) // 2])
+        raise OSError("cut off")
+
+    monkeypatch.setattr(Path, "write_text", cut_off)
+    with pytest.raises(OSError, match="cut off"):
+        bridge.write_job(job_dir, msg, {"site": "region-0", "region-dir": str(tmp_path)})
+    assert not (job_dir / "job.json").exists()
+
+
+def test_the_region_server_answers_an_unreadable_job_with_an_error_and_serves_on(tmp_path):
+    """One unreadable job is answered with an error; the region's server does not die with it."""
+    import json
+
+    from server.region import RegionService
+    from tests.conftest import make_lm_config
+
+    cfg = make_lm_config(tmp_path, name="r", rounds=1)
+    state = tmp_path / "state"
+    bad = state / "jobs" / "train-bad"
+    bad.mkdir(parents=True)
+    (bad / "job.json").write_text('{"kind": "tra')  # what a half-written job looked like
+    assert RegionService(None, cfg, state).serve_pending() == 1
+    answer = json.loads((bad / "result.json").read_text())
+    assert answer["error"] and "unreadable job" in answer["error"]["reason"]
