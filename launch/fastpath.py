@@ -28,6 +28,16 @@ site-packages is modified):
     set it), every Fleet pull that returns (at most once a second) touches that file, whose first
     line is the node id; ``python fastpath.py alive [MAX_AGE_S]`` exits 0 only while the last
     pull is younger than MAX_AGE_S (default 30): connected, authenticated and polling.
+``superlink-wait`` / ``supernode-wait``
+    Flower 1.41 moves every message by polling: a SuperNode asks the SuperLink for work (``PullMessages``), the
+    ServerApp asks it for replies (``pull_messages``), a SuperExec asks its SuperNode for a task (``acquire_task``),
+    and each empty answer is followed by a fixed sleep, so a waiting federation spends CPU on empty answers and a
+    message that arrives waits out the rest of a sleep. Here an empty answer is held (long polling): the SuperLink
+    and SuperNode wait, up to ``KUMIKI_LONG_POLL_S`` (default 2 s), for the event that would fill it (a message
+    pushed for the sites, a reply pushed by a site, a message stored for a ClientApp) and then answer at once; the
+    asking side is unchanged (its sleep after an answer stays). Inside the SuperNode its wait for its ClientApp's
+    reply (``time.sleep(0.5)`` loops) wakes when the ClientApp pushes a reply or an object. A wait is bounded, and
+    every answer is Flower's own, taken again after the event, so a missed event costs at most one hold.
 ``superlink-objects``
     With ``--database`` (a long-lived SuperLink keeps its registered nodes and runs), Flower 1.41
     puts the message objects (every tensor of every message, several SQL round trips each) in
@@ -65,7 +75,7 @@ copy it alone and the Flower-native commands run it from a checkout)::
     python launch/fastpath.py alive [MAX_AGE_S]   # the SuperNode's health check (supernode-alive)
     python launch/fastpath.py check      # apply every patch in a scratch process, report, exit 1 if one fails
 
-Settings: ``KUMIKI_SUPERNODE_POLL_S``, ``KUMIKI_PULL_BACKOFF_S`` (a number, or ``off``),
+Settings: ``KUMIKI_SUPERNODE_POLL_S``, ``KUMIKI_PULL_BACKOFF_S``, ``KUMIKI_LONG_POLL_S`` (a number, or ``off``),
 ``KUMIKI_SUPERNODE_ALIVE_FILE`` (a path; unset: no file),
 ``KUMIKI_SUPERLINK_OBJECTS`` (``memory`` or ``database``),
 ``KUMIKI_FORK`` (``0``: Flower's own executor), ``KUMIKI_PRELOAD`` (comma-separated modules),
@@ -81,13 +91,14 @@ import importlib
 import inspect
 import os
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
 
 DEFAULTS = {"KUMIKI_SUPERNODE_POLL_S": "0.2", "KUMIKI_PULL_BACKOFF_S": "0.05", "KUMIKI_FORK": "1",
-            "KUMIKI_SUPERLINK_OBJECTS": "memory"}
+            "KUMIKI_SUPERLINK_OBJECTS": "memory", "KUMIKI_LONG_POLL_S": "2"}
 #: third-party modules a warm SuperExec imports once; never the app's own packages (those come
 #: from the FAB in every child). Missing ones are skipped.
 DEFAULT_PRELOAD = ("numpy", "pydantic", "torch", "torch.nn", "torch.optim", "torch._dynamo",
@@ -98,6 +109,9 @@ SUPERNODE_MODULE = "flwr.supernode.start_client_internal"
 INFLATABLE_MODULE = "flwr.supercore.inflatable.inflatable_utils"
 SUPEREXEC_MODULE = "flwr.supercore.superexec.run_superexec"
 CONFIG_LOADER_MODULE = "flwr.superlink.config_loader"
+FLEET_SERVICER_MODULE = "flwr.server.superlink.fleet.grpc_rere.fleet_servicer"
+LINK_RUNTIME_MODULE = "flwr.superlink.servicer.runtime.runtime_handlers"
+NODE_RUNTIME_MODULE = "flwr.supernode.servicer.runtime.runtime_handlers"
 #: modules whose calls to the pull functions must rely on the keyword default we lower
 PULL_CALLERS = (SUPERNODE_MODULE, "flwr.superlink.grid.http_grid", "flwr.supernode.runtime.run_clientapp")
 
@@ -117,16 +131,25 @@ def setting(name: str) -> float | None:
 
 # --------------------------------------------------------------------------- supernode-poll
 class CappedTime:
-    """Stands in for the ``time`` module inside one flwr module: ``sleep`` is capped, the rest delegates."""
+    """Stands in for the ``time`` module inside one flwr module: ``sleep`` is capped, the rest delegates.
+
+    With ``wake`` (an ``Event``, set by ``supernode-wait``), a sleep also ends when it is set (and clears it): the
+    sleeping loop looks again at once. The loops this serves re-check their condition before each sleep, so a stale
+    event costs one extra look, never a missed message."""
 
     def __init__(self, cap_s: float, real: Any = time):
         self.cap_s, self._real = cap_s, real
+        self.wake: threading.Event | None = None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._real, name)
 
     def sleep(self, seconds: float) -> None:
-        self._real.sleep(min(seconds, self.cap_s))
+        if self.wake is None:
+            self._real.sleep(min(seconds, self.cap_s))
+            return
+        self.wake.wait(min(seconds, self.cap_s))
+        self.wake.clear()
 
 
 def patch_supernode_poll(cap_s: float) -> Patch:
@@ -139,6 +162,132 @@ def patch_supernode_poll(cap_s: float) -> Patch:
         return Patch("supernode-poll", False, f"{SUPERNODE_MODULE} no longer sleeps through its module-level `time`")
     sci.time = CappedTime(cap_s)
     return Patch("supernode-poll", True, f"sleeps in {SUPERNODE_MODULE} capped at {cap_s}s")
+
+
+# --------------------------------------------------------------------------- superlink-wait / supernode-wait
+class Signal:
+    """A counter that waiters watch: ``notify`` bumps it; ``wait(seen, t)`` returns once it is no longer ``seen``
+    (or after ``t`` seconds). A waiter reads ``count`` before it looks, so an event between its look and its wait
+    is never lost."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self.count = 0
+
+    def notify(self) -> None:
+        with self._cond:
+            self.count += 1
+            self._cond.notify_all()
+
+    def wait(self, seen: int, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self.count != seen, timeout)
+
+
+#: SuperLink: messages pushed for the sites (wakes held Fleet pulls); replies pushed by sites (wakes the ServerApp's)
+TO_SITES, TO_SERVER = Signal(), Signal()
+#: SuperNode: a message stored for a ClientApp (wakes a held acquire_task)
+TASKS = Signal()
+#: SuperNode: its ClientApp pushed a reply or an object (wakes the SuperNode's reply wait, see CappedTime)
+REPLIED = threading.Event()
+
+
+def held(inner: Callable[..., Any], empty: Callable[[Any], bool], signal: Signal, hold_s: float) -> Callable[..., Any]:
+    """``inner``, but an ``empty`` answer waits (up to ``hold_s`` in all) for ``signal`` and asks ``inner`` again."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        deadline = time.monotonic() + hold_s
+        while True:
+            seen = signal.count
+            out = inner(*args, **kwargs)
+            left = deadline - time.monotonic()
+            if left <= 0 or not empty(out):
+                return out
+            signal.wait(seen, left)
+
+    call.kumiki_held = inner  # type: ignore[attr-defined]
+    return call
+
+
+def notifying(inner: Callable[..., Any], *signals: Any) -> Callable[..., Any]:
+    """``inner``, then every one of ``signals`` notified (a ``Signal``) or set (an ``Event``), even if it raised."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            for s in signals:
+                s.notify() if isinstance(s, Signal) else s.set()
+
+    call.kumiki_notifying = inner  # type: ignore[attr-defined]
+    return call
+
+
+def _no_messages(resp: Any) -> bool:
+    return len(resp.messages_list) == 0
+
+
+def _no_task(resp: Any) -> bool:
+    return not resp.HasField("task")
+
+
+def _install(target: Any, name: str, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
+    current = getattr(target, name)
+    if not (getattr(current, "kumiki_held", None) or getattr(current, "kumiki_notifying", None)):
+        setattr(target, name, wrap(current))
+
+
+def patch_superlink_wait(hold_s: float) -> Patch:
+    """Long polling in the SuperLink: empty Fleet pulls (SuperNodes) and reply pulls (ServerApp) are held."""
+    try:
+        fleet = importlib.import_module(FLEET_SERVICER_MODULE).FleetServicer
+        runtime = importlib.import_module(LINK_RUNTIME_MODULE)
+        for obj, name in ((fleet, "PullMessages"), (fleet, "PushMessages"), (runtime, "pull_messages"),
+                          (runtime, "push_messages")):
+            if not callable(getattr(obj, name, None)):
+                raise AttributeError(f"{getattr(obj, '__name__', obj)}.{name} is gone")
+    except (ImportError, AttributeError) as e:
+        return Patch("superlink-wait", False, f"cannot hold the SuperLink's pulls: {e}")
+    _install(fleet, "PullMessages", lambda f: held(f, _no_messages, TO_SITES, hold_s))
+    _install(runtime, "push_messages", lambda f: notifying(f, TO_SITES))
+    _install(runtime, "pull_messages", lambda f: held(f, _no_messages, TO_SERVER, hold_s))
+    _install(fleet, "PushMessages", lambda f: notifying(f, TO_SERVER))
+    return Patch("superlink-wait", True, f"empty Fleet and reply pulls wait up to {hold_s}s for a message")
+
+
+def patch_supernode_wait(hold_s: float) -> Patch:
+    """Long polling in the SuperNode: its SuperExec's empty task polls are held until a message is stored; its own
+    wait for a ClientApp's reply wakes when the reply (or an object of it) is pushed."""
+    sci = importlib.import_module(SUPERNODE_MODULE)
+    try:
+        runtime = importlib.import_module(NODE_RUNTIME_MODULE)
+        for name in ("acquire_task", "push_task_output", "push_messages", "push_object"):
+            if not callable(getattr(runtime, name, None)):
+                raise AttributeError(f"{NODE_RUNTIME_MODULE}.{name} is gone")
+        if not callable(getattr(sci, PULL_FUNCTION, None)):
+            raise AttributeError(f"{SUPERNODE_MODULE}.{PULL_FUNCTION} is gone")
+    except (ImportError, AttributeError) as e:
+        return Patch("supernode-wait", False, f"cannot hold the SuperNode's task polls: {e}")
+    _install(runtime, "acquire_task", lambda f: held(f, _no_task, TASKS, hold_s))
+    for name in ("push_task_output", "push_messages", "push_object"):
+        _install(runtime, name, lambda f: notifying(f, REPLIED))
+
+    def pulled(inner: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            run_id = inner(*args, **kwargs)
+            if run_id is not None:  # a message and its task are stored
+                TASKS.notify()
+            return run_id
+
+        call.kumiki_notifying = inner  # type: ignore[attr-defined]
+        return call
+
+    _install(sci, PULL_FUNCTION, pulled)
+    woken = isinstance(getattr(sci, "time", None), CappedTime)
+    if woken:
+        sci.time.wake = REPLIED
+    return Patch("supernode-wait", True, f"empty task polls wait up to {hold_s}s for a message"
+                 + ("; the reply wait wakes on the ClientApp's push" if woken else ""))
 
 
 # --------------------------------------------------------------------------- supernode-alive
@@ -534,9 +683,11 @@ def apply(mode: str) -> list[Patch]:
         cert, key = os.environ.get("KUMIKI_CLIENT_CERT"), os.environ.get("KUMIKI_CLIENT_KEY")
         signing = os.environ.get("KUMIKI_APP_SIGNING_KEY")
         return ([patch_client_cert(cert, key)] if cert and key else []) + ([patch_app_sign(signing)] if signing else [])
+    hold = setting("KUMIKI_LONG_POLL_S")
     if mode == "superlink":
         objects = os.environ.get("KUMIKI_SUPERLINK_OBJECTS", DEFAULTS["KUMIKI_SUPERLINK_OBJECTS"])
-        return [patch_superlink_objects()] if objects == "memory" else []
+        return (([patch_superlink_objects()] if objects == "memory" else [])
+                + ([patch_superlink_wait(hold)] if hold is not None else []))
     poll = setting("KUMIKI_SUPERNODE_POLL_S")
     if mode == "supernode" and poll is not None:
         patches.append(patch_supernode_poll(poll))
@@ -550,6 +701,8 @@ def apply(mode: str) -> list[Patch]:
         patches.append(patch_fork_executor())
     if mode == "supernode" and os.environ.get("KUMIKI_APP_SIGNING_PUB"):
         patches.append(patch_app_verify(os.environ["KUMIKI_APP_SIGNING_PUB"]))
+    if mode == "supernode" and hold is not None:  # last: it wraps the pull the patches above installed
+        patches.append(patch_supernode_wait(hold))
     return patches
 
 

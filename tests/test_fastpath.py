@@ -187,10 +187,10 @@ def test_the_module_runs_standalone_as_the_images_copy_it(tmp_path):
                        timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     lines = r.stdout.splitlines()
-    assert [line.split()[:2] for line in lines[:5]] == [
-        ["supernode-poll", "ok"], ["pull-backoff", "ok"], ["fork-executor", "ok"], ["superlink-objects", "ok"],
-        ["client-cert", "ok"]]
-    assert lines[5] == "kumiki modules: []", "the fast path must not need Kumiki's code installed"
+    assert [line.split()[:2] for line in lines[:7]] == [
+        ["supernode-poll", "ok"], ["pull-backoff", "ok"], ["supernode-wait", "ok"], ["fork-executor", "ok"],
+        ["superlink-objects", "ok"], ["superlink-wait", "ok"], ["client-cert", "ok"]]
+    assert lines[7] == "kumiki modules: []", "the fast path must not need Kumiki's code installed"
 
 
 def test_the_supernode_health_file_means_connected_and_polling(flwr_modules, monkeypatch, tmp_path, capsys):
@@ -221,3 +221,112 @@ def test_the_supernode_health_file_means_connected_and_polling(flwr_modules, mon
     with pytest.raises(SystemExit) as e:
         fastpath.main(["alive", "30"])
     assert e.value.code == 1 and "not connected" in capsys.readouterr().out
+
+
+@pytest.fixture
+def wait_modules(monkeypatch):
+    """The classes and modules superlink-wait / supernode-wait wrap, restored after the test."""
+    fleet = importlib.import_module(fastpath.FLEET_SERVICER_MODULE).FleetServicer
+    link = importlib.import_module(fastpath.LINK_RUNTIME_MODULE)
+    node = importlib.import_module(fastpath.NODE_RUNTIME_MODULE)
+    sci = importlib.import_module(fastpath.SUPERNODE_MODULE)
+    for obj, names in ((fleet, ("PullMessages", "PushMessages")), (link, ("pull_messages", "push_messages")),
+                       (node, ("acquire_task", "push_task_output", "push_messages", "push_object")),
+                       (sci, (fastpath.PULL_FUNCTION, "time"))):
+        for name in names:
+            monkeypatch.setattr(obj, name, getattr(obj, name))
+    return fleet, link, node, sci
+
+
+def _later(seconds, fn):
+    import threading
+
+    t = threading.Timer(seconds, fn)
+    t.start()
+    return t
+
+
+def test_an_empty_fleet_pull_is_answered_when_the_server_pushes_a_message(wait_modules, monkeypatch):
+    """superlink-wait: a SuperNode's empty pull waits in the SuperLink and is answered as soon as the ServerApp
+    pushes (long before the hold ends), with Flower's own answer taken again; with nothing pushed, it ends after
+    the hold; the ServerApp's reply pull is held the same way until a site pushes its reply."""
+    from flwr.proto.fleet_pb2 import PullMessagesResponse
+    from flwr.proto.message_pb2 import Message as MessageProto
+    from flwr.proto.runtime_pb2 import PullAppMessagesResponse
+    from flwr.superlink.servicer.fleet import fleet_handlers
+
+    fleet, link, _, _ = wait_modules
+    queued, replies, looked = [], [], []
+
+    def pull(request, state, store):  # Flower's handler: what the link state holds for this node now
+        looked.append(1)
+        return PullMessagesResponse(messages_list=list(queued))
+
+    monkeypatch.setattr(fleet_handlers, "pull_messages", pull)
+    monkeypatch.setattr(link, "push_messages", lambda request, state, task: queued.append(MessageProto()))
+    monkeypatch.setattr(link, "pull_messages", lambda request, state, task: PullAppMessagesResponse(
+        messages_list=list(replies)))
+    monkeypatch.setattr(fleet, "PushMessages", lambda self, request, context: replies.append(MessageProto()))
+    hold = 30.0
+    assert fastpath.patch_superlink_wait(hold).applied
+
+    class Factory:
+        def state(self):
+            return None
+
+        store = state
+
+    servicer = fleet(Factory(), Factory(), False)
+    t0 = time.monotonic()
+    timer = _later(0.3, lambda: link.push_messages(None, None, None))  # the ServerApp sends a message
+    got = servicer.PullMessages(None, None)
+    took = time.monotonic() - t0
+    timer.join()
+    assert len(got.messages_list) == 1 and len(looked) >= 2
+    assert 0.25 <= took < hold / 2, took  # woken by the push, not by the end of the hold
+
+    timer = _later(0.3, lambda: servicer.PushMessages(None, None))  # a site replies
+    t0 = time.monotonic()
+    got = link.pull_messages(None, None, None)  # the ServerApp's reply pull
+    timer.join()
+    assert len(got.messages_list) == 1 and time.monotonic() - t0 < hold / 2
+
+    assert fastpath.patch_superlink_wait(0.2).applied  # installed once: a second apply wraps nothing again
+    queued.clear()
+    monkeypatch.setattr(fleet, "PullMessages", fastpath.held(
+        fleet.PullMessages.kumiki_held, fastpath._no_messages, fastpath.TO_SITES, 0.2))
+    t0 = time.monotonic()
+    assert len(servicer.PullMessages(None, None).messages_list) == 0  # nothing came: empty after the hold
+    assert time.monotonic() - t0 >= 0.2
+
+
+def test_the_supernode_hands_a_task_over_and_wakes_for_a_reply_at_once(wait_modules, monkeypatch):
+    """supernode-wait: the SuperExec's empty task poll waits until the SuperNode stores a message; the SuperNode's
+    reply wait (its capped ``time.sleep``) ends when the ClientApp pushes."""
+    from flwr.proto.runtime_pb2 import AcquireTaskResponse
+    from flwr.proto.task_pb2 import Task
+
+    _, _, node, sci = wait_modules
+    stored = []
+    monkeypatch.setattr(node, "acquire_task", lambda request, state: AcquireTaskResponse(
+        task=Task(task_id=7), token="t") if stored else AcquireTaskResponse())
+    monkeypatch.setattr(sci, fastpath.PULL_FUNCTION, lambda **kw: stored.append(1) or 42)  # a message came: run 42
+    monkeypatch.setattr(node, "push_task_output", lambda *a: None)
+    hold = 30.0
+    assert fastpath.patch_supernode_poll(20.0).applied
+    assert fastpath.patch_supernode_wait(hold).applied
+
+    t0 = time.monotonic()
+    timer = _later(0.3, lambda: getattr(sci, fastpath.PULL_FUNCTION)(state=None))
+    got = node.acquire_task(None, None)
+    timer.join()
+    assert got.HasField("task") and got.task.task_id == 7
+    assert time.monotonic() - t0 < hold / 2
+
+    fastpath.REPLIED.clear()
+    timer = _later(0.3, lambda: node.push_task_output(None, None, None))  # the ClientApp's reply
+    t0 = time.monotonic()
+    sci.time.sleep(20.0)  # Flower's `while not replies: time.sleep(0.5)`, capped at 20 s here
+    timer.join()
+    assert time.monotonic() - t0 < 10.0
+    assert not fastpath.REPLIED.is_set()  # consumed: the next sleep waits again
