@@ -8,7 +8,8 @@ soon as its daemons are up, the last site's SuperNode and SuperExec are stopped 
 lists that site (its heartbeat has not expired), so the ServerApp asks it for its profile and waits for a reply
 that does not come, polling for it as it would for a slow site's training reply. Every other process waits too:
 the SuperLink, the other sites' SuperNodes (polling the SuperLink for messages) and SuperExecs (polling their
-SuperNode for tasks), the ServerApp's SuperExec. After ``--settle`` seconds, each process's CPU time (utime +
+SuperNode for tasks), the ServerApp's SuperExec. After ``--settle`` seconds, and once the ServerApp is up and no
+site has run a ClientApp for 5 s (the profile replies are done), each process's CPU time (utime +
 stime of every process in its group, from ``/proc/<pid>/stat``) is read at the start and at the end of the
 window; the ServerApp (a fork of its SuperExec, its PID in ``<run_dir>/.serverapp.pid``) is counted apart
 from its parent. Then the stopped site continues and the run ends normally.
@@ -86,6 +87,7 @@ def measure(sites: int, window_s: float, settle_s: float, tuning, out: Path) -> 
     from server.lifecycle import PID_FILE
 
     cfg = config(sites, out, f"idle-{sites}")
+    stock_nodes = not tuning.warm_superexec  # Flower's SuperNode starts its SuperExec itself, in its own group
     started: list[int] = []
     up = threading.Event()
     # the cluster's processes, by name, read after start-up from the engine's own records
@@ -124,6 +126,15 @@ def measure(sites: int, window_s: float, settle_s: float, tuning, out: Path) -> 
     try:
         time.sleep(settle_s)
         pid_file = cfg.run_dir() / PID_FILE
+        # quiet = the ServerApp is up and no site runs a ClientApp (a SuperExec's group is the SuperExec alone;
+        # with Flower's own SuperNode, its SuperExec child is the group's second member) for 5 s in a row
+        calm, deadline = 0, time.monotonic() + 300
+        while calm < 5 and time.monotonic() < deadline:
+            busy = any(len(group_members(p)) > (2 if stock_nodes else 1) for p, n in names.items()
+                       if p not in stopped and n.startswith(("superexec-", "supernode-"))
+                       and (n.startswith("superexec-") or stock_nodes))
+            calm = calm + 1 if pid_file.is_file() and not busy else 0
+            time.sleep(1.0)
         serverapp = int(pid_file.read_text().split()[0]) if pid_file.is_file() else None
 
         def snapshot() -> dict[str, float]:

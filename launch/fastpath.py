@@ -34,7 +34,8 @@ site-packages is modified):
     and each empty answer is followed by a fixed sleep, so a waiting federation spends CPU on empty answers and a
     message that arrives waits out the rest of a sleep. Here an empty answer is held (long polling): the SuperLink
     and SuperNode wait, up to ``KUMIKI_LONG_POLL_S`` (default 2 s), for the event that would fill it (a message
-    pushed for the sites, a reply pushed by a site, a message stored for a ClientApp) and then answer at once; the
+    pushed for the sites, a reply pushed by a site, a message stored for a ClientApp, a run started for the
+    ServerApp's SuperExec) and then answer at once; the
     asking side is unchanged (its sleep after an answer stays). Inside the SuperNode its wait for its ClientApp's
     reply (``time.sleep(0.5)`` loops) wakes when the ClientApp pushes a reply or an object. A wait is bounded, and
     every answer is Flower's own, taken again after the event, so a missed event costs at most one hold.
@@ -46,6 +47,15 @@ site-packages is modified):
     link state stays in the file. Objects are transient: a restarted SuperLink loses in-flight
     messages either way, since its runs do not survive it.
 
+``superlink-nodes``
+    Even with the objects in memory, Flower 1.41's SQLite link state costs SQL round trips on every poll and every
+    message (``bench/linkstate_sql.py`` counts them). What must survive a restart is the registrations (which
+    site keys may join, under which node ids; ``flwr supernode register``); a run's messages and tasks do not (its
+    ServerApp does not survive the SuperLink). With ``--database`` and ``KUMIKI_SUPERLINK_MESSAGES=memory`` (the
+    default; ``database`` for Flower's behaviour) the SuperLink's link state is Flower's in-memory one, except
+    that registering and unregistering a node also write it to the ``--database`` file (through Flower's own
+    ``SqlLinkState``), and a starting SuperLink reads the registered nodes back. Runs, messages, tasks and node
+    liveness stay in memory; ``flwr ls`` after a restart lists no earlier runs.
 ``client-cert``
     The Control API sits behind a proxy that demands the operator's client certificate (mutual
     TLS; ``deploy/proxy.py``), and Flower 1.41's CLI has no setting for one: its HTTP client
@@ -77,7 +87,7 @@ copy it alone and the Flower-native commands run it from a checkout)::
 
 Settings: ``KUMIKI_SUPERNODE_POLL_S``, ``KUMIKI_PULL_BACKOFF_S``, ``KUMIKI_LONG_POLL_S`` (a number, or ``off``),
 ``KUMIKI_SUPERNODE_ALIVE_FILE`` (a path; unset: no file),
-``KUMIKI_SUPERLINK_OBJECTS`` (``memory`` or ``database``),
+``KUMIKI_SUPERLINK_OBJECTS`` and ``KUMIKI_SUPERLINK_MESSAGES`` (``memory`` or ``database``),
 ``KUMIKI_FORK`` (``0``: Flower's own executor), ``KUMIKI_PRELOAD`` (comma-separated modules),
 ``KUMIKI_FASTPATH_STRICT=1`` (exit 78 instead of running stock when a patch no longer applies; app-verify
 always fails closed: with ``KUMIKI_APP_SIGNING_PUB`` set and the check not installable, the SuperNode exits 78).
@@ -98,7 +108,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 DEFAULTS = {"KUMIKI_SUPERNODE_POLL_S": "0.2", "KUMIKI_PULL_BACKOFF_S": "0.05", "KUMIKI_FORK": "1",
-            "KUMIKI_SUPERLINK_OBJECTS": "memory", "KUMIKI_LONG_POLL_S": "2"}
+            "KUMIKI_SUPERLINK_OBJECTS": "memory", "KUMIKI_SUPERLINK_MESSAGES": "memory", "KUMIKI_LONG_POLL_S": "2"}
 #: third-party modules a warm SuperExec imports once; never the app's own packages (those come
 #: from the FAB in every child). Missing ones are skipped.
 DEFAULT_PRELOAD = ("numpy", "pydantic", "torch", "torch.nn", "torch.optim", "torch._dynamo",
@@ -109,9 +119,12 @@ SUPERNODE_MODULE = "flwr.supernode.start_client_internal"
 INFLATABLE_MODULE = "flwr.supercore.inflatable.inflatable_utils"
 SUPEREXEC_MODULE = "flwr.supercore.superexec.run_superexec"
 CONFIG_LOADER_MODULE = "flwr.superlink.config_loader"
+LINKSTATE_FACTORY_MODULE = "flwr.server.superlink.linkstate.linkstate_factory"
 FLEET_SERVICER_MODULE = "flwr.server.superlink.fleet.grpc_rere.fleet_servicer"
 LINK_RUNTIME_MODULE = "flwr.superlink.servicer.runtime.runtime_handlers"
 NODE_RUNTIME_MODULE = "flwr.supernode.servicer.runtime.runtime_handlers"
+CONTROL_HANDLERS_MODULE = "flwr.superlink.servicer.control.control_handlers"
+CORE_RUNTIME_MODULE = "flwr.supercore.servicer.runtime.runtime_handlers"
 #: modules whose calls to the pull functions must rely on the keyword default we lower
 PULL_CALLERS = (SUPERNODE_MODULE, "flwr.superlink.grid.http_grid", "flwr.supernode.runtime.run_clientapp")
 
@@ -184,8 +197,9 @@ class Signal:
             return self._cond.wait_for(lambda: self.count != seen, timeout)
 
 
-#: SuperLink: messages pushed for the sites (wakes held Fleet pulls); replies pushed by sites (wakes the ServerApp's)
-TO_SITES, TO_SERVER = Signal(), Signal()
+#: SuperLink: messages pushed for the sites (wakes held Fleet pulls); replies pushed by sites (wakes the ServerApp's);
+#: a run started or a task created (wakes the ServerApp's SuperExec's held task poll)
+TO_SITES, TO_SERVER, RUNS = Signal(), Signal(), Signal()
 #: SuperNode: a message stored for a ClientApp (wakes a held acquire_task)
 TASKS = Signal()
 #: SuperNode: its ClientApp pushed a reply or an object (wakes the SuperNode's reply wait, see CappedTime)
@@ -242,8 +256,11 @@ def patch_superlink_wait(hold_s: float) -> Patch:
     try:
         fleet = importlib.import_module(FLEET_SERVICER_MODULE).FleetServicer
         runtime = importlib.import_module(LINK_RUNTIME_MODULE)
+        control = importlib.import_module(CONTROL_HANDLERS_MODULE)
+        core = importlib.import_module(CORE_RUNTIME_MODULE)
         for obj, name in ((fleet, "PullMessages"), (fleet, "PushMessages"), (runtime, "pull_messages"),
-                          (runtime, "push_messages")):
+                          (runtime, "push_messages"), (runtime, "acquire_task"), (control, "start_run"),
+                          (core, "create_task")):
             if not callable(getattr(obj, name, None)):
                 raise AttributeError(f"{getattr(obj, '__name__', obj)}.{name} is gone")
     except (ImportError, AttributeError) as e:
@@ -252,7 +269,10 @@ def patch_superlink_wait(hold_s: float) -> Patch:
     _install(runtime, "push_messages", lambda f: notifying(f, TO_SITES))
     _install(runtime, "pull_messages", lambda f: held(f, _no_messages, TO_SERVER, hold_s))
     _install(fleet, "PushMessages", lambda f: notifying(f, TO_SERVER))
-    return Patch("superlink-wait", True, f"empty Fleet and reply pulls wait up to {hold_s}s for a message")
+    _install(runtime, "acquire_task", lambda f: held(f, _no_task, RUNS, hold_s))
+    _install(control, "start_run", lambda f: notifying(f, RUNS))
+    _install(core, "create_task", lambda f: notifying(f, RUNS))
+    return Patch("superlink-wait", True, f"empty Fleet, reply and task pulls wait up to {hold_s}s for a message")
 
 
 def patch_supernode_wait(hold_s: float) -> Patch:
@@ -667,6 +687,71 @@ def patch_superlink_objects() -> Patch:
     return Patch("superlink-objects", True, "message objects in memory, link state in --database")
 
 
+# --------------------------------------------------------------------------- superlink-nodes
+def make_durable_nodes_state() -> type:
+    from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
+    from flwr.server.superlink.linkstate.sql_linkstate import SqlLinkState
+    from flwr.supercore.constant import NodeStatus
+
+    class DurableNodesLinkState(InMemoryLinkState):
+        """Flower's in-memory link state whose node registrations are also kept in a SQLite file (Flower's
+        ``SqlLinkState`` on it, used for nodes only) and read back at start."""
+
+        kumiki_durable_nodes = True
+
+        def __init__(self, database: str, federation_manager: Any, object_store: Any) -> None:
+            super().__init__(federation_manager, object_store)
+            self.registry = SqlLinkState(database, federation_manager, object_store)
+
+        def initialize(self) -> None:
+            """Open the file (Flower's schema and migrations) and load its registered nodes, offline."""
+            self.registry.initialize()
+            with self.lock:
+                for info in self.registry.get_node_info():
+                    if info.status == NodeStatus.UNREGISTERED:
+                        continue
+                    self._put(info)
+
+        def _put(self, info: Any) -> None:
+            info.status = NodeStatus.REGISTERED  # liveness is not durable: the node activates again
+            self.nodes[info.node_id] = info
+            self.node_public_key_to_node_id[info.public_key] = info.node_id
+            self.owner_to_node_ids.setdefault(info.owner_aid, set()).add(info.node_id)
+
+        def create_node(self, owner_aid: str, owner_name: str, public_key: bytes, heartbeat_interval: float,
+                        **kwargs: Any) -> int:
+            with self.lock:
+                if public_key in self.node_public_key_to_node_id:
+                    raise ValueError("Public key already in use")
+                node_id = self.registry.create_node(owner_aid, owner_name, public_key, heartbeat_interval, **kwargs)
+                if node_id:
+                    self._put(self.registry.get_node_info(node_ids=[node_id])[0])
+                return node_id
+
+        def delete_node(self, owner_aid: str, node_id: int) -> None:
+            with self.lock:
+                super().delete_node(owner_aid, node_id)  # raises for an unknown node or another owner
+                self.registry.delete_node(owner_aid, node_id)
+
+    return DurableNodesLinkState
+
+
+def patch_superlink_nodes() -> Patch:
+    lf = importlib.import_module(LINKSTATE_FACTORY_MODULE)
+    current = getattr(lf, "SqlLinkState", None)
+    if getattr(current, "kumiki_durable_nodes", False):
+        return Patch("superlink-nodes", True, "already installed")
+    try:
+        src = inspect.getsource(lf.LinkStateFactory.state)
+        if current is None or "SqlLinkState(" not in src or ".initialize()" not in src:
+            raise AttributeError("LinkStateFactory.state no longer builds SqlLinkState(...) and initializes it")
+        durable = make_durable_nodes_state()
+    except (ImportError, AttributeError, OSError, TypeError) as e:
+        return Patch("superlink-nodes", False, f"cannot keep messages in memory: {e}")
+    lf.SqlLinkState = durable
+    return Patch("superlink-nodes", True, "node registrations in --database, runs and messages in memory")
+
+
 # --------------------------------------------------------------------------- entry points
 def preload(modules: list[str]) -> None:
     for name in modules:
@@ -686,7 +771,9 @@ def apply(mode: str) -> list[Patch]:
     hold = setting("KUMIKI_LONG_POLL_S")
     if mode == "superlink":
         objects = os.environ.get("KUMIKI_SUPERLINK_OBJECTS", DEFAULTS["KUMIKI_SUPERLINK_OBJECTS"])
+        messages = os.environ.get("KUMIKI_SUPERLINK_MESSAGES", DEFAULTS["KUMIKI_SUPERLINK_MESSAGES"])
         return (([patch_superlink_objects()] if objects == "memory" else [])
+                + ([patch_superlink_nodes()] if messages == "memory" else [])
                 + ([patch_superlink_wait(hold)] if hold is not None else []))
     poll = setting("KUMIKI_SUPERNODE_POLL_S")
     if mode == "supernode" and poll is not None:

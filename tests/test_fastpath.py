@@ -230,7 +230,11 @@ def wait_modules(monkeypatch):
     link = importlib.import_module(fastpath.LINK_RUNTIME_MODULE)
     node = importlib.import_module(fastpath.NODE_RUNTIME_MODULE)
     sci = importlib.import_module(fastpath.SUPERNODE_MODULE)
-    for obj, names in ((fleet, ("PullMessages", "PushMessages")), (link, ("pull_messages", "push_messages")),
+    control = importlib.import_module(fastpath.CONTROL_HANDLERS_MODULE)
+    core = importlib.import_module(fastpath.CORE_RUNTIME_MODULE)
+    for obj, names in ((fleet, ("PullMessages", "PushMessages")),
+                       (link, ("pull_messages", "push_messages", "acquire_task")),
+                       (control, ("start_run",)), (core, ("create_task",)),
                        (node, ("acquire_task", "push_task_output", "push_messages", "push_object")),
                        (sci, (fastpath.PULL_FUNCTION, "time"))):
         for name in names:
@@ -252,7 +256,8 @@ def test_an_empty_fleet_pull_is_answered_when_the_server_pushes_a_message(wait_m
     the hold; the ServerApp's reply pull is held the same way until a site pushes its reply."""
     from flwr.proto.fleet_pb2 import PullMessagesResponse
     from flwr.proto.message_pb2 import Message as MessageProto
-    from flwr.proto.runtime_pb2 import PullAppMessagesResponse
+    from flwr.proto.runtime_pb2 import AcquireTaskResponse, PullAppMessagesResponse
+    from flwr.proto.task_pb2 import Task
     from flwr.superlink.servicer.fleet import fleet_handlers
 
     fleet, link, _, _ = wait_modules
@@ -267,6 +272,11 @@ def test_an_empty_fleet_pull_is_answered_when_the_server_pushes_a_message(wait_m
     monkeypatch.setattr(link, "pull_messages", lambda request, state, task: PullAppMessagesResponse(
         messages_list=list(replies)))
     monkeypatch.setattr(fleet, "PushMessages", lambda self, request, context: replies.append(MessageProto()))
+    control = importlib.import_module(fastpath.CONTROL_HANDLERS_MODULE)
+    started = []
+    monkeypatch.setattr(link, "acquire_task", lambda request, state: AcquireTaskResponse(
+        task=Task(task_id=1), token="t") if started else AcquireTaskResponse())
+    monkeypatch.setattr(control, "start_run", lambda *a, **k: started.append(1))
     hold = 30.0
     assert fastpath.patch_superlink_wait(hold).applied
 
@@ -290,6 +300,12 @@ def test_an_empty_fleet_pull_is_answered_when_the_server_pushes_a_message(wait_m
     got = link.pull_messages(None, None, None)  # the ServerApp's reply pull
     timer.join()
     assert len(got.messages_list) == 1 and time.monotonic() - t0 < hold / 2
+
+    timer = _later(0.3, lambda: control.start_run(None))  # `flwr run`: the ServerApp's task is created
+    t0 = time.monotonic()
+    got = link.acquire_task(None, None)  # the ServerApp's SuperExec asking for work
+    timer.join()
+    assert got.HasField("task") and time.monotonic() - t0 < hold / 2
 
     assert fastpath.patch_superlink_wait(0.2).applied  # installed once: a second apply wraps nothing again
     queued.clear()
@@ -330,3 +346,45 @@ def test_the_supernode_hands_a_task_over_and_wakes_for_a_reply_at_once(wait_modu
     timer.join()
     assert time.monotonic() - t0 < 10.0
     assert not fastpath.REPLIED.is_set()  # consumed: the next sleep waits again
+
+
+def test_registrations_survive_a_restart_while_messages_never_touch_the_file(monkeypatch, tmp_path):
+    """superlink-nodes: with --database, a node registered (flwr supernode register) is in the file and is read
+    back by the next SuperLink on it, under the same id and key, and can activate; an unregistered one is not;
+    polls, heartbeats and runs execute no SQL (they live in memory)."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    from flwr.superlink.config_loader import get_objectstore_linkstate_factories
+    from flwr.superlink.federation import NoOpFederationManager
+
+    lf = importlib.import_module(fastpath.LINKSTATE_FACTORY_MODULE)
+    monkeypatch.setattr(lf, "SqlLinkState", lf.SqlLinkState)
+    assert fastpath.patch_superlink_nodes().applied
+    db = str(tmp_path / "superlink.db")
+
+    def superlink():  # a SuperLink starting on the file
+        return get_objectstore_linkstate_factories(db, NoOpFederationManager())[1].state()
+
+    first = superlink()
+    assert getattr(first, "kumiki_durable_nodes", False)
+    kept = first.create_node("owner", "op", b"key-a", 30.0)
+    gone = first.create_node("owner", "op", b"key-b", 30.0)
+    first.delete_node("owner", gone)
+    with pytest.raises(ValueError):
+        first.create_node("owner", "op", b"key-a", 30.0)  # a key joins once
+    statements = []
+    listener = lambda *a: statements.append(a[2])  # noqa: E731
+    event.listen(Engine, "before_cursor_execute", listener)
+    try:
+        assert first.activate_node(kept, 30.0)
+        first.acknowledge_node_heartbeat(kept, 30.0)
+        assert first.get_message_ins(node_id=kept, limit=1) == []
+    finally:
+        event.remove(Engine, "before_cursor_execute", listener)
+    assert statements == [], "a poll or heartbeat ran SQL"
+
+    second = superlink()  # the restart
+    assert second.get_node_id_by_public_key(b"key-a") == kept
+    assert second.get_node_id_by_public_key(b"key-b") is None
+    assert second.activate_node(kept, 30.0), "a registered site joins again after the restart"
