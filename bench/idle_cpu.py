@@ -4,9 +4,10 @@
 
 How the federation is made to wait: the pilot (``deploy/pilot.toml``, 1 round, tiny sites) starts on the real
 local engine (TLS, authentication, the proxy where nginx is installed, every latency knob at its default); as
-soon as its daemons are up, the last site's SuperNode and SuperExec are stopped (SIGSTOP). The SuperLink still
-lists that site (its heartbeat has not expired), so the ServerApp asks it for its profile and waits for a reply
-that does not come, polling for it as it would for a slow site's training reply. Every other process waits too:
+soon as its daemons are up, the last site's SuperExec is stopped (SIGSTOP; with Flower's own SuperNode, the
+SuperExec it starts). That site's SuperNode stays up: it takes the ServerApp's profile query and waits for its
+ClientApp's reply, which does not come, as it would for a slow site's training; the ServerApp waits for that
+reply. Every other process waits too:
 the SuperLink, the other sites' SuperNodes (polling the SuperLink for messages) and SuperExecs (polling their
 SuperNode for tasks), the ServerApp's SuperExec. After ``--settle`` seconds, and once the ServerApp is up and no
 site has run a ClientApp for 5 s (the profile replies are done), each process's CPU time (utime +
@@ -119,20 +120,24 @@ def measure(sites: int, window_s: float, settle_s: float, tuning, out: Path) -> 
     up.wait(600)
     if "error" in result:
         raise result["error"]
-    stopped_site = sorted(n for n in names.values() if n.startswith("supernode-"))[-1].removeprefix("supernode-")
-    stopped = [p for p, n in names.items() if n in (f"supernode-{stopped_site}", f"superexec-{stopped_site}")]
+    site = sorted(n for n in names.values() if n.startswith("supernode-"))[-1].removeprefix("supernode-")
+    node_group = next(p for p, n in names.items() if n == f"supernode-{site}")
+    # the last site's SuperExec (Flower's own SuperNode: its SuperExec child) stops: its SuperNode stays up and
+    # heartbeating, takes the ServerApp's message and waits for a ClientApp reply that does not come
+    stopped = ([p for p in group_members(node_group) if p != node_group] if stock_nodes
+               else [p for g, n in names.items() if n == f"superexec-{site}" for p in group_members(g)])
     for p in stopped:
-        os.killpg(p, signal.SIGSTOP)
+        os.kill(p, signal.SIGSTOP)
     try:
         time.sleep(settle_s)
         pid_file = cfg.run_dir() / PID_FILE
-        # quiet = the ServerApp is up and no site runs a ClientApp (a SuperExec's group is the SuperExec alone;
-        # with Flower's own SuperNode, its SuperExec child is the group's second member) for 5 s in a row
+        # quiet = the ServerApp is up and no other site runs a ClientApp (a SuperExec's group is the SuperExec
+        # alone; with Flower's own SuperNode, its SuperExec child is the group's second member) for 5 s in a row
         calm, deadline = 0, time.monotonic() + 300
         while calm < 5 and time.monotonic() < deadline:
             busy = any(len(group_members(p)) > (2 if stock_nodes else 1) for p, n in names.items()
-                       if p not in stopped and n.startswith(("superexec-", "supernode-"))
-                       and (n.startswith("superexec-") or stock_nodes))
+                       if site not in n and n.startswith("supernode-" if stock_nodes else "superexec-")
+                       and n != "superexec-serverapp")
             calm = calm + 1 if pid_file.is_file() and not busy else 0
             time.sleep(1.0)
         serverapp = int(pid_file.read_text().split()[0]) if pid_file.is_file() else None
@@ -140,10 +145,11 @@ def measure(sites: int, window_s: float, settle_s: float, tuning, out: Path) -> 
         def snapshot() -> dict[str, float]:
             shot: dict[str, float] = {}
             for pgid, name in names.items():
-                if pgid in stopped:
-                    continue
                 for pid in group_members(pgid):
-                    key = "serverapp" if pid == serverapp else name
+                    if pid in stopped:
+                        continue
+                    key = ("serverapp" if pid == serverapp else
+                           f"supernode-waiting-{site}" if name == f"supernode-{site}" else name)
                     shot[key] = shot.get(key, 0.0) + (cpu_s(pid) or 0.0)
             shot["launcher (this process)"] = time.process_time()
             return shot
@@ -153,7 +159,10 @@ def measure(sites: int, window_s: float, settle_s: float, tuning, out: Path) -> 
         b, dt = snapshot(), time.monotonic() - t0
     finally:
         for p in stopped:
-            os.killpg(p, signal.SIGCONT)
+            try:
+                os.kill(p, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
         local._Cluster.start = orig_start
     t.join(900)
     if "error" in result:
@@ -162,7 +171,8 @@ def measure(sites: int, window_s: float, settle_s: float, tuning, out: Path) -> 
 
 
 def role(name: str) -> str:
-    for prefix, r in (("supernode-", "SuperNode"), ("superexec-serverapp", "SuperExec (ServerApp's)"),
+    for prefix, r in (("supernode-waiting-", "SuperNode waiting for its ClientApp's reply"),
+                      ("supernode-", "SuperNode waiting for a message"), ("superexec-serverapp", "SuperExec (ServerApp's)"),
                       ("superexec-", "SuperExec (site's)")):
         if name.startswith(prefix):
             return r
@@ -177,7 +187,8 @@ def table(rows: dict[str, dict[str, float]]) -> str:
     for v, shares in rows.items():
         for name, share in shares.items():
             per_role.setdefault(role(name), {}).setdefault(v, []).append(share)
-    order = ["SuperLink", "SuperNode", "SuperExec (site's)", "SuperExec (ServerApp's)", "ServerApp",
+    order = ["SuperLink", "SuperNode waiting for a message", "SuperNode waiting for its ClientApp's reply",
+             "SuperExec (site's)", "SuperExec (ServerApp's)", "ServerApp",
              "`flwr run --stream` (operator CLI)", "proxy (nginx)", "reaper", "launcher (this process)"]
     lines = ["| process | " + " | ".join(f"{v} (% of a core)" for v in variants) + " |",
              "|---|" + "---:|" * len(variants)]
@@ -196,7 +207,7 @@ def table(rows: dict[str, dict[str, float]]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mode", choices=("quick", "full"), default="quick")
-    ap.add_argument("--sites", type=int, default=None, help="sites (the last one is stopped); default 3")
+    ap.add_argument("--sites", type=int, default=None, help="sites (the last one's SuperExec is stopped); default 3")
     ap.add_argument("--window", type=float, default=None, help="seconds measured (quick 10, full 45)")
     ap.add_argument("--settle", type=float, default=20.0, help="seconds between start-up and the window")
     ap.add_argument("--stock", action="store_true", help="also measure Flower 1.41 as shipped (Tuning.stock())")
@@ -221,8 +232,8 @@ def main() -> None:
         publish("idle-cpu", "\n".join([
             "## Idle CPU of a waiting federation (issue 26 item 3)", "",
             f"{stamp(cmd)} Machine: {machine()}. Load average (1/5/15 min) {before} before, {load()} after.", "",
-            f"{sites} sites on `--engine local` (TLS, authentication), the last one stopped (SIGSTOP) so the "
-            f"ServerApp waits for its reply; CPU time of each process over a {window:.0f} s window "
+            f"{sites} sites on `--engine local` (TLS, authentication), the last one's SuperExec stopped (SIGSTOP) so "
+            "that site's SuperNode waits for its ClientApp's reply and the ServerApp for the site's; CPU time of each process over a {window:.0f} s window "
             "(utime + stime of its process group, `/proc/<pid>/stat`), as a share of one core.", "",
             text, "",
             f"Goal: a waiting SuperNode below {100 * GOAL_SUPERNODE:.0f} % of a core: "

@@ -33,7 +33,7 @@ site-packages is modified):
     ServerApp asks it for replies (``pull_messages``), a SuperExec asks its SuperNode for a task (``acquire_task``),
     and each empty answer is followed by a fixed sleep, so a waiting federation spends CPU on empty answers and a
     message that arrives waits out the rest of a sleep. Here an empty answer is held (long polling): the SuperLink
-    and SuperNode wait, up to ``KUMIKI_LONG_POLL_S`` (default 2 s), for the event that would fill it (a message
+    and SuperNode wait, up to ``KUMIKI_LONG_POLL_S`` (default 5 s), for the event that would fill it (a message
     pushed for the sites, a reply pushed by a site, a message stored for a ClientApp, a run started for the
     ServerApp's SuperExec) and then answer at once; the
     asking side is unchanged (its sleep after an answer stays). Inside the SuperNode its wait for its ClientApp's
@@ -108,7 +108,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 DEFAULTS = {"KUMIKI_SUPERNODE_POLL_S": "0.2", "KUMIKI_PULL_BACKOFF_S": "0.05", "KUMIKI_FORK": "1",
-            "KUMIKI_SUPERLINK_OBJECTS": "memory", "KUMIKI_SUPERLINK_MESSAGES": "memory", "KUMIKI_LONG_POLL_S": "2"}
+            "KUMIKI_SUPERLINK_OBJECTS": "memory", "KUMIKI_SUPERLINK_MESSAGES": "memory", "KUMIKI_LONG_POLL_S": "5"}
 #: third-party modules a warm SuperExec imports once; never the app's own packages (those come
 #: from the FAB in every child). Missing ones are skipped.
 DEFAULT_PRELOAD = ("numpy", "pydantic", "torch", "torch.nn", "torch.optim", "torch._dynamo",

@@ -111,7 +111,7 @@ class Tuning:
     #: long polling (``launch/fastpath.py`` superlink-wait / supernode-wait): an empty Fleet pull, reply pull or
     #: task poll is held up to this long for the message that would fill it, instead of answered empty at once
     #: and asked again after a sleep; None: Flower's immediate answers (the SuperLink then runs stock).
-    long_poll_s: float | None = 2.0
+    long_poll_s: float | None = 5.0
     #: the ServerApp's longest wait between reply pulls (server/app.py ReplyPollingGrid;
     #: None: HttpGrid's own loop, a fixed 3 s).
     reply_poll_max_s: float | None = 0.5
