@@ -120,12 +120,12 @@ def measure(sites: int, window_s: float, settle_s: float, tuning, out: Path) -> 
     up.wait(600)
     if "error" in result:
         raise result["error"]
-    site = sorted(n for n in names.values() if n.startswith("supernode-"))[-1].removeprefix("supernode-")
-    node_group = next(p for p, n in names.items() if n == f"supernode-{site}")
+    site = sorted(n for n in list(names.values()) if n.startswith("supernode-"))[-1].removeprefix("supernode-")
+    node_group = next(p for p, n in list(names.items()) if n == f"supernode-{site}")
     # the last site's SuperExec (Flower's own SuperNode: its SuperExec child) stops: its SuperNode stays up and
     # heartbeating, takes the ServerApp's message and waits for a ClientApp reply that does not come
     stopped = ([p for p in group_members(node_group) if p != node_group] if stock_nodes
-               else [p for g, n in names.items() if n == f"superexec-{site}" for p in group_members(g)])
+               else [p for g, n in list(names.items()) if n == f"superexec-{site}" for p in group_members(g)])
     for p in stopped:
         os.kill(p, signal.SIGSTOP)
     try:
@@ -135,7 +135,7 @@ def measure(sites: int, window_s: float, settle_s: float, tuning, out: Path) -> 
         # alone; with Flower's own SuperNode, its SuperExec child is the group's second member) for 5 s in a row
         calm, deadline = 0, time.monotonic() + 300
         while calm < 5 and time.monotonic() < deadline:
-            busy = any(len(group_members(p)) > (2 if stock_nodes else 1) for p, n in names.items()
+            busy = any(len(group_members(p)) > (2 if stock_nodes else 1) for p, n in list(names.items())
                        if site not in n and n.startswith("supernode-" if stock_nodes else "superexec-")
                        and n != "superexec-serverapp")
             calm = calm + 1 if pid_file.is_file() and not busy else 0
@@ -144,7 +144,7 @@ def measure(sites: int, window_s: float, settle_s: float, tuning, out: Path) -> 
 
         def snapshot() -> dict[str, float]:
             shot: dict[str, float] = {}
-            for pgid, name in names.items():
+            for pgid, name in list(names.items()):
                 for pid in group_members(pgid):
                     if pid in stopped:
                         continue
