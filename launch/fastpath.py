@@ -120,7 +120,8 @@ INFLATABLE_MODULE = "flwr.supercore.inflatable.inflatable_utils"
 SUPEREXEC_MODULE = "flwr.supercore.superexec.run_superexec"
 CONFIG_LOADER_MODULE = "flwr.superlink.config_loader"
 LINKSTATE_FACTORY_MODULE = "flwr.server.superlink.linkstate.linkstate_factory"
-FLEET_SERVICER_MODULE = "flwr.server.superlink.fleet.grpc_rere.fleet_servicer"
+#: the Fleet API's handlers: both its transports (HTTP, the default, and gRPC-rere) call them by module attribute
+FLEET_HANDLERS_MODULE = "flwr.superlink.servicer.fleet.fleet_handlers"
 LINK_RUNTIME_MODULE = "flwr.superlink.servicer.runtime.runtime_handlers"
 NODE_RUNTIME_MODULE = "flwr.supernode.servicer.runtime.runtime_handlers"
 CONTROL_HANDLERS_MODULE = "flwr.superlink.servicer.control.control_handlers"
@@ -254,21 +255,21 @@ def _install(target: Any, name: str, wrap: Callable[[Callable[..., Any]], Callab
 def patch_superlink_wait(hold_s: float) -> Patch:
     """Long polling in the SuperLink: empty Fleet pulls (SuperNodes) and reply pulls (ServerApp) are held."""
     try:
-        fleet = importlib.import_module(FLEET_SERVICER_MODULE).FleetServicer
+        fleet = importlib.import_module(FLEET_HANDLERS_MODULE)
         runtime = importlib.import_module(LINK_RUNTIME_MODULE)
         control = importlib.import_module(CONTROL_HANDLERS_MODULE)
         core = importlib.import_module(CORE_RUNTIME_MODULE)
-        for obj, name in ((fleet, "PullMessages"), (fleet, "PushMessages"), (runtime, "pull_messages"),
+        for obj, name in ((fleet, "pull_messages"), (fleet, "push_messages"), (runtime, "pull_messages"),
                           (runtime, "push_messages"), (runtime, "acquire_task"), (control, "start_run"),
                           (core, "create_task")):
             if not callable(getattr(obj, name, None)):
                 raise AttributeError(f"{getattr(obj, '__name__', obj)}.{name} is gone")
     except (ImportError, AttributeError) as e:
         return Patch("superlink-wait", False, f"cannot hold the SuperLink's pulls: {e}")
-    _install(fleet, "PullMessages", lambda f: held(f, _no_messages, TO_SITES, hold_s))
+    _install(fleet, "pull_messages", lambda f: held(f, _no_messages, TO_SITES, hold_s))
     _install(runtime, "push_messages", lambda f: notifying(f, TO_SITES))
     _install(runtime, "pull_messages", lambda f: held(f, _no_messages, TO_SERVER, hold_s))
-    _install(fleet, "PushMessages", lambda f: notifying(f, TO_SERVER))
+    _install(fleet, "push_messages", lambda f: notifying(f, TO_SERVER))
     _install(runtime, "acquire_task", lambda f: held(f, _no_task, RUNS, hold_s))
     _install(control, "start_run", lambda f: notifying(f, RUNS))
     _install(core, "create_task", lambda f: notifying(f, RUNS))

@@ -187,10 +187,10 @@ def test_the_module_runs_standalone_as_the_images_copy_it(tmp_path):
                        timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     lines = r.stdout.splitlines()
-    assert [line.split()[:2] for line in lines[:7]] == [
+    assert [line.split()[:2] for line in lines[:8]] == [
         ["supernode-poll", "ok"], ["pull-backoff", "ok"], ["supernode-wait", "ok"], ["fork-executor", "ok"],
-        ["superlink-objects", "ok"], ["superlink-wait", "ok"], ["client-cert", "ok"]]
-    assert lines[7] == "kumiki modules: []", "the fast path must not need Kumiki's code installed"
+        ["superlink-objects", "ok"], ["superlink-nodes", "ok"], ["superlink-wait", "ok"], ["client-cert", "ok"]]
+    assert lines[8] == "kumiki modules: []", "the fast path must not need Kumiki's code installed"
 
 
 def test_the_supernode_health_file_means_connected_and_polling(flwr_modules, monkeypatch, tmp_path, capsys):
@@ -226,13 +226,14 @@ def test_the_supernode_health_file_means_connected_and_polling(flwr_modules, mon
 @pytest.fixture
 def wait_modules(monkeypatch):
     """The classes and modules superlink-wait / supernode-wait wrap, restored after the test."""
-    fleet = importlib.import_module(fastpath.FLEET_SERVICER_MODULE).FleetServicer
+    fleet = importlib.import_module("flwr.server.superlink.fleet.grpc_rere.fleet_servicer").FleetServicer
+    handlers = importlib.import_module(fastpath.FLEET_HANDLERS_MODULE)
     link = importlib.import_module(fastpath.LINK_RUNTIME_MODULE)
     node = importlib.import_module(fastpath.NODE_RUNTIME_MODULE)
     sci = importlib.import_module(fastpath.SUPERNODE_MODULE)
     control = importlib.import_module(fastpath.CONTROL_HANDLERS_MODULE)
     core = importlib.import_module(fastpath.CORE_RUNTIME_MODULE)
-    for obj, names in ((fleet, ("PullMessages", "PushMessages")),
+    for obj, names in ((handlers, ("pull_messages", "push_messages")),
                        (link, ("pull_messages", "push_messages", "acquire_task")),
                        (control, ("start_run",)), (core, ("create_task",)),
                        (node, ("acquire_task", "push_task_output", "push_messages", "push_object")),
@@ -253,7 +254,8 @@ def _later(seconds, fn):
 def test_an_empty_fleet_pull_is_answered_when_the_server_pushes_a_message(wait_modules, monkeypatch):
     """superlink-wait: a SuperNode's empty pull waits in the SuperLink and is answered as soon as the ServerApp
     pushes (long before the hold ends), with Flower's own answer taken again; with nothing pushed, it ends after
-    the hold; the ServerApp's reply pull is held the same way until a site pushes its reply."""
+    the hold; the ServerApp's reply pull is held the same way until a site pushes its reply, and its SuperExec's
+    task poll until a run starts. Through the gRPC servicer here; the HTTP transport calls the same handlers."""
     from flwr.proto.fleet_pb2 import PullMessagesResponse
     from flwr.proto.message_pb2 import Message as MessageProto
     from flwr.proto.runtime_pb2 import AcquireTaskResponse, PullAppMessagesResponse
@@ -271,7 +273,7 @@ def test_an_empty_fleet_pull_is_answered_when_the_server_pushes_a_message(wait_m
     monkeypatch.setattr(link, "push_messages", lambda request, state, task: queued.append(MessageProto()))
     monkeypatch.setattr(link, "pull_messages", lambda request, state, task: PullAppMessagesResponse(
         messages_list=list(replies)))
-    monkeypatch.setattr(fleet, "PushMessages", lambda self, request, context: replies.append(MessageProto()))
+    monkeypatch.setattr(fleet_handlers, "push_messages", lambda request, state: replies.append(MessageProto()))
     control = importlib.import_module(fastpath.CONTROL_HANDLERS_MODULE)
     started = []
     monkeypatch.setattr(link, "acquire_task", lambda request, state: AcquireTaskResponse(
@@ -309,11 +311,16 @@ def test_an_empty_fleet_pull_is_answered_when_the_server_pushes_a_message(wait_m
 
     assert fastpath.patch_superlink_wait(0.2).applied  # installed once: a second apply wraps nothing again
     queued.clear()
-    monkeypatch.setattr(fleet, "PullMessages", fastpath.held(
-        fleet.PullMessages.kumiki_held, fastpath._no_messages, fastpath.TO_SITES, 0.2))
+    monkeypatch.setattr(fleet_handlers, "pull_messages", fastpath.held(
+        fleet_handlers.pull_messages.kumiki_held, fastpath._no_messages, fastpath.TO_SITES, 0.2))
     t0 = time.monotonic()
     assert len(servicer.PullMessages(None, None).messages_list) == 0  # nothing came: empty after the hold
     assert time.monotonic() - t0 >= 0.2
+    # Flower's default Fleet transport (HTTP) reaches the same handlers, by module attribute
+    import inspect
+
+    http = inspect.getsource(importlib.import_module("flwr.superlink.routers.fleet.router"))
+    assert "fleet_handlers.pull_messages(" in http and "fleet_handlers.push_messages(" in http
 
 
 def test_the_supernode_hands_a_task_over_and_wakes_for_a_reply_at_once(wait_modules, monkeypatch):
