@@ -207,18 +207,35 @@ TASKS = Signal()
 REPLIED = threading.Event()
 
 
+#: at most this many requests held at once in a process: a held request occupies a server thread (Flower's HTTP
+#: APIs run on a pool of 40), so beyond it a poll is answered at once, as without the patch, and heartbeats and
+#: pushes always find a thread
+MAX_HELD = 16
+_HOLDS = threading.BoundedSemaphore(MAX_HELD)
+
+
 def held(inner: Callable[..., Any], empty: Callable[[Any], bool], signal: Signal, hold_s: float) -> Callable[..., Any]:
-    """``inner``, but an ``empty`` answer waits (up to ``hold_s`` in all) for ``signal`` and asks ``inner`` again."""
+    """``inner``, but an ``empty`` answer waits (up to ``hold_s`` in all) for ``signal`` and asks ``inner`` again
+    (unless ``MAX_HELD`` requests are already waiting: then it is answered at once)."""
 
     def call(*args: Any, **kwargs: Any) -> Any:
         deadline = time.monotonic() + hold_s
-        while True:
-            seen = signal.count
-            out = inner(*args, **kwargs)
-            left = deadline - time.monotonic()
-            if left <= 0 or not empty(out):
-                return out
-            signal.wait(seen, left)
+        holding = False
+        try:
+            while True:
+                seen = signal.count
+                out = inner(*args, **kwargs)
+                left = deadline - time.monotonic()
+                if left <= 0 or not empty(out):
+                    return out
+                if not holding:
+                    holding = _HOLDS.acquire(blocking=False)
+                    if not holding:
+                        return out
+                signal.wait(seen, left)
+        finally:
+            if holding:
+                _HOLDS.release()
 
     call.kumiki_held = inner  # type: ignore[attr-defined]
     return call

@@ -395,3 +395,24 @@ def test_registrations_survive_a_restart_while_messages_never_touch_the_file(mon
     assert second.get_node_id_by_public_key(b"key-a") == kept
     assert second.get_node_id_by_public_key(b"key-b") is None
     assert second.activate_node(kept, 30.0), "a registered site joins again after the restart"
+
+
+def test_held_requests_are_bounded_so_a_server_keeps_threads_for_the_rest(monkeypatch):
+    """With MAX_HELD requests already waiting, the next empty poll is answered at once (a held request occupies one
+    of the server's threads, and heartbeats and pushes need them too); a held one frees its place when it returns."""
+    import threading
+
+    signal, queued = fastpath.Signal(), []
+    poll = fastpath.held(lambda: list(queued), lambda out: not out, signal, 30.0)
+    monkeypatch.setattr(fastpath, "_HOLDS", threading.BoundedSemaphore(1))
+    got = []
+    waiting = threading.Thread(target=lambda: got.append(poll()))
+    waiting.start()
+    time.sleep(0.3)  # that one holds the only place
+    t0 = time.monotonic()
+    assert poll() == [] and time.monotonic() - t0 < 10.0, "answered at once, not held"
+    queued.append("message")
+    signal.notify()
+    waiting.join(35)
+    assert got == [["message"]]
+    assert fastpath._HOLDS.acquire(blocking=False), "the place is free again"
