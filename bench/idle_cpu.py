@@ -39,7 +39,7 @@ from bench.results import load, machine, publish, stamp  # noqa: E402
 TICK = os.sysconf("SC_CLK_TCK")
 GOAL_SUPERNODE = 0.01  # of one core
 #: what the table says (written under it; the figures it names are from the run in bench/RESULTS.md)
-NOTE = "Reading: with long polling a SuperNode waiting for a message asks the SuperLink once per hold (5 s) instead of every 0.3 s, and its SuperExec asks the SuperNode once per hold instead of every 0.15 s; a message or a task still arrives at once (a hold ends on the event that fills it). Flower as shipped costs less at idle because it polls slowly (its SuperNode sleeps a fixed 3 s between empty pulls, with no setting; its SuperExec polls every 1 s; HttpGrid every 3 s) and pays for it in latency at every hop (bench/paths.py). Not explained yet: the SuperLink's remaining ~3.7 % of a core (1.1 % stock) and the proxy's 0.21 % (0.02 % stock), i.e. more traffic crosses the proxy at idle than with Flower's slower polls; candidates are the held calls' gRPC keepalives, heartbeats and the operator's `flwr run --stream` log stream (the SuperLink reads the run's log every 0.5 s, Flower's LOG_STREAM_INTERVAL)."
+NOTE = "Reading: with long polling a SuperNode waiting for a message asks the SuperLink once per hold (5 s) instead of every 0.3 s, and its SuperExec asks the SuperNode once per hold instead of every 0.15 s; a message or a task still arrives at once (a hold ends on the event that fills it). The whole waiting federation then costs less than Flower as shipped, which polls slowly (its SuperNode sleeps a fixed 3 s between empty pulls, with no setting for it; its SuperExec polls every 1 s, HttpGrid every 3 s) and pays for it in latency at every hop (bench/paths.py). The holds sit in the Fleet API's handlers, which both of Flower's Fleet transports call (HTTP, the default here, and gRPC-rere)."
 
 
 def cpu_s(pid: int) -> float | None:
@@ -235,7 +235,7 @@ def main() -> None:
             "## Idle CPU of a waiting federation (issue 26 item 3)", "",
             f"{stamp(cmd)} Machine: {machine()}. Load average (1/5/15 min) {before} before, {load()} after.", "",
             f"{sites} sites on `--engine local` (TLS, authentication), the last one's SuperExec stopped (SIGSTOP) so "
-            "that site's SuperNode waits for its ClientApp's reply and the ServerApp for the site's; CPU time of each process over a {window:.0f} s window "
+            f"that site's SuperNode waits for its ClientApp's reply and the ServerApp for the site's; CPU time of each process over a {window:.0f} s window "
             "(utime + stime of its process group, `/proc/<pid>/stat`), as a share of one core.", "",
             text, "",
             f"Goal: a waiting SuperNode below {100 * GOAL_SUPERNODE:.0f} % of a core: "
