@@ -247,10 +247,14 @@ class EvalSection(_Section):
         description="epochs of each method's new-site protocol on unseen sites before the adapted evaluation "
                     "(0 = zero-shot only; unseen_adapted is then null)",
     )
-    every: int = Field(
-        1, ge=1, le=100_000,
+    every: Union[Literal["auto"], Annotated[int, Field(ge=1, le=100_000)]] = Field(
+        "auto",
         description="evaluate after every k-th round (and always after the last one); rounds in between have no "
-                    "evaluation sections in metrics.jsonl",
+                    "evaluation sections in metrics.jsonl. auto: every round, unless evaluation trains (a method "
+                    "that fine-tunes or personalizes before scoring, e.g. FedAvg-FT's ft_epochs, FedHB's "
+                    "personalize_epochs; unseen sites' unseen_adapt_epochs): then every k-th round, k chosen so "
+                    "that evaluation stays near 20 % of the run (server/eval_plan.py; summary.json's eval_share.every "
+                    "says which k)",
     )
     sample: Union[Literal["auto"], Annotated[int, Field(ge=0, le=10_000_000)]] = Field(
         "auto",

@@ -28,6 +28,17 @@ site-packages is modified):
     set it), every Fleet pull that returns (at most once a second) touches that file, whose first
     line is the node id; ``python fastpath.py alive [MAX_AGE_S]`` exits 0 only while the last
     pull is younger than MAX_AGE_S (default 30): connected, authenticated and polling.
+``superlink-wait`` / ``supernode-wait``
+    Flower 1.41 moves every message by polling: a SuperNode asks the SuperLink for work (``PullMessages``), the
+    ServerApp asks it for replies (``pull_messages``), a SuperExec asks its SuperNode for a task (``acquire_task``),
+    and each empty answer is followed by a fixed sleep, so a waiting federation spends CPU on empty answers and a
+    message that arrives waits out the rest of a sleep. Here an empty answer is held (long polling): the SuperLink
+    and SuperNode wait, up to ``KUMIKI_LONG_POLL_S`` (default 5 s), for the event that would fill it (a message
+    pushed for the sites, a reply pushed by a site, a message stored for a ClientApp, a run started for the
+    ServerApp's SuperExec) and then answer at once; the
+    asking side is unchanged (its sleep after an answer stays). Inside the SuperNode its wait for its ClientApp's
+    reply (``time.sleep(0.5)`` loops) wakes when the ClientApp pushes a reply or an object. A wait is bounded, and
+    every answer is Flower's own, taken again after the event, so a missed event costs at most one hold.
 ``superlink-objects``
     With ``--database`` (a long-lived SuperLink keeps its registered nodes and runs), Flower 1.41
     puts the message objects (every tensor of every message, several SQL round trips each) in
@@ -36,6 +47,15 @@ site-packages is modified):
     link state stays in the file. Objects are transient: a restarted SuperLink loses in-flight
     messages either way, since its runs do not survive it.
 
+``superlink-nodes``
+    Even with the objects in memory, Flower 1.41's SQLite link state costs SQL round trips on every poll and every
+    message (``bench/linkstate_sql.py`` counts them). What must survive a restart is the registrations (which
+    site keys may join, under which node ids; ``flwr supernode register``); a run's messages and tasks do not (its
+    ServerApp does not survive the SuperLink). With ``--database`` and ``KUMIKI_SUPERLINK_MESSAGES=memory`` (the
+    default; ``database`` for Flower's behaviour) the SuperLink's link state is Flower's in-memory one, except
+    that registering and unregistering a node also write it to the ``--database`` file (through Flower's own
+    ``SqlLinkState``), and a starting SuperLink reads the registered nodes back. Runs, messages, tasks and node
+    liveness stay in memory; ``flwr ls`` after a restart lists no earlier runs.
 ``client-cert``
     The Control API sits behind a proxy that demands the operator's client certificate (mutual
     TLS; ``deploy/proxy.py``), and Flower 1.41's CLI has no setting for one: its HTTP client
@@ -65,9 +85,9 @@ copy it alone and the Flower-native commands run it from a checkout)::
     python launch/fastpath.py alive [MAX_AGE_S]   # the SuperNode's health check (supernode-alive)
     python launch/fastpath.py check      # apply every patch in a scratch process, report, exit 1 if one fails
 
-Settings: ``KUMIKI_SUPERNODE_POLL_S``, ``KUMIKI_PULL_BACKOFF_S`` (a number, or ``off``),
+Settings: ``KUMIKI_SUPERNODE_POLL_S``, ``KUMIKI_PULL_BACKOFF_S``, ``KUMIKI_LONG_POLL_S`` (a number, or ``off``),
 ``KUMIKI_SUPERNODE_ALIVE_FILE`` (a path; unset: no file),
-``KUMIKI_SUPERLINK_OBJECTS`` (``memory`` or ``database``),
+``KUMIKI_SUPERLINK_OBJECTS`` and ``KUMIKI_SUPERLINK_MESSAGES`` (``memory`` or ``database``),
 ``KUMIKI_FORK`` (``0``: Flower's own executor), ``KUMIKI_PRELOAD`` (comma-separated modules),
 ``KUMIKI_FASTPATH_STRICT=1`` (exit 78 instead of running stock when a patch no longer applies; app-verify
 always fails closed: with ``KUMIKI_APP_SIGNING_PUB`` set and the check not installable, the SuperNode exits 78).
@@ -81,13 +101,14 @@ import importlib
 import inspect
 import os
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
 
 DEFAULTS = {"KUMIKI_SUPERNODE_POLL_S": "0.2", "KUMIKI_PULL_BACKOFF_S": "0.05", "KUMIKI_FORK": "1",
-            "KUMIKI_SUPERLINK_OBJECTS": "memory"}
+            "KUMIKI_SUPERLINK_OBJECTS": "memory", "KUMIKI_SUPERLINK_MESSAGES": "memory", "KUMIKI_LONG_POLL_S": "5"}
 #: third-party modules a warm SuperExec imports once; never the app's own packages (those come
 #: from the FAB in every child). Missing ones are skipped.
 DEFAULT_PRELOAD = ("numpy", "pydantic", "torch", "torch.nn", "torch.optim", "torch._dynamo",
@@ -98,6 +119,13 @@ SUPERNODE_MODULE = "flwr.supernode.start_client_internal"
 INFLATABLE_MODULE = "flwr.supercore.inflatable.inflatable_utils"
 SUPEREXEC_MODULE = "flwr.supercore.superexec.run_superexec"
 CONFIG_LOADER_MODULE = "flwr.superlink.config_loader"
+LINKSTATE_FACTORY_MODULE = "flwr.server.superlink.linkstate.linkstate_factory"
+#: the Fleet API's handlers: both its transports (HTTP, the default, and gRPC-rere) call them by module attribute
+FLEET_HANDLERS_MODULE = "flwr.superlink.servicer.fleet.fleet_handlers"
+LINK_RUNTIME_MODULE = "flwr.superlink.servicer.runtime.runtime_handlers"
+NODE_RUNTIME_MODULE = "flwr.supernode.servicer.runtime.runtime_handlers"
+CONTROL_HANDLERS_MODULE = "flwr.superlink.servicer.control.control_handlers"
+CORE_RUNTIME_MODULE = "flwr.supercore.servicer.runtime.runtime_handlers"
 #: modules whose calls to the pull functions must rely on the keyword default we lower
 PULL_CALLERS = (SUPERNODE_MODULE, "flwr.superlink.grid.http_grid", "flwr.supernode.runtime.run_clientapp")
 
@@ -117,16 +145,25 @@ def setting(name: str) -> float | None:
 
 # --------------------------------------------------------------------------- supernode-poll
 class CappedTime:
-    """Stands in for the ``time`` module inside one flwr module: ``sleep`` is capped, the rest delegates."""
+    """Stands in for the ``time`` module inside one flwr module: ``sleep`` is capped, the rest delegates.
+
+    With ``wake`` (an ``Event``, set by ``supernode-wait``), a sleep also ends when it is set (and clears it): the
+    sleeping loop looks again at once. The loops this serves re-check their condition before each sleep, so a stale
+    event costs one extra look, never a missed message."""
 
     def __init__(self, cap_s: float, real: Any = time):
         self.cap_s, self._real = cap_s, real
+        self.wake: threading.Event | None = None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._real, name)
 
     def sleep(self, seconds: float) -> None:
-        self._real.sleep(min(seconds, self.cap_s))
+        if self.wake is None:
+            self._real.sleep(min(seconds, self.cap_s))
+            return
+        self.wake.wait(min(seconds, self.cap_s))
+        self.wake.clear()
 
 
 def patch_supernode_poll(cap_s: float) -> Patch:
@@ -139,6 +176,156 @@ def patch_supernode_poll(cap_s: float) -> Patch:
         return Patch("supernode-poll", False, f"{SUPERNODE_MODULE} no longer sleeps through its module-level `time`")
     sci.time = CappedTime(cap_s)
     return Patch("supernode-poll", True, f"sleeps in {SUPERNODE_MODULE} capped at {cap_s}s")
+
+
+# --------------------------------------------------------------------------- superlink-wait / supernode-wait
+class Signal:
+    """A counter that waiters watch: ``notify`` bumps it; ``wait(seen, t)`` returns once it is no longer ``seen``
+    (or after ``t`` seconds). A waiter reads ``count`` before it looks, so an event between its look and its wait
+    is never lost."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self.count = 0
+
+    def notify(self) -> None:
+        with self._cond:
+            self.count += 1
+            self._cond.notify_all()
+
+    def wait(self, seen: int, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self.count != seen, timeout)
+
+
+#: SuperLink: messages pushed for the sites (wakes held Fleet pulls); replies pushed by sites (wakes the ServerApp's);
+#: a run started or a task created (wakes the ServerApp's SuperExec's held task poll)
+TO_SITES, TO_SERVER, RUNS = Signal(), Signal(), Signal()
+#: SuperNode: a message stored for a ClientApp (wakes a held acquire_task)
+TASKS = Signal()
+#: SuperNode: its ClientApp pushed a reply or an object (wakes the SuperNode's reply wait, see CappedTime)
+REPLIED = threading.Event()
+
+
+#: at most this many requests held at once in a process: a held request occupies a server thread (Flower's HTTP
+#: APIs run on a pool of 40), so beyond it a poll is answered at once, as without the patch, and heartbeats and
+#: pushes always find a thread
+MAX_HELD = 16
+_HOLDS = threading.BoundedSemaphore(MAX_HELD)
+
+
+def held(inner: Callable[..., Any], empty: Callable[[Any], bool], signal: Signal, hold_s: float) -> Callable[..., Any]:
+    """``inner``, but an ``empty`` answer waits (up to ``hold_s`` in all) for ``signal`` and asks ``inner`` again
+    (unless ``MAX_HELD`` requests are already waiting: then it is answered at once)."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        deadline = time.monotonic() + hold_s
+        holding = False
+        try:
+            while True:
+                seen = signal.count
+                out = inner(*args, **kwargs)
+                left = deadline - time.monotonic()
+                if left <= 0 or not empty(out):
+                    return out
+                if not holding:
+                    holding = _HOLDS.acquire(blocking=False)
+                    if not holding:
+                        return out
+                signal.wait(seen, left)
+        finally:
+            if holding:
+                _HOLDS.release()
+
+    call.kumiki_held = inner  # type: ignore[attr-defined]
+    return call
+
+
+def notifying(inner: Callable[..., Any], *signals: Any) -> Callable[..., Any]:
+    """``inner``, then every one of ``signals`` notified (a ``Signal``) or set (an ``Event``), even if it raised."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            for s in signals:
+                s.notify() if isinstance(s, Signal) else s.set()
+
+    call.kumiki_notifying = inner  # type: ignore[attr-defined]
+    return call
+
+
+def _no_messages(resp: Any) -> bool:
+    return len(resp.messages_list) == 0
+
+
+def _no_task(resp: Any) -> bool:
+    return not resp.HasField("task")
+
+
+def _install(target: Any, name: str, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
+    current = getattr(target, name)
+    if not (getattr(current, "kumiki_held", None) or getattr(current, "kumiki_notifying", None)):
+        setattr(target, name, wrap(current))
+
+
+def patch_superlink_wait(hold_s: float) -> Patch:
+    """Long polling in the SuperLink: empty Fleet pulls (SuperNodes) and reply pulls (ServerApp) are held."""
+    try:
+        fleet = importlib.import_module(FLEET_HANDLERS_MODULE)
+        runtime = importlib.import_module(LINK_RUNTIME_MODULE)
+        control = importlib.import_module(CONTROL_HANDLERS_MODULE)
+        core = importlib.import_module(CORE_RUNTIME_MODULE)
+        for obj, name in ((fleet, "pull_messages"), (fleet, "push_messages"), (runtime, "pull_messages"),
+                          (runtime, "push_messages"), (runtime, "acquire_task"), (control, "start_run"),
+                          (core, "create_task")):
+            if not callable(getattr(obj, name, None)):
+                raise AttributeError(f"{getattr(obj, '__name__', obj)}.{name} is gone")
+    except (ImportError, AttributeError) as e:
+        return Patch("superlink-wait", False, f"cannot hold the SuperLink's pulls: {e}")
+    _install(fleet, "pull_messages", lambda f: held(f, _no_messages, TO_SITES, hold_s))
+    _install(runtime, "push_messages", lambda f: notifying(f, TO_SITES))
+    _install(runtime, "pull_messages", lambda f: held(f, _no_messages, TO_SERVER, hold_s))
+    _install(fleet, "push_messages", lambda f: notifying(f, TO_SERVER))
+    _install(runtime, "acquire_task", lambda f: held(f, _no_task, RUNS, hold_s))
+    _install(control, "start_run", lambda f: notifying(f, RUNS))
+    _install(core, "create_task", lambda f: notifying(f, RUNS))
+    return Patch("superlink-wait", True, f"empty Fleet, reply and task pulls wait up to {hold_s}s for a message")
+
+
+def patch_supernode_wait(hold_s: float) -> Patch:
+    """Long polling in the SuperNode: its SuperExec's empty task polls are held until a message is stored; its own
+    wait for a ClientApp's reply wakes when the reply (or an object of it) is pushed."""
+    sci = importlib.import_module(SUPERNODE_MODULE)
+    try:
+        runtime = importlib.import_module(NODE_RUNTIME_MODULE)
+        for name in ("acquire_task", "push_task_output", "push_messages", "push_object"):
+            if not callable(getattr(runtime, name, None)):
+                raise AttributeError(f"{NODE_RUNTIME_MODULE}.{name} is gone")
+        if not callable(getattr(sci, PULL_FUNCTION, None)):
+            raise AttributeError(f"{SUPERNODE_MODULE}.{PULL_FUNCTION} is gone")
+    except (ImportError, AttributeError) as e:
+        return Patch("supernode-wait", False, f"cannot hold the SuperNode's task polls: {e}")
+    _install(runtime, "acquire_task", lambda f: held(f, _no_task, TASKS, hold_s))
+    for name in ("push_task_output", "push_messages", "push_object"):
+        _install(runtime, name, lambda f: notifying(f, REPLIED))
+
+    def pulled(inner: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            run_id = inner(*args, **kwargs)
+            if run_id is not None:  # a message and its task are stored
+                TASKS.notify()
+            return run_id
+
+        call.kumiki_notifying = inner  # type: ignore[attr-defined]
+        return call
+
+    _install(sci, PULL_FUNCTION, pulled)
+    woken = isinstance(getattr(sci, "time", None), CappedTime)
+    if woken:
+        sci.time.wake = REPLIED
+    return Patch("supernode-wait", True, f"empty task polls wait up to {hold_s}s for a message"
+                 + ("; the reply wait wakes on the ClientApp's push" if woken else ""))
 
 
 # --------------------------------------------------------------------------- supernode-alive
@@ -518,6 +705,71 @@ def patch_superlink_objects() -> Patch:
     return Patch("superlink-objects", True, "message objects in memory, link state in --database")
 
 
+# --------------------------------------------------------------------------- superlink-nodes
+def make_durable_nodes_state() -> type:
+    from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
+    from flwr.server.superlink.linkstate.sql_linkstate import SqlLinkState
+    from flwr.supercore.constant import NodeStatus
+
+    class DurableNodesLinkState(InMemoryLinkState):
+        """Flower's in-memory link state whose node registrations are also kept in a SQLite file (Flower's
+        ``SqlLinkState`` on it, used for nodes only) and read back at start."""
+
+        kumiki_durable_nodes = True
+
+        def __init__(self, database: str, federation_manager: Any, object_store: Any) -> None:
+            super().__init__(federation_manager, object_store)
+            self.registry = SqlLinkState(database, federation_manager, object_store)
+
+        def initialize(self) -> None:
+            """Open the file (Flower's schema and migrations) and load its registered nodes, offline."""
+            self.registry.initialize()
+            with self.lock:
+                for info in self.registry.get_node_info():
+                    if info.status == NodeStatus.UNREGISTERED:
+                        continue
+                    self._put(info)
+
+        def _put(self, info: Any) -> None:
+            info.status = NodeStatus.REGISTERED  # liveness is not durable: the node activates again
+            self.nodes[info.node_id] = info
+            self.node_public_key_to_node_id[info.public_key] = info.node_id
+            self.owner_to_node_ids.setdefault(info.owner_aid, set()).add(info.node_id)
+
+        def create_node(self, owner_aid: str, owner_name: str, public_key: bytes, heartbeat_interval: float,
+                        **kwargs: Any) -> int:
+            with self.lock:
+                if public_key in self.node_public_key_to_node_id:
+                    raise ValueError("Public key already in use")
+                node_id = self.registry.create_node(owner_aid, owner_name, public_key, heartbeat_interval, **kwargs)
+                if node_id:
+                    self._put(self.registry.get_node_info(node_ids=[node_id])[0])
+                return node_id
+
+        def delete_node(self, owner_aid: str, node_id: int) -> None:
+            with self.lock:
+                super().delete_node(owner_aid, node_id)  # raises for an unknown node or another owner
+                self.registry.delete_node(owner_aid, node_id)
+
+    return DurableNodesLinkState
+
+
+def patch_superlink_nodes() -> Patch:
+    lf = importlib.import_module(LINKSTATE_FACTORY_MODULE)
+    current = getattr(lf, "SqlLinkState", None)
+    if getattr(current, "kumiki_durable_nodes", False):
+        return Patch("superlink-nodes", True, "already installed")
+    try:
+        src = inspect.getsource(lf.LinkStateFactory.state)
+        if current is None or "SqlLinkState(" not in src or ".initialize()" not in src:
+            raise AttributeError("LinkStateFactory.state no longer builds SqlLinkState(...) and initializes it")
+        durable = make_durable_nodes_state()
+    except (ImportError, AttributeError, OSError, TypeError) as e:
+        return Patch("superlink-nodes", False, f"cannot keep messages in memory: {e}")
+    lf.SqlLinkState = durable
+    return Patch("superlink-nodes", True, "node registrations in --database, runs and messages in memory")
+
+
 # --------------------------------------------------------------------------- entry points
 def preload(modules: list[str]) -> None:
     for name in modules:
@@ -534,9 +786,13 @@ def apply(mode: str) -> list[Patch]:
         cert, key = os.environ.get("KUMIKI_CLIENT_CERT"), os.environ.get("KUMIKI_CLIENT_KEY")
         signing = os.environ.get("KUMIKI_APP_SIGNING_KEY")
         return ([patch_client_cert(cert, key)] if cert and key else []) + ([patch_app_sign(signing)] if signing else [])
+    hold = setting("KUMIKI_LONG_POLL_S")
     if mode == "superlink":
         objects = os.environ.get("KUMIKI_SUPERLINK_OBJECTS", DEFAULTS["KUMIKI_SUPERLINK_OBJECTS"])
-        return [patch_superlink_objects()] if objects == "memory" else []
+        messages = os.environ.get("KUMIKI_SUPERLINK_MESSAGES", DEFAULTS["KUMIKI_SUPERLINK_MESSAGES"])
+        return (([patch_superlink_objects()] if objects == "memory" else [])
+                + ([patch_superlink_nodes()] if messages == "memory" else [])
+                + ([patch_superlink_wait(hold)] if hold is not None else []))
     poll = setting("KUMIKI_SUPERNODE_POLL_S")
     if mode == "supernode" and poll is not None:
         patches.append(patch_supernode_poll(poll))
@@ -550,6 +806,8 @@ def apply(mode: str) -> list[Patch]:
         patches.append(patch_fork_executor())
     if mode == "supernode" and os.environ.get("KUMIKI_APP_SIGNING_PUB"):
         patches.append(patch_app_verify(os.environ["KUMIKI_APP_SIGNING_PUB"]))
+    if mode == "supernode" and hold is not None:  # last: it wraps the pull the patches above installed
+        patches.append(patch_supernode_wait(hold))
     return patches
 
 

@@ -33,6 +33,7 @@ from kumiki.data.sources import SHAPES
 from kumiki.registry import entry
 from kumiki.split import ParamSplit
 from models import ModelSpec, build_model
+from server.eval_plan import eval_every
 from server.lifecycle import Stopped
 from server.recorder import Recorder
 from server.resume import atomic_npz, read_resume_state, resume_point, write_resume_state
@@ -84,8 +85,8 @@ def write_report(run_dir: Path) -> None:
 
 
 def evaluates(cfg: KumikiConfig, rnd: int, last: bool) -> bool:
-    """Whether round ``rnd`` is evaluated: every ``eval.every``-th round, and the run's last one."""
-    return last or rnd % cfg.eval.every == 0
+    """Whether round ``rnd`` is evaluated: every ``eval.every``-th round (``eval_every``), and the run's last one."""
+    return last or rnd % eval_every(cfg) == 0
 
 
 def in_train_reply(cfg: KumikiConfig) -> bool:

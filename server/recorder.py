@@ -23,6 +23,7 @@ from rich.console import Console
 from kumiki.contract import NUM_EXAMPLES as C_NUM_EXAMPLES
 from kumiki.contract import WITHHELD
 from kumiki.tasks import TASKS, metric_key
+from server.eval_plan import eval_every
 from strategies.base import KumikiStrategy, RoundStats
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -386,7 +387,7 @@ class Recorder:
             "bytes": {"up_per_round": int(tot.up / n), "down_per_round": int(tot.down / n),
                       "up_total": int(tot.up), "down_total": int(tot.down)},
             "time": {"wall_s": wall, "per_round_s": tot.round_s / n},
-            "eval_share": tot.eval_share(),
+            "eval_share": {**tot.eval_share(), "every": eval_every(self.cfg)},  # the rounds evaluated: every k-th
             "privacy": self.privacy(strategy),
             "tasks": last.get("tasks") or {t: {"metric": TASKS[t].metric, "higher_is_better": TASKS[t].higher_is_better,
                                                **dict.fromkeys(SECTIONS)} for t in run_tasks},

@@ -31,6 +31,9 @@ def make_config(tmp_path: Path, method: str = "fedavg", rounds: int = 2, sites: 
         # site: off in these small configs so each test's measured numbers stay those of the method alone;
         # tests/test_safeguard.py (safeguard={...}) and the CLI and pilot tests run it
         "safeguard": {"enabled": False},
+        # every round evaluated, as the tests' rows expect (eval.every = "auto" would skip rounds when evaluation
+        # trains, e.g. unseen sites' adaptation): tests/test_eval_plan.py tests "auto"
+        "eval": {"every": 1},
     }
     for sec, vals in sections.items():
         raw.setdefault(sec, {}).update(vals)
@@ -54,7 +57,7 @@ def make_lm_config(tmp_path: Path, method: str = "worldlm", rounds: int = 4, nam
     raw = {"run": {"name": name or method, "rounds": rounds, "seed": 0, "output_dir": str(tmp_path / "runs")},
            "method": {"name": method, **({"local_steps": 4} if steps else {}), **(knobs or {})},
            "data": {"dataset": "markov", "sites": sites, "unseen_sites": unseen, "samples_per_site": samples},
-           "model": dict(TINY_LM), "server": {"discovery_timeout_s": 20.0}}
+           "model": dict(TINY_LM), "server": {"discovery_timeout_s": 20.0}, "eval": {"every": 1}}
     if not steps:
         raw["train"] = dict(LM_TRAIN)
     if federation is not None:

@@ -187,10 +187,10 @@ def test_the_module_runs_standalone_as_the_images_copy_it(tmp_path):
                        timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     lines = r.stdout.splitlines()
-    assert [line.split()[:2] for line in lines[:5]] == [
-        ["supernode-poll", "ok"], ["pull-backoff", "ok"], ["fork-executor", "ok"], ["superlink-objects", "ok"],
-        ["client-cert", "ok"]]
-    assert lines[5] == "kumiki modules: []", "the fast path must not need Kumiki's code installed"
+    assert [line.split()[:2] for line in lines[:8]] == [
+        ["supernode-poll", "ok"], ["pull-backoff", "ok"], ["supernode-wait", "ok"], ["fork-executor", "ok"],
+        ["superlink-objects", "ok"], ["superlink-nodes", "ok"], ["superlink-wait", "ok"], ["client-cert", "ok"]]
+    assert lines[8] == "kumiki modules: []", "the fast path must not need Kumiki's code installed"
 
 
 def test_the_supernode_health_file_means_connected_and_polling(flwr_modules, monkeypatch, tmp_path, capsys):
@@ -221,3 +221,198 @@ def test_the_supernode_health_file_means_connected_and_polling(flwr_modules, mon
     with pytest.raises(SystemExit) as e:
         fastpath.main(["alive", "30"])
     assert e.value.code == 1 and "not connected" in capsys.readouterr().out
+
+
+@pytest.fixture
+def wait_modules(monkeypatch):
+    """The classes and modules superlink-wait / supernode-wait wrap, restored after the test."""
+    fleet = importlib.import_module("flwr.server.superlink.fleet.grpc_rere.fleet_servicer").FleetServicer
+    handlers = importlib.import_module(fastpath.FLEET_HANDLERS_MODULE)
+    link = importlib.import_module(fastpath.LINK_RUNTIME_MODULE)
+    node = importlib.import_module(fastpath.NODE_RUNTIME_MODULE)
+    sci = importlib.import_module(fastpath.SUPERNODE_MODULE)
+    control = importlib.import_module(fastpath.CONTROL_HANDLERS_MODULE)
+    core = importlib.import_module(fastpath.CORE_RUNTIME_MODULE)
+    for obj, names in ((handlers, ("pull_messages", "push_messages")),
+                       (link, ("pull_messages", "push_messages", "acquire_task")),
+                       (control, ("start_run",)), (core, ("create_task",)),
+                       (node, ("acquire_task", "push_task_output", "push_messages", "push_object")),
+                       (sci, (fastpath.PULL_FUNCTION, "time"))):
+        for name in names:
+            monkeypatch.setattr(obj, name, getattr(obj, name))
+    return fleet, link, node, sci
+
+
+def _later(seconds, fn):
+    import threading
+
+    t = threading.Timer(seconds, fn)
+    t.start()
+    return t
+
+
+def test_an_empty_fleet_pull_is_answered_when_the_server_pushes_a_message(wait_modules, monkeypatch):
+    """superlink-wait: a SuperNode's empty pull waits in the SuperLink and is answered as soon as the ServerApp
+    pushes (long before the hold ends), with Flower's own answer taken again; with nothing pushed, it ends after
+    the hold; the ServerApp's reply pull is held the same way until a site pushes its reply, and its SuperExec's
+    task poll until a run starts. Through the gRPC servicer here; the HTTP transport calls the same handlers."""
+    from flwr.proto.fleet_pb2 import PullMessagesResponse
+    from flwr.proto.message_pb2 import Message as MessageProto
+    from flwr.proto.runtime_pb2 import AcquireTaskResponse, PullAppMessagesResponse
+    from flwr.proto.task_pb2 import Task
+    from flwr.superlink.servicer.fleet import fleet_handlers
+
+    fleet, link, _, _ = wait_modules
+    queued, replies, looked = [], [], []
+
+    def pull(request, state, store):  # Flower's handler: what the link state holds for this node now
+        looked.append(1)
+        return PullMessagesResponse(messages_list=list(queued))
+
+    monkeypatch.setattr(fleet_handlers, "pull_messages", pull)
+    monkeypatch.setattr(link, "push_messages", lambda request, state, task: queued.append(MessageProto()))
+    monkeypatch.setattr(link, "pull_messages", lambda request, state, task: PullAppMessagesResponse(
+        messages_list=list(replies)))
+    monkeypatch.setattr(fleet_handlers, "push_messages", lambda request, state: replies.append(MessageProto()))
+    control = importlib.import_module(fastpath.CONTROL_HANDLERS_MODULE)
+    started = []
+    monkeypatch.setattr(link, "acquire_task", lambda request, state: AcquireTaskResponse(
+        task=Task(task_id=1), token="t") if started else AcquireTaskResponse())
+    monkeypatch.setattr(control, "start_run", lambda *a, **k: started.append(1))
+    hold = 30.0
+    assert fastpath.patch_superlink_wait(hold).applied
+
+    class Factory:
+        def state(self):
+            return None
+
+        store = state
+
+    servicer = fleet(Factory(), Factory(), False)
+    t0 = time.monotonic()
+    timer = _later(0.3, lambda: link.push_messages(None, None, None))  # the ServerApp sends a message
+    got = servicer.PullMessages(None, None)
+    took = time.monotonic() - t0
+    timer.join()
+    assert len(got.messages_list) == 1 and len(looked) >= 2
+    assert 0.25 <= took < hold / 2, took  # woken by the push, not by the end of the hold
+
+    timer = _later(0.3, lambda: servicer.PushMessages(None, None))  # a site replies
+    t0 = time.monotonic()
+    got = link.pull_messages(None, None, None)  # the ServerApp's reply pull
+    timer.join()
+    assert len(got.messages_list) == 1 and time.monotonic() - t0 < hold / 2
+
+    timer = _later(0.3, lambda: control.start_run(None))  # `flwr run`: the ServerApp's task is created
+    t0 = time.monotonic()
+    got = link.acquire_task(None, None)  # the ServerApp's SuperExec asking for work
+    timer.join()
+    assert got.HasField("task") and time.monotonic() - t0 < hold / 2
+
+    assert fastpath.patch_superlink_wait(0.2).applied  # installed once: a second apply wraps nothing again
+    queued.clear()
+    monkeypatch.setattr(fleet_handlers, "pull_messages", fastpath.held(
+        fleet_handlers.pull_messages.kumiki_held, fastpath._no_messages, fastpath.TO_SITES, 0.2))
+    t0 = time.monotonic()
+    assert len(servicer.PullMessages(None, None).messages_list) == 0  # nothing came: empty after the hold
+    assert time.monotonic() - t0 >= 0.2
+    # Flower's default Fleet transport (HTTP) reaches the same handlers, by module attribute
+    import inspect
+
+    http = inspect.getsource(importlib.import_module("flwr.superlink.routers.fleet.router"))
+    assert "fleet_handlers.pull_messages(" in http and "fleet_handlers.push_messages(" in http
+
+
+def test_the_supernode_hands_a_task_over_and_wakes_for_a_reply_at_once(wait_modules, monkeypatch):
+    """supernode-wait: the SuperExec's empty task poll waits until the SuperNode stores a message; the SuperNode's
+    reply wait (its capped ``time.sleep``) ends when the ClientApp pushes."""
+    from flwr.proto.runtime_pb2 import AcquireTaskResponse
+    from flwr.proto.task_pb2 import Task
+
+    _, _, node, sci = wait_modules
+    stored = []
+    monkeypatch.setattr(node, "acquire_task", lambda request, state: AcquireTaskResponse(
+        task=Task(task_id=7), token="t") if stored else AcquireTaskResponse())
+    monkeypatch.setattr(sci, fastpath.PULL_FUNCTION, lambda **kw: stored.append(1) or 42)  # a message came: run 42
+    monkeypatch.setattr(node, "push_task_output", lambda *a: None)
+    hold = 30.0
+    assert fastpath.patch_supernode_poll(20.0).applied
+    assert fastpath.patch_supernode_wait(hold).applied
+
+    t0 = time.monotonic()
+    timer = _later(0.3, lambda: getattr(sci, fastpath.PULL_FUNCTION)(state=None))
+    got = node.acquire_task(None, None)
+    timer.join()
+    assert got.HasField("task") and got.task.task_id == 7
+    assert time.monotonic() - t0 < hold / 2
+
+    fastpath.REPLIED.clear()
+    timer = _later(0.3, lambda: node.push_task_output(None, None, None))  # the ClientApp's reply
+    t0 = time.monotonic()
+    sci.time.sleep(20.0)  # Flower's `while not replies: time.sleep(0.5)`, capped at 20 s here
+    timer.join()
+    assert time.monotonic() - t0 < 10.0
+    assert not fastpath.REPLIED.is_set()  # consumed: the next sleep waits again
+
+
+def test_registrations_survive_a_restart_while_messages_never_touch_the_file(monkeypatch, tmp_path):
+    """superlink-nodes: with --database, a node registered (flwr supernode register) is in the file and is read
+    back by the next SuperLink on it, under the same id and key, and can activate; an unregistered one is not;
+    polls, heartbeats and runs execute no SQL (they live in memory)."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    from flwr.superlink.config_loader import get_objectstore_linkstate_factories
+    from flwr.superlink.federation import NoOpFederationManager
+
+    lf = importlib.import_module(fastpath.LINKSTATE_FACTORY_MODULE)
+    monkeypatch.setattr(lf, "SqlLinkState", lf.SqlLinkState)
+    assert fastpath.patch_superlink_nodes().applied
+    db = str(tmp_path / "superlink.db")
+
+    def superlink():  # a SuperLink starting on the file
+        return get_objectstore_linkstate_factories(db, NoOpFederationManager())[1].state()
+
+    first = superlink()
+    assert getattr(first, "kumiki_durable_nodes", False)
+    kept = first.create_node("owner", "op", b"key-a", 30.0)
+    gone = first.create_node("owner", "op", b"key-b", 30.0)
+    first.delete_node("owner", gone)
+    with pytest.raises(ValueError):
+        first.create_node("owner", "op", b"key-a", 30.0)  # a key joins once
+    statements = []
+    listener = lambda *a: statements.append(a[2])  # noqa: E731
+    event.listen(Engine, "before_cursor_execute", listener)
+    try:
+        assert first.activate_node(kept, 30.0)
+        first.acknowledge_node_heartbeat(kept, 30.0)
+        assert first.get_message_ins(node_id=kept, limit=1) == []
+    finally:
+        event.remove(Engine, "before_cursor_execute", listener)
+    assert statements == [], "a poll or heartbeat ran SQL"
+
+    second = superlink()  # the restart
+    assert second.get_node_id_by_public_key(b"key-a") == kept
+    assert second.get_node_id_by_public_key(b"key-b") is None
+    assert second.activate_node(kept, 30.0), "a registered site joins again after the restart"
+
+
+def test_held_requests_are_bounded_so_a_server_keeps_threads_for_the_rest(monkeypatch):
+    """With MAX_HELD requests already waiting, the next empty poll is answered at once (a held request occupies one
+    of the server's threads, and heartbeats and pushes need them too); a held one frees its place when it returns."""
+    import threading
+
+    signal, queued = fastpath.Signal(), []
+    poll = fastpath.held(lambda: list(queued), lambda out: not out, signal, 30.0)
+    monkeypatch.setattr(fastpath, "_HOLDS", threading.BoundedSemaphore(1))
+    got = []
+    waiting = threading.Thread(target=lambda: got.append(poll()))
+    waiting.start()
+    time.sleep(0.3)  # that one holds the only place
+    t0 = time.monotonic()
+    assert poll() == [] and time.monotonic() - t0 < 10.0, "answered at once, not held"
+    queued.append("message")
+    signal.notify()
+    waiting.join(35)
+    assert got == [["message"]]
+    assert fastpath._HOLDS.acquire(blocking=False), "the place is free again"

@@ -16,3 +16,8 @@ class FedAvgFTConfig(MethodConfig):
     ft_epochs: int = Field(1, ge=0, description="local fine-tuning epochs before evaluation")
     ft_scope: Literal["all", "head"] = Field("all", description="which tensors fine-tuning updates")
     ft_lr: float = Field(0.01, gt=0.0, description="fine-tuning learning rate (train.lr 0.05 overshoots on BN CNNs)")
+
+    @property
+    def eval_train_epochs(self) -> int:
+        """Epochs of training each personalized evaluation does (``eval.every = "auto"`` weighs them)."""
+        return self.ft_epochs

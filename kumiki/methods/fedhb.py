@@ -42,6 +42,11 @@ class FedHBConfig(MethodConfig):
     personalize_epochs: int = Field(5, ge=0, description="epochs of J_i from L_0 before personalized evaluation")
     bn_stats: Literal["average", "personal"] = Field("average", description="BatchNorm running statistics")
 
+    @property
+    def eval_train_epochs(self) -> int:
+        """Epochs of training each personalized evaluation does (``eval.every = "auto"`` weighs them)."""
+        return self.personalize_epochs
+
     @model_validator(mode="after")
     def _positive_psi0(self) -> FedHBConfig:
         if self.psi0 != "auto" and not self.psi0 > 0:

@@ -108,6 +108,10 @@ class Tuning:
     supernode_poll_s: float | Literal["auto"] | None = "auto"
     #: initial back-off of object pulls (flwr: 1 s, doubling) in the processes we launch.
     pull_backoff_s: float | None = 0.05
+    #: long polling (``launch/fastpath.py`` superlink-wait / supernode-wait): an empty Fleet pull, reply pull or
+    #: task poll is held up to this long for the message that would fill it, instead of answered empty at once
+    #: and asked again after a sleep; None: Flower's immediate answers (the SuperLink then runs stock).
+    long_poll_s: float | None = 5.0
     #: the ServerApp's longest wait between reply pulls (server/app.py ReplyPollingGrid;
     #: None: HttpGrid's own loop, a fixed 3 s).
     reply_poll_max_s: float | None = 0.5
@@ -133,11 +137,12 @@ class Tuning:
     def stock(cls) -> Tuning:
         """Flower 1.41 exactly as shipped (stock executables, subprocess isolation)."""
         return cls(superexec_poll_s=None, server_superexec_poll_s=None, supernode_poll_s=None, pull_backoff_s=None,
-                   reply_poll_max_s=None, client_threads=None, warm_superexec=False)
+                   long_poll_s=None, reply_poll_max_s=None, client_threads=None, warm_superexec=False)
 
     @property
     def launcher_needed(self) -> bool:
-        return self.warm_superexec or self.supernode_poll_s is not None or self.pull_backoff_s is not None
+        return (self.warm_superexec or self.supernode_poll_s is not None or self.pull_backoff_s is not None
+                or self.long_poll_s is not None)
 
     def resolved(self, sites: int) -> Tuning:
         """``"auto"`` intervals made concrete for ``sites`` SuperNodes."""
@@ -555,6 +560,7 @@ def _run_local(cfg: KumikiConfig, quiet: bool = False, *, insecure: bool = False
     # launch/fastpath.py reads these; "off" where a knob is None (its defaults are for the images)
     env["KUMIKI_SUPERNODE_POLL_S"] = "off" if tuning.supernode_poll_s is None else str(tuning.supernode_poll_s)
     env["KUMIKI_PULL_BACKOFF_S"] = "off" if tuning.pull_backoff_s is None else str(tuning.pull_backoff_s)
+    env["KUMIKI_LONG_POLL_S"] = "off" if tuning.long_poll_s is None else str(tuning.long_poll_s)
     env["KUMIKI_FORK"] = "1" if tuning.warm_superexec else "0"
     env["KUMIKI_PRELOAD"] = ",".join(tuning.preload)
     env["KUMIKI_REPLY_POLL_MAX_S"] = str(tuning.reply_poll_max_s or 0)  # read by server/app.py
@@ -584,8 +590,10 @@ def _run_local(cfg: KumikiConfig, quiet: bool = False, *, insecure: bool = False
     failure: BaseException | None = None
     try:
         cluster.start_reaper(env)
+        # through the launcher for long polling (fastpath superlink-wait); stock otherwise
+        link_cmd = [*launcher, "superlink"] if tuning.long_poll_s is not None else [exe("flower-superlink")]
         link = cluster.start("superlink", [
-            exe("flower-superlink"), *security_args("superlink", certs, secret=secret), *isolation,
+            *link_cmd, *security_args("superlink", certs, secret=secret), *isolation,
             "--host", HOST, "--port", str(link_port),
             *(["--database", str(home / "superlink.db")] if tuning.superlink_db else []),
             "--disable-runtime-dependency-installation",
@@ -715,7 +723,7 @@ def record_failure(cfg: KumikiConfig, run_dir: Path, since: float, exc: BaseExce
 
 
 #: environment variables through which ``Tuning`` reaches our launchers and server/app.py
-_TUNING_ENV = ("KUMIKI_SUPERNODE_POLL_S", "KUMIKI_PULL_BACKOFF_S", "KUMIKI_REPLY_POLL_MAX_S", "KUMIKI_FORK", "KUMIKI_PRELOAD",
+_TUNING_ENV = ("KUMIKI_SUPERNODE_POLL_S", "KUMIKI_PULL_BACKOFF_S", "KUMIKI_LONG_POLL_S", "KUMIKI_REPLY_POLL_MAX_S", "KUMIKI_FORK", "KUMIKI_PRELOAD",
                "FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "FLWR_HOME", reaper.TOKEN_ENV, "KUMIKI_CLIENT_CERT",
                "KUMIKI_CLIENT_KEY", "KUMIKI_APP_SIGNING_KEY", "KUMIKI_APP_SIGNING_PUB")
 
