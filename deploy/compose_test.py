@@ -340,12 +340,7 @@ class Runner:
         at import time: no marker at any site, each SuperNode logs `kumiki app-verify: refused app`, the attacker's
         ServerApp gets only error replies, and the factories stay online for the operator's run (the next step)."""
         attacker = self.attacker_certs()
-        app = self.work / "attacker-app"
-        app.mkdir(exist_ok=True)
-        (app / "pyproject.toml").write_text(ATTACKER_PYPROJECT)
-        (app / "LICENSE").write_text("attacker\n")
-        (app / "atk_client.py").write_text(ATTACKER_CLIENT)
-        (app / "atk_server.py").write_text(ATTACKER_SERVER)
+        app = _attacker_app().write(self.work / "attacker-app", ATTACKER_CLIENT, ATTACKER_SERVER)
         since = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(time.time() - 5))
         runs = []
         for label, key in (("unsigned", None), ("signed with another key", attacker / "app-signing.key")):
@@ -571,28 +566,6 @@ for args in (["ls", "x", "--format", "json"],
 print(json.dumps(res))
 """
 
-ATTACKER_PYPROJECT = """[build-system]
-requires = ["hatchling"]
-build-backend = "hatchling.build"
-
-[project]
-name = "atk"
-version = "1.0.0"
-license = { file = "LICENSE" }
-dependencies = ["flwr>=1.41.0"]
-
-[tool.hatch.build.targets.wheel]
-packages = ["."]
-
-[tool.flwr.app]
-publisher = "attacker"
-fab-format-version = 1
-flwr-version-target = "1.41.0"
-
-[tool.flwr.app.components]
-serverapp = "atk_server:app"
-clientapp = "atk_client:app"
-"""
 #: at import (the earliest point any of its code runs at a site) it marks the site's state volume
 ATTACKER_CLIENT = """from pathlib import Path
 from flwr.app import Message, RecordDict
@@ -626,6 +599,19 @@ def main(grid, context):
 
 
 # ---------------------------------------------------------------------- helpers
+def _attacker_app():
+    """deploy/attacker_app.py (the attacker app's pyproject and folder, shared with tests/test_security.py), loaded
+    by path: this script runs as a file (make compose-test) and is loaded by path (bench/compose_rounds.py)."""
+    import importlib.util
+
+    name = "kumiki_attacker_app"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "deploy" / "attacker_app.py")
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
 BASES = ("flwr/superlink:1.41.0", "flwr/supernode:1.41.0", "flwr/superexec:1.41.0-py3.11-ubuntu24.04")
 
 
