@@ -34,6 +34,10 @@ What it does (each step bounded, timed, summarised at the end; the runbook secti
   teardown  every project down -v, WORK removed
 
 --security-only stops after the two security steps (both run even if the first fails), then tears down.
+--unprotected starts the server and the factories as they were wired before issue 22 (deploy/compose/
+unprotected-*.yml: no proxy, the SuperLink's one port published for the factories and the operator; no app
+verification at the factories): with --security-only it shows that both security steps FAIL there (exit 1),
+the evidence that they test what the protections add.
 WORK is a fresh temporary folder (--work to choose one). The projects carry a prefix (--prefix, default
 `kumiki`, so the names are the runbook's). Exit status 0 only when every step passed.
 """
@@ -124,11 +128,16 @@ class Runner:
 
     def compose_server(self, *args: str) -> list[str]:
         # the runbook's `docker compose up -d` (the root docker-compose.yml = server.yml + server.env)
+        if self.a.unprotected:  # the same server.yml with the pre-issue-22 override (an include cannot be overridden)
+            return ["docker", "compose", "-p", self.server, "-f", str(ROOT / "deploy/compose/server.yml"),
+                    "-f", str(ROOT / "deploy/compose/unprotected-server.yml"),
+                    "--env-file", str(ROOT / "deploy/server.env"), *args]
         return ["docker", "compose", "-p", self.server, "-f", str(ROOT / "docker-compose.yml"), *args]
 
     def compose_factory(self, site: str, *args: str) -> list[str]:
+        extra = ["-f", str(ROOT / "deploy/compose/unprotected-factory.yml")] if self.a.unprotected else []
         return ["docker", "compose", "-p", self.factories[site], "-f", str(ROOT / "deploy/compose/factory.yml"),
-                "--env-file", str(ROOT / f"deploy/sites/{site}.env"), *args]
+                *extra, "--env-file", str(ROOT / f"deploy/sites/{site}.env"), *args]
 
     def server_env(self) -> dict[str, str]:
         # what an operator sets in deploy/server.env: absolute paths, the published port
@@ -253,7 +262,8 @@ class Runner:
         """A factory reaches the server only through the proxy's published Fleet port: not the SuperLink's or the
         proxy's container addresses, not the Control port (published on the server host's loopback only)."""
         targets = [f"{a}:{p}" for a in self.addresses(self.server, "superlink") for p in (8000,)]
-        targets += [f"{a}:{p}" for a in self.addresses(self.server, "proxy") for p in (8000, 8001)]
+        if not self.a.unprotected:  # --unprotected: no proxy
+            targets += [f"{a}:{p}" for a in self.addresses(self.server, "proxy") for p in (8000, 8001)]
         targets.append(f"host.docker.internal:{self.control_port}")
         node = self.container(self.factories["factory-a"], "supernode")
         probe = ("import socket, sys\nfor t in sys.argv[1:]:\n    a, p = t.rsplit(':', 1)\n    try:\n"
@@ -765,9 +775,13 @@ def parser() -> argparse.ArgumentParser:
                     help="the runbook up to the first run and its report (no down/up, no rerun): a loaded machine's check")
     ap.add_argument("--security-only", action="store_true",
                     help="stop after the two security steps (both run, even if the first fails)")
+    ap.add_argument("--unprotected", action="store_true",
+                    help="the pre-issue-22 wiring (deploy/compose/unprotected-*.yml: no proxy, no app verification):\n"
+                         "with --security-only, both security steps are expected to FAIL (exit 1)")
     ap.add_argument("--keep", action="store_true", help="leave everything up (no teardown)")
     ap.add_argument("--regions", action="store_true", help="also start WorldLM's shape (b) (deploy/compose_regions.py)")
     ap.add_argument("--regions-only", action="store_true", help="only the images and WorldLM's shape (b)")
+    ap.add_argument("--regions-rounds", type=int, default=1, help="rounds of shape (b)'s WorldLM run (default 1)")
     ap.add_argument("--rerun-rounds", type=int, default=3, help="rounds of the second run (default 3)")
     ap.add_argument("--build-timeout", type=float, default=1800)
     ap.add_argument("--up-timeout", type=int, default=300)
