@@ -5,7 +5,7 @@ stand-ins for Flower's base images, where no registry is reachable):
 
     python deploy/compose_test.py                    # the whole runbook, then everything removed
     python deploy/compose_test.py --keep             # leave the four projects up (then: --down)
-    python deploy/compose_test.py --regions          # also WorldLM's shape (b): one SuperLink per region
+    python deploy/compose_test.py --regions          # also WorldLM's shape (b): one SuperLink per region, a run
 
 What it does (each step bounded, timed, summarised at the end; the runbook section in brackets):
   images    deploy/images.sh wheelhouse (only when deploy/wheelhouse/ holds no wheel), deploy/images.sh build  [2]
@@ -822,7 +822,8 @@ def main(argv: list[str] | None = None) -> int:
                 if not a.quick:
                     r.step("down/up", r.down_up)
                     r.step("rerun", r.rerun)
-                if a.regions:
+                if a.regions:  # the runbook's projects first down: shape (b) alone holds nine SuperExec copies
+                    r.step("down (for regions)", lambda: "; ".join(r.teardown_projects()) or "4 projects down -v")
                     r.step("regions", r.regions)
         ok = True
     except StepFailed as e:

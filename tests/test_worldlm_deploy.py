@@ -137,6 +137,11 @@ def test_shape_b_a_superlink_per_sub_federation_bridged_by_aggregators(tmp_path)
         jobs = list((cfg.run_dir() / "regions" / g / "state" / "jobs").iterdir())
         assert len(jobs) == 5  # profile, then train + evaluate per round, served by one Flower run on its link
         assert (cfg.run_dir() / "regions" / g / "state" / "flwr-run.log").read_text().count("Successfully started") == 1
+    # signed apps at both levels: the aggregators verified the root's app, the sites each region's (signed by its
+    # bridge with the region's key); an unsigned or wrongly signed app would have been refused and the run failed
+    for name in ("aggregator-region-0", "supernode-site-0", "supernode-site-3"):
+        text = (cfg.run_dir() / "logs" / f"{name}.log").read_text(errors="replace")
+        assert "app-verify: on" in text and "refused app" not in text, (name, text[-800:])
     # the root's SuperLink never saw a site: only the two aggregators registered there
     root_log = (cfg.run_dir() / "logs" / "superlink-root.log").read_text(errors="replace")
     assert "site-0" not in root_log
