@@ -623,6 +623,9 @@ def _attacker_app():
 
 
 BASES = ("flwr/superlink:1.41.0", "flwr/supernode:1.41.0", "flwr/superexec:1.41.0-py3.11-ubuntu24.04")
+#: base images (by image id) whose / was probed traversable on this machine: the probe starts a container, which on
+#: Docker's vfs driver copies the whole image (minutes on a loaded host); an image id never changes its content
+PROBED = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kumiki" / "compose-test-bases-ok"
 
 
 def repair_stand_in_bases(r: Runner) -> str:
@@ -638,9 +641,16 @@ def repair_stand_in_bases(r: Runner) -> str:
                      quiet=True, check=False).stdout.strip()
         if label == "0755":  # repaired here before: no container to start (each costs a copy of the image on vfs)
             continue
-        probe = r.sh(["docker", "run", "--rm", "--user", "0", "--entrypoint", "stat", tag, "-c", "%a", "/"], 300,
-                     quiet=True)
+        image_id = r.sh(["docker", "image", "inspect", "-f", "{{.Id}}", tag], 60, quiet=True).stdout.strip()
+        probed = PROBED / image_id.replace(":", "-")
+        if probed.is_file():  # this very image was probed fine on this machine before: no container either
+            continue
+        # bounded by the build's timeout: on a loaded host a container of a 600 MB image on vfs takes minutes
+        probe = r.sh(["docker", "run", "--rm", "--user", "0", "--entrypoint", "stat", tag, "-c", "%a", "/"],
+                     r.a.build_timeout, quiet=True)
         if int(probe.stdout.strip()[-1]) & 1:  # others may traverse /
+            probed.parent.mkdir(parents=True, exist_ok=True)
+            probed.write_text(f"{tag}: / is 0{probe.stdout.strip()}\n")
             continue
         print(f"note: {tag} cannot start as its user (its / is 0{probe.stdout.strip()}): flattening it with / at 0755")
         cfg = json.loads(r.sh(["docker", "image", "inspect", "-f", "{{json .Config}}", tag], 60, quiet=True).stdout)

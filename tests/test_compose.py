@@ -359,3 +359,33 @@ def test_kumiki_submit_exits_with_the_runs_real_status(tmp_path, monkeypatch, st
     run_config = argv[argv.index("--run-config") + 1]
     check(["flwr", *argv])  # what it ran parses with Flower's own parser
     assert run_config.endswith(" overwrite=true") and '"rounds":2' in run_config  # --set: the resolved config
+
+
+def test_compose_test_probes_each_stand_in_base_image_once(tmp_path, monkeypatch):
+    """deploy/compose_test.py starts a container to see whether a base image's / is traversable: on vfs a full copy
+    of the image (it timed out at load 28). A probed image id is remembered, so later runs start no container."""
+    import argparse
+    import importlib.util
+    import types
+
+    spec = importlib.util.spec_from_file_location("kumiki_compose_test_probe", ROOT / "deploy" / "compose_test.py")
+    ct = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ct)
+    monkeypatch.setattr(ct, "PROBED", tmp_path / "ok")
+    started = []
+
+    class Runner:
+        a = argparse.Namespace(build_timeout=1800)
+
+        def sh(self, cmd, timeout, **kw):
+            out = types.SimpleNamespace(stdout="", returncode=0)
+            if "{{.Id}}" in cmd:
+                out.stdout = f"sha256:{abs(hash(cmd[-1]))}\n"
+            elif cmd[:2] == ["docker", "run"]:
+                started.append(cmd[-4])
+                out.stdout = "755\n"
+            return out
+
+    assert ct.repair_stand_in_bases(Runner()) == "" and sorted(started) == sorted(ct.BASES)
+    started.clear()
+    assert ct.repair_stand_in_bases(Runner()) == "" and started == []
