@@ -69,8 +69,9 @@ docs: setup
 compose-test: setup
 	$(BIN)/python deploy/compose_test.py $(COMPOSE_TEST_ARGS)
 
-# WorldLM's deployment shape (b) in containers, a smoke start: root SuperLink, two region hosts (a SuperLink, its
-# ServerApp runner and its aggregator each), one site per region; all connected, then torn down.
+# WorldLM's deployment shape (b) in containers: root server, two region hosts (a proxy, a SuperLink, its ServerApp
+# runner and its aggregator each), two sites per region; all connected, each region's proxy attacked from a site,
+# a one-round WorldLM run at the root (signed apps at both levels), then torn down.
 compose-regions: setup
 	$(BIN)/python deploy/compose_test.py --regions-only $(COMPOSE_TEST_ARGS)
 

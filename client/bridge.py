@@ -17,7 +17,8 @@ to their region's SuperLink; their data and state contracts are those of any Kum
 ``region-federation`` is an ordinary site: the mod passes its messages on.
 
 Optional node config: ``region-app`` (the app folder ``flwr run`` builds; default: this app), ``region-flwr``
-(the ``flwr`` executable; default: beside this Python), ``region-timeout-s`` (default 900).
+(the ``flwr`` executable; default: ``launch/fastpath.py flwr``, which signs the region's app with
+``KUMIKI_APP_SIGNING_KEY`` when the environment names one), ``region-timeout-s`` (default 900).
 """
 
 from __future__ import annotations
@@ -94,12 +95,21 @@ def server_alive(region_dir: Path) -> bool:
     return held(region_dir / "server.lock")
 
 
-def _flwr(node_config: dict) -> tuple[str, dict[str, str]]:
-    """The ``flwr`` executable and the environment that points it at the region's SuperLink."""
-    flwr = str(node_config.get("region-flwr") or Path(sys.executable).parent / "flwr")
-    if not Path(flwr).is_file():
-        flwr = shutil.which("flwr") or flwr
-    return flwr, {**os.environ, "FLWR_HOME": str(node_config["region-flwr-home"])}
+def _flwr(node_config: dict) -> tuple[list[str], dict[str, str]]:
+    """The ``flwr`` command and the environment that points it at the region's SuperLink.
+
+    By default ``launch/fastpath.py flwr`` (the app's own copy, else the images' ``/opt/kumiki/fastpath.py``): with
+    ``KUMIKI_APP_SIGNING_KEY`` in the environment it signs the region's app with that key (the region's sites run
+    only apps signed with it: deploy/compose/region.yml), with ``KUMIKI_CLIENT_CERT``/``KEY`` it presents the
+    region operator's certificate; without them it is Flower's own CLI. ``region-flwr`` names another executable."""
+    env = {**os.environ, "FLWR_HOME": str(node_config["region-flwr-home"])}
+    if node_config.get("region-flwr"):
+        return [str(node_config["region-flwr"])], env
+    for fastpath in (APP_DIR / "launch" / "fastpath.py", Path("/opt/kumiki/fastpath.py")):
+        if fastpath.is_file():
+            return [sys.executable, str(fastpath), "flwr"], env
+    flwr = Path(sys.executable).parent / "flwr"
+    return [str(flwr) if flwr.is_file() else shutil.which("flwr") or "flwr"], env
 
 
 def start_server(node_config: dict, region_dir: Path) -> int | None:
@@ -108,7 +118,7 @@ def start_server(node_config: dict, region_dir: Path) -> int | None:
     flwr, env = _flwr(node_config)
     app = str(node_config.get("region-app") or APP_DIR)
     log = region_dir / "flwr-run.log"
-    proc = subprocess.run([flwr, "run", app, str(node_config["region-federation"]), "--run-config",
+    proc = subprocess.run([*flwr, "run", app, str(node_config["region-federation"]), "--run-config",
                            f"config='{node_config['region-config']}' region-dir='{region_dir}'"],
                           env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd=app,
                           timeout=120, start_new_session=True)
@@ -125,7 +135,7 @@ def run_status(node_config: dict, run_id: int) -> str:
     ``finished:...``), or ``unknown`` when ``flwr ls`` cannot tell."""
     flwr, env = _flwr(node_config)
     try:
-        out = subprocess.run([flwr, "ls", str(node_config["region-federation"]), "--run-id", str(run_id),
+        out = subprocess.run([*flwr, "ls", str(node_config["region-federation"]), "--run-id", str(run_id),
                               "--format", "json"], env=env, stdin=subprocess.DEVNULL, capture_output=True,
                              text=True, timeout=60, start_new_session=True)
         runs = json.loads(out.stdout or "{}").get("runs") or []

@@ -5,7 +5,7 @@ stand-ins for Flower's base images, where no registry is reachable):
 
     python deploy/compose_test.py                    # the whole runbook, then everything removed
     python deploy/compose_test.py --keep             # leave the four projects up (then: --down)
-    python deploy/compose_test.py --regions          # also WorldLM's shape (b): one SuperLink per region
+    python deploy/compose_test.py --regions          # also WorldLM's shape (b): one SuperLink per region, a run
 
 What it does (each step bounded, timed, summarised at the end; the runbook section in brackets):
   images    deploy/images.sh wheelhouse (only when deploy/wheelhouse/ holds no wheel), deploy/images.sh build  [2]
@@ -34,6 +34,10 @@ What it does (each step bounded, timed, summarised at the end; the runbook secti
   teardown  every project down -v, WORK removed
 
 --security-only stops after the two security steps (both run even if the first fails), then tears down.
+--unprotected starts the server and the factories as they were wired before issue 22 (deploy/compose/
+unprotected-*.yml: no proxy, the SuperLink's one port published for the factories and the operator; no app
+verification at the factories): with --security-only it shows that both security steps FAIL there (exit 1),
+the evidence that they test what the protections add.
 WORK is a fresh temporary folder (--work to choose one). The projects carry a prefix (--prefix, default
 `kumiki`, so the names are the runbook's). Exit status 0 only when every step passed.
 """
@@ -124,11 +128,16 @@ class Runner:
 
     def compose_server(self, *args: str) -> list[str]:
         # the runbook's `docker compose up -d` (the root docker-compose.yml = server.yml + server.env)
+        if self.a.unprotected:  # the same server.yml with the pre-issue-22 override (an include cannot be overridden)
+            return ["docker", "compose", "-p", self.server, "-f", str(ROOT / "deploy/compose/server.yml"),
+                    "-f", str(ROOT / "deploy/compose/unprotected-server.yml"),
+                    "--env-file", str(ROOT / "deploy/server.env"), *args]
         return ["docker", "compose", "-p", self.server, "-f", str(ROOT / "docker-compose.yml"), *args]
 
     def compose_factory(self, site: str, *args: str) -> list[str]:
+        extra = ["-f", str(ROOT / "deploy/compose/unprotected-factory.yml")] if self.a.unprotected else []
         return ["docker", "compose", "-p", self.factories[site], "-f", str(ROOT / "deploy/compose/factory.yml"),
-                "--env-file", str(ROOT / f"deploy/sites/{site}.env"), *args]
+                *extra, "--env-file", str(ROOT / f"deploy/sites/{site}.env"), *args]
 
     def server_env(self) -> dict[str, str]:
         # what an operator sets in deploy/server.env: absolute paths, the published port
@@ -253,7 +262,8 @@ class Runner:
         """A factory reaches the server only through the proxy's published Fleet port: not the SuperLink's or the
         proxy's container addresses, not the Control port (published on the server host's loopback only)."""
         targets = [f"{a}:{p}" for a in self.addresses(self.server, "superlink") for p in (8000,)]
-        targets += [f"{a}:{p}" for a in self.addresses(self.server, "proxy") for p in (8000, 8001)]
+        if not self.a.unprotected:  # --unprotected: no proxy
+            targets += [f"{a}:{p}" for a in self.addresses(self.server, "proxy") for p in (8000, 8001)]
         targets.append(f"host.docker.internal:{self.control_port}")
         node = self.container(self.factories["factory-a"], "supernode")
         probe = ("import socket, sys\nfor t in sys.argv[1:]:\n    a, p = t.rsplit(':', 1)\n    try:\n"
@@ -340,12 +350,7 @@ class Runner:
         at import time: no marker at any site, each SuperNode logs `kumiki app-verify: refused app`, the attacker's
         ServerApp gets only error replies, and the factories stay online for the operator's run (the next step)."""
         attacker = self.attacker_certs()
-        app = self.work / "attacker-app"
-        app.mkdir(exist_ok=True)
-        (app / "pyproject.toml").write_text(ATTACKER_PYPROJECT)
-        (app / "LICENSE").write_text("attacker\n")
-        (app / "atk_client.py").write_text(ATTACKER_CLIENT)
-        (app / "atk_server.py").write_text(ATTACKER_SERVER)
+        app = _attacker_app().write(self.work / "attacker-app", ATTACKER_CLIENT, ATTACKER_SERVER)
         since = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(time.time() - 5))
         runs = []
         for label, key in (("unsigned", None), ("signed with another key", attacker / "app-signing.key")):
@@ -571,28 +576,6 @@ for args in (["ls", "x", "--format", "json"],
 print(json.dumps(res))
 """
 
-ATTACKER_PYPROJECT = """[build-system]
-requires = ["hatchling"]
-build-backend = "hatchling.build"
-
-[project]
-name = "atk"
-version = "1.0.0"
-license = { file = "LICENSE" }
-dependencies = ["flwr>=1.41.0"]
-
-[tool.hatch.build.targets.wheel]
-packages = ["."]
-
-[tool.flwr.app]
-publisher = "attacker"
-fab-format-version = 1
-flwr-version-target = "1.41.0"
-
-[tool.flwr.app.components]
-serverapp = "atk_server:app"
-clientapp = "atk_client:app"
-"""
 #: at import (the earliest point any of its code runs at a site) it marks the site's state volume
 ATTACKER_CLIENT = """from pathlib import Path
 from flwr.app import Message, RecordDict
@@ -626,7 +609,23 @@ def main(grid, context):
 
 
 # ---------------------------------------------------------------------- helpers
+def _attacker_app():
+    """deploy/attacker_app.py (the attacker app's pyproject and folder, shared with tests/test_security.py), loaded
+    by path: this script runs as a file (make compose-test) and is loaded by path (bench/compose_rounds.py)."""
+    import importlib.util
+
+    name = "kumiki_attacker_app"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "deploy" / "attacker_app.py")
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
 BASES = ("flwr/superlink:1.41.0", "flwr/supernode:1.41.0", "flwr/superexec:1.41.0-py3.11-ubuntu24.04")
+#: base images (by image id) whose / was probed traversable on this machine: the probe starts a container, which on
+#: Docker's vfs driver copies the whole image (minutes on a loaded host); an image id never changes its content
+PROBED = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kumiki" / "compose-test-bases-ok"
 
 
 def repair_stand_in_bases(r: Runner) -> str:
@@ -642,9 +641,16 @@ def repair_stand_in_bases(r: Runner) -> str:
                      quiet=True, check=False).stdout.strip()
         if label == "0755":  # repaired here before: no container to start (each costs a copy of the image on vfs)
             continue
-        probe = r.sh(["docker", "run", "--rm", "--user", "0", "--entrypoint", "stat", tag, "-c", "%a", "/"], 300,
-                     quiet=True)
+        image_id = r.sh(["docker", "image", "inspect", "-f", "{{.Id}}", tag], 60, quiet=True).stdout.strip()
+        probed = PROBED / image_id.replace(":", "-")
+        if probed.is_file():  # this very image was probed fine on this machine before: no container either
+            continue
+        # bounded by the build's timeout: on a loaded host a container of a 600 MB image on vfs takes minutes
+        probe = r.sh(["docker", "run", "--rm", "--user", "0", "--entrypoint", "stat", tag, "-c", "%a", "/"],
+                     r.a.build_timeout, quiet=True)
         if int(probe.stdout.strip()[-1]) & 1:  # others may traverse /
+            probed.parent.mkdir(parents=True, exist_ok=True)
+            probed.write_text(f"{tag}: / is 0{probe.stdout.strip()}\n")
             continue
         print(f"note: {tag} cannot start as its user (its / is 0{probe.stdout.strip()}): flattening it with / at 0755")
         cfg = json.loads(r.sh(["docker", "image", "inspect", "-f", "{{json .Config}}", tag], 60, quiet=True).stdout)
@@ -779,9 +785,13 @@ def parser() -> argparse.ArgumentParser:
                     help="the runbook up to the first run and its report (no down/up, no rerun): a loaded machine's check")
     ap.add_argument("--security-only", action="store_true",
                     help="stop after the two security steps (both run, even if the first fails)")
+    ap.add_argument("--unprotected", action="store_true",
+                    help="the pre-issue-22 wiring (deploy/compose/unprotected-*.yml: no proxy, no app verification):\n"
+                         "with --security-only, both security steps are expected to FAIL (exit 1)")
     ap.add_argument("--keep", action="store_true", help="leave everything up (no teardown)")
     ap.add_argument("--regions", action="store_true", help="also start WorldLM's shape (b) (deploy/compose_regions.py)")
     ap.add_argument("--regions-only", action="store_true", help="only the images and WorldLM's shape (b)")
+    ap.add_argument("--regions-rounds", type=int, default=1, help="rounds of shape (b)'s WorldLM run (default 1)")
     ap.add_argument("--rerun-rounds", type=int, default=3, help="rounds of the second run (default 3)")
     ap.add_argument("--build-timeout", type=float, default=1800)
     ap.add_argument("--up-timeout", type=int, default=300)
@@ -822,7 +832,8 @@ def main(argv: list[str] | None = None) -> int:
                 if not a.quick:
                     r.step("down/up", r.down_up)
                     r.step("rerun", r.rerun)
-                if a.regions:
+                if a.regions:  # the runbook's projects first down: shape (b) alone holds nine SuperExec copies
+                    r.step("down (for regions)", lambda: "; ".join(r.teardown_projects()) or "4 projects down -v")
                     r.step("regions", r.regions)
         ok = True
     except StepFailed as e:

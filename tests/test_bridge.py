@@ -162,3 +162,27 @@ def test_the_region_server_answers_an_unreadable_job_with_an_error_and_serves_on
     assert RegionService(None, cfg, state).serve_pending() == 1
     answer = json.loads((bad / "result.json").read_text())
     assert answer["error"] and "unreadable job" in answer["error"]["reason"]
+
+
+def test_the_bridge_submits_its_region_app_through_fastpath_so_it_is_signed(tmp_path, monkeypatch):
+    """A region's sites run only apps signed with the region's key (deploy/compose/region.yml, the regions engine):
+    the bridge's `flwr run` and `flwr ls` go through launch/fastpath.py flwr, which signs with KUMIKI_APP_SIGNING_KEY
+    from the environment; `region-flwr` still names another executable."""
+    import sys
+
+    seen = []
+
+    class Done:
+        returncode, stdout, stderr = 0, "Successfully started run 7\n", ""
+
+    monkeypatch.setattr(bridge.subprocess, "run", lambda cmd, env, **kw: seen.append((cmd, env)) or Done())
+    monkeypatch.setenv("KUMIKI_APP_SIGNING_KEY", "/keys/region/app-signing.key")
+    nc = {"region-flwr-home": str(tmp_path / "home"), "region-federation": "region", "region-config": "c.toml"}
+    assert bridge.start_server(nc, tmp_path) == 7
+    cmd, env = seen[-1]
+    assert cmd[:3] == [sys.executable, str(bridge.APP_DIR / "launch" / "fastpath.py"), "flwr"] and cmd[3] == "run"
+    assert env["KUMIKI_APP_SIGNING_KEY"] == "/keys/region/app-signing.key" and env["FLWR_HOME"] == nc["region-flwr-home"]
+    bridge.run_status(nc, 7)
+    assert seen[-1][0][:4] == cmd[:3] + ["ls"]
+    bridge.start_server({**nc, "region-flwr": "/opt/flwr"}, tmp_path)
+    assert seen[-1][0][:2] == ["/opt/flwr", "run"]

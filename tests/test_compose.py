@@ -280,12 +280,12 @@ def test_region_file_is_worldlm_shape_b_a_superlink_per_region_bridged_to_the_ro
     region = env["KUMIKI_REGION"]
     assert env_path.stem == region and f["name"] == f"kumiki-{region}"
     s = f["services"]
-    assert {program_of(v) for v in s.values()} == {"flower-superlink", "flower-supernode", "flower-superexec"}
+    assert {program_of(v) for v in s.values()} == {"flower-superlink", "flower-supernode", "flower-superexec", None}
     for svc in s.values():
-        check([program_of(svc), *_cmd(svc)])
+        if program_of(svc):
+            check([program_of(svc), *_cmd(svc)])
     link, agg = _cmd(s["superlink"]), _cmd(s["aggregator"])
     assert "--enable-supernode-auth" in link and "--insecure" not in link + agg
-    assert s["superlink"]["ports"] == [f"{env['KUMIKI_REGION_PUBLISH']}:8000"]
     # the aggregator: a site of the ROOT (its key from the root's certificates) named after the region
     assert _flag(agg, "--superlink") == env["KUMIKI_ROOT_SUPERLINK"]
     assert f["secrets"]["aggregator.key"]["file"] == f"{env['KUMIKI_ROOT_CERTS']}/sites/{region}.key"
@@ -303,6 +303,23 @@ def test_region_file_is_worldlm_shape_b_a_superlink_per_region_bridged_to_the_ro
     assert f'[superlink.{nc["region-federation"]}]' in conf and 'address = "superlink:8000"' in conf
     assert s["aggregator-superexec"]["configs"][0]["target"] == f"{nc['region-flwr-home']}/config.toml"
     assert _flag(_cmd(s["aggregator-superexec"]), "--runtime-api-address") == "aggregator:9094"
+    # guarded as the root is: only the proxy publishes (the sites' Fleet-only port; Control on loopback, mutual TLS),
+    # the region's SuperLink on an internal network; the bridge signs the region's app with the REGION's key and
+    # the aggregator runs only apps the ROOT operator signed
+    published = [name for name, svc in s.items() if svc.get("ports")]
+    assert published == ["proxy"] and f["networks"]["link"]["internal"] is True and s["superlink"]["networks"] == ["link"]
+    a = _proxy_module().parser().parse_args(_cmd(s["proxy"]))
+    assert a.superlink == "superlink:8000" and a.control and a.exec_
+    fleet, control = a.fleet.rsplit(":", 1)[1], a.control.rsplit(":", 1)[1]
+    assert s["proxy"]["ports"] == [f"{env['KUMIKI_REGION_PUBLISH']}:{fleet}",
+                                   f"{env['KUMIKI_REGION_CONTROL_PUBLISH']}:{control}"]
+    assert env["KUMIKI_REGION_CONTROL_PUBLISH"].startswith("127.0.0.1:")
+    bridge = s["aggregator-superexec"]
+    assert bridge["environment"]["KUMIKI_APP_SIGNING_KEY"] == "/run/secrets/region-app-signing.key"
+    assert f["secrets"]["region-app-signing.key"]["file"] == f"{env['KUMIKI_REGION_CERTS']}/app-signing.key"
+    assert "link" in bridge["networks"] and "link" in s["superexec-serverapp"]["networks"]
+    assert s["aggregator"]["environment"]["KUMIKI_APP_SIGNING_PUB"] == "/run/secrets/root-app-signing.pub"
+    assert f["secrets"]["root-app-signing.pub"]["file"] == f"{env['KUMIKI_ROOT_CERTS']}/app-signing.pub"
     # the config it names is a shape (b) config with this region in its tree
     cfg = load_config(str(ROOT / "deploy" / env["KUMIKI_REGION_CONFIG"]))
     assert cfg.federation.superlinks == "per_group" and region in hierarchy.resolve(cfg).groups
@@ -342,3 +359,33 @@ def test_kumiki_submit_exits_with_the_runs_real_status(tmp_path, monkeypatch, st
     run_config = argv[argv.index("--run-config") + 1]
     check(["flwr", *argv])  # what it ran parses with Flower's own parser
     assert run_config.endswith(" overwrite=true") and '"rounds":2' in run_config  # --set: the resolved config
+
+
+def test_compose_test_probes_each_stand_in_base_image_once(tmp_path, monkeypatch):
+    """deploy/compose_test.py starts a container to see whether a base image's / is traversable: on vfs a full copy
+    of the image (it timed out at load 28). A probed image id is remembered, so later runs start no container."""
+    import argparse
+    import importlib.util
+    import types
+
+    spec = importlib.util.spec_from_file_location("kumiki_compose_test_probe", ROOT / "deploy" / "compose_test.py")
+    ct = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ct)
+    monkeypatch.setattr(ct, "PROBED", tmp_path / "ok")
+    started = []
+
+    class Runner:
+        a = argparse.Namespace(build_timeout=1800)
+
+        def sh(self, cmd, timeout, **kw):
+            out = types.SimpleNamespace(stdout="", returncode=0)
+            if "{{.Id}}" in cmd:
+                out.stdout = f"sha256:{abs(hash(cmd[-1]))}\n"
+            elif cmd[:2] == ["docker", "run"]:
+                started.append(cmd[-4])
+                out.stdout = "755\n"
+            return out
+
+    assert ct.repair_stand_in_bases(Runner()) == "" and sorted(started) == sorted(ct.BASES)
+    started.clear()
+    assert ct.repair_stand_in_bases(Runner()) == "" and started == []

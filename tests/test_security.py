@@ -26,6 +26,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
+from deploy import attacker_app
 from launch.certs import CertError, make_certs, site_keypair, superlink_names
 from launch.engines import local
 from tests.conftest import make_config
@@ -282,28 +283,7 @@ def test_insecure_only_by_the_explicit_flag(tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------------------- signed apps
-ATTACKER_PYPROJECT = """[build-system]
-requires = ["hatchling"]
-build-backend = "hatchling.build"
-
-[project]
-name = "atk"
-version = "1.0.0"
-license = { file = "LICENSE" }
-dependencies = ["flwr>=1.41.0"]
-
-[tool.hatch.build.targets.wheel]
-packages = ["."]
-
-[tool.flwr.app]
-publisher = "attacker"
-fab-format-version = 1
-flwr-version-target = "1.41.0"
-
-[tool.flwr.app.components]
-serverapp = "atk_server:app"
-clientapp = "atk_client:app"
-"""
+#: the attacker's pyproject and folder: deploy/attacker_app.py (shared with deploy/compose_test.py)
 ATTACKER_CLIENT = """from pathlib import Path
 from flwr.app import Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -343,12 +323,8 @@ def test_sites_run_only_apps_the_operator_signed(tmp_path):
     INVALID_FAB, and the operator's signed run completes with both sites."""
     marks = tmp_path / "marks"
     marks.mkdir()
-    app = tmp_path / "attacker-app"
-    app.mkdir()
-    (app / "pyproject.toml").write_text(ATTACKER_PYPROJECT)
-    (app / "LICENSE").write_text("attacker\n")
-    (app / "atk_client.py").write_text(ATTACKER_CLIENT.format(marks=str(marks)))
-    (app / "atk_server.py").write_text(ATTACKER_SERVER.format(marks=str(marks)))
+    app = attacker_app.write(tmp_path / "attacker-app", ATTACKER_CLIENT.format(marks=str(marks)),
+                             ATTACKER_SERVER.format(marks=str(marks)))
     other = make_certs(tmp_path / "attacker-keys", [])
     cfg = make_config(tmp_path, rounds=1, sites=2, arch="mlp", name="signed")
     home = cfg.run_dir().resolve() / "flwr"

@@ -129,6 +129,11 @@ def test_shape_b_a_superlink_per_sub_federation_bridged_by_aggregators(tmp_path)
     logs = {p.stem for p in (cfg.run_dir() / "logs").glob("*.log")}
     assert {"superlink-root", "superlink-region-0", "superlink-region-1", "aggregator-region-0",
             "supernode-site-0", "supernode-site-3"} <= logs
+    # signed apps at both levels: the aggregators verified the root's app, the sites each region's (signed by its
+    # bridge with the region's key); an unsigned or wrongly signed app would have been refused and the run failed
+    for name in ("aggregator-region-0", "supernode-site-0", "supernode-site-3"):
+        text = (cfg.run_dir() / "logs" / f"{name}.log").read_text(errors="replace")
+        assert "app-verify: on" in text and "refused app" not in text, (name, text[-800:])
     for g in ("region-0", "region-1"):
         rows = _region_rows(cfg, g)
         assert [(r["kind"], r["round"]) for r in rows] == [("train", 1), ("evaluate", 1), ("train", 2), ("evaluate", 2)]

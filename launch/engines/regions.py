@@ -8,6 +8,9 @@ registered keys (TLS and SuperNode authentication on unless ``insecure``)::
 
 Each aggregator answers the root by running one Flower run per root message on its region's SuperLink
 (``client/bridge.py``, ``server/region.py``); its region's state lives in ``<run_dir>/regions/<g>/state``.
+With TLS on, apps are signed as in the compose deployment (deploy/compose/region.yml): the root's with the root's
+``app-signing.key`` (the aggregators run nothing else), each region's by its bridge with the region's key (its
+sites run nothing else). The region SuperLinks are not behind the proxy here (compose puts them behind it).
 The root's run is started with ``flwr run`` as on the local engine, and its summary.json comes back (one
 entry per sub-federation; the per-site records are each region's ``state/metrics.jsonl``). Every process
 is stopped when the run ends, fails or is interrupted (``launch.engines.local._Cluster``).
@@ -29,8 +32,8 @@ from launch.certs import make_certs
 from launch.engines.prepare import node_configs, prepare_sites, process_run_dir
 from launch.engines.local import (FEDERATION, FLWR_ENV, HOST, INSECURE_BANNER, REPO_ROOT, Tuning, _Cluster, _Proc,
                                   _flwr_run, _flwr_status, _log_has, _logs_of, _TUNING_ENV, _wait, _write_flwr_home,
-                                  config_arg, default_timeout_s, exe, free_ports, port_open, register_sites,
-                                  security_args, venv_bin)
+                                  config_arg, default_timeout_s, exe, free_ports, operator_env, port_open,
+                                  register_sites, security_args, venv_bin)
 
 REGION_FEDERATION = "region"
 
@@ -96,14 +99,20 @@ def _run_regions(cfg: KumikiConfig, quiet: bool = False, *, insecure: bool = Fal
                                                     "--runtime-api-address", f"{HOST}:{port}"], e)
         return [link, execu]
 
-    def start_node(name: str, link_port: int, port: int, home: Path, crt, site: str, nc: dict) -> list[_Proc]:
+    def start_node(name: str, link_port: int, port: int, home: Path, crt, site: str, nc: dict,
+                   signer=None) -> list[_Proc]:
+        """A SuperNode of ``crt``'s SuperLink and its SuperExec. With TLS on, the SuperNode runs only apps signed
+        with ``crt``'s operator key (launch/fastpath.py app-verify); ``signer`` (a bundle): the SuperExec's
+        ClientApps sign what they submit with its key (the bridge's `flwr run` on its region)."""
         e = {**site_env, "FLWR_HOME": str(home)}
+        node_env = e if crt is None else {**e, "KUMIKI_APP_SIGNING_PUB": str(crt.app_signing_pub)}
+        exec_env = e if signer is None else {**e, "KUMIKI_APP_SIGNING_KEY": str(signer.app_signing_key)}
         node = cluster.start(name, [*launcher, "supernode", *security_args("supernode", crt, site=site, secret=True),
                                     "--isolation", "process", "--superlink", f"{HOST}:{link_port}", "--host", HOST,
-                                    "--port", str(port), "--node-config", config_arg(nc)], e)
+                                    "--port", str(port), "--node-config", config_arg(nc)], node_env)
         execu = cluster.start(f"superexec-{name}", [*launcher, "superexec", *security_args("superexec-site", crt,
                                                                                            secret=True),
-                                                    "--runtime-api-address", f"{HOST}:{port}"], e)
+                                                    "--runtime-api-address", f"{HOST}:{port}"], exec_env)
         node.site = execu.site = site
         return [node, execu]
 
@@ -128,10 +137,13 @@ def _run_regions(cfg: KumikiConfig, quiet: bool = False, *, insecure: bool = Fal
                 daemons += procs
             region_dir = run_dir / "regions" / g / "state"
             region_dir.mkdir(parents=True, exist_ok=True)
+            # the bridge's flwr CLI is launch/fastpath.py flwr (client/bridge.py): it signs the region's app with the
+            # region's key, the only key the region's sites accept; the aggregator accepts only the root's
             bridge = {"site": g, "region-federation": REGION_FEDERATION, "region-flwr-home": str(homes[g]),
                       "region-config": str(config_path), "region-dir": str(region_dir), "region-app": str(REPO_ROOT),
-                      "region-flwr": exe("flwr"), "region-timeout-s": cfg.server.round_timeout_s}
-            procs = start_node(f"aggregator-{g}", root_port, next(ports), root_home, root_certs, g, bridge)
+                      "region-timeout-s": cfg.server.round_timeout_s}
+            procs = start_node(f"aggregator-{g}", root_port, next(ports), root_home, root_certs, g, bridge,
+                               signer=certs[g])
             procs[0].site = procs[1].site = None  # an aggregator that dies ends the run (its region's state is safe)
             nodes.append(procs[0])
             daemons += procs
@@ -143,7 +155,7 @@ def _run_regions(cfg: KumikiConfig, quiet: bool = False, *, insecure: bool = Fal
                   + f"; logs in {logs}", file=sys.stderr)
         if on_start is not None:
             on_start([p.popen.pid for p in cluster.procs])
-        root_env = {**env, "FLWR_HOME": str(root_home)}
+        root_env = operator_env({**env, "FLWR_HOME": str(root_home)}, root_certs)  # signs the root's app
         run_id = _flwr_run(cluster, root_env, config_path, quiet, timeout_s, daemons, None, resume)
         status = _flwr_status(root_env, run_id, federation=FEDERATION) if run_id is not None else "not started"
         recorded = json.loads(summary_path.read_text()).get("status") if summary_path.is_file() else None
