@@ -378,25 +378,22 @@ def board_section(work: Path, methods: list[str], refused: dict[str, str], seeds
                  f"{len(rows)} of {len(methods)} methods finished):", ""]
         text += board_table(rows, sites) if rows else ["(no finished runs)"]
         text.append("")
-    before = {r: collect(work, methods, seeds, r, None, root="snap-pre-safeguard") for r in rounds}
-    for r, found in before.items():
-        if not found:
-            continue
-        rows = board([(m, c, b) for m, (c, b) in found.items()], rounds=r)
-        text += [f"Without the safeguard, {r} rounds (runs made before it was merged: the personalized model, "
-                 "trained on all training images; the same local-only runs):", ""]
-        text += board_table(rows, sorted({s for row in rows for s in row["sites"]}))
-        text.append("")
-    refit = {r: collect(work, methods, seeds, r, None, root="snap-pre-refit") for r in rounds}
-    for r, found in refit.items():
-        if not found:
-            continue
-        rows = board([(m, c, b) for m, (c, b) in found.items()], rounds=r)
-        text += [f"With the safeguard before its refit, {r} rounds (runs in ``snap-pre-refit/``, made before "
-                 "commit fc7d5b8: the chosen side was served as trained on the fit part, 85% of the training "
-                 "images; the same local-only runs):", ""]
-        text += board_table(rows, sorted({s for row in rows for s in row["sites"]}))
-        text.append("")
+    snapshots = {  # earlier code's runs, each in its own table so that no table mixes versions
+        "snap-pre-safeguard": "Without the safeguard, {r} rounds (runs made before it was merged: the personalized "
+                              "model, trained on all training images; the same local-only runs):",
+        "snap-pre-refit": "With the safeguard before its refit, {r} rounds (runs in ``snap-pre-refit/``, made "
+                          "before commit fc7d5b8: the chosen side was served as trained on the fit part, 85% of "
+                          "the training images; the same local-only runs):",
+    }
+    for root, caption in snapshots.items():
+        for r in rounds:
+            found = collect(work, methods, seeds, r, None, root=root)
+            if not found:
+                continue
+            rows = board([(m, c, b) for m, (c, b) in found.items()], rounds=r)
+            text += [caption.format(r=r), ""]
+            text += board_table(rows, sorted({s for row in rows for s in row["sites"]}))
+            text.append("")
     if refused:
         text.append("Left out (their configs refuse the pilot's image data): "
                     + "; ".join(f"{m} ({why})" for m, why in refused.items()) + ".")
