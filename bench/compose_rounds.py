@@ -82,9 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--no-publish", action="store_true", help="print the table, do not write bench/RESULTS.md")
+    ap.add_argument("--up-timeout", type=int, default=None,
+                    help="compose_test.py's --up-timeout (a loaded machine needs more than its default)")
     a = ap.parse_args(argv)
     ct = _compose_test()
-    args = ct.parser().parse_args(["--prefix", "kumiki-bench"])
+    args = ct.parser().parse_args(["--prefix", "kumiki-bench",
+                                   *(["--up-timeout", str(a.up_timeout)] if a.up_timeout else [])])
     r = ct.Runner(args)
     before = load()
     rows = {}
