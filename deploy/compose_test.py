@@ -171,10 +171,13 @@ class Runner:
 
     # ------------------------------------------------------------------ steps
     def preflight(self) -> str:
-        self.sh(["docker", "info", "--format", "{{.ServerVersion}} {{.Driver}}"], 60)
+        info = self.sh(["docker", "info", "--format", "{{.ServerVersion}} {{.Driver}} {{.DockerRootDir}}"], 60)
+        _, driver, root = (info.stdout.split() + ["", "", ""])[:3]
+        if root and (short := disk_shortfall(driver, shutil.disk_usage(root).free, self.a.min_free_gb)):
+            raise RuntimeError(f"{root}: {short}")
         v = self.sh(["docker", "compose", "version", "--short"], 60)
         self.work.mkdir(parents=True, exist_ok=True)
-        return f"work {self.work}, port {self.port}, compose {v.stdout.strip()}"
+        return f"work {self.work}, port {self.port}, compose {v.stdout.strip()}, storage driver {driver}"
 
     def images(self) -> str:
         env = self.env(PYTHON=str(BIN / "python"))
@@ -730,6 +733,18 @@ def wait_until(what: str, timeout: float, ok, every: float = 1.0) -> None:
         time.sleep(every)
 
 
+def disk_shortfall(driver: str, free_bytes: int, min_free_gb: float | None = None) -> str | None:
+    """Why the Docker root cannot hold the test's containers, or None. On the ``vfs`` storage driver (the shared
+    script's, where overlay is unavailable) every container is a full copy of its image: the server host and three
+    factories take about 10 GB beyond the images (a loaded CI run ran out at 9 GB free and failed in its
+    factories step with Docker's bare "no space left on device")."""
+    need = min_free_gb if min_free_gb is not None else (14.0 if driver == "vfs" else 4.0)
+    if free_bytes >= need * 2**30:
+        return None
+    return (f"{free_bytes / 2**30:.1f} GiB free, the test needs about {need:.0f} GiB on the {driver or '?'} storage "
+            "driver: free space (`docker system prune`, old clones, run outputs) or pass --min-free-gb")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("0.0.0.0", 0))
@@ -795,6 +810,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--rerun-rounds", type=int, default=3, help="rounds of the second run (default 3)")
     ap.add_argument("--build-timeout", type=float, default=1800)
     ap.add_argument("--up-timeout", type=int, default=300)
+    ap.add_argument("--min-free-gb", type=float, default=None,
+                    help="refuse to start below this much free space in Docker's root (default 14 on vfs, else 4)")
     ap.add_argument("--run-timeout", type=float, default=1200)
     return ap
 

@@ -389,3 +389,20 @@ def test_compose_test_probes_each_stand_in_base_image_once(tmp_path, monkeypatch
     assert ct.repair_stand_in_bases(Runner()) == "" and sorted(started) == sorted(ct.BASES)
     started.clear()
     assert ct.repair_stand_in_bases(Runner()) == "" and started == []
+
+
+def test_compose_test_refuses_to_start_without_room_for_its_containers():
+    """On vfs every container copies its image: with 9 GB free the factories step failed deep inside Docker
+    ("no space left on device"). The preflight says so first, with the fix."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("kumiki_compose_test_disk", ROOT / "deploy" / "compose_test.py")
+    ct = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ct)
+    gib = 2**30
+    short = ct.disk_shortfall("vfs", 9 * gib)
+    assert short and "9.0 GiB free" in short and "--min-free-gb" in short
+    assert ct.disk_shortfall("vfs", 20 * gib) is None
+    assert ct.disk_shortfall("overlay2", 9 * gib) is None  # containers share their image's layers
+    assert ct.disk_shortfall("vfs", 9 * gib, min_free_gb=8) is None  # the operator's own bound
+    assert ct.parser().parse_args(["--min-free-gb", "8"]).min_free_gb == 8
