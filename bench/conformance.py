@@ -106,6 +106,11 @@ class Cell:
         return f"{self.key}-s{self.seed}"
 
 
+#: the rules compare round 1 with the last round, so every cell evaluates every round (eval.every's default,
+#: "auto", evaluates runs with an unseen site's adaptation only at their last round)
+EVAL = {"every": 1}
+
+
 def cell_config(cell: Cell, out: Path):
     """The validated config of one cell (defaults everywhere except data, model and method)."""
     from kumiki.config import load_config, validate
@@ -119,12 +124,12 @@ def cell_config(cell: Cell, out: Path):
         model = {**LANG_MODELS[cell.model], **(TINY_LM if cell.tiny else {})}
         raw = {"run": {"name": cell.run_key, "rounds": cell.rounds or 6, "seed": cell.seed, "output_dir": str(out)},
                "method": method, "data": {"dataset": "markov", "sites": 4, "unseen_sites": 1, **quick},
-               "model": model}
+               "model": model, "eval": EVAL}
         return validate(raw)
     model = MODELS[cell.model]
     if cell.data == "pilot":
         sets = [f'method.name="{cell.method}"', f'run.name="{cell.run_key}"', f'run.output_dir="{out}"',
-                f"run.seed={cell.seed}", f'model.arch="{model["arch"]}"', f'model.norm="{model["norm"]}"']
+                f"run.seed={cell.seed}", f'model.arch="{model["arch"]}"', f'model.norm="{model["norm"]}"', f"eval.every={EVAL['every']}"]
         if cell.rounds:
             sets.append(f"run.rounds={cell.rounds}")
         return load_config(ROOT / "deploy" / "pilot.toml", sets)
@@ -133,6 +138,7 @@ def cell_config(cell: Cell, out: Path):
         "method": {"name": cell.method},
         "data": {"dataset": "digits", "sites": 6, "unseen_sites": 1, "partition": {"kind": "dirichlet", "alpha": 0.3}},
         "model": dict(model),
+        "eval": EVAL,
     }
     return validate(raw)
 
