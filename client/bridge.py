@@ -39,6 +39,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 
 from kumiki import contract as C, packing
 from kumiki.locks import held
+from kumiki.atomic import atomic_json
 
 APP_DIR = Path(__file__).resolve().parents[1]
 ERR_REGION = 4500  # the region could not answer (its run failed or timed out)
@@ -85,9 +86,7 @@ def write_job(job_dir: Path, msg: Message, node_config: dict) -> None:
         np.savez(f, **arrays)
     # job.json last and whole (written aside, then renamed): the region's server takes a job once job.json
     # exists, and on a loaded machine it read a half-written one and died (tests/test_bridge.py)
-    tmp = job_dir / "job.json.tmp"
-    tmp.write_text(json.dumps(job))
-    os.replace(tmp, job_dir / "job.json")
+    atomic_json(job_dir / "job.json", job)
 
 
 def server_alive(region_dir: Path) -> bool:

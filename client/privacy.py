@@ -35,6 +35,7 @@ import torch
 
 from client.loop import seed_from
 from kumiki.accounting import epsilon, solve_noise
+from kumiki.atomic import atomic_json
 
 log = logging.getLogger("kumiki.privacy")
 
@@ -111,12 +112,8 @@ class Ledger:
     def save(self) -> None:
         """Atomic (temp file, fsync, rename): a crash leaves the old ledger or the new one, never none."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"noise_multiplier": self.noise_multiplier, "last_steps": self.last_steps,
-                                   "history": [list(h) for h in self.history]}))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        atomic_json(self.path, {"noise_multiplier": self.noise_multiplier, "last_steps": self.last_steps,
+                                "history": [list(h) for h in self.history]})
 
     def add(self, noise_multiplier: float, sample_rate: float, steps: int) -> None:
         if steps <= 0:

@@ -44,7 +44,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -58,6 +57,7 @@ from client.loop import Trainer, evaluate, forward
 from kumiki.data.sites import SiteData
 from kumiki.tasks import TASKS, metric_key
 from models import build_model
+from kumiki.atomic import atomic_json
 
 log = logging.getLogger("kumiki.client")
 
@@ -219,10 +219,8 @@ def record(state_dir: Path, job, m: dict, task: str) -> None:
            "validation": {"joined": m.get(metric_key("val_joined", task)), "own": m.get(metric_key("val_own", task))},
            "test": {"served": m.get(metric_key("served", task)), "own": m.get(metric_key("own", task))}}
     path = Path(state_dir) / FILE
-    tmp = path.with_name(f".{FILE}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps(obj, indent=2))
-        os.replace(tmp, path)
+        atomic_json(path, obj, indent=2)
     except OSError as exc:  # the choice still holds; only the operator's note is missing
         log.warning("site state %s: cannot write %s: %s", state_dir, FILE, exc)
 

@@ -45,6 +45,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from kumiki.atomic import atomic_bytes
+
 #: the names every SuperLink certificate carries (compose service name + loopback)
 DEFAULT_NAMES = ("superlink", "localhost", "127.0.0.1", "::1", "host.docker.internal")
 #: the factories the repository ships (deploy/sites/*.env, deploy/factories.toml)
@@ -120,13 +122,7 @@ def check_site_name(site: str) -> str:
 def _write(path: Path, data: bytes, private: bool, bundle: CertBundle) -> None:
     """Write atomically; private files are created 0600 (never world-readable, not even briefly)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_bytes(path, data, mode=0o600 if private else 0o644)
     bundle.created.append(path)
 
 

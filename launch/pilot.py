@@ -15,11 +15,11 @@ minutes); the report says which engine ran what.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from kumiki.atomic import atomic_json
 from kumiki.config import KumikiConfig
 
 
@@ -112,9 +112,7 @@ def write_methods(run_dir: Path, joined: dict[str, list[Path]], alone: list[Path
         entries.append((m, comp, bytes_moved([read_json(Path(d) / "summary.json") for d in dirs])))
     rows = board(entries, rounds=rounds)
     path = Path(run_dir) / "methods.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"rounds": rounds, "board": rows, "comparisons": comps}, indent=1))
-    tmp.replace(path)
+    atomic_json(path, {"rounds": rounds, "board": rows, "comparisons": comps}, indent=1)
     return rows
 
 

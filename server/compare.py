@@ -16,11 +16,11 @@ replacing the other runs later cannot change a report) and ``server.report`` ren
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
+from kumiki.atomic import atomic_json
 from kumiki.tasks import BY_METRIC
 from server.report_parts import read_json as _read  # one reader of a run dir's JSON files (missing or bad: {})
 
@@ -193,9 +193,7 @@ def compare(a_runs: list[str | Path], b_runs: list[str | Path], a_label: str | N
 
 def write_comparison(run_dir: str | Path, comparison: dict[str, Any]) -> Path:
     path = Path(run_dir) / COMPARISON_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(comparison, indent=2))
-    tmp.replace(path)
+    atomic_json(path, comparison, indent=2)
     return path
 
 

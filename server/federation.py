@@ -36,7 +36,8 @@ from models import ModelSpec, build_model
 from server.eval_plan import eval_every
 from server.lifecycle import Stopped
 from server.recorder import Recorder
-from server.resume import atomic_npz, read_resume_state, resume_point, write_resume_state
+from kumiki.atomic import atomic_npz
+from server.resume import read_resume_state, resume_point, write_resume_state
 
 log = logging.getLogger("kumiki.server")
 

@@ -25,6 +25,7 @@ from kumiki.contract import WITHHELD
 from kumiki.tasks import TASKS, metric_key
 from server.eval_plan import eval_every
 from strategies.base import KumikiStrategy, RoundStats
+from kumiki.atomic import atomic_json, atomic_text
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -126,9 +127,7 @@ def read_final(run_dir: str | Path) -> dict[str, Any]:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False))
-    os.replace(tmp, path)
+    atomic_json(path, obj, indent=2)
 
 
 #: what summary.json's ``privacy`` section says epsilon covers (docs/privacy.md)
@@ -206,9 +205,7 @@ class Recorder:
         self.resumed.append(k)
         kept.append({"kind": "resume", "after_round": k, "engine": self.engine,
                      "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
-        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(o) + "\n" for o in kept))
-        os.replace(tmp, self.metrics_path)
+        atomic_text(self.metrics_path, "".join(json.dumps(o) + "\n" for o in kept))
 
     def _append(self, obj: dict[str, Any]) -> None:
         with open(self.metrics_path, "a") as f:

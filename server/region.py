@@ -23,7 +23,6 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -33,12 +32,12 @@ from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 
 from kumiki import contract as C
+from kumiki.atomic import atomic_json, atomic_npz
 from kumiki.config import KumikiConfig
 from kumiki.locks import held
 from kumiki.split import ParamSplit
 from kumiki.tasks import metric_key
 from models import build_model
-from server.resume import atomic_npz
 
 log = logging.getLogger("kumiki.server")
 LOCK = "server.lock"
@@ -83,9 +82,7 @@ def _write_result(job_dir: Path, metrics: dict[str, Any], arrays: dict[str, np.n
                   error: dict | None = None) -> None:
     if arrays is not None:
         atomic_npz(job_dir / "result.npz", **arrays)
-    tmp = job_dir / "result.json.tmp"
-    tmp.write_text(json.dumps({"metrics": metrics, "error": error}))
-    os.replace(tmp, job_dir / "result.json")
+    atomic_json(job_dir / "result.json", {"metrics": metrics, "error": error})
 
 
 def read_job(job_dir: Path) -> tuple[dict, dict[str, np.ndarray], dict[str, np.ndarray]]:

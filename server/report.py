@@ -24,7 +24,6 @@ backend is untouched and rendering is safe from any thread.
 from __future__ import annotations
 
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from typing import Any
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from kumiki.atomic import atomic_text
 from server import report_factories as rf
 from server import report_methods as rm
 from server.compare import read_comparison
@@ -522,9 +522,7 @@ def render_report(run_dir: str | Path) -> Path:
         raise FileNotFoundError(f"run dir not found: {run_dir}")
     text = build_html(run_dir)
     out = run_dir / REPORT_NAME
-    tmp = out.with_suffix(".html.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, out)
+    atomic_text(out, text)
     return out
 
 

@@ -14,11 +14,12 @@ checkpoint) trains it again from the state it had before (``client.state``), so 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from kumiki.atomic import atomic_npz
 
 RESUME_FILE = "resume.npz"
 #: config keys a resumed run may change: how long it runs and operational timeouts, never what it computes
@@ -27,15 +28,6 @@ MAY_CHANGE = ("run.rounds", "run.output_dir", "server.round_timeout_s", "server.
 
 class ResumeError(RuntimeError):
     """The run cannot be resumed; the message says why and what to do."""
-
-
-def atomic_npz(path: Path, **arrays: np.ndarray) -> None:
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_resume_state(strategy, ck_dir: Path, rnd: int) -> None:

@@ -125,8 +125,7 @@ def test_two_jobs_that_find_no_server_at_once_start_one(region, monkeypatch):
 def test_an_interrupted_job_write_leaves_no_job_for_the_server(tmp_path, monkeypatch):
     """The region's server takes a job as soon as its ``job.json`` exists: a write cut off half-way (on a loaded
     machine, the server read such a file and its whole run died) must leave no ``job.json`` at all."""
-    from pathlib import Path
-
+    import os
     from types import SimpleNamespace
 
     from flwr.app import ConfigRecord, RecordDict
@@ -135,13 +134,11 @@ def test_an_interrupted_job_write_leaves_no_job_for_the_server(tmp_path, monkeyp
     job_dir.mkdir(parents=True)
     msg = SimpleNamespace(content=RecordDict({"config": ConfigRecord({"server-round": 1})}),
                           metadata=SimpleNamespace(message_type="train"))  # what write_job reads of a Message
-    real = Path.write_text
 
-    def cut_off(self, data, *args, **kwargs):
-        real(self, data[: len(data) // 2])
+    def cut_off(fd):  # the process dies after writing job.json's bytes, before they are known to be on disk
         raise OSError("cut off")
 
-    monkeypatch.setattr(Path, "write_text", cut_off)
+    monkeypatch.setattr(os, "fsync", cut_off)
     with pytest.raises(OSError, match="cut off"):
         bridge.write_job(job_dir, msg, {"site": "region-0", "region-dir": str(tmp_path)})
     assert not (job_dir / "job.json").exists()

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ import numpy as np
 
 from kumiki.data import inputs
 from kumiki.tasks import IGNORE, TaskInfo, task_info
+from kumiki.atomic import atomic_npz
 
 
 log = logging.getLogger("kumiki.data")
@@ -110,23 +110,14 @@ def site_folders(root: str | Path, sites: int, unseen: int) -> list[str]:
     return roles["train"] + roles["unseen"]
 
 
-def _atomic_npz(path: Path, **arrays: np.ndarray) -> None:
-    tmp = path.with_suffix(".tmp.npz")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_site(folder: Path, meta: dict, x_train, y_train, x_test, y_test) -> Path:
     """One site folder in the documented format; dtypes follow the site's task (``meta["task"]``)."""
     task = task_info(str(meta.get("task", "classification")))
     xt = np.int64 if task.inputs == "tokens" else np.float32
     yt = np.int64 if task.targets in ("label", "tokens") else np.float32
     folder.mkdir(parents=True, exist_ok=True)
-    _atomic_npz(folder / "train.npz", x=x_train.astype(xt), y=y_train.astype(yt))
-    _atomic_npz(folder / "test.npz", x=x_test.astype(xt), y=y_test.astype(yt))
+    atomic_npz(folder / "train.npz", x=x_train.astype(xt), y=y_train.astype(yt))
+    atomic_npz(folder / "test.npz", x=x_test.astype(xt), y=y_test.astype(yt))
     (folder / "site.json").write_text(json.dumps(meta, indent=2))
     return folder
 

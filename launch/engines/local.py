@@ -78,6 +78,7 @@ from launch import fastpath, reaper
 from launch.certs import CertBundle, make_certs
 from launch.engines.prepare import node_configs, prepare_sites, process_run_dir
 from server.lifecycle import PID_FILE, serverapp_died
+from kumiki.atomic import atomic_json
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 log = logging.getLogger("kumiki.local")
@@ -711,9 +712,7 @@ def record_failure(cfg: KumikiConfig, run_dir: Path, since: float, exc: BaseExce
             summary = {"method": cfg.method.name, "dataset": cfg.data.dataset, "rounds": rounds,
                        "sites": cfg.data.sites, "status": "failed", "error": stop_reason(exc),
                        "recorded_by": "launcher (the ServerApp could not)"}
-            tmp = summary_path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(summary, indent=2))
-            os.replace(tmp, summary_path)
+            atomic_json(summary_path, summary, indent=2)
         if not report.is_file() or report.stat().st_mtime < summary_path.stat().st_mtime:
             from server.report import render_report
 
