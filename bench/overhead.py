@@ -1,7 +1,10 @@
 """Framework overhead per round (issue 13 part 3), side by side with Flower as shipped.
 
-    .venv/bin/python bench/overhead.py --mode quick [--write]   # pilot workload, 3 sites, ~10 min
-    .venv/bin/python bench/overhead.py --mode full  [--write]   # + 10 sites, ~1M-parameter model, ~1 h
+    .venv/bin/python bench/overhead.py --mode quick [--write]   # pilot workload, 3 sites, ~5 min
+    .venv/bin/python bench/overhead.py --mode full  [--write]   # + 10 sites, ~1M-parameter model, ~30 min
+    # issue 26 item 5 on a quiet machine (~15 min): every engine, Flower as shipped and long polling off at 3 sites
+    .venv/bin/python bench/overhead.py --mode full --engines inprocess simulation local stock polling \
+        --compare-sites 3 --write
 
 overhead = (round wall time - the slowest site's compute) / round wall time
 
@@ -98,9 +101,10 @@ def times(r: dict, ref: dict) -> str:
     return "1.00" if r["engine"] == "inprocess" else (f"{r['round_s'] / base:.2f}" if base else "–")
 
 
-def render(mode: str, results: list[dict], loads: list[str], rounds: int) -> str:
+def render(command: str, results: list[dict], loads: list[str], rounds: int) -> str:
     from models import build_model
 
+    from server.eval_plan import eval_every
     from server.federation import model_spec
 
     params = {w: sum(p.numel() for p in build_model(model_spec(config(w, 3, 1, Path("/tmp"), "x"))).parameters())
@@ -108,9 +112,11 @@ def render(mode: str, results: list[dict], loads: list[str], rounds: int) -> str
     names = {"inprocess": "in-process (no transport, sites in turn)", "simulation": "simulation (Ray)",
              "local": "`--engine local` (fast path)", "stock": "Flower 1.41 as shipped (`Tuning.stock()`)",
              "polling": "`--engine local`, long polling off (`Tuning(long_poll_s=None)`)"}
-    lines = [f"{stamp(f'bench/overhead.py --mode {mode}')} Machine: {machine()}. Each run: the pilot config "
-             f"(FedAvg-FT, Fashion-MNIST, 600 images per factory) with {rounds} rounds, no unseen site; every "
-             "site on this one machine. Load average at the start of each group of runs: " + "; ".join(loads)
+    lines = [f"{stamp(command)} Machine: {machine()}. Each run: the pilot config "
+             f"(FedAvg-FT, Fashion-MNIST, 600 images per factory) with {rounds} rounds, no unseen site, "
+             f"`eval.every = \"auto\"` (k = {eval_every(config('pilot', 3, rounds, Path('/tmp'), 'x'))}: the last round "
+             "evaluates, and every k-th); every site on this one machine; steady = the median of the rounds between "
+             "the first and the last. Load average at the start of each group of runs: " + "; ".join(loads)
              + " (the load average lags: a group that follows a 10-site run starts under that run's tail; "
                "a load well above the cores means other work shared them: read the ratios).", "",
              "| model | sites | engine | steady s/round | slowest site's compute s | overhead (issue's definition) | "
@@ -186,7 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         if (r["workload"], r["sites"]) in ref and r["engine"] != "inprocess":
             r["bound_s"] = ref[(r["workload"], r["sites"])] / min(usable_cores(), r["sites"])
-    text = render(a.mode, results, loads + [f"end: {load()}"], rounds)
+    command = " ".join(["bench/overhead.py", *(sys.argv[1:] if argv is None else argv)])
+    command = command if "--mode" in command else f"{command} --mode {a.mode}"
+    text = render(command.replace(" --write", ""), results, loads + [f"end: {load()}"], rounds)
     print("\n" + text)
     if a.write:
         publish("overhead", text)
