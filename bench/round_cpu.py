@@ -160,8 +160,9 @@ def render(runs: list[dict], cores: int, load0: str, load1: str) -> str:
               + " | ".join(f"{r['fit_s_per_round']:.2f}" for r in runs) + " |",
               "| the whole machine, busy (this run and everyone else's) | "
               + " | ".join(f"{r['machine_busy_per_round_s']:.2f}" for r in runs) + " |",
-              f"| floor: this run's CPU / {cores} cores (s per round) | "
-              + " | ".join(f"{r['ours_per_round_s'] / cores:.2f}" for r in runs) + " |",
+              f"| floor: this run's CPU / the cores it can use ({cores}; in-process: its 1 thread), s per round | "
+              + " | ".join(f"{r['ours_per_round_s'] / (1 if r['engine'] == 'inprocess' else cores):.2f}"
+                           for r in runs) + " |",
               "| measured s per round | " + " | ".join(f"{r['wall_per_round_s']:.2f}" for r in runs) + " |"]
     return "\n".join(lines)
 
