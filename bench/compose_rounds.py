@@ -85,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--up-timeout", type=int, default=None,
                     help="compose_test.py's --up-timeout (a loaded machine needs more than its default)")
     a = ap.parse_args(argv)
+    command = "python bench/compose_rounds.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip() or "unknown"
     ct = _compose_test()
     args = ct.parser().parse_args(["--prefix", "kumiki-bench",
                                    *(["--up-timeout", str(a.up_timeout)] if a.up_timeout else [])])
@@ -107,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "### The containerized pilot: seconds per round (compose vs `--engine local`, SQLite vs in-memory link state)",
         "",
-        f"{stamp('python bench/compose_rounds.py --rounds ' + str(a.rounds))} {machine()}; Docker "
-        f"({r.times[0][2]}); load before {before}, after {load()}.",
+        f"{stamp(command.strip())} Commit {commit}. {machine()}; Docker "
+        f"({r.times[0][2]}); load (1/5/15 min) before {before}, after {load()}.",
         f"deploy/factories.toml ({a.rounds} rounds, 3 factories, the runbook's rehearsal data); each compose row is "
         "the runbook's deployment (4 compose projects, TLS, SuperNode authentication, the fast path).",
         "",

@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,7 +112,11 @@ def smoke(r) -> str:
         return ["docker", "compose", "-p", projects[key], *files[key], *args]
 
     up = ["up", "-d", "--wait", "--wait-timeout", str(r.a.up_timeout)]
-    try:
+
+    def step(name: str, fn):  # each part of shape (b) timed on its own in compose_test.py's summary
+        return r.step_value(f"regions:{name}", fn)
+
+    def make_certs() -> str:
         kumiki = str(Path(sys.executable).parent / "kumiki")
         r.sh([kumiki, "certs", str(root_certs), "--host", "host.docker.internal",
               *sum((["--site", g] for g in regions), [])], 120)
@@ -121,34 +126,62 @@ def smoke(r) -> str:
         (work / "runs").mkdir(exist_ok=True)
         for p in (root_certs, *certs.values(), work / "runs", work / "data"):
             chown_tree(r, p)
+        return (f"the root's (aggregator keys {', '.join(regions)}) and each region's (site keys); "
+                f"data: {', '.join(f'{g}: {len(sites[g])} sites' for g in regions)}")
+
+    def root_up() -> str:
         flwr_home(homes["root"], root_control, root_certs / "ca.crt", "kumiki")  # the root proxy's Control port
         r.sh(compose("root", *up), r.a.up_timeout + 60, env=root_env)
         wait_until("the root SuperLink answers", 120,
                    lambda: r.sh([*ct.FLWR, "supernode", "list", "kumiki"], 60, env=op(None), quiet=True,
                                 check=False).returncode == 0)
+        return f"project {projects['root']} healthy: Fleet :{root_port}, Control 127.0.0.1:{root_control}"
+
+    def register_aggregators() -> str:
         for g in regions:  # each region is one site of the root
             register(None, root_certs / "sites" / f"{g}.pub", g)
+        return f"{', '.join(regions)} registered at the root"
+
+    def regions_up() -> str:
         r.parallel([(compose(g, *up), region_env[g]) for g in regions], r.a.up_timeout + 60)
         wait_until("both aggregators online at the root", 120, lambda: online(None) == len(regions))
+        return f"{len(regions)} region projects healthy; both aggregators online at the root"
+
+    def register_sites() -> str:
         for g in regions:  # the region operator, through the region proxy's Control port (mutual TLS)
             flwr_home(homes[g], controls[g], certs[g] / "ca.crt", "region")
             for s, _ in sites[g]:
                 register(g, certs[g] / "sites" / f"{s}.pub", s)
+        return f"{len(all_sites)} sites registered, each at its region's Control port"
+
+    def sites_up() -> str:
         r.parallel([(compose(s, *up), site_env[s]) for s in all_sites], r.a.up_timeout + 60)
         for g in regions:
             wait_until(f"{g}'s sites online at its SuperLink", 120, lambda g=g: online(g) == len(sites[g]))
-        guarded = protections(r, ct, regions, sites, projects, ports, op, certs)
-        ran = run(r, ct, work, regions, sites, root_env)
-        return (f"root :{root_port} <- aggregators {', '.join(regions)}; "
-                + "; ".join(f"{g} proxy :{ports[g]} <- {', '.join(s for s, _ in sites[g])}" for g in regions)
-                + f"; {guarded}; {ran}")
+        return "; ".join(f"{g} proxy :{ports[g]} <- {', '.join(s for s, _ in sites[g])} online" for g in regions)
+
+    def teardown() -> str:  # never raises: it runs after a failure too, and must not hide it
+        with ThreadPoolExecutor(len(projects)) as pool:
+            errors = [e for e in pool.map(lambda k: ct._try(lambda: r.sh(compose(k, "down", "-v", "--timeout", "5"),
+                                                                          300, env=envs[k])), projects) if e]
+        return f"{len(projects)} projects down -v" + (f"; errors: {errors}" if errors else "")
+
+    try:
+        step("certs", make_certs)
+        step("root", root_up)
+        step("register-aggregators", register_aggregators)
+        step("regions", regions_up)
+        step("register-sites", register_sites)
+        step("sites", sites_up)
+        step("protections", lambda: protections(r, ct, regions, sites, projects, ports, op, certs))
+        return step("run", lambda: run(r, ct, work, regions, sites, root_env))
     except StepFailed:
         for key in projects:
             r.sh(["docker", "compose", "-p", projects[key], "logs", "--no-color", "--tail", "30"], 120, check=False,
                  env=envs[key])
         raise
     finally:
-        r.parallel([(compose(k, "down", "-v", "--timeout", "5"), envs[k]) for k in projects], 300)
+        step("teardown", teardown)
 
 
 #: inside a region's site container: Control API paths through the region's Fleet port, then `flwr ls` there

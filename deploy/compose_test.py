@@ -7,7 +7,9 @@ stand-ins for Flower's base images, where no registry is reachable):
     python deploy/compose_test.py --keep             # leave the four projects up (then: --down)
     python deploy/compose_test.py --regions          # also WorldLM's shape (b): one SuperLink per region, a run
 
-What it does (each step bounded, timed, summarised at the end; the runbook section in brackets):
+What it does (each step bounded, timed, summarised at the end; the runbook section in brackets; deploy/README.md
+"Test this runbook" lists the same steps, tests/test_compose.py checks that):
+  preflight the engine and Compose v2 answer, Docker's root has room for the containers
   images    deploy/images.sh wheelhouse (only when deploy/wheelhouse/ holds no wheel), deploy/images.sh build  [2]
   certs     kumiki certs WORK/certs --host host.docker.internal, owned by the containers' uid 49999         [3]
   data      python deploy/native.py demo-data WORK/data: rehearsal site folders for the three factories     [1]
@@ -26,12 +28,14 @@ What it does (each step bounded, timed, summarised at the end; the runbook secti
             unsigned and signed with another key: no marker at any site, every SuperNode logs the refusal,
             the attacker's ServerApp gets only errors back, the factories stay online (and the operator's run,
             next, completes)                                                                               [security]
-  run       kumiki validate + kumiki submit deploy/factories.toml; mid-run one factory's SuperNode is
+  run+crash kumiki validate + kumiki submit deploy/factories.toml; mid-run one factory's SuperNode is
             killed (SIGKILL, a crash) and comes back by its restart policy with the same node id          [8, 9]
   report    summary.json status, every round recorded, report.html; kumiki report renders it again        [10]
   down/up   every project down and up: registrations and the factories' state survive
   rerun     the same run.name again: refused with a non-zero exit, then --overwrite: a second run     [8]
   teardown  every project down -v, WORK removed
+With --regions (after rerun, the four projects down first) or --regions-only (after images): WorldLM's shape (b),
+deploy/compose_regions.py, its parts steps of their own (regions:certs ... regions:teardown).
 
 --security-only stops after the two security steps (both run even if the first fails), then tears down.
 --unprotected starts the server and the factories as they were wired before issue 22 (deploy/compose/
@@ -249,9 +253,10 @@ class Runner:
         online = self.online()
         if set(online) != set(self.node_ids.values()):
             raise StepFailed(f"online node ids {online}, registered {self.node_ids}")
-        for site in SITES:  # "healthy" says it: connected as its registered node id
-            cid = self.container(self.factories[site], "supernode")
-            r = self.sh(["docker", "exec", cid, "python", "/opt/kumiki/fastpath.py", "alive", "30"], 60)
+        for site in SITES:  # runbook section 7's two checks; "healthy" says it: connected as its registered node id
+            self.sh(self.compose_factory(site, "ps"), 60, env=self.factory_env(site))
+            r = self.sh(self.compose_factory(site, "exec", "-T", "supernode", "python", "/opt/kumiki/fastpath.py",
+                                             "alive"), 60, env=self.factory_env(site))
             if f"node {self.node_ids[site]}" not in r.stdout:
                 raise StepFailed(f"{site}'s health check names another node: {r.stdout}")
         return f"3 factories healthy and online; {self.isolation()}"
@@ -521,12 +526,14 @@ class Runner:
         return errors
 
     def teardown(self) -> str:
-        errors = self.teardown_projects()
+        # --regions-only started none of the runbook's four projects (shape (b) tore its own down)
+        errors = [] if self.a.regions_only else self.teardown_projects()
         if not self.a.work:
             shutil.rmtree(self.work, ignore_errors=True)
         if errors:
             raise StepFailed("; ".join(errors))
-        return "4 projects down -v" + ("" if self.a.work else ", work folder removed")
+        return (("" if self.a.regions_only else "4 projects down -v")
+                + ("" if self.a.work else ", work folder removed")).lstrip(", ")
 
     # ------------------------------------------------------------------ WorldLM shape (b)
     def regions(self) -> str:
@@ -823,11 +830,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         r.step("preflight", r.preflight)
         r.step("images", r.images)
-        r.step("certs", r.certs)
-        r.step("data", r.data)
-        if a.regions_only:
-            r.step("regions", r.regions)
+        if a.regions_only:  # shape (b) makes its own certificates and data
+            r.regions()  # its parts are steps of their own (regions:certs, regions:root, ...)
         else:
+            r.step("certs", r.certs)
+            r.step("data", r.data)
             r.step("server", r.server_up)
             r.step("register", r.register)
             r.step("factories", r.factories_up)
@@ -851,7 +858,7 @@ def main(argv: list[str] | None = None) -> int:
                     r.step("rerun", r.rerun)
                 if a.regions:  # the runbook's projects first down: shape (b) alone holds nine SuperExec copies
                     r.step("down (for regions)", lambda: "; ".join(r.teardown_projects()) or "4 projects down -v")
-                    r.step("regions", r.regions)
+                    r.regions()  # its parts are steps of their own (regions:certs, regions:root, ...)
         ok = True
     except StepFailed as e:
         print(f"\nFAILED: {e}", file=sys.stderr)

@@ -406,3 +406,64 @@ def test_compose_test_refuses_to_start_without_room_for_its_containers():
     assert ct.disk_shortfall("overlay2", 9 * gib) is None  # containers share their image's layers
     assert ct.disk_shortfall("vfs", 9 * gib, min_free_gb=8) is None  # the operator's own bound
     assert ct.parser().parse_args(["--min-free-gb", "8"]).min_free_gb == 8
+
+
+def _compose_test_module(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "deploy" / "compose_test.py")
+    ct = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ct)
+    return ct
+
+
+def _steps_run(ct, argv: list[str]) -> list[str]:
+    """The steps deploy/compose_test.py's main() runs, in order, with a Runner that runs nothing."""
+    runs = []
+
+    class Dry:
+        def __init__(self, a):
+            self.a, self.names, self.server, self.factories = a, [], "p-server", {}
+            runs.append(self)
+
+        def step(self, name, fn, *args):
+            self.names.append(name)
+
+        def regions(self):
+            self.names.append("regions:*")
+
+        def summary(self, ok):
+            pass
+
+        def __getattr__(self, attr):  # r.preflight, r.server_up, ...: passed to step, never called
+            return lambda *a, **k: None
+
+    ct.Runner = Dry
+    assert ct.main(argv) == 0
+    return runs[0].names
+
+
+def _runbook_table(heading: str) -> list[list[str]]:
+    """The rows (cells) of the first table under ``heading`` in deploy/README.md."""
+    text = (ROOT / "deploy" / "README.md").read_text()
+    section = text[text.index(heading):]
+    section = section[:section.find("\n## ", 1)]
+    rows = [line for line in section.splitlines() if line.startswith("|")]
+    return [[c.strip() for c in row.strip("|").split("|")] for row in rows[2:]]  # header and |---| off
+
+
+def test_the_runbooks_test_table_is_what_compose_test_does_step_for_step():
+    """deploy/README.md "Test this runbook" lists make compose-test's steps: the same names in the same order as
+    deploy/compose_test.py runs them, each naming runbook sections that exist; and shape (b)'s table lists
+    deploy/compose_regions.py's steps in its order."""
+    ct = _compose_test_module("kumiki_compose_test_steps")
+    table = _runbook_table("## Test this runbook")
+    assert [row[0] for row in table] == _steps_run(ct, [])
+    headings = set(re.findall(r"^## (\d+)\. ", (ROOT / "deploy" / "README.md").read_text(), re.M))
+    for row in table:
+        for n in re.findall(r"\d+", row[1]):
+            assert n in headings, f"{row[0]}: runbook section {n} does not exist"
+    assert _steps_run(ct, ["--regions-only"]) == ["preflight", "images", "regions:*", "teardown"]
+    regions = re.findall(r'\bstep\("([^"]+)"', (ROOT / "deploy" / "compose_regions.py").read_text())
+    shape_b = _runbook_table("## WorldLM shape (b)")
+    assert [row[0] for row in shape_b] == [f"regions:{s}" for s in regions]
