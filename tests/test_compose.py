@@ -405,6 +405,8 @@ def test_compose_test_refuses_to_start_without_room_for_its_containers():
     assert ct.disk_shortfall("vfs", 30 * gib) is None
     assert ct.disk_shortfall("overlay2", 9 * gib) is None  # containers share their image's layers
     assert ct.disk_shortfall("vfs", 9 * gib, min_free_gb=8) is None  # the operator's own bound
+    # WorldLM's shape (b): 21 containers; a run that started near 30 GiB free filled the disk
+    assert ct.disk_shortfall("vfs", 30 * gib, regions=True) and ct.disk_shortfall("vfs", 46 * gib, regions=True) is None
     assert ct.parser().parse_args(["--min-free-gb", "8"]).min_free_gb == 8
 
 
