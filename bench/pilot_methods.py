@@ -23,6 +23,11 @@ at other amounts of data per factory: ``data.samples_per_site`` (images per fact
 pilot's 10 rounds. ``--write`` also draws ``docs/img/pilot_sweep.svg`` and keeps its numbers in
 ``docs/img/pilot_sweep.json``, which ``kumiki pilot`` copies into its report.
 
+**Refit** (``--part refit``): runs made with ``--measure-refit METHODS`` (``safeguard.measure_refit``: each site
+also scores on test the safeguard's chosen side refit on its whole training split, without serving it, so
+nothing else in the tables changes) give, per group of runs, the refit against what is served, both on test
+(docs/safeguard.md, "The refit").
+
 Modes: ``quick`` (a smoke test of the whole path, numbers not for reading: 3 methods, 1 seed, 2 and 4
 rounds, sweep 60 and 150 images, 2 rounds) and ``full`` (every method, 3 seeds, 10 and 30 rounds; the sweep at
 3 seeds, 10 rounds). ``--seeds`` / ``--methods`` / ``--rounds`` narrow a mode; the table says exactly what
