@@ -23,6 +23,11 @@ at other amounts of data per factory: ``data.samples_per_site`` (images per fact
 pilot's 10 rounds. ``--write`` also draws ``docs/img/pilot_sweep.svg`` and keeps its numbers in
 ``docs/img/pilot_sweep.json``, which ``kumiki pilot`` copies into its report.
 
+**Refit** (``--part refit``): runs made with ``--measure-refit METHODS`` (``safeguard.measure_refit``: each site
+also scores on test the safeguard's chosen side refit on its whole training split, without serving it, so
+nothing else in the tables changes) give, per group of runs, the refit against what is served, both on test
+(docs/safeguard.md, "The refit").
+
 Modes: ``quick`` (a smoke test of the whole path, numbers not for reading: 3 methods, 1 seed, 2 and 4
 rounds, sweep 60 and 150 images, 2 rounds) and ``full`` (every method, 3 seeds, 10 and 30 rounds; the sweep at
 3 seeds, 10 rounds). ``--seeds`` / ``--methods`` / ``--rounds`` narrow a mode; the table says exactly what
@@ -123,6 +128,8 @@ def done(work: Path, name: str, rounds: int, root: str = "snap") -> bool:
 
 # ----------------------------------------------------------------------------- tuning without peeking
 VAL_FRACTION = 0.2
+#: ``--measure-refit``: the key that makes a run also score the safeguard's refit (docs/safeguard.md, "The refit")
+MEASURE = ["safeguard.measure_refit=true"]
 
 
 def validation_sites(cfg, root: Path, fraction: float = VAL_FRACTION, seed: int = 0) -> Path:
@@ -262,13 +269,15 @@ def run_task(task: dict) -> dict:
 
 def tasks_for(work: Path, methods: list[str], seeds: list[int], rounds: list[int], regime: str | None,
               sizes: list[int] | None, variants: list[tuple[str, list[str]]] | None = None,
-              alone: tuple[str | None, list[str]] = (None, [])) -> list[dict]:
+              alone: tuple[str | None, list[str]] = (None, []), measure: tuple[str, ...] = ()) -> list[dict]:
     """local and every method at every seed (seed 0 of every method first: a table cut short still ranks every
     method); ``variants``: (name tail, extra keys) of each method run (a tuned knob's candidates), ``alone``:
-    the local runs' (tail, extra keys)."""
+    the local runs' (tail, extra keys); ``measure``: the methods whose runs also measure the safeguard's refit
+    (``safeguard.measure_refit``: scored, not served, so the table's numbers are the same)."""
     out = []
     for seed in seeds:
-        runs = [("local", *alone)] + [(m, t, e) for m in methods for t, e in (variants or [(None, [])])]
+        runs = [("local", *alone)] + [(m, t, [*e, *(MEASURE if m in measure else [])])
+                                      for m in methods for t, e in (variants or [(None, [])])]
         for m, tail, extra in runs:
             out.append({"work": str(work), "name": run_name(m, seed, regime, tail), "method": m, "seed": seed,
                         "rounds": rounds, "sizes": sizes, "every": math.gcd(*rounds), "extra": extra})
@@ -381,9 +390,6 @@ def board_section(work: Path, methods: list[str], refused: dict[str, str], seeds
     snapshots = {  # earlier code's runs, each in its own table so that no table mixes versions
         "snap-pre-safeguard": "Without the safeguard, {r} rounds (runs made before it was merged: the personalized "
                               "model, trained on all training images; the same local-only runs):",
-        "snap-pre-refit": "With the safeguard before its refit, {r} rounds (runs in ``snap-pre-refit/``, made "
-                          "before commit fc7d5b8: the chosen side was served as trained on the fit part, 85% of "
-                          "the training images; the same local-only runs):",
     }
     for root, caption in snapshots.items():
         for r in rounds:
@@ -399,13 +405,71 @@ def board_section(work: Path, methods: list[str], refused: dict[str, str], seeds
                     + "; ".join(f"{m} ({why})" for m, why in refused.items()) + ".")
     text.append("Gain = what the factory deploys minus alone, test accuracy in points: with the safeguard "
                 "(`+ safeguard`, on by default) the served model: the better on the factory's validation split of "
-                "its personalized model and its own (own k/n: the own side served in k of n seed pairs), then refit "
-                "on the whole training split (docs/safeguard.md); without it the personalized model. Alone = local-only at the same seed (it trains on all its training "
-                "images; a safeguarded site holds 15% out as validation). Mean gain = the mean over the 4 training "
+                "its personalized model and its own (own k/n: the own side served in k of n seed pairs), served as "
+                "trained (docs/safeguard.md); without it the personalized model. Alone = local-only at the same seed "
+                "(it trains on all its training images; a safeguarded site holds 15% out as validation, and neither "
+                "of its models trains on them). Mean gain = the mean over the 4 training "
                 "factories (± its std over seeds). Worse off: gain + std < 0 (one seed pair has no spread: any loss). Goal (issue 24): every factory's "
                 "gain ≥ −its std and mean gain ≥ +3 points. Ranked by mean gain. Bytes: up + down, whole run. "
                 "No knob was tuned: every method runs with its own defaults, so nothing was chosen on test.")
     return "\n".join(text), boards
+
+
+REFIT_TAG = "safeguard-refit"
+
+
+def refit_rows(work: Path, groups: list[tuple[str, str, list[int], int, str | None]]) -> list[dict]:
+    """Per group (label, method, seeds, rounds, regime) of runs made with ``--measure-refit``: over the
+    factory-seed pairs, the served model (chosen on validation, served as trained) against the chosen side refit
+    on the whole training split, both on test; the choice is the same, so the difference is the refit's alone."""
+    out = []
+    for label, method, seeds, rounds, regime in groups:
+        diffs, served, refit, sides = [], [], [], {"own": [], "joined": []}
+        for s in seeds:
+            name = run_name(method, s, regime)
+            if not done(work, name, rounds):
+                continue
+            g = json.loads((snap_dir(work, name, rounds) / "summary.json").read_text()).get("safeguard") or {}
+            sv, rf = (g.get("served") or {}).get("per_site") or {}, (g.get("refit") or {}).get("per_site") or {}
+            for site in sorted(set(sv) & set(rf)):
+                served.append(sv[site])
+                refit.append(rf[site])
+                diffs.append(rf[site] - sv[site])
+                sides[(g.get("serves") or {}).get(site, "joined")].append(rf[site] - sv[site])
+        if not diffs:
+            continue
+        n = len(diffs)
+        mean = sum(diffs) / n
+        se = (sum((d - mean) ** 2 for d in diffs) / (n - 1)) ** 0.5 / n ** 0.5 if n > 1 else None
+        out.append({"label": label, "pairs": n, "served": sum(served) / n, "refit": sum(refit) / n, "diff": mean,
+                    "se": se, "better": sum(d > 1e-12 for d in diffs), "worse": sum(d < -1e-12 for d in diffs),
+                    "own": sides["own"], "joined": sides["joined"]})
+    return out
+
+
+def refit_section(rows: list[dict], command: str, loads: tuple[str, str]) -> str:
+    from bench.results import machine, stamp
+
+    def side(v):
+        return f"{len(v)}: {pts(sum(v) / len(v))}" if v else "0"
+
+    text = [f"{stamp(command)}{' ' + NOTE if NOTE else ''} The runs were made with `--measure-refit` "
+            "(`safeguard.measure_refit = true`: each site also trains its own model on the whole training split and "
+            "scores on test the chosen side refit on the whole split, without serving it; the choice and everything "
+            f"served are the same as without it). Machine: {machine()}; load average {loads[0]} before, {loads[1]} "
+            "after.", "",
+            "| runs | factory-seed pairs | served (as trained) | chosen side refit | refit − served | refit better / worse "
+            "| own side chosen: pairs, mean refit − served | joined side chosen: pairs, mean refit − served |",
+            "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        text.append(f"| {r['label']} | {r['pairs']} | {100 * r['served']:.1f} | {100 * r['refit']:.1f} | "
+                    f"**{pts(r['diff'], r['se'])}** | {r['better']} / {r['worse']} | {side(r['own'])} | "
+                    f"{side(r['joined'])} |")
+    text += ["", "Test accuracy in %, mean over the factory-seed pairs; refit − served in points, ± its standard error "
+             "over the pairs. The own side's refit is its twin trained on all training images; the joined side's is "
+             "the personalized model rebuilt from all of them where the method fine-tunes at evaluation "
+             "(FedAvg-FT), else the same model."]
+    return "\n".join(text)
 
 
 def goal_cell(p: dict) -> str:
@@ -447,7 +511,7 @@ def sweep_section(work: Path, method: str, seeds: list[int], rounds: int, regime
     if missing:
         text += ["", f"Not measured by this table's deadline: {', '.join(missing)}."]
     text += ["", "Gain over alone in accuracy points (mean ± std over the seed pairs): with the safeguard, of the model "
-             "each factory serves (chosen on validation, refit on the whole training split); the personalized "
+             "each factory serves (chosen on validation, served as trained); the personalized "
              "model's mean gain beside it. Goal (issue 24): every factory's gain ≥ −its std and mean gain ≥ +3 "
              "points (`server/leaderboard.py`); one seed pair has no spread. The figure: "
              "`docs/img/pilot_sweep.svg` (docs/pilot.md), also in every `kumiki pilot` report."]
@@ -457,7 +521,7 @@ def sweep_section(work: Path, method: str, seeds: list[int], rounds: int, regime
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mode", choices=list(MODES), default="quick")
-    ap.add_argument("--part", choices=["board", "sweep", "tune", "all"], default="all")
+    ap.add_argument("--part", choices=["board", "sweep", "tune", "refit", "all"], default="all")
     ap.add_argument("--tune", help="--part tune: a method knob and its candidates, e.g. method.ft_lr=0.005,0.01,0.02;"
                                    " each is scored on validation (never on test) against local on the same")
     ap.add_argument("--tune-method", default=None, help="the tuned method (default: deploy/pilot.toml's)")
@@ -472,6 +536,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fresh", action="store_true")
     ap.add_argument("--write", action="store_true", help="write bench/RESULTS.md (and the sweep figure), run docs/gen.py")
     ap.add_argument("--table-only", action="store_true", help="write the tables from the cached runs, run nothing")
+    ap.add_argument("--measure-refit", default="", help="comma-separated methods whose runs also score the "
+                    "safeguard's refit (safeguard.measure_refit; not served, so no table number changes); the "
+                    "'refit' table compares it with what is served")
     ap.add_argument("--note", default="", help="a sentence for the table: which commands made the cached runs")
     a = ap.parse_args(argv)
     mode = MODES[a.mode]
@@ -490,6 +557,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"not image-classification methods on the pilot: {', '.join(unknown)} (these are: {', '.join(ok)})")
     seeds = list(range(a.seeds or mode["seeds"]))
+    measure = tuple(m.strip() for m in a.measure_refit.split(",") if m.strip())
     rounds = sorted(int(x) for x in a.rounds.split(",")) if a.rounds else mode["rounds"]
     args = list(argv if argv is not None else sys.argv[1:])
     if "--note" in args:  # the note is said in the table, not repeated inside the command
@@ -501,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
     before = load()
     if a.part in ("board", "all"):
         if not a.table_only:
-            execute(tasks_for(work, methods, seeds, rounds, None, None), a.jobs)
+            execute(tasks_for(work, methods, seeds, rounds, None, None, measure=measure), a.jobs)
         text, boards = board_section(work, methods, refused if not a.methods else {}, seeds, rounds, a.mode,
                                      command, (before, load()))
         print(text)
@@ -520,7 +588,8 @@ def main(argv: list[str] | None = None) -> int:
                 if wanted is not None and label.split(" ")[0].replace(",", "") not in wanted:
                     continue
                 if regime_key(label) is not None:  # the pilot's own sizes are the leaderboard's runs (--part board)
-                    tasks += tasks_for(work, [method], s_seeds, [mode["sweep_rounds"]], label, SWEEP[label])
+                    tasks += tasks_for(work, [method], s_seeds, [mode["sweep_rounds"]], label, SWEEP[label],
+                                       measure=measure)
             tasks.sort(key=lambda t: (t["seed"], sum(t["sizes"])))  # seed 0 of every regime first, cheap first
             execute(tasks, a.jobs)
         text, numbers = sweep_section(work, method, s_seeds, mode["sweep_rounds"], mode["sweep"], a.mode, command,
@@ -533,6 +602,17 @@ def main(argv: list[str] | None = None) -> int:
 
             sweep_svg(numbers, SWEEP_SVG)
             publish(SWEEP_TAG, text)
+    if a.part == "refit":  # the runs that measured the safeguard's refit (--measure-refit), board and sweep
+        from kumiki.config import load_config
+
+        sweep_m = a.sweep_method or load_config(PILOT).method.name
+        groups = [(f"{m}, {r} rounds, 600 each (the pilot)", m, seeds, r, None) for m in methods for r in rounds]
+        groups += [(f"{sweep_m}, {mode['sweep_rounds']} rounds, {label}", sweep_m, seeds, mode["sweep_rounds"], label)
+                   for label in mode["sweep"] if regime_key(label) is not None]
+        text = refit_section(refit_rows(work, groups), command, (before, load()))
+        print(text)
+        if a.write:
+            publish(REFIT_TAG, text)
     if a.part == "tune":
         from kumiki.config import load_config
 

@@ -14,21 +14,24 @@ report shows what that choice was worth on test (docs/safeguard.md).
   accountant's sample rate and ``num-examples`` see only that.
 * **The own model** (``train_own``): the plain classifier from the run's seeded initialization (the local-only
   baseline's start), trained by the one loop (``Trainer.fit``) on the fit part with the run's ``[train]`` knobs
-  after the method's own training, one pass of ``train.local_epochs`` per round; beside it its **refit twin**
-  (``own_full``), the same recipe on the site's whole training split (validation included): what the factory
-  would train alone. Both live in the site state (``SiteState.extra["safeguard"]``, saved with the round like
-  every personal part, so a resumed round is re-trained from the state before it) and are never put in a message.
+  after the method's own training, one pass of ``train.local_epochs`` per round. It lives in the site state
+  (``SiteState.extra["safeguard"]``, saved with the round like every personal part, so a resumed round is
+  re-trained from the state before it) and is never put in a message.
 * **The choice** (``choose``): made on validation between the two models that never trained on it, the joined
   (personalized) model and the own model: the own model is chosen only when its validation metric is strictly
-  better (a tie chooses the joined model). **Then the chosen side is refit on the whole training split before it
-  is served** (the usual select-on-holdout-then-refit protocol: the 15 % held out is the choice's price only, not
-  the served model's): the own side serves ``own_full``; the joined side rebuilds the personalized model from the
-  whole split where the method builds it at evaluation from the training split (FedAvg-FT's fine-tuned copy,
-  FedHB's personalization; ``refit_joined``), else serves it as it is (its trained parts learnt from the fit part
-  in the federation's rounds). The evaluation reports ``served-<metric>`` (the served, refit model on test),
-  ``own-<metric>`` (the refit own model on test), ``val_joined-<metric>``, ``val_own-<metric>`` (the choice's
-  numbers) and ``safeguard-own`` (1: the own side is served); ``<state-dir>/safeguard.json`` records the latest
-  choice for the factory's operator (what to deploy).
+  better (a tie chooses the joined model), and **the chosen model is served as it was trained**. The evaluation
+  reports ``served-<metric>`` (the served model on test), ``own-<metric>`` (the own model on test),
+  ``val_joined-<metric>``, ``val_own-<metric>`` (the choice's numbers) and ``safeguard-own`` (1: the own side is
+  served); ``<state-dir>/safeguard.json`` records the latest choice for the factory's operator (what to deploy).
+* **The refit, measured and not served** (``safeguard.measure_refit``, bench only): refitting the chosen side on
+  the whole training split after the choice (select on a holdout, then refit) was served from commit fc7d5b8 and
+  reverted: on the pilot's leaderboard and sweep runs it did not serve better models (docs/safeguard.md, "The
+  refit") and it cost a second local training per site and round. With the knob on, a site also trains the own
+  model's **refit twin** (``own_full``: the same recipe on the whole training split) and reports
+  ``refit-<metric>``: the chosen side refit, on test (the own side: ``own_full``; the joined side: the
+  personalized model rebuilt from the whole split where the method builds it at evaluation from the training
+  split, FedAvg-FT's fine-tuned copy or FedHB's personalization, ``refit_joined``; else the joined model as it
+  is). What is served does not change.
 * **Under DP** the own model trains in the clear and the holdout is training data: every safeguard number would
   be a training-split value outside epsilon, so none leaves the site (``safeguard.json`` still records the choice
   at the site) and the own model's training never touches the privacy ledger.
@@ -61,12 +64,13 @@ from kumiki.atomic import atomic_json
 
 log = logging.getLogger("kumiki.client")
 
-KEY = "safeguard"  # SiteState.extra entry: {"own": {name: tensor}, "own_full": {name: tensor}, "round": int}
+KEY = "safeguard"  # SiteState.extra entry: {"own": {name: tensor}, "round": int} (+ "own_full": measure_refit)
 FILE = "safeguard.json"  # the latest choice, in the site's state dir
 TAG = b"kumiki-safeguard-holdout-v1"
-#: the evaluation keys the safeguard adds (besides ``served``, ``own``, ``val_joined`` and ``val_own`` metrics)
+#: the evaluation keys the safeguard adds (besides ``served``, ``own``, ``val_joined`` and ``val_own`` metrics, and
+#: ``refit`` under ``safeguard.measure_refit``)
 FLAG = "safeguard-own"
-PATHS = ("served", "own", "val_joined", "val_own")
+PATHS = ("served", "own", "val_joined", "val_own", "refit")
 
 
 @dataclass(frozen=True)
@@ -128,7 +132,8 @@ def split(data: SiteData, fraction: float) -> tuple[SiteData, Holdout | None]:
 
 def own_model(sj, which: str = "own") -> nn.Module | None:
     """The site's own model (``which``: ``own``, trained on the fit part; ``own_full``, its refit twin on the whole
-    training split) from its state, or None before its first training round."""
+    training split, trained only under ``safeguard.measure_refit``) from its state, or None before its first
+    training round (or without the twin)."""
     tensors = ((sj.state.extra or {}).get(KEY) or {}).get(which)
     if not tensors:
         return None
@@ -138,13 +143,16 @@ def own_model(sj, which: str = "own") -> nn.Module | None:
 
 
 def train_own(sj) -> float:
-    """One round of the own model on the fit part and of its refit twin on the whole training split (never DP:
-    they never leave and nothing computed from them leaves a DP site); stored in ``sj.state.extra`` for the
-    caller's save. Returns the seconds it took."""
+    """One round of the own model on the fit part and, under ``safeguard.measure_refit``, of its refit twin on the
+    whole training split (never DP: they never leave and nothing computed from them leaves a DP site); stored in
+    ``sj.state.extra`` for the caller's save. Each has its own seed and the global RNG is restored after each, so
+    the twin changes nothing else. Returns the seconds it took."""
     t0 = time.perf_counter()
-    full = sj.val.full if sj.val is not None else sj.data
+    sides = [("own", sj.data)]
+    if sj.job.safeguard.measure_refit and sj.val is not None:
+        sides.append(("own_full", sj.val.full))
     out = {"round": int(sj.job.round)}
-    for which, data in (("own", sj.data), ("own_full", full)):
+    for which, data in sides:
         model = own_model(sj, which) or build_model(sj.job.model, "plain").to(sj.trainer.device)
         trainer = Trainer(data.x_train, data.y_train, sj.job.train, seed=f"{sj.trainer.seed}:{which}",
                           device=sj.trainer.device)
@@ -156,9 +164,9 @@ def train_own(sj) -> float:
 
 
 def refit_joined(sj, objective) -> nn.Module | None:
-    """The personalized model rebuilt from the whole training split (validation included), or None when the
-    method's personalized model does not train on the training split at evaluation (FedPer's, Ditto's: it is
-    served as it is). Runs on a copy of the model with the same seeds and tags as the fit-part one, with the
+    """The personalized model rebuilt from the whole training split (validation included; ``measure_refit`` only),
+    or None when the method's personalized model does not train on the training split at evaluation (FedPer's,
+    Ditto's: it would be served as it is). Runs on a copy of the model with the same seeds and tags as the fit-part one, with the
     global RNG restored after."""
     full = sj.val.full
     trainer = Trainer(full.x_train, full.y_train, sj.job.train, seed=sj.trainer.seed, device=sj.trainer.device)
@@ -179,8 +187,8 @@ def choose(sj, objective, personal: nn.Module, joined_test: dict, test=None) -> 
     """The served model's evaluation keys (module docstring); ``joined_test`` is the personalized model's test
     evaluation already computed, on ``test`` = (x, y) (the round's evaluation sample; default the whole split),
     which the own and the served model are scored on too, so that served, own and joined compare on the same
-    examples. The choice uses the fit-part models only; the served side is then refit (``refit_joined``,
-    ``own_full``)."""
+    examples. The chosen model is served as trained; under ``measure_refit`` the chosen side refit on the whole
+    training split (``own_full``, ``refit_joined``) is scored too (``refit``), and not served."""
     x_test, y_test = test if test is not None else (sj.data.x_test, sj.data.y_test)
     hold: Holdout = sj.val
     task = sj.task.name
@@ -190,19 +198,27 @@ def choose(sj, objective, personal: nn.Module, joined_test: dict, test=None) -> 
     vo = ot = None
     if own is not None:
         vo = evaluate(own, hold.x, hold.y, forward, task=sj.task)["score"]
-        deployed = own_model(sj, "own_full") or own  # a state from before the refit twin: the fit-part model
-        ot = evaluate(deployed, x_test, y_test, forward, task=sj.task)["score"]
+        ot = evaluate(own, x_test, y_test, forward, task=sj.task)["score"]
         m.update({metric_key("val_own", task): vo, metric_key("own", task): ot})
     pick = serves_own(vj, vo, TASKS[task].higher_is_better)
-    if pick:
-        served = ot
-    else:
-        refit = refit_joined(sj, objective)
-        served = (joined_test["score"] if refit is None
-                  else evaluate(refit, x_test, y_test, objective.predict_personal, task=sj.task)["score"])
-    m[metric_key("served", task)] = served
+    m[metric_key("served", task)] = ot if pick else joined_test["score"]
     m[FLAG] = int(pick)
+    refit = _refit_score(sj, objective, pick, joined_test["score"], x_test, y_test) \
+        if sj.job.safeguard.measure_refit else None
+    if refit is not None:
+        m[metric_key("refit", task)] = refit
     return m
+
+
+def _refit_score(sj, objective, pick: bool, joined: float, x_test, y_test) -> float | None:
+    """``measure_refit``: the chosen side refit on the whole training split, on test (module docstring); None when
+    the own side is chosen and its twin was not trained yet (a state from before the knob was turned on)."""
+    if pick:
+        twin = own_model(sj, "own_full")
+        return evaluate(twin, x_test, y_test, forward, task=sj.task)["score"] if twin is not None else None
+    refit = refit_joined(sj, objective)
+    return joined if refit is None else evaluate(refit, x_test, y_test, objective.predict_personal,
+                                                 task=sj.task)["score"]
 
 
 def keys(task: str) -> set[str]:

@@ -291,6 +291,10 @@ class SafeguardSection(_Section):
         description="share of each site's training records held out as validation (neither model trains on them); "
                     "each record's membership is a hash of the record itself: the same in every run, unknown to the "
                     "server")
+    measure_refit: bool = Field(
+        False, description="bench only (docs/safeguard.md, 'The refit'): also train the own model on the whole "
+                           "training split and report on test what serving the chosen side refit on the whole split "
+                           "would score (`refit`), without serving it; about doubles the safeguard's compute")
 
 
 class PrivacySection(_Section):

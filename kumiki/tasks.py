@@ -18,8 +18,9 @@ from dataclasses import dataclass
 
 #: The evaluation paths a site reports (ARCHITECTURE section 7).
 PATHS = ("personalized", "global", "adapted",
-         # the safeguard's (client/safeguard.py): the served and own models on test, both on validation
-         "served", "own", "val_joined", "val_own")
+         # the safeguard's (client/safeguard.py): the served and own models on test, both on validation, and
+         # (``safeguard.measure_refit``) the chosen side refit on the whole training split, on test
+         "served", "own", "val_joined", "val_own", "refit")
 
 
 @dataclass(frozen=True)

@@ -69,7 +69,7 @@ def safeguard_section(ev: dict[str, dict[str, float]], roles: dict[str, str], ta
     """The safeguard's round (client/safeguard.py): which model each training site serves, the served and own
     models on test, both on validation, and the seconds its own model's training took (None: nothing reported,
     as when it is off or under DP, where its numbers stay at the sites)."""
-    serves, val, served, own = {}, {}, {}, {}
+    serves, val, served, own, refit = {}, {}, {}, {}, {}
     for site, m in ev.items():
         task = tasks.get(site, "classification")
         if roles.get(site) != "train" or "safeguard-own" not in m:
@@ -80,6 +80,8 @@ def safeguard_section(ev: dict[str, dict[str, float]], roles: dict[str, str], ta
             served[site] = m[metric_key("served", task)]
         if metric_key("own", task) in m:
             own[site] = m[metric_key("own", task)]
+        if metric_key("refit", task) in m:  # safeguard.measure_refit: the chosen side refit, not served
+            refit[site] = m[metric_key("refit", task)]
     # its extra compute per site: the own model's training round plus the choice's evaluation
     secs = {s: float(m["safeguard-time-s"]) for s, m in train.items() if "safeguard-time-s" in m}
     for s, m in ev.items():
@@ -90,6 +92,7 @@ def safeguard_section(ev: dict[str, dict[str, float]], roles: dict[str, str], ta
     higher = all(TASKS[tasks.get(s, "classification")].higher_is_better for s in serves)
     return {"serves": dict(sorted(serves.items())), "validation": dict(sorted(val.items())),
             "served": describe(served, higher), "own": describe(own, higher),
+            **({"refit": describe(refit, higher)} if refit else {}),
             "time_s": {"max": max(secs.values()), "mean": float(np.mean(list(secs.values()))),
                        "per_site": dict(sorted(secs.items()))} if secs else None}
 
@@ -263,7 +266,9 @@ class Recorder:
                           **({"serves": "own" if m["safeguard-own"] else "joined",
                               "served": m.get(metric_key("served", task)), "own": m.get(metric_key("own", task)),
                               "val_joined": m.get(metric_key("val_joined", task)),
-                              "val_own": m.get(metric_key("val_own", task))} if "safeguard-own" in m else {}),
+                              "val_own": m.get(metric_key("val_own", task)),
+                              **({"refit": m[metric_key("refit", task)]} if metric_key("refit", task) in m else {})}
+                             if "safeguard-own" in m else {}),
                           "safeguard_time_s": st.train_metrics.get(site, {}).get("safeguard-time-s"),
                           "safeguard_eval_time_s": m.get("safeguard-eval-time-s"),
                           # paths whose metrics the site kept home under DP (their model trained outside DP-SGD)
@@ -332,6 +337,8 @@ class Recorder:
                                "outside epsilon, so they stay at each site (<state-dir>/safeguard.json)")
         out.update({"serves": row.get("serves") or {}, "validation": row.get("validation") or {},
                     "served": row.get("served"), "own": row.get("own"),
+                    # safeguard.measure_refit (bench only): the chosen side refit on the whole split, not served
+                    **({"measure_refit": True, "refit": row.get("refit")} if g.measure_refit else {}),
                     # the safeguard's compute per round (its own model's training and the choice's evaluation): the
                     # slowest site's seconds and the mean over sites, averaged over the rounds that reported it
                     "extra_time_per_round_s": {"max": tot.guard_max / tot.guard_rounds,

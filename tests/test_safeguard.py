@@ -25,6 +25,7 @@ from server.federation import model_spec
 from tests.conftest import make_config, untimed
 
 ON = {"enabled": True, "val_fraction": 0.2}
+MEASURED = {**ON, "measure_refit": True}  # the refit scored beside what is served (bench only)
 
 
 def _rows(cfg) -> list[dict]:
@@ -33,11 +34,20 @@ def _rows(cfg) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
+    """The run most tests read: the safeguard on, with its refit measured (so the refit twin is there too)."""
     tmp = tmp_path_factory.mktemp("guard")
-    cfg = make_config(tmp, method="fedavg", rounds=2, sites=2, safeguard=ON)
+    cfg = make_config(tmp, method="fedavg", rounds=2, sites=2, safeguard=MEASURED)
     grids = []
     summary = run_inprocess(cfg, quiet=True, grid_hook=grids.append)
     return cfg, grids[0], summary
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    """The same run with the safeguard's defaults (the refit not measured)."""
+    tmp = tmp_path_factory.mktemp("guard-plain")
+    cfg = make_config(tmp, method="fedavg", rounds=2, sites=2, safeguard=ON)
+    return cfg, run_inprocess(cfg, quiet=True)
 
 
 def test_knob_validates_with_clear_errors(tmp_path):
@@ -115,11 +125,13 @@ def test_own_model_never_leaves_the_site(run):
             assert not any("own" in str(k) and "accuracy" not in str(k) and k != safeguard.FLAG for k in rec.keys())
 
 
-def test_the_own_side_is_served_refit_on_the_whole_training_split(run):
-    """The choice is made with the own model trained on the fit part; what is served (and reported as ``own``) is
-    its twin trained on the whole training split, validation included (what the factory would train alone)."""
-    cfg, _, _ = run
-    last = {r["site"]: r for r in _rows(cfg) if r["kind"] == "site" and r["role"] == "train" and r["round"] == 2}
+def test_the_chosen_model_is_served_as_trained_and_the_refit_only_measured(run, plain):
+    """The own model that the choice scores on validation is the one served (and reported as ``own``); under
+    ``measure_refit`` its twin trained on the whole training split is scored as ``refit`` and never served, and
+    measuring it changes nothing the run serves or reports otherwise."""
+    cfg, _, summary = run
+    rows = [r for r in _rows(cfg) if r["kind"] == "site" and r["role"] == "train"]
+    last = {r["site"]: r for r in rows if r["round"] == 2}
     spec = model_spec(cfg)
     for d in sorted((cfg.run_dir() / "state").iterdir()):
         extra = torch.load(d / "site_state.pt", weights_only=True)["extra"][safeguard.KEY]
@@ -130,18 +142,32 @@ def test_the_own_side_is_served_refit_on_the_whole_training_split(run):
             model = build_model(spec, "plain")
             model.load_state_dict(extra[which])
             scores[which] = (evaluate(model, hold.x, hold.y)["score"], evaluate(model, data.x_test, data.y_test)["score"])
-        # the choice's number is the fit-part model's; the deployed (and reported) own model is the refit one
+        # the choice's number and the served (and reported) own model are the fit-part model's
         assert last[d.name]["val_own"] == pytest.approx(scores["own"][0])
-        assert last[d.name]["own"] == pytest.approx(scores["own_full"][1])
+        assert last[d.name]["own"] == pytest.approx(scores["own"][1])
+        # the refit: the twin when the own side is chosen, FedAvg's joined model as it is otherwise
+        r = last[d.name]
+        assert r["refit"] == pytest.approx(scores["own_full"][1] if r["serves"] == "own" else r["personalized"])
         assert not all(torch.equal(extra["own"][k], extra["own_full"][k]) for k in extra["own"])
-        # the refit twin has seen the validation records: it fits them at least as well as the fit-part model
-        assert scores["own_full"][0] >= scores["own"][0] - 1e-9
+    assert summary["safeguard"]["measure_refit"] and set(summary["safeguard"]["refit"]["per_site"]) == set(last)
+    # without the measurement: no twin, no refit number, and every served and reported number the same
+    pcfg, psummary = plain
+    prow = {(r["site"], r["round"]): r for r in _rows(pcfg) if r["kind"] == "site" and r["role"] == "train"}
+    assert len(prow) == len(rows) == 4
+    for r in rows:
+        p = prow[(r["site"], r["round"])]
+        assert "refit" not in p
+        for k in ("serves", "served", "own", "val_own", "val_joined", "personalized"):
+            assert p[k] == pytest.approx(r[k], abs=1e-12), (k, r, p)
+    assert "refit" not in psummary["safeguard"] and "measure_refit" not in psummary["safeguard"]
+    for d in sorted((pcfg.run_dir() / "state").iterdir()):
+        assert set(torch.load(d / "site_state.pt", weights_only=True)["extra"][safeguard.KEY]) == {"own", "round"}
 
 
 def test_refit_sides_train_on_the_whole_split(tmp_path, monkeypatch):
-    """The own model trains on the fit part, its refit twin on the whole training split. A method that builds its
-    personalized model from the training split at evaluation (FedAvg-FT) gets the whole split (validation
-    included) for the served model; one that does not (FedPer) is served as it is."""
+    """The own model trains on the fit part; under ``measure_refit`` its refit twin trains on the whole training
+    split. A method that builds its personalized model from the training split at evaluation (FedAvg-FT) gets the
+    whole split (validation included) for the measured refit; one that does not (FedPer) is measured as it is."""
     from types import SimpleNamespace
 
     from client.loop import Trainer
@@ -153,9 +179,6 @@ def test_refit_sides_train_on_the_whole_split(tmp_path, monkeypatch):
     data = sites.load_site(Path(sim["sites_root"]) / sim["site_dirs"][0])
     fit, hold = safeguard.split(data, 0.2)
     model = build_model(model_spec(cfg), "plain")
-    sj = SiteJob(model, None, Trainer(fit.x_train, fit.y_train, cfg.train, seed="s", device=torch.device("cpu")),
-                 fit, SimpleNamespace(extra={}), SimpleNamespace(train=cfg.train, model=model_spec(cfg), round=1), {},
-                 val=hold)
     trained = {}
 
     class Recording(Trainer):
@@ -164,9 +187,16 @@ def test_refit_sides_train_on_the_whole_split(tmp_path, monkeypatch):
             return super().fit(model, *a, **k)
 
     monkeypatch.setattr(safeguard, "Trainer", Recording)
-    safeguard.train_own(sj)
-    assert trained == {"own:r1": len(fit.y_train), "own_full:r1": len(data.y_train)}
-    assert set(sj.state.extra[safeguard.KEY]) == {"own", "own_full", "round"}
+    for knobs, want in ((cfg.safeguard, {"own:r1": len(fit.y_train)}),
+                        (cfg.safeguard.model_copy(update={"measure_refit": True}),
+                         {"own:r1": len(fit.y_train), "own_full:r1": len(data.y_train)})):
+        trained.clear()
+        sj = SiteJob(model, None, Trainer(fit.x_train, fit.y_train, cfg.train, seed="s", device=torch.device("cpu")),
+                     fit, SimpleNamespace(extra={}),
+                     SimpleNamespace(train=cfg.train, model=model_spec(cfg), round=1, safeguard=knobs), {}, val=hold)
+        safeguard.train_own(sj)
+        assert trained == want
+        assert set(sj.state.extra[safeguard.KEY]) == {k.split(":")[0] for k in want} | {"round"}
     monkeypatch.undo()
     seen = []
 
