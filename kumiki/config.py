@@ -260,9 +260,16 @@ class EvalSection(_Section):
         "auto",
         description="test examples each site evaluates in every round but the last, the same fixed sample every "
                     "round (drawn once per site from run.seed and its name, so curves stay comparable); the last "
-                    "round is always evaluated on the whole test split. auto: a share of the examples the site "
+                    "round is evaluated as eval.final_sample says. auto: a share of the examples the site "
                     "trains on per round (a quarter on images, a tenth on language data; at least 64), so "
                     "evaluation stays near 20 % of a round; 0: the whole split every round",
+    )
+    final_sample: Union[Literal["auto"], Annotated[int, Field(ge=0, le=10_000_000)]] = Field(
+        "auto",
+        description="test examples each site scores in the run's last round (the report's numbers), a fixed sample "
+                    "drawn like eval.sample's. auto: the whole test split on image data; on language data twice "
+                    "eval.sample's size (a 128-byte window scores 128 predictions, and the whole split was "
+                    "about half of a WorldLM run on fortunes); 0: the whole split",
     )
     in_train_reply: bool = Field(
         True,

@@ -16,8 +16,8 @@ from launch.engines.inprocess import run_inprocess
 from tests.conftest import make_config
 
 
-def _job(sample="auto", steps=None, batch=32, epochs=1, rnd=1, rounds=3):
-    return SimpleNamespace(eval=SimpleNamespace(sample=sample), method=SimpleNamespace(local_steps=steps),
+def _job(sample="auto", steps=None, batch=32, epochs=1, rnd=1, rounds=3, final="auto"):
+    return SimpleNamespace(eval=SimpleNamespace(sample=sample, final_sample=final), method=SimpleNamespace(local_steps=steps),
                            train=SimpleNamespace(batch_size=batch, local_epochs=epochs),
                            model=SimpleNamespace(seed=0), round=rnd, rounds=rounds)
 
@@ -29,6 +29,22 @@ def test_auto_sizes_the_sample_from_the_training_of_a_round():
     assert eval_sample.sample_size(_job(steps=1, batch=8), num_train=10_000, num_test=1_000) == eval_sample.MIN_AUTO
     assert eval_sample.sample_size(_job(sample=0), num_train=10_000, num_test=1_000) is None
     assert eval_sample.sample_size(_job(sample=100), num_train=10, num_test=1_000) == 100
+
+
+def test_the_last_round_scores_the_whole_split_on_images_and_twice_the_sample_on_language_data():
+    # WorldLM on fortunes: 50 steps x 32 a round; scoring the whole split (thousands of windows) at the last round
+    # made evaluation about 45 % of a 6-round run
+    assert eval_sample.final_size(_job(steps=50), 20_000, 5_000, task="language") == 320
+    assert eval_sample.final_size(_job(steps=50), 20_000, 5_000) is None, "images: the whole split"
+    assert eval_sample.final_size(_job(steps=50), 20_000, 300, task="language") is None, "the sample would cover it"
+    assert eval_sample.final_size(_job(steps=50, sample=0), 20_000, 5_000, task="language") is None
+    assert eval_sample.final_size(_job(steps=50, final=0), 20_000, 5_000, task="language") is None
+    assert eval_sample.final_size(_job(final=500), 10, 5_000) == 500
+    text = SimpleNamespace(num_train=20_000, x_test=np.arange(5_000), y_test=np.arange(5_000), task="language")
+    x, y = eval_sample.test_split(_job(steps=50), text, "site-0", full=True)
+    assert len(y) == 320 and len(set(x.tolist())) == 320
+    x, y = eval_sample.test_split(_job(steps=50), text, "site-0", full=False)
+    assert len(y) == 160
 
 
 def test_the_sample_is_a_fixed_set_of_distinct_indices_per_site():
