@@ -2,12 +2,35 @@
 
 from __future__ import annotations
 
+import os
 import statistics
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from kumiki.config import KumikiConfig, load_config
 from launch.engines import run
 from server.recorder import read_final
+
+
+@contextmanager
+def omp_threads(value: str | None) -> Iterator[None]:
+    """``OMP_NUM_THREADS`` set to ``value`` (None: unset) for a block, then put back as it was. A bench's ``main``
+    also runs inside other processes (the tests call it): a setting left behind changed how many threads every later
+    in-process run in that pytest worker computed with, and the engines' bit-identity test failed after it
+    whenever xdist gave both to one worker (three loaded `make test` runs, 2026-12-06)."""
+    before = os.environ.get("OMP_NUM_THREADS")
+    if value is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = before
 
 
 def knob_value(v: str):

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -47,6 +46,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import omp_threads  # noqa: E402
 from bench.results import load, machine, median, run_rows, stamp, verdict, publish  # noqa: E402
 
 GOAL_OVERHEAD = 0.10
@@ -76,12 +76,9 @@ def measure(workload: str, sites: int, engine: str, rounds: int, out: Path) -> d
     t0 = time.perf_counter()
     kw = ({"tuning": local.Tuning.stock()} if engine == "stock"
           else {"tuning": local.Tuning(long_poll_s=None)} if engine == "polling" else {})
-    if engine == "inprocess":  # the compute reference: one thread, the sites in turn
-        os.environ["OMP_NUM_THREADS"] = "1"
-    try:
+    # the compute reference: one thread, the sites in turn; every other engine its own setting (client/threads.py)
+    with omp_threads("1" if engine == "inprocess" else None):
         summary, rows, _ = run_rows(cfg, "local" if engine in ("stock", "polling") else engine, **kw)
-    finally:
-        os.environ.pop("OMP_NUM_THREADS", None)
     wall = time.perf_counter() - t0
     per = [{"round_s": r["time"]["round_s"], "compute_s": r["time"]["site_compute_s"]} for r in rows]
     for p in per:
@@ -170,7 +167,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "kumiki-bench" / "overhead")
     ap.add_argument("--write", action="store_true", help="write the section into bench/RESULTS.md")
     a = ap.parse_args(argv)
-    os.environ.pop("OMP_NUM_THREADS", None)  # each engine's own thread setting (client/threads.py)
     full = a.mode == "full"
     if a.sites or a.workloads:
         groups = [(w, n) for w in a.workloads or ["pilot"] for n in a.sites or [3]]

@@ -37,6 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import omp_threads  # noqa: E402
 from bench.results import load, machine  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -110,12 +111,12 @@ def measure(workload: str, sites: int, rounds: int, out: Path, engine: str = "lo
     t.start()
     try:
         if engine == "local":
-            summary = local.run_local(cfg, quiet=True, overwrite=True)
+            with omp_threads(None):
+                summary = local.run_local(cfg, quiet=True, overwrite=True)
         else:
-            os.environ["OMP_NUM_THREADS"] = "1"
-            summary = run(cfg, "inprocess", quiet=True, overwrite=True)
+            with omp_threads("1"):
+                summary = run(cfg, "inprocess", quiet=True, overwrite=True)
     finally:
-        os.environ.pop("OMP_NUM_THREADS", None)
         done.set()
         t.join()
         local._Cluster.start = orig

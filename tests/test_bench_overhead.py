@@ -58,3 +58,20 @@ def test_steady_rounds_leave_out_the_first_and_the_evaluated_last(monkeypatch, t
     monkeypatch.setattr(ov, "run_rows", lambda cfg, engine, **kw: ({"status": "ok"}, rows, []))
     r = ov.measure("pilot", 3, "local", 4, tmp_path)
     assert r["round_s"] == 2.5 and r["round1_s"] == 9.0 and r["last_s"] == 30.0
+
+
+def test_the_bench_leaves_its_callers_thread_setting_as_it_found_it(monkeypatch, tmp_path):
+    """``main`` and ``measure`` run inside pytest workers too: the OMP_NUM_THREADS they set for one engine must
+    not outlive them (left unset, later in-process runs in that worker computed with 2 threads against Ray's 1
+    and ``test_engines``' bit-identity failed in three loaded make test runs)."""
+    import os
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    seen = []
+    rows = [{"time": {"round_s": s, "site_compute_s": 1.0}} for s in (9.0, 2.0, 3.0)]
+    monkeypatch.setattr(ov, "run_rows", lambda cfg, engine, **kw: (
+        seen.append(os.environ.get("OMP_NUM_THREADS")) or ({"status": "ok"}, rows, [])))
+    monkeypatch.setattr(ov, "publish", lambda *a: None)
+    ov.main(["--sites", "3", "--engines", "inprocess", "local", "--out", str(tmp_path)])
+    assert seen == ["1", None], "in-process: one thread; local: each engine's own setting"
+    assert os.environ.get("OMP_NUM_THREADS") == "1"
