@@ -43,6 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from kumiki.atomic import atomic_json  # noqa: E402
 from launch import fastpath  # noqa: E402
 from launch.certs import DEFAULT_SITES, CertBundle, make_certs  # noqa: E402
 from launch.engines import local  # noqa: E402
@@ -78,9 +79,7 @@ class Deployment:
 
     def save(self, info: dict) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(info, indent=2))
-        tmp.replace(self.file)
+        atomic_json(self.file, info, indent=2)
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in local._TUNING_ENV}
