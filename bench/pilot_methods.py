@@ -540,8 +540,6 @@ def main(argv: list[str] | None = None) -> int:
                     "safeguard's refit (safeguard.measure_refit; not served, so no table number changes); the "
                     "'refit' table compares it with what is served")
     ap.add_argument("--note", default="", help="a sentence for the table: which commands made the cached runs")
-    ap.add_argument("--tag", default=TAG, help=f"--part board: the bench/RESULTS.md section --write fills (default "
-                    f"{TAG}); another tag keeps a later group of methods beside the table, not over it")
     a = ap.parse_args(argv)
     mode = MODES[a.mode]
     work = a.workdir / a.mode
@@ -577,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
         print(text)
         (work / "board.json").write_text(json.dumps({str(k): v for k, v in boards.items()}, indent=1))
         if a.write:
-            publish(a.tag, text)
+            publish(TAG, text)
     if a.part in ("sweep", "all"):
         from kumiki.config import load_config
 
