@@ -59,8 +59,7 @@ def sample_size(job, num_train: int, num_test: int, task: str = "classification"
         steps = getattr(job.method, "local_steps", None)
         trained = steps * job.train.batch_size if steps else job.train.local_epochs * num_train
         want = max(MIN_AUTO, math.ceil(trained / PER_TRAINED.get(task, PER_TRAINED_DEFAULT)))
-    want = int(want)
-    return None if want <= 0 or want >= num_test else want
+    return _or_whole(want, num_test)
 
 
 def final_size(job, num_train: int, num_test: int, task: str = "classification") -> int | None:
@@ -72,6 +71,11 @@ def final_size(job, num_train: int, num_test: int, task: str = "classification")
         if n is None:
             return None
         want = k * n
+    return _or_whole(want, num_test)
+
+
+def _or_whole(want, num_test: int) -> int | None:
+    """A sample size, or None (the whole split) for 0 and for a size that would cover the split."""
     want = int(want)
     return None if want <= 0 or want >= num_test else want
 
