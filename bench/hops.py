@@ -33,13 +33,14 @@ from bench.results import load, machine, publish, stamp  # noqa: E402
 
 
 def models() -> list[tuple[str, dict]]:
-    from kumiki.config import load_config, validate
+    from bench.common import pilot_config
+    from kumiki.config import validate
     from models import build_model
     from server.federation import model_spec
 
     out = []
     for name, sets in (("pilot CNN-S", []), ("pilot-1m CNN", ["model.hidden=320"])):
-        cfg = load_config(str(ROOT / "deploy" / "pilot.toml"), sets)
+        cfg = pilot_config(sets)
         out.append((name, build_model(model_spec(cfg), cfg.method).state_dict()))
     cfg = validate({"run": {"name": "lm", "rounds": 1}, "method": {"name": "fedavg"},
                     "data": {"dataset": "markov", "sites": 2}})

@@ -66,9 +66,9 @@ def group_members(pgid: int) -> list[int]:
 
 
 def config(sites: int, out: Path, name: str):
-    from kumiki.config import load_config
+    from bench.common import pilot_config
 
-    return load_config(str(ROOT / "deploy" / "pilot.toml"), [
+    return pilot_config([
         "run.rounds=1", f'run.name="{name}"', f'run.output_dir="{out}"', f"data.sites={sites}",
         "data.unseen_sites=0", "data.site_names=[]", "data.samples_per_site=120",
         "server.discovery_timeout_s=600.0", "server.round_timeout_s=600"])

@@ -99,9 +99,9 @@ def serve(argv: list[str]) -> None:
 
 # --------------------------------------------------------------------------- the bench
 def config(sites: int, rounds: int, out: Path, name: str):
-    from kumiki.config import load_config
+    from bench.common import pilot_config
 
-    return load_config(str(ROOT / "deploy" / "pilot.toml"), [
+    return pilot_config([
         f"run.rounds={rounds}", f'run.name="{name}"', f'run.output_dir="{out}"', f"data.sites={sites}",
         "data.unseen_sites=0", "data.site_names=[]", "data.samples_per_site=120", "server.discovery_timeout_s=300.0"])
 

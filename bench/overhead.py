@@ -14,8 +14,8 @@ any evaluation sent in it); the slowest site's compute is what the sites report 
 slowest per exchange, summed over the round's exchanges (``time.site_compute_s``). The rest is the framework:
 transport, polling, process start-up, serialization, the server's own work.
 
-Workloads: the pilot config (``deploy/pilot.toml``: FedAvg-FT, Fashion-MNIST, CNN-S with 0.42M parameters,
-600 images per factory) at 3 and 10 training factories, and the same with a ~1M-parameter CNN (hidden 320;
+Workloads: the pilot config (``deploy/pilot.toml`` with FedAvg-FT, ``bench.common.PILOT_MEASURED``;
+Fashion-MNIST, CNN-S with 0.42M parameters, 600 images per factory) at 3 and 10 training factories, and the same with a ~1M-parameter CNN (hidden 320;
 full mode). Engines: ``simulation`` (Flower's, on Ray), ``local`` (real SuperLink and SuperNodes with TLS and
 authentication, Kumiki's fast path), and ``local`` with ``Tuning.stock()`` (Flower 1.41 as shipped, which is
 what compose and the Flower-native commands run without the fast path); on request (``--engines``), ``polling``:
@@ -61,9 +61,9 @@ DEFAULT_ENGINES = ("inprocess", "simulation", "local", "stock")
 
 
 def config(workload: str, sites: int, rounds: int, out: Path, name: str):
-    from kumiki.config import load_config
+    from bench.common import pilot_config
 
-    return load_config(str(ROOT / "deploy" / "pilot.toml"), [
+    return pilot_config([
         f"run.rounds={rounds}", f'run.name="{name}"', f'run.output_dir="{out}"', f"data.sites={sites}",
         "data.unseen_sites=0", "data.site_names=[]", f"model.hidden={WORKLOADS[workload]}",
         "server.discovery_timeout_s=300.0"])

@@ -34,7 +34,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kumiki.config import KumikiConfig, load_config, validate  # noqa: E402
+from kumiki.config import KumikiConfig, validate  # noqa: E402
+from bench.common import pilot_config  # noqa: E402
 from kumiki.data.prepare import materialize  # noqa: E402
 from launch.engines import local  # noqa: E402
 
@@ -47,8 +48,7 @@ def config(mode: str, out: Path, name: str) -> KumikiConfig:
             "data": {"dataset": "digits", "sites": 2, "partition": {"kind": "dirichlet", "alpha": 0.3}},
             "model": {"arch": "mlp", "hidden": 64},
         })
-    return load_config(str(ROOT / "deploy" / "pilot.toml"),
-                       ["run.rounds=3", f'run.name="{name}"', f'run.output_dir="{out / "runs"}"'])
+    return pilot_config(["run.rounds=3", f'run.name="{name}"', f'run.output_dir="{out / "runs"}"'])
 
 
 def run_engine(cfg: KumikiConfig, tuning: local.Tuning) -> dict:

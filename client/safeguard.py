@@ -13,8 +13,10 @@ report shows what that choice was worth on test (docs/safeguard.md).
   model trains on the holdout: the site's ``SiteJob.data`` becomes the fit part, so every method, the DP
   accountant's sample rate and ``num-examples`` see only that.
 * **The own model** (``train_own``): the plain classifier from the run's seeded initialization (the local-only
-  baseline's start), trained by the one loop (``Trainer.fit``) on the fit part with the run's ``[train]`` knobs
-  after the method's own training, one pass of ``train.local_epochs`` per round. It lives in the site state
+  baseline's start), trained by the one loop (``Trainer.fit``) on the fit part after the method's own training,
+  with the ``[train]`` knobs the local-only baseline gets (``Job.own_train``: the run's ``[train]`` without the
+  method's paper defaults), one pass of their ``local_epochs`` per round. It stands for "alone": with the
+  method's optimizer it was better or worse than alone by the optimizer alone (FedHB's 2 epochs, DualFed's lr). It lives in the site state
   (``SiteState.extra["safeguard"]``, saved with the round like every personal part, so a resumed round is
   re-trained from the state before it) and is never put in a message.
 * **The choice** (``choose``): made on validation between the two models that never trained on it, the joined
@@ -154,7 +156,7 @@ def train_own(sj) -> float:
     out = {"round": int(sj.job.round)}
     for which, data in sides:
         model = own_model(sj, which) or build_model(sj.job.model, "plain").to(sj.trainer.device)
-        trainer = Trainer(data.x_train, data.y_train, sj.job.train, seed=f"{sj.trainer.seed}:{which}",
+        trainer = Trainer(data.x_train, data.y_train, sj.job.own_train or sj.job.train, seed=f"{sj.trainer.seed}:{which}",
                           device=sj.trainer.device)
         with torch.random.fork_rng(devices=[]):  # the method's randomness goes on as without the safeguard
             trainer.fit(model, model.parameters(), sj.task_loss, tag=f"{which}:r{sj.job.round}")

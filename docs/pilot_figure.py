@@ -89,8 +89,8 @@ def draw(numbers: dict, out: Path) -> None:
     ax.set_ylabel(f"{numbers.get('metric', 'accuracy')}{unit}")
     ax.set_ylim(0, 110 if scale == 100.0 else None)
     seeds = numbers.get("seeds") or []
-    ax.set_title(f"What joining gains each factory: {numbers['a']['label']} vs {numbers['b']['label']}"
-                 + (f", {len(seeds)} seeds (mean ± std)" if seeds else ""), fontsize=10)
+    ax.set_title("What joining gains each factory" + (f", {len(seeds)} seeds (mean ± std)" if seeds else "")
+                 + f"\n{numbers['a']['label']} vs {numbers['b']['label']}", fontsize=10)  # two lines: fits
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=4, fontsize=8, frameon=False)
     ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()

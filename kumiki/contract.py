@@ -47,6 +47,7 @@ _METHOD, _TRAIN, _MODEL, _PRIVACY, _SIM = "kumiki.method", "kumiki.train", "kumi
 _EVAL, _SITE, _RUN, _ROUNDS = "kumiki.eval", "kumiki.site", "kumiki.run", "kumiki.rounds"
 _RUN_ID = "kumiki.run-id"
 _SAFEGUARD = "kumiki.safeguard"
+_OWN_TRAIN = "kumiki.own-train"
 #: per-site config entry: the last round the server accepted this site's update for (0: none yet)
 COMPLETED = "kumiki.completed"
 #: train-message config entry: evaluate the received model as round k's evaluation before training
@@ -77,6 +78,9 @@ class Job:
     run_id: str = ""
     #: the safeguard's knobs (``client/safeguard.py``); a message without them (an older server) turns it off
     safeguard: SafeguardSection = field(default_factory=lambda: SafeguardSection(enabled=False))
+    #: the ``[train]`` of the safeguard's own model: the local-only baseline's (``KumikiConfig.alone_train``);
+    #: None (an older server) trains it with ``train``
+    own_train: TrainSection | None = None
 
     def to_config(self) -> ConfigRecord:
         rec: dict[str, Any] = {
@@ -94,6 +98,8 @@ class Job:
         }
         if self.sim is not None:
             rec[_SIM] = json.dumps(self.sim)
+        if self.own_train is not None:
+            rec[_OWN_TRAIN] = self.own_train.model_dump_json()
         return ConfigRecord(rec)
 
     @classmethod
@@ -115,6 +121,7 @@ class Job:
                 run_id=str(rec[_RUN_ID]) if _RUN_ID in rec else "",
                 safeguard=(SafeguardSection.model_validate_json(str(rec[_SAFEGUARD])) if _SAFEGUARD in rec
                            else SafeguardSection(enabled=False)),
+                own_train=TrainSection.model_validate_json(str(rec[_OWN_TRAIN])) if _OWN_TRAIN in rec else None,
             )
         except (KeyError, ValueError) as e:
             raise ValueError(f"malformed job config in message: {e}") from None

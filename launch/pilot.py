@@ -161,10 +161,16 @@ def console_lines(comp: dict) -> list[str]:
         picks = ", ".join(f"{k} {n}x" for k, n in (r.get("serves") or {}).items())
         out.append(f"  {r['site']:<14} serves {picks:<16} served {v(r.get('served')):<16} gain {g(r.get('gain_served'))}")
     if guarded:
-        losing = [r["site"] for r in guarded if r["gain_served"]["mean"] < 0]
+        losing = [r for r in guarded if r["gain_served"]["mean"] < 0]
+        # beyond the spread: the seeds agree it loses (the leaderboard's "worse off"); any mean loss is named first
+        clear = [r["site"] for r in losing if r["gain_served"].get("std") is not None
+                 and r["gain_served"]["mean"] + r["gain_served"]["std"] < 0]
+        spread = (f" (beyond the spread over seeds: {', '.join(clear) if clear else 'none'})"
+                  if losing and comp.get("pairs", 1) > 1 else "")
         mean = (comp.get("overall") or {}).get("served_gain_mean")
         out.append("  with the safeguard: " + (f"{len(losing)} factory(ies) still worse off than alone: "
-                                                 f"{', '.join(losing)}" if losing else "no factory worse off than alone")
+                                                 f"{', '.join(r['site'] for r in losing)}{spread}" if losing
+                                                 else "no factory worse off than alone")
                    + f"; mean gain {g({'mean': mean}) if mean is not None else '-'}")
     for r in comp.get("unseen") or []:
         out.append(f"  {r['site']:<14} new factory: zero-shot {v(r.get('zero_shot'))}, adapted {v(r.get('adapted'))}"

@@ -60,7 +60,7 @@ def build_strategy(cfg: KumikiConfig, sim: dict | None = None):
     split = ParamSplit.build(model, cfg.method.split_rules())
     initial = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     job = Job(0, cfg.method, cfg.train, spec, cfg.privacy, sim, cfg.eval, cfg.site, cfg.run.name, cfg.run.rounds,
-              safeguard=cfg.safeguard)
+              safeguard=cfg.safeguard, own_train=cfg.alone_train)
     return entry(cfg.method.name).strategy_for(cfg)(cfg, job, split, initial)
 
 

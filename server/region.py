@@ -56,7 +56,7 @@ def build_region(cfg: KumikiConfig, group: str):
     split = ParamSplit.build(model, cfg.method.split_rules())
     initial = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     job = C.Job(0, cfg.method, cfg.train, spec, cfg.privacy, None, cfg.eval, cfg.site, cfg.run.name, cfg.run.rounds,
-                safeguard=cfg.safeguard)
+                safeguard=cfg.safeguard, own_train=cfg.alone_train)
     return RegionServer(cfg, job, split, initial, group)
 
 

@@ -41,3 +41,17 @@ def test_group_cpu_counts_reaped_children():
     finally:
         proc.stdin.close()
         proc.wait(timeout=30)
+
+
+def test_systems_benchmarks_keep_the_method_they_were_measured_with(tmp_path):
+    """The pilot's default method moved to FedHB (issue 24); the overhead, idle-CPU, SQL, paths, hops and wire
+    benchmarks load ``deploy/pilot.toml`` and must still run FedAvg-FT (``bench.common.PILOT_MEASURED``), or a
+    rerun would silently compare FedHB's rounds with the FedAvg-FT figures in bench/RESULTS.md."""
+    from bench import idle_cpu, linkstate_sql, overhead, paths, wire
+    from kumiki.config import load_config
+
+    assert load_config(str(overhead.ROOT / "deploy" / "pilot.toml")).method.name != "fedavg_ft"  # else this test proves nothing
+    cfgs = [overhead.config("pilot", 3, 2, tmp_path, "o"), idle_cpu.config(3, tmp_path, "i"),
+            linkstate_sql.config(3, 2, tmp_path, "l"), paths.config("full", tmp_path, "p"),
+            wire.config("full", tmp_path, "w", None, "float32", 2)]
+    assert [(c.method.name, c.method.ft_epochs) for c in cfgs] == [("fedavg_ft", 1)] * len(cfgs)

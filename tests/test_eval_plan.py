@@ -29,8 +29,9 @@ def _share(cfg, k: int) -> float:
 
 
 @pytest.mark.parametrize("sets, expected", [
-    ([], 11),  # the pilot: FedAvg-FT (1 epoch fine-tuning), 4 sites + 1 unseen adapting 5 epochs
-    (["data.unseen_sites=0", "data.site_names=[]"], 5),  # FedAvg-FT alone: 1.25 epochs per evaluation vs 1
+    ([], 14),  # the pilot: FedHB (5 personalization epochs vs 2), 4 sites + 1 unseen adapting 5 epochs
+    (['method.name="fedavg_ft"'], 11),  # FedAvg-FT (1 epoch fine-tuning), the same sites
+    (['method.name="fedavg_ft"', "data.unseen_sites=0", "data.site_names=[]"], 5),  # 1.25 epochs per evaluation vs 1
     (['method.name="fedavg"', "data.unseen_sites=0", "data.site_names=[]"], 1),  # evaluation does not train
     (['method.name="fedavg"'], 7),  # ... but the unseen site's adaptation does
     (['method.name="fedhb"', "data.unseen_sites=0", "data.site_names=[]"], 11),  # 5 personalization epochs vs 2
