@@ -193,7 +193,8 @@ def test_refit_sides_train_on_the_whole_split(tmp_path, monkeypatch):
         trained.clear()
         sj = SiteJob(model, None, Trainer(fit.x_train, fit.y_train, cfg.train, seed="s", device=torch.device("cpu")),
                      fit, SimpleNamespace(extra={}),
-                     SimpleNamespace(train=cfg.train, model=model_spec(cfg), round=1, safeguard=knobs), {}, val=hold)
+                     SimpleNamespace(train=cfg.train, own_train=cfg.alone_train, model=model_spec(cfg), round=1,
+                                     safeguard=knobs), {}, val=hold)
         safeguard.train_own(sj)
         assert trained == want
         assert set(sj.state.extra[safeguard.KEY]) == {k.split(":")[0] for k in want} | {"round"}
