@@ -320,7 +320,7 @@ def cmd_up(d: Deployment, a) -> None:
 
 
 def cmd_run(d: Deployment, a) -> None:
-    from kumiki.config import ConfigError, load_config
+    from kumiki.config import ConfigError, load_config, run_config_dict
 
     info = d.load()
     if not alive(info["processes"].get("superlink", {}).get("pid", -1)):
@@ -336,7 +336,7 @@ def cmd_run(d: Deployment, a) -> None:
         sys.exit(f"config error (nothing was submitted): data.sites + data.unseen_sites = {cfg.total_sites}, but "
                  f"this federation has {len(running)} factories up ({', '.join(running)}); fix the config")
     out_dir = Path(cfg.run.output_dir)
-    resolved = json.loads(cfg.model_dump_json())
+    resolved = run_config_dict(cfg)
     resolved["run"]["output_dir"] = str(out_dir if out_dir.is_absolute() else d.root / out_dir)
     run_dir = Path(resolved["run"]["output_dir"]) / cfg.run.name
     if run_dir.exists():

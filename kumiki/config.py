@@ -597,3 +597,15 @@ def load_config(source: str | Path, overrides: list[str] | None = None) -> Kumik
 
 def to_json(cfg: KumikiConfig) -> str:
     return cfg.model_dump_json(indent=2)
+
+
+def run_config_dict(cfg: KumikiConfig) -> dict[str, Any]:
+    """The config as an engine hands it to the ServerApp (``resolved_config.json``, ``kumiki submit --set``,
+    ``deploy/native.py run``): every value resolved, except the ``[train]`` keys the method's paper defaults
+    filled. Those are left out so that validating it again fills them again and they stay known as the method's:
+    a full dump validates to the same values but marks every key as the operator's, and then ``alone_train`` (the
+    safeguard's own model, like the local-only baseline) took the method's optimizer on real processes only."""
+    raw = json.loads(cfg.model_dump_json())
+    for key in cfg.train_from_method:
+        raw["train"].pop(key, None)
+    return raw

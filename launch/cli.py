@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from kumiki.config import ConfigError, KumikiConfig, load_config, to_json
+from kumiki.config import ConfigError, KumikiConfig, load_config, run_config_dict, to_json
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True, help="Kumiki: personalized federated learning on Flower.")
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -225,7 +225,7 @@ def submit(
         raise typer.Exit(EXIT_USAGE)
     cfg = _load(config, set_)  # nothing is submitted when the config is bad
     # the resolved config on one line (a Flower config value holds no newline); the ServerApp reads JSON text
-    source = json.dumps(json.loads(to_json(cfg)), separators=(",", ":")) if set_ else config
+    source = json.dumps(run_config_dict(cfg), separators=(",", ":")) if set_ else config
     run_config = " ".join([f"config={toml_str(source)}", *(["overwrite=true"] if overwrite else []),
                            *(["resume=true"] if resume else [])])
     # through launch/fastpath.py (mode flwr): the operator's client certificate for the proxy, the app signed

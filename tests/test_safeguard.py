@@ -328,6 +328,16 @@ def test_the_own_model_trains_like_alone_whatever_the_method_optimizer(tmp_path)
     mine = validate({"run": {"name": "x", "rounds": 1}, "method": {"name": "fedhb"}, "data": {"sites": 2},
                      "train": {"local_epochs": 3}})
     assert mine.alone_train.local_epochs == 3
+    # real processes: the ServerApp validates the config an engine wrote; it must still know the method's keys
+    from kumiki.config import run_config_dict
+    from launch.engines.prepare import process_run_dir
+
+    hb = validate({"run": {"name": "x", "rounds": 1, "output_dir": str(tmp_path / "rc")}, "method": {"name": "fedhb"},
+                   "data": {"sites": 2}})
+    _, _, _, resolved = process_run_dir(hb, resume=False)
+    again = validate(resolved)
+    assert again.train == hb.train and again.alone_train == hb.alone_train and again.alone_train.local_epochs == 1
+    assert validate(run_config_dict(mine)).alone_train.local_epochs == 3  # the operator's key travels as such
     own = {}
     for method, knobs in (("fedavg", {}), ("fedhb", {"personalize_epochs": 0})):
         cfg = make_config(tmp_path, method=method, name=method, rounds=1, sites=2, safeguard=ON, knobs=knobs)

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from kumiki.config import KumikiConfig
+from kumiki.config import KumikiConfig, run_config_dict
 from kumiki.data.sites import site_folders
 from kumiki.data.prepare import materialize, partitioned_names
 
@@ -53,7 +53,7 @@ def process_run_dir(cfg: KumikiConfig, resume: bool) -> tuple[Path, Path, Path, 
         old.unlink()
     summary_path = run_dir / "summary.json"
     summary_path.unlink(missing_ok=True)
-    resolved = json.loads(cfg.model_dump_json())
+    resolved = run_config_dict(cfg)
     resolved["run"]["output_dir"] = str(run_dir.parent)
     return run_dir, logs, summary_path, resolved
 
