@@ -16,9 +16,9 @@ report shows what that choice was worth on test (docs/safeguard.md).
   baseline's start), trained by the one loop (``Trainer.fit``) on the fit part after the method's own training,
   with the ``[train]`` knobs the local-only baseline gets (``Job.own_train``: the run's ``[train]`` without the
   method's paper defaults), one pass of their ``local_epochs`` per round. It stands for "alone": with the
-  method's optimizer it was better or worse than alone by the optimizer alone (FedHB's 2 epochs, DualFed's lr). It lives in the site state
-  (``SiteState.extra["safeguard"]``, saved with the round like every personal part, so a resumed round is
-  re-trained from the state before it) and is never put in a message.
+  method's optimizer it was better or worse than alone by the optimizer alone (FedHB's 2 epochs, DualFed's
+  lr). It lives in the site state (``SiteState.extra["safeguard"]``, saved with the round like every personal
+  part, so a resumed round is re-trained from the state before it) and is never put in a message.
 * **The choice** (``choose``): made on validation between the two models that never trained on it, the joined
   (personalized) model and the own model: the own model is chosen only when its validation metric is strictly
   better (a tie chooses the joined model), and **the chosen model is served as it was trained**. The evaluation
@@ -156,7 +156,8 @@ def train_own(sj) -> float:
     out = {"round": int(sj.job.round)}
     for which, data in sides:
         model = own_model(sj, which) or build_model(sj.job.model, "plain").to(sj.trainer.device)
-        trainer = Trainer(data.x_train, data.y_train, sj.job.own_train or sj.job.train, seed=f"{sj.trainer.seed}:{which}",
+        knobs = sj.job.own_train or sj.job.train  # the local-only baseline's [train] (an older server: the method's)
+        trainer = Trainer(data.x_train, data.y_train, knobs, seed=f"{sj.trainer.seed}:{which}",
                           device=sj.trainer.device)
         with torch.random.fork_rng(devices=[]):  # the method's randomness goes on as without the safeguard
             trainer.fit(model, model.parameters(), sj.task_loss, tag=f"{which}:r{sj.job.round}")

@@ -50,7 +50,8 @@ def test_systems_benchmarks_keep_the_method_they_were_measured_with(tmp_path):
     from bench import idle_cpu, linkstate_sql, overhead, paths, wire
     from kumiki.config import load_config
 
-    assert load_config(str(overhead.ROOT / "deploy" / "pilot.toml")).method.name != "fedavg_ft"  # else this test proves nothing
+    pilot = load_config(str(overhead.ROOT / "deploy" / "pilot.toml"))
+    assert pilot.method.name != "fedavg_ft"  # else this test proves nothing
     cfgs = [overhead.config("pilot", 3, 2, tmp_path, "o"), idle_cpu.config(3, tmp_path, "i"),
             linkstate_sql.config(3, 2, tmp_path, "l"), paths.config("full", tmp_path, "p"),
             wire.config("full", tmp_path, "w", None, "float32", 2)]
