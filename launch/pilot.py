@@ -162,9 +162,9 @@ def console_lines(comp: dict) -> list[str]:
         out.append(f"  {r['site']:<14} serves {picks:<16} served {v(r.get('served')):<16} gain {g(r.get('gain_served'))}")
     if guarded:
         losing = [r for r in guarded if r["gain_served"]["mean"] < 0]
-        # beyond the spread: the seeds agree it loses (the leaderboard's "worse off"); any mean loss is named first
-        clear = [r["site"] for r in losing if r["gain_served"].get("std") is not None
-                 and r["gain_served"]["mean"] + r["gain_served"]["std"] < 0]
+        from server.leaderboard import worse_off  # any mean loss is named first, then the leaderboard's worse off
+
+        clear = [r["site"] for r in losing if worse_off(r["gain_served"])]
         spread = (f" (beyond the spread over seeds: {', '.join(clear) if clear else 'none'})"
                   if losing and comp.get("pairs", 1) > 1 else "")
         mean = (comp.get("overall") or {}).get("served_gain_mean")

@@ -38,6 +38,12 @@ from server.compare import stats
 GOAL_POINTS = 0.03
 
 
+def worse_off(gain: dict[str, Any]) -> bool:
+    """A factory's gain (``stats`` of its per-seed gains) is below zero by more than its spread: the seeds agree
+    it loses. One seed pair has no spread, so any loss counts."""
+    return gain["mean"] + (gain.get("std") or 0.0) < 0
+
+
 def _per_seed_means(train: list[dict], key: str = "gain") -> list[float]:
     """The mean over factories of each seed pair's gain (pairs where every factory has a value)."""
     cols = [r[key]["values"] for r in train if r.get(key) and r[key].get("values")]
@@ -59,7 +65,7 @@ def _side(train: list[dict], key: str) -> dict[str, Any]:
     below = [s for s, v in sites.items() if v["mean"] < -(v["std"] or 0.0)]
     return {"sites": sites, "mean_gain": mean_gain, "mean_gain_std": spread["std"] if spread else None,
             "worst": min(means) if means else None, "gaining": sum(m > 0 for m in means),
-            "worse_off": [s for s, v in sites.items() if v["mean"] + (v["std"] or 0.0) < 0],
+            "worse_off": [s for s, v in sites.items() if worse_off(v)],
             "goal": mean_gain is not None and not below and mean_gain >= GOAL_POINTS}
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from server.compare import higher_is_better, is_fraction
+from server.leaderboard import worse_off
 from server.report_parts import png as _png, site_key  # the report's PNG helper and natural site order
 
 C_ALONE, C_JOINED, C_ZERO, C_ADAPTED = "#9e9e9e", "#1f77b4", "#2ca02c", "#98df8a"
@@ -261,7 +262,7 @@ def comparison(comp: dict, img) -> str:
     guarded = [r for r in train if r.get("gain_served")]
     if guarded:  # the safeguard: what each factory serves, against alone; an honest verdict first
         losing = [r for r in guarded if r["gain_served"]["mean"] < 0]
-        clear = [r for r in losing if r["gain_served"]["mean"] + (r["gain_served"].get("std") or 0.0) < 0]
+        clear = [r for r in losing if worse_off(r["gain_served"])]
         mean = _num(overall.get("served_gain_mean"))
         if not losing:
             verdict = (f"With the safeguard no training factory is worse off than alone: each serves the better of its "
