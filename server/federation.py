@@ -54,13 +54,21 @@ def model_spec(cfg: KumikiConfig) -> ModelSpec:
                      dp_fix=cfg.privacy.enabled and cfg.privacy.fix_model)
 
 
-def build_strategy(cfg: KumikiConfig, sim: dict | None = None):
+def starting_point(cfg: KumikiConfig, sim: dict | None = None) -> tuple[Job, ParamSplit, dict[str, np.ndarray]]:
+    """What every strategy starts from: the job each message carries, the split of the seeded model and its
+    initial tensors. One place for the root (``build_strategy``) and a region's server (``server/region.py``),
+    so a field added to the job reaches both."""
     spec = model_spec(cfg)
     model = build_model(spec, cfg.method)
     split = ParamSplit.build(model, cfg.method.split_rules())
     initial = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     job = Job(0, cfg.method, cfg.train, spec, cfg.privacy, sim, cfg.eval, cfg.site, cfg.run.name, cfg.run.rounds,
               safeguard=cfg.safeguard, own_train=cfg.alone_train)
+    return job, split, initial
+
+
+def build_strategy(cfg: KumikiConfig, sim: dict | None = None):
+    job, split, initial = starting_point(cfg, sim)
     return entry(cfg.method.name).strategy_for(cfg)(cfg, job, split, initial)
 
 

@@ -35,9 +35,7 @@ from kumiki import contract as C
 from kumiki.atomic import atomic_json, atomic_npz
 from kumiki.config import KumikiConfig
 from kumiki.locks import held
-from kumiki.split import ParamSplit
 from kumiki.tasks import metric_key
-from models import build_model
 
 log = logging.getLogger("kumiki.server")
 LOCK = "server.lock"
@@ -48,15 +46,10 @@ KEEP = 3
 
 def build_region(cfg: KumikiConfig, group: str):
     """This sub-federation's strategy, fresh (``strategies.worldlm_bridge.RegionServer``)."""
-    from server.federation import model_spec
+    from server.federation import starting_point
     from strategies.worldlm_bridge import RegionServer
 
-    spec = model_spec(cfg)
-    model = build_model(spec, cfg.method)
-    split = ParamSplit.build(model, cfg.method.split_rules())
-    initial = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
-    job = C.Job(0, cfg.method, cfg.train, spec, cfg.privacy, None, cfg.eval, cfg.site, cfg.run.name, cfg.run.rounds,
-                safeguard=cfg.safeguard, own_train=cfg.alone_train)
+    job, split, initial = starting_point(cfg)
     return RegionServer(cfg, job, split, initial, group)
 
 
