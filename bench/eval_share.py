@@ -17,8 +17,8 @@ spent evaluating.
   sends its evaluate messages in both).
 
 * **Every data set's defaults** (``--datasets [--only NAME ...]``, issue 26 item 4): digits (FedAvg), the pilot
-  (``deploy/pilot.toml`` with FedAvg-FT: ``bench.common.PILOT_MEASURED``), WorldLM on fortunes (4 languages, 2 sub-federations),
-  FedAvg on markov and on shakespeare (4 sites, the language model), each with its own
+  (``deploy/pilot.toml`` with FedAvg-FT: ``bench.common.PILOT_MEASURED``), WorldLM on fortunes (4 languages,
+  2 sub-federations), FedAvg on markov and on shakespeare (4 sites, the language model), each with its own
   defaults and ``eval.sample = "auto"``: evaluation's share of the sites' rounds (summary.json's ``eval_share``)
   in the rounds that score the fixed sample, and in the last round, which scores the whole test split as every
   round did before. Quick: 2 rounds, fortunes capped at 8000 sequences per site (the sampled rounds are the

@@ -15,8 +15,8 @@ slowest per exchange, summed over the round's exchanges (``time.site_compute_s``
 transport, polling, process start-up, serialization, the server's own work.
 
 Workloads: the pilot config (``deploy/pilot.toml`` with FedAvg-FT, ``bench.common.PILOT_MEASURED``;
-Fashion-MNIST, CNN-S with 0.42M parameters, 600 images per factory) at 3 and 10 training factories, and the same with a ~1M-parameter CNN (hidden 320;
-full mode). Engines: ``simulation`` (Flower's, on Ray), ``local`` (real SuperLink and SuperNodes with TLS and
+Fashion-MNIST, CNN-S with 0.42M parameters, 600 images per factory) at 3 and 10 training factories, and the
+same with a ~1M-parameter CNN (hidden 320; full mode). Engines: ``simulation`` (Flower's, on Ray), ``local`` (real SuperLink and SuperNodes with TLS and
 authentication, Kumiki's fast path), and ``local`` with ``Tuning.stock()`` (Flower 1.41 as shipped, which is
 what compose and the Flower-native commands run without the fast path); on request (``--engines``), ``polling``:
 the fast path with long polling off (``Tuning(long_poll_s=None)``, its fixed polls before issue 26 item 3).

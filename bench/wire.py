@@ -10,8 +10,8 @@ counted in its messages). The full model is every tensor of the method's model (
 in float32: what a site would send if nothing stayed home. ``full`` runs on the pilot config
 (deploy/pilot.toml: Fashion-MNIST, CNN-S); ``quick`` on digits with the MLP.
 
-Accuracy: the pilot (``full``: deploy/pilot.toml with FedAvg-FT, ``bench.common.PILOT_MEASURED``, 10 rounds, seeds 0-2) with float32 and float16
-transport, the same seeds side by side; ``quick``: digits, 3 sites, 5 rounds, seed 0.
+Accuracy: the pilot (``full``: deploy/pilot.toml with FedAvg-FT, ``bench.common.PILOT_MEASURED``, 10 rounds,
+seeds 0-2) with float32 and float16 transport, the same seeds side by side; ``quick``: digits, 3 sites, 5 rounds, seed 0.
 """
 
 from __future__ import annotations
