@@ -489,9 +489,12 @@ def main(argv: list[str] | None = None) -> int:
         for res in pool.imap_unordered(_work, [(c, str(work / "runs")) for c in todo]):
             done[res["run"]] = res
             (cache / f"{res['run']}.json").write_text(json.dumps(res, indent=1))
-            msg = res.get("error") or (f"personalized {_pct(res['personalized'])} global {_pct(res['global'])} "
-                                       f"unseen {_pct(res['unseen'])} adapted {_pct(res['unseen_adapted'])} "
-                                       f"({res['seconds']:.0f}s)")
+            if "refused" in res:  # a language method on an image cell: no metrics, its config error is the verdict
+                msg = "refused: " + res["refused"].splitlines()[-1].strip()
+            else:
+                msg = res.get("error") or (f"personalized {_pct(res['personalized'])} global {_pct(res['global'])} "
+                                           f"unseen {_pct(res['unseen'])} adapted {_pct(res['unseen_adapted'])} "
+                                           f"({res['seconds']:.0f}s)")
             print(f"{res['run']:>32}: {msg}", file=sys.stderr, flush=True)
     cells = list(dict.fromkeys(Cell(c.data, c.model, c.method) for c in runs))
     results = {c.key: combine([done[r.run_key] for r in runs if r.key == c.key]) for c in cells}
